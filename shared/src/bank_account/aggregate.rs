@@ -1,0 +1,182 @@
+//! The bank-account state, the rules ([`BankAccount::handle`]) and the fold ([`BankAccount::apply`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Command, Event, Rejection, RejectionCode};
+
+/// Lifecycle of an account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    /// No `AccountOpened` yet: the id is free.
+    #[default]
+    New,
+    /// Open for business.
+    Active,
+    /// Closed for good.
+    Closed,
+}
+
+impl AccountStatus {
+    /// Lower-case wire name (`new`, `active`, `closed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::New => "new",
+            AccountStatus::Active => "active",
+            AccountStatus::Closed => "closed",
+        }
+    }
+}
+
+/// The state of one account, rebuilt by folding its events. Serialisable for snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BankAccount {
+    /// Number of events applied; the next event gets `version + 1`.
+    pub version: u64,
+    /// Where the account is in its lifecycle.
+    pub status: AccountStatus,
+    /// Account holder.
+    pub owner: String,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Balance in minor units, never negative.
+    pub balance_minor: i64,
+    /// Deposits plus withdrawals (opening and closing are not transactions).
+    pub transaction_count: u64,
+}
+
+fn reject<T>(code: RejectionCode, message: impl Into<String>) -> Result<T, Rejection> {
+    Err(Rejection::new(code, message))
+}
+
+impl BankAccount {
+    /// Decides what a command means for this account: the events to append, or why not.
+    /// Never changes the state.
+    pub fn handle(&self, command: &Command) -> Result<Vec<Event>, Rejection> {
+        use RejectionCode::*;
+        match (self.status, command) {
+            (
+                AccountStatus::New,
+                Command::OpenAccount {
+                    owner,
+                    currency,
+                    initial_balance_minor,
+                },
+            ) => {
+                if owner.trim().is_empty() {
+                    return reject(Malformed, "owner must not be blank");
+                }
+                if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return reject(
+                        Malformed,
+                        format!("currency `{currency}` is not an ISO 4217 code like USD"),
+                    );
+                }
+                if *initial_balance_minor < 0 {
+                    return reject(InvalidAmount, "initial balance must not be negative");
+                }
+                Ok(vec![Event::AccountOpened {
+                    owner: owner.clone(),
+                    currency: currency.clone(),
+                    initial_balance_minor: *initial_balance_minor,
+                }])
+            }
+            (_, Command::OpenAccount { .. }) => reject(AccountExists, "account already exists"),
+            (AccountStatus::New, _) => reject(AccountNotFound, "account does not exist"),
+            (AccountStatus::Closed, _) => reject(AccountClosed, "account is closed"),
+            (AccountStatus::Active, Command::Deposit { amount_minor }) => {
+                positive(*amount_minor)?;
+                if self.balance_minor.checked_add(*amount_minor).is_none() {
+                    return reject(InvalidAmount, "deposit would overflow the balance");
+                }
+                Ok(vec![Event::MoneyDeposited {
+                    amount_minor: *amount_minor,
+                }])
+            }
+            (AccountStatus::Active, Command::Withdraw { amount_minor }) => {
+                positive(*amount_minor)?;
+                if *amount_minor > self.balance_minor {
+                    return reject(
+                        InsufficientFunds,
+                        format!(
+                            "cannot withdraw {amount_minor} minor units: balance is {}",
+                            self.balance_minor
+                        ),
+                    );
+                }
+                Ok(vec![Event::MoneyWithdrawn {
+                    amount_minor: *amount_minor,
+                }])
+            }
+            (AccountStatus::Active, Command::CloseAccount) => {
+                if self.balance_minor != 0 {
+                    return reject(
+                        NonZeroBalance,
+                        format!("balance is {} minor units, not zero", self.balance_minor),
+                    );
+                }
+                Ok(vec![Event::AccountClosed])
+            }
+        }
+    }
+
+    /// Whether `event` is a possible next event of this account (an `AccountOpened` only for a
+    /// new account, anything else only for an open one). Readers use it to refuse events they
+    /// must not fold; [`BankAccount::handle`] never produces an event that fails it.
+    pub fn check_applicable(&self, event: &Event) -> Result<(), String> {
+        match (self.status, event) {
+            (AccountStatus::New, Event::AccountOpened { .. }) => Ok(()),
+            (_, Event::AccountOpened { .. }) => Err("AccountOpened for an existing account".into()),
+            (AccountStatus::New, e) => {
+                Err(format!("{} for an account never opened", e.event_type()))
+            }
+            (AccountStatus::Closed, e) => Err(format!("{} for a closed account", e.event_type())),
+            (AccountStatus::Active, _) => Ok(()),
+        }
+    }
+
+    /// Folds one event into the state and bumps the version. Takes no decision.
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::AccountOpened {
+                owner,
+                currency,
+                initial_balance_minor,
+            } => {
+                self.status = AccountStatus::Active;
+                self.owner.clone_from(owner);
+                self.currency.clone_from(currency);
+                self.balance_minor = *initial_balance_minor;
+            }
+            Event::MoneyDeposited { amount_minor } => {
+                self.balance_minor = self.balance_minor.saturating_add(*amount_minor);
+                self.transaction_count += 1;
+            }
+            Event::MoneyWithdrawn { amount_minor } => {
+                self.balance_minor = self.balance_minor.saturating_sub(*amount_minor);
+                self.transaction_count += 1;
+            }
+            Event::AccountClosed => self.status = AccountStatus::Closed,
+        }
+        self.version += 1;
+    }
+
+    /// Rebuilds a state from a whole event history.
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a Event>) -> Self {
+        let mut account = BankAccount::default();
+        for event in events {
+            account.apply(event);
+        }
+        account
+    }
+}
+
+fn positive(amount_minor: i64) -> Result<(), Rejection> {
+    if amount_minor <= 0 {
+        return reject(
+            RejectionCode::InvalidAmount,
+            format!("amount must be more than zero, got {amount_minor}"),
+        );
+    }
+    Ok(())
+}

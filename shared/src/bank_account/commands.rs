@@ -1,0 +1,172 @@
+//! Commands of the bank-account aggregate and the rejections they can meet.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// An intention to change an account. Amounts are integer minor units of the account currency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Open a new account.
+    OpenAccount {
+        /// Account holder's name (any unicode, not blank).
+        owner: String,
+        /// ISO 4217 code, three upper-case letters.
+        currency: String,
+        /// Opening balance in minor units, zero or more.
+        initial_balance_minor: i64,
+    },
+    /// Put money in.
+    Deposit {
+        /// Minor units, more than zero.
+        amount_minor: i64,
+    },
+    /// Take money out, never beyond the balance.
+    Withdraw {
+        /// Minor units, more than zero.
+        amount_minor: i64,
+    },
+    /// Close an account whose balance is zero.
+    CloseAccount,
+}
+
+#[derive(Deserialize)]
+struct OpenPayload {
+    owner: String,
+    currency: String,
+    #[serde(default)]
+    initial_balance_minor: i64,
+}
+
+#[derive(Deserialize)]
+struct AmountPayload {
+    amount_minor: i64,
+}
+
+impl Command {
+    /// The wire name of the command (`type` field of the command message).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Command::OpenAccount { .. } => "OpenAccount",
+            Command::Deposit { .. } => "Deposit",
+            Command::Withdraw { .. } => "Withdraw",
+            Command::CloseAccount => "CloseAccount",
+        }
+    }
+
+    /// The wire payload of the command (`payload` field of the command message).
+    pub fn payload(&self) -> Value {
+        match self {
+            Command::OpenAccount {
+                owner,
+                currency,
+                initial_balance_minor,
+            } => json!({
+                "owner": owner, "currency": currency, "initial_balance_minor": initial_balance_minor
+            }),
+            Command::Deposit { amount_minor } | Command::Withdraw { amount_minor } => {
+                json!({ "amount_minor": amount_minor })
+            }
+            Command::CloseAccount => json!({}),
+        }
+    }
+
+    /// Builds a command from its wire `type` and `payload`; the error says what is wrong.
+    pub fn from_parts(type_name: &str, payload: Value) -> Result<Command, String> {
+        let payload = if payload.is_null() {
+            json!({})
+        } else {
+            payload
+        };
+        let err = |e: serde_json::Error| format!("invalid {type_name} payload: {e}");
+        Ok(match type_name {
+            "OpenAccount" => {
+                let p: OpenPayload = serde_json::from_value(payload).map_err(err)?;
+                Command::OpenAccount {
+                    owner: p.owner,
+                    currency: p.currency,
+                    initial_balance_minor: p.initial_balance_minor,
+                }
+            }
+            "Deposit" => Command::Deposit {
+                amount_minor: serde_json::from_value::<AmountPayload>(payload)
+                    .map_err(err)?
+                    .amount_minor,
+            },
+            "Withdraw" => Command::Withdraw {
+                amount_minor: serde_json::from_value::<AmountPayload>(payload)
+                    .map_err(err)?
+                    .amount_minor,
+            },
+            "CloseAccount" => Command::CloseAccount,
+            other => {
+                return Err(format!(
+                    "unknown command type `{other}` (expected OpenAccount, Deposit, Withdraw or CloseAccount)"
+                ));
+            }
+        })
+    }
+}
+
+/// Stable machine-readable reason for refusing a command. The names are part of the wire
+/// contract: clients match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectionCode {
+    /// `OpenAccount` for an id that already exists.
+    AccountExists,
+    /// Any command but `OpenAccount` for an id that was never opened.
+    AccountNotFound,
+    /// Any command on a closed account.
+    AccountClosed,
+    /// An amount of zero or less (or a negative opening balance, or an overflow).
+    InvalidAmount,
+    /// A withdrawal beyond the balance.
+    InsufficientFunds,
+    /// Closing an account whose balance is not zero.
+    NonZeroBalance,
+    /// `expected_version` differs from the aggregate's version: reload and retry.
+    VersionConflict,
+    /// The command could not be read (bad JSON, unknown type, missing or invalid fields).
+    Malformed,
+}
+
+impl RejectionCode {
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectionCode::AccountExists => "AccountExists",
+            RejectionCode::AccountNotFound => "AccountNotFound",
+            RejectionCode::AccountClosed => "AccountClosed",
+            RejectionCode::InvalidAmount => "InvalidAmount",
+            RejectionCode::InsufficientFunds => "InsufficientFunds",
+            RejectionCode::NonZeroBalance => "NonZeroBalance",
+            RejectionCode::VersionConflict => "VersionConflict",
+            RejectionCode::Malformed => "Malformed",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectionCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused command: a stable code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    /// Stable reason, part of the wire contract.
+    pub code: RejectionCode,
+    /// Explanation for people; may change between releases.
+    pub message: String,
+}
+
+impl Rejection {
+    /// A rejection with the given code and message.
+    pub fn new(code: RejectionCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+}

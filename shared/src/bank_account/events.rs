@@ -1,0 +1,123 @@
+//! Events of the bank-account aggregate (current schema version), past tense.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Something that happened to an account. Amounts are integer minor units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The account was opened.
+    AccountOpened {
+        /// Account holder.
+        owner: String,
+        /// ISO 4217 currency of every amount of this account.
+        currency: String,
+        /// Opening balance, minor units.
+        initial_balance_minor: i64,
+    },
+    /// Money was deposited.
+    MoneyDeposited {
+        /// Minor units, positive.
+        amount_minor: i64,
+    },
+    /// Money was withdrawn.
+    MoneyWithdrawn {
+        /// Minor units, positive.
+        amount_minor: i64,
+    },
+    /// The account was closed.
+    AccountClosed,
+}
+
+/// Event `data` that does not match its event type at the current schema version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventDataError {
+    /// The event type is not one of this aggregate's.
+    #[error("unknown event type `{0}`")]
+    UnknownType(String),
+    /// The data does not have the fields the event type requires.
+    #[error("invalid {event_type} data: {reason}")]
+    InvalidData {
+        /// The event type whose data was invalid.
+        event_type: String,
+        /// What serde said.
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct Opened {
+    owner: String,
+    currency: String,
+    initial_balance_minor: i64,
+}
+
+#[derive(Deserialize)]
+struct Amount {
+    amount_minor: i64,
+}
+
+impl Event {
+    /// All event types of the aggregate, as written on the wire.
+    pub const TYPES: [&'static str; 4] = [
+        "AccountOpened",
+        "MoneyDeposited",
+        "MoneyWithdrawn",
+        "AccountClosed",
+    ];
+
+    /// The wire name (`event_type`).
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::AccountOpened { .. } => "AccountOpened",
+            Event::MoneyDeposited { .. } => "MoneyDeposited",
+            Event::MoneyWithdrawn { .. } => "MoneyWithdrawn",
+            Event::AccountClosed => "AccountClosed",
+        }
+    }
+
+    /// The `data` of the envelope at the current schema version.
+    pub fn data(&self) -> Value {
+        match self {
+            Event::AccountOpened {
+                owner,
+                currency,
+                initial_balance_minor,
+            } => json!({
+                "owner": owner, "currency": currency, "initial_balance_minor": initial_balance_minor
+            }),
+            Event::MoneyDeposited { amount_minor } | Event::MoneyWithdrawn { amount_minor } => {
+                json!({ "amount_minor": amount_minor })
+            }
+            Event::AccountClosed => json!({}),
+        }
+    }
+
+    /// Reads an event from its type and current-version `data`.
+    pub fn from_parts(event_type: &str, data: &Value) -> Result<Event, EventDataError> {
+        fn parse<T: for<'de> Deserialize<'de>>(t: &str, data: &Value) -> Result<T, EventDataError> {
+            T::deserialize(data).map_err(|e| EventDataError::InvalidData {
+                event_type: t.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+        Ok(match event_type {
+            "AccountOpened" => {
+                let o: Opened = parse(event_type, data)?;
+                Event::AccountOpened {
+                    owner: o.owner,
+                    currency: o.currency,
+                    initial_balance_minor: o.initial_balance_minor,
+                }
+            }
+            "MoneyDeposited" => Event::MoneyDeposited {
+                amount_minor: parse::<Amount>(event_type, data)?.amount_minor,
+            },
+            "MoneyWithdrawn" => Event::MoneyWithdrawn {
+                amount_minor: parse::<Amount>(event_type, data)?.amount_minor,
+            },
+            "AccountClosed" => Event::AccountClosed,
+            other => return Err(EventDataError::UnknownType(other.to_owned())),
+        })
+    }
+}

@@ -1,0 +1,15 @@
+//! The bank-account aggregate: its commands, its events and the rules that decide between them.
+//!
+//! [`BankAccount::handle`] decides (command → events or a [`Rejection`]), [`BankAccount::apply`]
+//! only folds an event into the state. Nothing here knows about Kafka or the wire format.
+
+mod aggregate;
+mod commands;
+mod events;
+
+pub use aggregate::{AccountStatus, BankAccount};
+pub use commands::{Command, Rejection, RejectionCode};
+pub use events::{Event, EventDataError};
+
+/// The `aggregate_type` written in every event envelope of this aggregate.
+pub const AGGREGATE_TYPE: &str = "BankAccount";

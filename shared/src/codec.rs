@@ -1,0 +1,425 @@
+//! The only module that knows the wire format of events: plain JSON envelopes, the Confluent
+//! Schema Registry wire format (magic byte 0, 4-byte big-endian schema id, JSON) with one JSON
+//! Schema per event type and version, and the Kafka headers that repeat the routing fields.
+//!
+//! Decoding accepts both formats whatever the configuration (without a registry, wire-format
+//! bytes are read without schema validation), upcasts to the current schema version and checks
+//! that the data fits the event type, so a decoded [`EventEnvelope`] is always usable.
+
+use std::time::Duration;
+
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use schema_registry_converter::async_impl::json::{JsonDecoder, JsonEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+use serde_json::{Value, json};
+
+use crate::bank_account::{AGGREGATE_TYPE, Event, EventDataError};
+use crate::envelope::{CURRENT_SCHEMA_VERSION, EventEnvelope};
+use crate::upcast::{UpcastContext, UpcastError, Upcasters};
+
+/// Header names that repeat envelope fields for routing without decoding.
+pub mod header {
+    /// The event type.
+    pub const EVENT_TYPE: &str = "event_type";
+    /// The schema version the value is written in.
+    pub const SCHEMA_VERSION: &str = "schema_version";
+    /// The aggregate version of the event.
+    pub const AGGREGATE_VERSION: &str = "aggregate_version";
+    /// The event id.
+    pub const EVENT_ID: &str = "event_id";
+    /// The command that caused the event (extension: lets readers de-duplicate commands).
+    pub const COMMAND_ID: &str = "command_id";
+}
+
+/// Why bytes could not be read as an event. Every variant but a retriable
+/// [`DecodeError::Registry`] means the message is poison: dead-letter it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The message has no value.
+    #[error("empty message")]
+    Empty,
+    /// Starts like the Confluent wire format but is shorter than its 5-byte header.
+    #[error("truncated wire-format header ({0} bytes)")]
+    Truncated(usize),
+    /// Neither a JSON object nor the Confluent wire format.
+    #[error(
+        "unknown format: first byte 0x{0:02x} is neither `{{` nor the wire-format magic byte 0"
+    )]
+    UnknownFormat(u8),
+    /// The bytes are not valid JSON.
+    #[error("invalid JSON: {0}")]
+    NotJson(String),
+    /// The schema registry could not resolve the schema id. Retry when `retriable`.
+    #[error("schema registry, schema id {schema_id}: {message}")]
+    Registry {
+        /// The schema id of the message.
+        schema_id: u32,
+        /// What the registry client said.
+        message: String,
+        /// A transient failure (registry down): retry, never dead-letter.
+        retriable: bool,
+    },
+    /// The event could not be upcast to the current schema version.
+    #[error("upcast: {0}")]
+    Upcast(#[from] UpcastError),
+    /// The envelope lacks or mistypes a field.
+    #[error("invalid envelope: {0}")]
+    Envelope(String),
+    /// The data does not fit the event type, or the type is unknown.
+    #[error("{0}")]
+    Data(#[from] EventDataError),
+}
+
+impl DecodeError {
+    /// A stable code for dead-letter headers and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "Empty",
+            DecodeError::Truncated(_) => "Truncated",
+            DecodeError::UnknownFormat(_) => "UnknownFormat",
+            DecodeError::NotJson(_) => "InvalidJson",
+            DecodeError::Registry { .. } => "SchemaRegistry",
+            DecodeError::Upcast(_) => "UpcastFailed",
+            DecodeError::Envelope(_) => "InvalidEnvelope",
+            DecodeError::Data(EventDataError::UnknownType(_)) => "UnknownEventType",
+            DecodeError::Data(_) => "InvalidEventData",
+        }
+    }
+
+    /// Whether trying again later may succeed (the registry was unreachable).
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self,
+            DecodeError::Registry {
+                retriable: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Why an event could not be encoded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EncodeError {
+    /// The registry refused or could not be reached; `retriable` says whether to try again.
+    #[error("schema registry: {message}")]
+    Registry {
+        /// What the registry client said.
+        message: String,
+        /// A transient failure.
+        retriable: bool,
+    },
+}
+
+/// Wire format of the events this codec writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireFormat {
+    /// The envelope as plain JSON.
+    Json,
+    /// Confluent wire format through the schema registry.
+    SchemaRegistry,
+}
+
+struct Registry {
+    encoder: JsonEncoder,
+    decoder: JsonDecoder,
+}
+
+/// Encodes and decodes event envelopes; one per process, shared (it caches schemas).
+pub struct EventCodec {
+    upcasters: Upcasters,
+    context: UpcastContext,
+    registry: Option<Registry>,
+}
+
+impl std::fmt::Debug for EventCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventCodec")
+            .field("format", &self.format())
+            .field("context", &self.context)
+            .finish()
+    }
+}
+
+const MAGIC_BYTE: u8 = 0;
+
+impl EventCodec {
+    /// A plain-JSON codec; v1 events get `default_currency`.
+    pub fn json(default_currency: &str) -> Self {
+        EventCodec {
+            upcasters: Upcasters::standard(),
+            context: UpcastContext {
+                currency: default_currency.to_owned(),
+            },
+            registry: None,
+        }
+    }
+
+    /// A codec that writes the Confluent wire format through the registry at `url` (a
+    /// Confluent-compatible base URL such as `http://127.0.0.1:8081/apis/ccompat/v7`).
+    pub fn with_registry(default_currency: &str, url: &str) -> Result<Self, EncodeError> {
+        let settings = SrSettings::new_builder(url.trim_end_matches('/').to_owned())
+            .set_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(registry_encode_error)?;
+        Ok(EventCodec {
+            registry: Some(Registry {
+                encoder: JsonEncoder::new(settings.clone()),
+                decoder: JsonDecoder::new(settings),
+            }),
+            ..Self::json(default_currency)
+        })
+    }
+
+    /// Builds the codec the settings ask for.
+    pub fn from_settings(settings: &crate::config::Settings) -> Result<Self, EncodeError> {
+        match &settings.schema_registry_url {
+            Some(url) => Self::with_registry(&settings.default_currency, url),
+            None => Ok(Self::json(&settings.default_currency)),
+        }
+    }
+
+    /// The format this codec writes.
+    pub fn format(&self) -> WireFormat {
+        if self.registry.is_some() {
+            WireFormat::SchemaRegistry
+        } else {
+            WireFormat::Json
+        }
+    }
+
+    /// The upcasters and their context, for downcasting on request.
+    pub fn upcasters(&self) -> &Upcasters {
+        &self.upcasters
+    }
+
+    /// Encodes an envelope for `topic` in this codec's format.
+    pub async fn encode(
+        &self,
+        topic: &str,
+        envelope: &EventEnvelope,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let value = serde_json::to_value(envelope).unwrap_or(Value::Null);
+        match &self.registry {
+            None => Ok(value.to_string().into_bytes()),
+            Some(registry) => {
+                let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+                    topic.to_owned(),
+                    supplied_schema(&envelope.event_type, envelope.schema_version),
+                );
+                registry
+                    .encoder
+                    .encode(&value, strategy)
+                    .await
+                    .map_err(registry_encode_error)
+            }
+        }
+    }
+
+    /// Decodes bytes of either format into a current-version envelope whose data fits its type.
+    pub async fn decode(&self, bytes: &[u8]) -> Result<EventEnvelope, DecodeError> {
+        let raw = match self.split(bytes)? {
+            Framing::Json(json) => parse_json(json)?,
+            Framing::Wire { schema_id, json } => match &self.registry {
+                None => parse_json(json)?,
+                Some(registry) => {
+                    let decoded = registry.decoder.decode(Some(bytes)).await.map_err(|e| {
+                        DecodeError::Registry {
+                            schema_id,
+                            message: format!("{e}"),
+                            retriable: e.retriable,
+                        }
+                    })?;
+                    decoded.map(|d| d.value).ok_or(DecodeError::Empty)?
+                }
+            },
+        };
+        self.from_raw(raw)
+    }
+
+    /// Decodes a plain JSON envelope (any schema version) without touching the network.
+    pub fn decode_json(&self, bytes: &[u8]) -> Result<EventEnvelope, DecodeError> {
+        match self.split(bytes)? {
+            Framing::Json(json) | Framing::Wire { json, .. } => self.from_raw(parse_json(json)?),
+        }
+    }
+
+    /// Upcasts a raw JSON envelope of any version and checks it.
+    pub fn from_raw(&self, raw: Value) -> Result<EventEnvelope, DecodeError> {
+        let current = self.upcasters.upcast(raw, &self.context)?;
+        let envelope: EventEnvelope =
+            serde_json::from_value(current).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        if envelope.version == 0 {
+            return Err(DecodeError::Envelope("version must be 1 or more".into()));
+        }
+        if envelope.aggregate_id.is_empty() {
+            return Err(DecodeError::Envelope(
+                "aggregate_id must not be empty".into(),
+            ));
+        }
+        envelope.event()?;
+        Ok(envelope)
+    }
+
+    /// The envelope as JSON at an older schema version, for old consumers. `currency` is the
+    /// account's (it decides the decimals of v1 amounts).
+    pub fn downcast(
+        &self,
+        envelope: &EventEnvelope,
+        target: u32,
+        currency: &str,
+    ) -> Result<Value, UpcastError> {
+        let value = serde_json::to_value(envelope).unwrap_or(Value::Null);
+        let ctx = UpcastContext {
+            currency: currency.to_owned(),
+        };
+        self.upcasters.downcast(value, target, &ctx)
+    }
+
+    fn split<'a>(&self, bytes: &'a [u8]) -> Result<Framing<'a>, DecodeError> {
+        let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
+        match (bytes.first(), first) {
+            (None, _) => Err(DecodeError::Empty),
+            (Some(&MAGIC_BYTE), _) => {
+                if bytes.len() < 5 {
+                    return Err(DecodeError::Truncated(bytes.len()));
+                }
+                let schema_id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+                Ok(Framing::Wire {
+                    schema_id,
+                    json: &bytes[5..],
+                })
+            }
+            (_, Some(b'{')) => Ok(Framing::Json(bytes)),
+            (_, Some(other)) => Err(DecodeError::UnknownFormat(other)),
+            (_, None) => Err(DecodeError::Empty),
+        }
+    }
+}
+
+enum Framing<'a> {
+    Json(&'a [u8]),
+    Wire { schema_id: u32, json: &'a [u8] },
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, DecodeError> {
+    serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))
+}
+
+fn registry_encode_error(e: SRCError) -> EncodeError {
+    EncodeError::Registry {
+        message: format!("{e}"),
+        retriable: e.retriable,
+    }
+}
+
+/// The headers written with every event.
+pub fn event_headers(envelope: &EventEnvelope) -> OwnedHeaders {
+    let schema_version = envelope.schema_version.to_string();
+    let version = envelope.version.to_string();
+    let event_id = envelope.event_id.to_string();
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: header::EVENT_TYPE,
+            value: Some(envelope.event_type.as_str()),
+        })
+        .insert(Header {
+            key: header::SCHEMA_VERSION,
+            value: Some(schema_version.as_str()),
+        })
+        .insert(Header {
+            key: header::AGGREGATE_VERSION,
+            value: Some(version.as_str()),
+        })
+        .insert(Header {
+            key: header::EVENT_ID,
+            value: Some(event_id.as_str()),
+        });
+    if let Some(command_id) = envelope.causation_id() {
+        let command_id = command_id.to_string();
+        headers = headers.insert(Header {
+            key: header::COMMAND_ID,
+            value: Some(command_id.as_str()),
+        });
+    }
+    headers
+}
+
+/// The value of the first header called `name`, as UTF-8 text.
+pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a str> {
+    headers?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The JSON Schema of one event type at one schema version (the whole envelope).
+pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
+    let data = match (event_type, schema_version) {
+        ("AccountOpened", 2) => json!({
+            "type": "object",
+            "required": ["owner", "currency", "initial_balance_minor"],
+            "properties": {
+                "owner": {"type": "string", "minLength": 1},
+                "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                "initial_balance_minor": {"type": "integer", "minimum": 0}
+            }
+        }),
+        ("MoneyDeposited" | "MoneyWithdrawn", 2) => json!({
+            "type": "object",
+            "required": ["amount_minor"],
+            "properties": {"amount_minor": {"type": "integer", "minimum": 1}}
+        }),
+        _ => json!({"type": "object"}),
+    };
+    json!({
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": schema_name(event_type, schema_version),
+        "type": "object",
+        "required": ["event_id", "aggregate_id", "aggregate_type", "event_type",
+                     "schema_version", "version", "timestamp", "data"],
+        "properties": {
+            "event_id": {"type": "string", "format": "uuid"},
+            "aggregate_id": {"type": "string", "minLength": 1},
+            "aggregate_type": {"const": AGGREGATE_TYPE},
+            "event_type": {"const": event_type},
+            "schema_version": {"const": schema_version},
+            "version": {"type": "integer", "minimum": 1},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "metadata": {"type": "object"},
+            "data": data
+        }
+    })
+}
+
+/// The record name of an event type's schema: `BankAccount.<EventType>.v<N>`; the registry
+/// subject is `<topic>-<record name>` (TopicRecordNameStrategy).
+pub fn schema_name(event_type: &str, schema_version: u32) -> String {
+    format!("{AGGREGATE_TYPE}.{event_type}.v{schema_version}")
+}
+
+fn supplied_schema(event_type: &str, schema_version: u32) -> SuppliedSchema {
+    SuppliedSchema::new(
+        Some(schema_name(event_type, schema_version)),
+        SchemaType::Json,
+        json_schema(event_type, schema_version).to_string(),
+    )
+}
+
+/// Every event type's schema at the current version, for tools that register them up front.
+pub fn current_schemas() -> Vec<(String, Value)> {
+    Event::TYPES
+        .iter()
+        .map(|t| {
+            (
+                schema_name(t, CURRENT_SCHEMA_VERSION),
+                json_schema(t, CURRENT_SCHEMA_VERSION),
+            )
+        })
+        .collect()
+}

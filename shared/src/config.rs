@@ -1,0 +1,271 @@
+//! Typed configuration from the environment variables of the wire contract (DESIGN.md), with a
+//! clear error naming the variable for every bad value.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A configuration value that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}={value:?} is invalid: {reason}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub var: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What was expected.
+    pub reason: String,
+}
+
+/// How to reach Kafka: bootstrap servers plus librdkafka security settings passed through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// `KAFKA_BOOTSTRAP_SERVERS`, comma-separated `host:port`.
+    pub bootstrap_servers: String,
+    /// librdkafka properties from `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*` and `KAFKA_SSL_*`
+    /// (`KAFKA_SASL_USERNAME` → `sasl.username`).
+    pub passthrough: Vec<(String, String)>,
+}
+
+/// Every setting of both services and the CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Broker address and security.
+    pub kafka: KafkaSettings,
+    /// `TOPIC_PREFIX`: topics are `<prefix>.commands`, `<prefix>.events`…
+    pub topic_prefix: String,
+    /// `PARTITIONS`: partition count for topics the services create.
+    pub partitions: i32,
+    /// `SCHEMA_REGISTRY_URL`: unset means plain JSON events.
+    pub schema_registry_url: Option<String>,
+    /// `PROJECTION_DATABASE_URL`: `sqlite://…` or `postgres://…`.
+    pub projection_database_url: String,
+    /// `COMMAND_HTTP_ADDR`.
+    pub command_http_addr: SocketAddr,
+    /// `PROJECTION_HTTP_ADDR`.
+    pub projection_http_addr: SocketAddr,
+    /// `DEFAULT_CURRENCY`: the currency of v1 events, which had none.
+    pub default_currency: String,
+    /// `INSTANCE_ID`: stable per command-service instance; its transactional id.
+    pub instance_id: String,
+    /// `COMMIT_INTERVAL_MS`: how long a command-service transaction stays open at most.
+    pub commit_interval: Duration,
+    /// `SNAPSHOT_EVERY`: an aggregate snapshot every this many events.
+    pub snapshot_every: u64,
+    /// `PROJECTION_URL`: where the CLI finds the projection service.
+    pub projection_url: String,
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_vars(&vars)
+    }
+
+    /// Reads settings from `(name, value)` pairs (the environment, or a test's own list).
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            vars.iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let text =
+            |name: &'static str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+        let parsed = |name: &'static str, default: &str| -> Result<(String, String), ConfigError> {
+            Ok((name.to_owned(), text(name, default)))
+        };
+        let addr = |name: &'static str, default: &str| -> Result<SocketAddr, ConfigError> {
+            let (_, v) = parsed(name, default)?;
+            v.parse()
+                .map_err(|_| invalid(name, &v, "expected an address like 127.0.0.1:8080"))
+        };
+        let positive = |name: &'static str, default: &str| -> Result<u64, ConfigError> {
+            let v = text(name, default);
+            match v.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(invalid(
+                    name,
+                    &v,
+                    "expected a whole number greater than zero",
+                )),
+            }
+        };
+
+        let bootstrap_servers = text("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092");
+        let passthrough = vars
+            .iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("KAFKA_")?;
+                let wanted = rest == "SECURITY_PROTOCOL"
+                    || rest.starts_with("SASL_")
+                    || rest.starts_with("SSL_");
+                wanted.then(|| (rest.to_ascii_lowercase().replace('_', "."), v.clone()))
+            })
+            .collect();
+
+        let topic_prefix = text("TOPIC_PREFIX", "bank");
+        if !topic_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            || topic_prefix.len() > 200
+        {
+            return Err(invalid(
+                "TOPIC_PREFIX",
+                &topic_prefix,
+                "use letters, digits, '.', '_' and '-'",
+            ));
+        }
+        let partitions = positive("PARTITIONS", "6")?;
+        let partitions = i32::try_from(partitions)
+            .ok()
+            .filter(|p| *p <= 10_000)
+            .ok_or_else(|| invalid("PARTITIONS", &partitions.to_string(), "at most 10000"))?;
+
+        let schema_registry_url = get("SCHEMA_REGISTRY_URL");
+        if let Some(url) = &schema_registry_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "SCHEMA_REGISTRY_URL",
+                    url,
+                    "expected an http:// or https:// URL",
+                ));
+            }
+        }
+        let projection_database_url = text("PROJECTION_DATABASE_URL", "sqlite://projection.db");
+        if !["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|p| projection_database_url.starts_with(p))
+        {
+            return Err(invalid(
+                "PROJECTION_DATABASE_URL",
+                &projection_database_url,
+                "expected sqlite://FILE or postgres://USER@HOST/DB",
+            ));
+        }
+        let default_currency = text("DEFAULT_CURRENCY", "USD");
+        if default_currency.len() != 3 || !default_currency.bytes().all(|b| b.is_ascii_uppercase())
+        {
+            return Err(invalid(
+                "DEFAULT_CURRENCY",
+                &default_currency,
+                "expected an ISO 4217 code like USD",
+            ));
+        }
+        let instance_id = get("INSTANCE_ID").unwrap_or_else(default_instance_id);
+        let projection_url = text("PROJECTION_URL", "http://127.0.0.1:8090");
+        if !(projection_url.starts_with("http://") || projection_url.starts_with("https://")) {
+            return Err(invalid(
+                "PROJECTION_URL",
+                &projection_url,
+                "expected an http:// URL",
+            ));
+        }
+
+        Ok(Settings {
+            kafka: KafkaSettings {
+                bootstrap_servers,
+                passthrough,
+            },
+            topic_prefix,
+            partitions,
+            schema_registry_url,
+            projection_database_url,
+            command_http_addr: addr("COMMAND_HTTP_ADDR", "127.0.0.1:8080")?,
+            projection_http_addr: addr("PROJECTION_HTTP_ADDR", "127.0.0.1:8090")?,
+            default_currency,
+            instance_id,
+            commit_interval: Duration::from_millis(positive("COMMIT_INTERVAL_MS", "100")?),
+            snapshot_every: positive("SNAPSHOT_EVERY", "100")?,
+            projection_url,
+        })
+    }
+}
+
+fn invalid(var: &'static str, value: &str, reason: &str) -> ConfigError {
+    ConfigError {
+        var,
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// `command-service-<host name>`: stable across restarts on one host.
+fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("command-service-{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = Settings::from_vars(&[]).unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "localhost:9092");
+        assert_eq!(s.topic_prefix, "bank");
+        assert_eq!(s.partitions, 6);
+        assert_eq!(s.schema_registry_url, None);
+        assert_eq!(s.projection_database_url, "sqlite://projection.db");
+        assert_eq!(s.command_http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.projection_http_addr.to_string(), "127.0.0.1:8090");
+        assert_eq!(s.default_currency, "USD");
+        assert_eq!(s.commit_interval, Duration::from_millis(100));
+        assert_eq!(s.snapshot_every, 100);
+        assert_eq!(s.projection_url, "http://127.0.0.1:8090");
+        assert!(s.instance_id.starts_with("command-service-"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("PARTITIONS", "0"),
+            ("PARTITIONS", "six"),
+            ("COMMIT_INTERVAL_MS", "-5"),
+            ("COMMAND_HTTP_ADDR", "localhost"),
+            ("DEFAULT_CURRENCY", "euro"),
+            ("PROJECTION_DATABASE_URL", "mysql://x"),
+            ("SCHEMA_REGISTRY_URL", "registry:8081"),
+            ("TOPIC_PREFIX", "bank events"),
+        ] {
+            let err = Settings::from_vars(&vars(&[(var, value)])).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn security_settings_pass_through_to_librdkafka() {
+        let s = Settings::from_vars(&vars(&[
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_SSL_CA_LOCATION", "/etc/ca.pem"),
+            ("KAFKA_BOOTSTRAP_SERVERS", "b1:9092,b2:9092"),
+            ("KAFKA_UNRELATED", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "b1:9092,b2:9092");
+        assert_eq!(
+            s.kafka.passthrough,
+            vec![
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+                ("sasl.mechanism".to_string(), "SCRAM-SHA-512".to_string()),
+                ("ssl.ca.location".to_string(), "/etc/ca.pem".to_string()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! The messages of the wire contract as Rust types: the command message, the command result and
+//! the event envelope. Their JSON shapes are fixed by DESIGN.md; how they become bytes (plain JSON
+//! or the Confluent wire format) is the codec's business.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::bank_account::{
+    AGGREGATE_TYPE, Command, Event, EventDataError, Rejection, RejectionCode,
+};
+
+/// The schema version every event is written in today. Older versions are upcast on read.
+pub const CURRENT_SCHEMA_VERSION: u32 = 2;
+
+/// Free-form metadata carried by commands and events (`correlation_id`, `causation_id`, `user`…).
+pub type Metadata = Map<String, Value>;
+
+/// A command as it travels on `<prefix>.commands` (key = `aggregate_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandMessage {
+    /// Idempotency key: a retried command with the same id gets the original result.
+    pub command_id: Uuid,
+    /// The account the command is for; also the Kafka key.
+    pub aggregate_id: String,
+    /// What to do.
+    pub command: Command,
+    /// Optimistic concurrency: the version the sender believes the account has.
+    pub expected_version: Option<u64>,
+    /// Passed through to the events (`correlation_id`, `user`…).
+    pub metadata: Metadata,
+}
+
+/// The JSON shape of [`CommandMessage`]; kept apart so that a bad `type` or `payload` can still
+/// be answered by `command_id`.
+#[derive(Debug, Serialize, Deserialize)]
+struct WireCommand {
+    command_id: Uuid,
+    aggregate_id: String,
+    #[serde(rename = "type")]
+    type_name: String,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    metadata: Metadata,
+}
+
+/// A command message that could not be read, with whatever could be salvaged for the answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed command: {reason}")]
+pub struct MalformedCommand {
+    /// The command id, when the bytes had a readable one: the sender can then be answered.
+    pub command_id: Option<Uuid>,
+    /// The aggregate id, when readable.
+    pub aggregate_id: Option<String>,
+    /// What is wrong, for people.
+    pub reason: String,
+}
+
+impl CommandMessage {
+    /// A new command with a fresh `command_id` and a fresh `correlation_id`.
+    pub fn new(aggregate_id: impl Into<String>, command: Command) -> Self {
+        let mut metadata = Metadata::new();
+        metadata.insert(
+            "correlation_id".into(),
+            Value::String(Uuid::new_v4().to_string()),
+        );
+        CommandMessage {
+            command_id: Uuid::new_v4(),
+            aggregate_id: aggregate_id.into(),
+            command,
+            expected_version: None,
+            metadata,
+        }
+    }
+
+    /// The JSON value of the message.
+    pub fn to_json(&self) -> Value {
+        let wire = WireCommand {
+            command_id: self.command_id,
+            aggregate_id: self.aggregate_id.clone(),
+            type_name: self.command.type_name().to_owned(),
+            payload: self.command.payload(),
+            expected_version: self.expected_version,
+            metadata: self.metadata.clone(),
+        };
+        serde_json::to_value(wire).unwrap_or(Value::Null)
+    }
+
+    /// The message as JSON bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_json().to_string().into_bytes()
+    }
+
+    /// Reads a command message, saying precisely what is wrong with bytes it cannot read.
+    pub fn from_bytes(bytes: &[u8]) -> Result<CommandMessage, MalformedCommand> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| MalformedCommand {
+            command_id: None,
+            aggregate_id: None,
+            reason: format!("not JSON: {e}"),
+        })?;
+        let command_id = value
+            .get("command_id")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok());
+        let aggregate_id = value
+            .get("aggregate_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let malformed = |reason: String| MalformedCommand {
+            command_id,
+            aggregate_id: aggregate_id.clone(),
+            reason,
+        };
+        let wire: WireCommand =
+            serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+        if wire.aggregate_id.trim().is_empty() {
+            return Err(malformed("aggregate_id must not be blank".into()));
+        }
+        let command = Command::from_parts(&wire.type_name, wire.payload).map_err(malformed)?;
+        Ok(CommandMessage {
+            command_id: wire.command_id,
+            aggregate_id: wire.aggregate_id,
+            command,
+            expected_version: wire.expected_version,
+            metadata: wire.metadata,
+        })
+    }
+}
+
+/// Whether a command was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandStatus {
+    /// Events were appended.
+    Accepted,
+    /// Nothing was appended; `error` says why.
+    Rejected,
+}
+
+/// One appended event as listed in an accepted result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRef {
+    /// The event's id.
+    pub event_id: Uuid,
+    /// The event's type.
+    pub event_type: String,
+    /// The aggregate version the event has.
+    pub version: u64,
+}
+
+/// The answer to a command, on `<prefix>.command-results` (key = `command_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// The command this answers.
+    pub command_id: Uuid,
+    /// The account concerned (empty when it could not be read from a malformed command).
+    pub aggregate_id: String,
+    /// Accepted or rejected.
+    pub status: CommandStatus,
+    /// The aggregate's version after the command (accepted only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The events appended (accepted only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventRef>,
+    /// Why not (rejected only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Rejection>,
+}
+
+impl CommandResult {
+    /// An accepted result listing the appended events.
+    pub fn accepted(command_id: Uuid, aggregate_id: &str, events: &[EventEnvelope]) -> Self {
+        CommandResult {
+            command_id,
+            aggregate_id: aggregate_id.to_owned(),
+            status: CommandStatus::Accepted,
+            version: events.last().map(|e| e.version),
+            events: events
+                .iter()
+                .map(|e| EventRef {
+                    event_id: e.event_id,
+                    event_type: e.event_type.clone(),
+                    version: e.version,
+                })
+                .collect(),
+            error: None,
+        }
+    }
+
+    /// A rejected result.
+    pub fn rejected(command_id: Uuid, aggregate_id: &str, rejection: Rejection) -> Self {
+        CommandResult {
+            command_id,
+            aggregate_id: aggregate_id.to_owned(),
+            status: CommandStatus::Rejected,
+            version: None,
+            events: Vec::new(),
+            error: Some(rejection),
+        }
+    }
+
+    /// The rejection code, if rejected.
+    pub fn rejection_code(&self) -> Option<RejectionCode> {
+        self.error.as_ref().map(|e| e.code)
+    }
+
+    /// JSON bytes of the result.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The event envelope (value of `<prefix>.events`, key = `aggregate_id`), at the current schema
+/// version once read through the codec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// Unique id of the event.
+    pub event_id: Uuid,
+    /// The account.
+    pub aggregate_id: String,
+    /// Always `BankAccount` today.
+    pub aggregate_type: String,
+    /// `AccountOpened`, `MoneyDeposited`, `MoneyWithdrawn` or `AccountClosed`.
+    pub event_type: String,
+    /// Shape version of `data`; see the upcasters.
+    pub schema_version: u32,
+    /// Position of the event in its aggregate's history, from 1, without gaps.
+    pub version: u64,
+    /// When the event was recorded (UTC).
+    pub timestamp: DateTime<Utc>,
+    /// `correlation_id`, `causation_id` (the command id)…
+    #[serde(default)]
+    pub metadata: Metadata,
+    /// The event's payload, shaped by `event_type` and `schema_version`.
+    pub data: Value,
+}
+
+impl EventEnvelope {
+    /// Wraps a domain event at the current schema version.
+    pub fn new(
+        aggregate_id: &str,
+        version: u64,
+        event: &Event,
+        timestamp: DateTime<Utc>,
+        metadata: Metadata,
+    ) -> Self {
+        EventEnvelope {
+            event_id: Uuid::new_v4(),
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate_type: AGGREGATE_TYPE.to_owned(),
+            event_type: event.event_type().to_owned(),
+            schema_version: CURRENT_SCHEMA_VERSION,
+            version,
+            timestamp,
+            metadata,
+            data: event.data(),
+        }
+    }
+
+    /// The domain event (only meaningful at the current schema version).
+    pub fn event(&self) -> Result<Event, EventDataError> {
+        Event::from_parts(&self.event_type, &self.data)
+    }
+
+    /// The command that caused the event (`metadata.causation_id`), when recorded.
+    pub fn causation_id(&self) -> Option<Uuid> {
+        self.metadata
+            .get("causation_id")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+    }
+}

@@ -1,0 +1,233 @@
+//! Kafka plumbing shared by the services and the CLI: topic names, the canonical partitioner,
+//! client configuration built in one place, and topic creation / co-partitioning checks.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::config::KafkaSettings;
+
+/// The topic names for one prefix (`bank` by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Topics named `<prefix>.…`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topics {
+            prefix: prefix.into(),
+        }
+    }
+    /// `<prefix>.commands`: command messages, key = aggregate id.
+    pub fn commands(&self) -> String {
+        format!("{}.commands", self.prefix)
+    }
+    /// `<prefix>.events`: the event store, key = aggregate id.
+    pub fn events(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    /// `<prefix>.command-results`: one result per command, key = command id.
+    pub fn command_results(&self) -> String {
+        format!("{}.command-results", self.prefix)
+    }
+    /// `<prefix>.snapshots`: compacted aggregate snapshots, key = aggregate id.
+    pub fn snapshots(&self) -> String {
+        format!("{}.snapshots", self.prefix)
+    }
+    /// `<prefix>.events.dlq`: events the projection could not use, with headers saying why.
+    pub fn events_dlq(&self) -> String {
+        format!("{}.events.dlq", self.prefix)
+    }
+}
+
+/// The partition an aggregate lives on: murmur2 of the key as Java clients compute it
+/// (librdkafka `murmur2_random`), positive, modulo the partition count.
+pub fn canonical_partition(key: &[u8], partitions: i32) -> i32 {
+    let hash = murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff;
+    // partitions > 0, so the remainder fits an i32.
+    (hash % partitions.max(1).unsigned_abs()) as i32
+}
+
+impl KafkaSettings {
+    /// A librdkafka configuration with the bootstrap servers, the security pass-through and the
+    /// canonical partitioner. Callers add their role's settings.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("partitioner", "murmur2_random")
+            .set("client.dns.lookup", "use_all_dns_ips");
+        for (key, value) in &self.passthrough {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// A topic the services need.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Its name.
+    pub name: String,
+    /// Partition count when created.
+    pub partitions: i32,
+    /// Topic configs (`cleanup.policy=compact`, `retention.ms=-1`).
+    pub config: Vec<(&'static str, &'static str)>,
+}
+
+/// Failure to create or inspect topics.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// Kafka refused or could not be reached.
+    #[error("Kafka at {bootstrap}: {source}")]
+    Kafka {
+        /// Where we tried.
+        bootstrap: String,
+        /// What librdkafka said.
+        source: KafkaError,
+    },
+    /// Creating a topic failed.
+    #[error("cannot create topic {topic}: {code}")]
+    Create {
+        /// The topic.
+        topic: String,
+        /// Kafka's error code.
+        code: RDKafkaErrorCode,
+    },
+    /// A topic did not show up in the metadata in time.
+    #[error("topic {0} did not become available in time")]
+    NotAvailable(String),
+    /// Topics that must have the same partition count do not.
+    #[error(
+        "topics are not co-partitioned: {0}. Commands, events and snapshots must have the same \
+         partition count; recreate them or set PARTITIONS to match the existing topics"
+    )]
+    NotCoPartitioned(String),
+}
+
+/// Creates the missing topics (existing ones are left alone) and waits until all of them are
+/// visible with their leaders. Returns each topic's actual partition count.
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    specs: &[TopicSpec],
+    timeout: Duration,
+) -> Result<Vec<(String, i32)>, TopicError> {
+    let kafka_err = |source| TopicError::Kafka {
+        bootstrap: settings.bootstrap_servers.clone(),
+        source,
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        settings.client_config().create().map_err(kafka_err)?;
+    let new_topics: Vec<NewTopic<'_>> = specs
+        .iter()
+        .map(|s| {
+            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(-1));
+            for (k, v) in &s.config {
+                t = t.set(k, v);
+            }
+            t
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    for result in admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(kafka_err)?
+    {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(TopicError::Create { topic, code }),
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    let mut counts = Vec::new();
+    for spec in specs {
+        loop {
+            match partition_count_of(&admin, &spec.name) {
+                Ok(Some(n)) => {
+                    counts.push((spec.name.clone(), n));
+                    break;
+                }
+                Ok(None) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(None) => return Err(TopicError::NotAvailable(spec.name.clone())),
+                Err(source) => return Err(kafka_err(source)),
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// The partition count of `topic` once every partition has a leader; `None` while it is not
+/// (yet) there.
+fn partition_count_of(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+) -> Result<Option<i32>, KafkaError> {
+    let metadata = admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| {
+            let ready = t.error().is_none()
+                && !t.partitions().is_empty()
+                && t.partitions().iter().all(|p| p.leader() >= 0);
+            ready.then(|| t.partitions().len() as i32)
+        }))
+}
+
+/// Checks that the named topics all have the same partition count.
+pub fn check_copartitioned(counts: &[(String, i32)]) -> Result<i32, TopicError> {
+    let first = counts.first().map(|(_, n)| *n).unwrap_or(1);
+    if counts.iter().all(|(_, n)| *n == first) {
+        Ok(first)
+    } else {
+        let listed: Vec<String> = counts.iter().map(|(t, n)| format!("{t} has {n}")).collect();
+        Err(TopicError::NotCoPartitioned(listed.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitioner_matches_the_java_client() {
+        // Kafka's own test vectors (clients UtilsTest / DefaultPartitioner).
+        assert_eq!(
+            murmur2::murmur2(b"21", murmur2::KAFKA_SEED) as i32,
+            -973_932_308
+        );
+        assert_eq!(
+            murmur2::murmur2(b"foobar", murmur2::KAFKA_SEED) as i32,
+            -790_332_482
+        );
+        assert_eq!(
+            murmur2::murmur2(b"a-little-bit-long-string", murmur2::KAFKA_SEED) as i32,
+            -985_981_536
+        );
+        let p = canonical_partition(b"acc-1", 6);
+        assert!((0..6).contains(&p));
+        assert_eq!(p, canonical_partition(b"acc-1", 6));
+    }
+
+    #[test]
+    fn copartitioning_is_checked() {
+        let ok = [("a".to_string(), 3), ("b".to_string(), 3)];
+        assert_eq!(check_copartitioned(&ok).unwrap(), 3);
+        let bad = [("a".to_string(), 3), ("b".to_string(), 4)];
+        let err = check_copartitioned(&bad).unwrap_err().to_string();
+        assert!(err.contains("a has 3") && err.contains("b has 4"), "{err}");
+    }
+}

@@ -1,0 +1,25 @@
+//! What both services and the CLI share.
+//!
+//! - [`bank_account`]: the domain — commands, events, rules (`handle`) and fold (`apply`); no I/O.
+//! - [`envelope`]: the messages of the wire contract (command, result, event envelope).
+//! - [`codec`]: the only place that knows how events become bytes (JSON, Confluent wire format,
+//!   headers) and back.
+//! - [`upcast`]: schema evolution steps (v1 ↔ v2) applied by the codec.
+//! - [`money`]: exact decimal ↔ minor-unit conversion.
+//! - [`config`]: typed settings from the environment.
+//! - [`kafka`]: topic names, the canonical partitioner, client configuration, topic creation.
+//! - [`testing`]: the given/when/then harness and integration-test helpers.
+
+pub mod bank_account;
+pub mod codec;
+pub mod config;
+pub mod envelope;
+pub mod kafka;
+pub mod money;
+pub mod testing;
+pub mod upcast;
+
+pub use bank_account::{AccountStatus, BankAccount, Command, Event, Rejection, RejectionCode};
+pub use codec::{DecodeError, EventCodec};
+pub use config::Settings;
+pub use envelope::{CommandMessage, CommandResult, CommandStatus, EventEnvelope};

@@ -1,0 +1,460 @@
+//! Schema evolution of events: upcasting old envelopes to the current schema version on read,
+//! and downcasting current events for old consumers.
+//!
+//! Each step is a small function registered per (event type, from-version) that rewrites the
+//! `data` of one version into the next (or previous) one, so adding v3 adds steps and touches no
+//! old one. Steps run on raw JSON before anything is deserialised. The seed's v1 envelope shape
+//! (`id` instead of `event_id`, no `schema_version`, zone-less timestamps) is normalised first.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde_json::{Map, Number, Value, json};
+
+use crate::envelope::CURRENT_SCHEMA_VERSION;
+use crate::money::{AmountError, format_minor, minor_digits, parse_minor};
+
+/// What upcasting or downcasting needs to know besides the event itself.
+#[derive(Debug, Clone)]
+pub struct UpcastContext {
+    /// Currency of v1 events, which had none (`DEFAULT_CURRENCY`); for downcasting, the
+    /// account's currency, which decides how many decimals v1 amounts get.
+    pub currency: String,
+}
+
+impl Default for UpcastContext {
+    fn default() -> Self {
+        UpcastContext {
+            currency: "USD".into(),
+        }
+    }
+}
+
+/// Why an event could not be brought to the wanted schema version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpcastError {
+    /// No step is registered for this event type at this version.
+    #[error("no {direction} step for {event_type} from schema version {from}")]
+    NoStep {
+        /// `upcast` or `downcast`.
+        direction: &'static str,
+        /// The event type.
+        event_type: String,
+        /// The version the event was at.
+        from: u32,
+    },
+    /// The event is newer than this program understands.
+    #[error("schema version {0} is newer than the supported {CURRENT_SCHEMA_VERSION}")]
+    FromTheFuture(u32),
+    /// A v1 amount that is not an exact number of minor units.
+    #[error("field `{field}`: {source}")]
+    Amount {
+        /// Which data field.
+        field: &'static str,
+        /// What is wrong with it.
+        source: AmountError,
+    },
+    /// The envelope or data lacks something a step needs.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One step: rewrites an event's `data` from one schema version to the adjacent one.
+pub type Step = fn(&mut Map<String, Value>, &UpcastContext) -> Result<(), UpcastError>;
+
+/// The registry of upcasting and downcasting steps.
+#[derive(Clone)]
+pub struct Upcasters {
+    up: HashMap<(String, u32), Step>,
+    down: HashMap<(String, u32), Step>,
+}
+
+impl std::fmt::Debug for Upcasters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upcasters")
+            .field("up", &self.up.keys().collect::<Vec<_>>())
+            .field("down", &self.down.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for Upcasters {
+    fn default() -> Self {
+        Self::standard()
+    }
+}
+
+impl Upcasters {
+    /// No steps at all.
+    pub fn empty() -> Self {
+        Upcasters {
+            up: HashMap::new(),
+            down: HashMap::new(),
+        }
+    }
+
+    /// The steps of the bank-account events: v1 ↔ v2.
+    pub fn standard() -> Self {
+        let mut u = Self::empty();
+        u.register_up("AccountOpened", 1, v1_to_v2::account_opened);
+        u.register_up("MoneyDeposited", 1, v1_to_v2::amount);
+        u.register_up("MoneyWithdrawn", 1, v1_to_v2::amount);
+        u.register_up("AccountClosed", 1, |_, _| Ok(()));
+        u.register_down("AccountOpened", 2, v2_to_v1::account_opened);
+        u.register_down("MoneyDeposited", 2, v2_to_v1::amount);
+        u.register_down("MoneyWithdrawn", 2, v2_to_v1::amount);
+        u.register_down("AccountClosed", 2, |_, _| Ok(()));
+        u
+    }
+
+    /// Registers the step that takes `event_type` from `from` to `from + 1`.
+    pub fn register_up(&mut self, event_type: &str, from: u32, step: Step) {
+        self.up.insert((event_type.to_owned(), from), step);
+    }
+
+    /// Registers the step that takes `event_type` from `from` to `from - 1`.
+    pub fn register_down(&mut self, event_type: &str, from: u32, step: Step) {
+        self.down.insert((event_type.to_owned(), from), step);
+    }
+
+    /// Brings a raw envelope of any known version to [`CURRENT_SCHEMA_VERSION`].
+    pub fn upcast(&self, envelope: Value, ctx: &UpcastContext) -> Result<Value, UpcastError> {
+        let mut env = match envelope {
+            Value::Object(map) => map,
+            other => {
+                return Err(UpcastError::Invalid(format!(
+                    "envelope is not an object: {other}"
+                )));
+            }
+        };
+        normalize_envelope(&mut env)?;
+        let mut version = schema_version(&env)?;
+        if version > CURRENT_SCHEMA_VERSION {
+            return Err(UpcastError::FromTheFuture(version));
+        }
+        let event_type = event_type(&env)?;
+        while version < CURRENT_SCHEMA_VERSION {
+            let step =
+                self.up
+                    .get(&(event_type.clone(), version))
+                    .ok_or_else(|| UpcastError::NoStep {
+                        direction: "upcast",
+                        event_type: event_type.clone(),
+                        from: version,
+                    })?;
+            step(data_mut(&mut env)?, ctx)?;
+            version += 1;
+        }
+        env.insert("schema_version".into(), json!(version));
+        Ok(Value::Object(env))
+    }
+
+    /// Takes a current envelope down to schema version `target` for old consumers. Version 1
+    /// also gets the seed's envelope shape (`id`, no `schema_version`).
+    pub fn downcast(
+        &self,
+        envelope: Value,
+        target: u32,
+        ctx: &UpcastContext,
+    ) -> Result<Value, UpcastError> {
+        let Value::Object(mut env) = envelope else {
+            return Err(UpcastError::Invalid("envelope is not an object".into()));
+        };
+        let mut version = schema_version(&env)?;
+        let event_type = event_type(&env)?;
+        if target == 0 || target > version {
+            return Err(UpcastError::Invalid(format!(
+                "cannot downcast from schema version {version} to {target}"
+            )));
+        }
+        while version > target {
+            let step = self
+                .down
+                .get(&(event_type.clone(), version))
+                .ok_or_else(|| UpcastError::NoStep {
+                    direction: "downcast",
+                    event_type: event_type.clone(),
+                    from: version,
+                })?;
+            step(data_mut(&mut env)?, ctx)?;
+            version -= 1;
+        }
+        if version == 1 {
+            env.remove("schema_version");
+            if let Some(id) = env.remove("event_id") {
+                env.insert("id".into(), id);
+            }
+        } else {
+            env.insert("schema_version".into(), json!(version));
+        }
+        Ok(Value::Object(env))
+    }
+}
+
+/// Seed-era envelopes: `id` → `event_id`, absent `schema_version` → 1, a zone-less timestamp is
+/// UTC. Harmless on current envelopes.
+fn normalize_envelope(env: &mut Map<String, Value>) -> Result<(), UpcastError> {
+    if !env.contains_key("event_id") {
+        if let Some(id) = env.remove("id") {
+            env.insert("event_id".into(), id);
+        }
+    }
+    if !env.contains_key("schema_version") {
+        env.insert("schema_version".into(), json!(1));
+    }
+    if let Some(Value::String(ts)) = env.get("timestamp") {
+        if DateTime::parse_from_rfc3339(ts).is_err() {
+            let naive = NaiveDateTime::parse_from_str(ts, "%Y-%m-%dT%H:%M:%S%.f")
+                .or_else(|_| NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f"))
+                .map_err(|e| UpcastError::Invalid(format!("timestamp `{ts}`: {e}")))?;
+            let utc: DateTime<Utc> = naive.and_utc();
+            env.insert("timestamp".into(), json!(utc.to_rfc3339()));
+        }
+    }
+    Ok(())
+}
+
+fn schema_version(env: &Map<String, Value>) -> Result<u32, UpcastError> {
+    env.get("schema_version")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| {
+            UpcastError::Invalid("schema_version is not a small positive integer".into())
+        })
+}
+
+fn event_type(env: &Map<String, Value>) -> Result<String, UpcastError> {
+    env.get("event_type")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| UpcastError::Invalid("event_type is missing".into()))
+}
+
+fn data_mut(env: &mut Map<String, Value>) -> Result<&mut Map<String, Value>, UpcastError> {
+    env.entry("data")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or_else(|| UpcastError::Invalid("data is not an object".into()))
+}
+
+/// Reads a decimal amount in major units from a JSON number (or numeric string), exactly.
+fn major_to_minor(
+    data: &Map<String, Value>,
+    field: &'static str,
+    currency: &str,
+) -> Result<i64, UpcastError> {
+    let text = match data.get(field) {
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) => s.clone(),
+        None => return Err(UpcastError::Invalid(format!("field `{field}` is missing"))),
+        Some(other) => {
+            return Err(UpcastError::Invalid(format!(
+                "field `{field}` is not a number: {other}"
+            )));
+        }
+    };
+    parse_minor(&text, minor_digits(currency))
+        .map_err(|source| UpcastError::Amount { field, source })
+}
+
+/// Writes minor units as a JSON number in major units ("50.5" stays exact, as text).
+fn minor_to_major(minor: i64, currency: &str) -> Result<Value, UpcastError> {
+    let text = format_minor(minor, minor_digits(currency));
+    serde_json::from_str::<Number>(&text)
+        .map(Value::Number)
+        .map_err(|e| UpcastError::Invalid(format!("amount {text}: {e}")))
+}
+
+fn minor_field(data: &Map<String, Value>, field: &str) -> Result<i64, UpcastError> {
+    data.get(field)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| UpcastError::Invalid(format!("field `{field}` is not an integer")))
+}
+
+mod v1_to_v2 {
+    use super::*;
+
+    pub(super) fn account_opened(
+        data: &mut Map<String, Value>,
+        ctx: &UpcastContext,
+    ) -> Result<(), UpcastError> {
+        let owner = data.remove("name").unwrap_or(Value::Null);
+        if !owner.is_string() {
+            return Err(UpcastError::Invalid(
+                "AccountOpened v1 has no string `name`".into(),
+            ));
+        }
+        let initial = match data.contains_key("initial_balance") {
+            true => major_to_minor(data, "initial_balance", &ctx.currency)?,
+            false => 0,
+        };
+        data.remove("initial_balance");
+        data.insert("owner".into(), owner);
+        data.insert("currency".into(), json!(ctx.currency));
+        data.insert("initial_balance_minor".into(), json!(initial));
+        Ok(())
+    }
+
+    pub(super) fn amount(
+        data: &mut Map<String, Value>,
+        ctx: &UpcastContext,
+    ) -> Result<(), UpcastError> {
+        let minor = major_to_minor(data, "amount", &ctx.currency)?;
+        data.remove("amount");
+        data.insert("amount_minor".into(), json!(minor));
+        Ok(())
+    }
+}
+
+mod v2_to_v1 {
+    use super::*;
+
+    pub(super) fn account_opened(
+        data: &mut Map<String, Value>,
+        _ctx: &UpcastContext,
+    ) -> Result<(), UpcastError> {
+        let currency = data
+            .get("currency")
+            .and_then(Value::as_str)
+            .unwrap_or("USD")
+            .to_owned();
+        let initial = minor_field(data, "initial_balance_minor")?;
+        let owner = data.remove("owner").unwrap_or(Value::Null);
+        data.clear();
+        data.insert("name".into(), owner);
+        data.insert(
+            "initial_balance".into(),
+            minor_to_major(initial, &currency)?,
+        );
+        Ok(())
+    }
+
+    pub(super) fn amount(
+        data: &mut Map<String, Value>,
+        ctx: &UpcastContext,
+    ) -> Result<(), UpcastError> {
+        let minor = minor_field(data, "amount_minor")?;
+        data.clear();
+        data.insert("amount".into(), minor_to_major(minor, &ctx.currency)?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> UpcastContext {
+        UpcastContext::default()
+    }
+
+    fn v1(event_type: &str, data: &str) -> Value {
+        serde_json::from_str(&format!(
+            r#"{{"id":"a6a3a450-6513-270e-269e-0d37f2a74de4","aggregate_id":"a","aggregate_type":"BankAccount",
+            "event_type":"{event_type}","data":{data},"metadata":{{}},"version":1,
+            "timestamp":"2025-03-01T00:01:00.098702"}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn v1_envelope_is_normalised() {
+        let up = Upcasters::standard()
+            .upcast(v1("AccountClosed", "{}"), &ctx())
+            .unwrap();
+        assert_eq!(up["event_id"], "a6a3a450-6513-270e-269e-0d37f2a74de4");
+        assert_eq!(up["schema_version"], 2);
+        assert_eq!(up["timestamp"], "2025-03-01T00:01:00.098702+00:00");
+        assert!(up.get("id").is_none());
+    }
+
+    #[test]
+    fn v1_amounts_convert_exactly_in_any_number_form() {
+        let u = Upcasters::standard();
+        for (text, minor) in [
+            ("0.1", 10),
+            ("0.2", 20),
+            ("1e2", 10000),
+            ("2.5E-1", 25),
+            ("33.33", 3333),
+            ("7", 700),
+        ] {
+            let up = u
+                .upcast(
+                    v1("MoneyDeposited", &format!(r#"{{"amount":{text}}}"#)),
+                    &ctx(),
+                )
+                .unwrap();
+            assert_eq!(up["data"], json!({"amount_minor": minor}), "{text}");
+        }
+    }
+
+    #[test]
+    fn v1_amount_with_three_decimals_is_an_error_not_a_rounding() {
+        let err = Upcasters::standard()
+            .upcast(v1("MoneyWithdrawn", r#"{"amount":1.005}"#), &ctx())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UpcastError::Amount {
+                    field: "amount",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn v1_open_gets_owner_and_default_currency() {
+        let ctx = UpcastContext {
+            currency: "EUR".into(),
+        };
+        let up = Upcasters::standard()
+            .upcast(
+                v1("AccountOpened", r#"{"name":"Zoë","initial_balance":50.5}"#),
+                &ctx,
+            )
+            .unwrap();
+        assert_eq!(
+            up["data"],
+            json!({"owner":"Zoë","currency":"EUR","initial_balance_minor":5050})
+        );
+    }
+
+    #[test]
+    fn unknown_type_at_old_version_has_no_step() {
+        let err = Upcasters::standard()
+            .upcast(v1("Frobnicated", "{}"), &ctx())
+            .unwrap_err();
+        assert!(matches!(err, UpcastError::NoStep { .. }));
+    }
+
+    #[test]
+    fn future_versions_are_refused() {
+        let mut env = v1("AccountClosed", "{}");
+        env["schema_version"] = json!(9);
+        assert_eq!(
+            Upcasters::standard().upcast(env, &ctx()),
+            Err(UpcastError::FromTheFuture(9))
+        );
+    }
+
+    #[test]
+    fn downcast_gives_the_seed_shape_back() {
+        let u = Upcasters::standard();
+        let original = v1(
+            "AccountOpened",
+            r#"{"name":"Alice","initial_balance":50.5}"#,
+        );
+        let current = u.upcast(original, &ctx()).unwrap();
+        let old = u.downcast(current.clone(), 1, &ctx()).unwrap();
+        assert_eq!(old["data"]["name"], "Alice");
+        assert_eq!(old["data"]["initial_balance"].to_string(), "50.50");
+        assert_eq!(old["id"], current["event_id"]);
+        assert!(old.get("schema_version").is_none());
+        // and back up again to the same current event
+        assert_eq!(u.upcast(old, &ctx()).unwrap(), current);
+    }
+}
