@@ -8,6 +8,7 @@
 //! - [`money`]: exact decimal ↔ minor-unit conversion.
 //! - [`config`]: typed settings from the environment.
 //! - [`kafka`]: topic names, the canonical partitioner, client configuration, topic creation.
+//! - [`runtime`]: tracing, shutdown signal and Prometheus recorder for the binaries.
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
 
 pub mod bank_account;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod envelope;
 pub mod kafka;
 pub mod money;
+pub mod runtime;
 pub mod testing;
 pub mod upcast;
 
