@@ -1,0 +1,101 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/kafka, scripts/registry, scripts/postgres and scripts/test.
+# Sourced, not executed. All human-readable messages go to stderr so that callers can
+# capture a service's address from stdout: addr=$(scripts/kafka start)
+
+if [ -z "${HOME:-}" ]; then
+  HOME="$(getent passwd "$(id -u)" | cut -d: -f6)"
+  export HOME
+fi
+BANK_CACHE_DIR="${BANK_CACHE_DIR:-$HOME/.cache/bank-es}"
+BANK_STATE_DIR="${BANK_STATE_DIR:-$HOME/.local/state/bank-es}"
+
+_BANK_TAG="${_BANK_TAG:-$(basename "$0")}"
+
+log()  { printf '[%s] %s\n' "$_BANK_TAG" "$*" >&2; }
+warn() { printf '[%s] WARNING: %s\n' "$_BANK_TAG" "$*" >&2; }
+die()  { printf '[%s] ERROR: %s\n' "$_BANK_TAG" "$*" >&2; exit 1; }
+
+# apt-get install, non-interactive, with a single `apt-get update` first.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get not found; please install: $*"
+  [ "$(id -u)" -eq 0 ] || die "need root to apt-get install $* (or install it yourself)"
+  log "installing Debian packages: $*"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2 || die "apt-get update failed"
+  apt-get install -y -qq --no-install-recommends "$@" >&2 || die "apt-get install $* failed"
+}
+
+java_major() {
+  java -version 2>&1 | awk -F'"' '/version/ { split($2, v, "."); print (v[1] == "1" ? v[2] : v[1]); exit }'
+}
+
+ensure_java() {
+  if ! command -v java >/dev/null 2>&1; then
+    apt_install openjdk-17-jre-headless
+  fi
+  local major
+  major="$(java_major)"
+  { [ -n "$major" ] && [ "$major" -ge 17 ]; } || die "Java >= 17 required (found: ${major:-none})"
+}
+
+ensure_mvn() {
+  ensure_java
+  command -v mvn >/dev/null 2>&1 || apt_install maven
+}
+
+ensure_curl() {
+  command -v curl >/dev/null 2>&1 || apt_install curl ca-certificates
+}
+
+# pid_alive PIDFILE PATTERN -> 0 if the pid in PIDFILE is alive and its command line
+# contains PATTERN (guards against pid reuse after a reboot / crash).
+pid_alive() {
+  local pidfile="$1" pattern="$2" pid
+  [ -f "$pidfile" ] || return 1
+  pid="$(cat "$pidfile" 2>/dev/null || true)"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pattern"
+}
+
+# port_in_use PORT -> 0 if something listens on 127.0.0.1:PORT
+port_in_use() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# stop_pid PIDFILE PATTERN TIMEOUT_SECONDS NAME: SIGTERM, wait, then SIGKILL.
+stop_pid() {
+  local pidfile="$1" pattern="$2" timeout="$3" name="$4" pid i
+  if ! pid_alive "$pidfile" "$pattern"; then
+    rm -f "$pidfile"
+    log "$name is not running"
+    return 0
+  fi
+  pid="$(cat "$pidfile")"
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < timeout * 5; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    warn "$name did not stop within ${timeout}s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+  fi
+  rm -f "$pidfile"
+  log "$name stopped"
+}
+
+# Prints the last lines of a log file to stderr.
+show_log_tail() {
+  local file="$1" n="${2:-40}"
+  if [ -f "$file" ]; then
+    printf -- '----- last %s lines of %s -----\n' "$n" "$file" >&2
+    tail -n "$n" "$file" >&2 || true
+    printf -- '----- end of %s -----\n' "$file" >&2
+  fi
+}
