@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::bank_account::{
-    AGGREGATE_TYPE, Command, Event, EventDataError, Rejection, RejectionCode,
+    AGGREGATE_TYPE, BankAccount, Command, Event, EventDataError, Rejection, RejectionCode,
 };
 
 /// The schema version every event is written in today. Older versions are upcast on read.
@@ -274,4 +274,21 @@ impl EventEnvelope {
             .and_then(Value::as_str)
             .and_then(|s| s.parse().ok())
     }
+}
+
+/// An aggregate snapshot (value of `<prefix>.snapshots`, key = `aggregate_id`, compacted): the
+/// state after `version` events, the last of which is at `event_offset` in the aggregate's
+/// partition of `<prefix>.events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The account.
+    pub aggregate_id: String,
+    /// Number of events folded into `state`.
+    pub version: u64,
+    /// Offset of the last covered event in the events partition.
+    pub event_offset: i64,
+    /// The folded state.
+    pub state: BankAccount,
+    /// When the snapshot was taken.
+    pub taken_at: DateTime<Utc>,
 }
