@@ -124,14 +124,14 @@ impl Settings {
             .ok_or_else(|| invalid("PARTITIONS", &partitions.to_string(), "at most 10000"))?;
 
         let schema_registry_url = get("SCHEMA_REGISTRY_URL");
-        if let Some(url) = &schema_registry_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(
-                    "SCHEMA_REGISTRY_URL",
-                    url,
-                    "expected an http:// or https:// URL",
-                ));
-            }
+        if let Some(url) = &schema_registry_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "SCHEMA_REGISTRY_URL",
+                url,
+                "expected an http:// or https:// URL",
+            ));
         }
         let projection_database_url = text("PROJECTION_DATABASE_URL", "sqlite://projection.db");
         if !["sqlite:", "postgres://", "postgresql://"]

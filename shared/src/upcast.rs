@@ -194,22 +194,22 @@ impl Upcasters {
 /// Seed-era envelopes: `id` → `event_id`, absent `schema_version` → 1, a zone-less timestamp is
 /// UTC. Harmless on current envelopes.
 fn normalize_envelope(env: &mut Map<String, Value>) -> Result<(), UpcastError> {
-    if !env.contains_key("event_id") {
-        if let Some(id) = env.remove("id") {
-            env.insert("event_id".into(), id);
-        }
+    if !env.contains_key("event_id")
+        && let Some(id) = env.remove("id")
+    {
+        env.insert("event_id".into(), id);
     }
     if !env.contains_key("schema_version") {
         env.insert("schema_version".into(), json!(1));
     }
-    if let Some(Value::String(ts)) = env.get("timestamp") {
-        if DateTime::parse_from_rfc3339(ts).is_err() {
-            let naive = NaiveDateTime::parse_from_str(ts, "%Y-%m-%dT%H:%M:%S%.f")
-                .or_else(|_| NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f"))
-                .map_err(|e| UpcastError::Invalid(format!("timestamp `{ts}`: {e}")))?;
-            let utc: DateTime<Utc> = naive.and_utc();
-            env.insert("timestamp".into(), json!(utc.to_rfc3339()));
-        }
+    if let Some(Value::String(ts)) = env.get("timestamp")
+        && DateTime::parse_from_rfc3339(ts).is_err()
+    {
+        let naive = NaiveDateTime::parse_from_str(ts, "%Y-%m-%dT%H:%M:%S%.f")
+            .or_else(|_| NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f"))
+            .map_err(|e| UpcastError::Invalid(format!("timestamp `{ts}`: {e}")))?;
+        let utc: DateTime<Utc> = naive.and_utc();
+        env.insert("timestamp".into(), json!(utc.to_rfc3339()));
     }
     Ok(())
 }

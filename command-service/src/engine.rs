@@ -1,0 +1,722 @@
+//! The writer: one consumer-group member on `<prefix>.commands` and one transactional producer,
+//! on a dedicated thread (librdkafka's transaction calls block).
+//!
+//! Per command: forward it if it is not on its aggregate's canonical partition; answer a
+//! duplicate with its original result; check `expected_version`; let the aggregate decide;
+//! produce events, snapshot and result. Many commands share one transaction, which also carries
+//! the consumed offsets (KIP-447: `send_offsets_to_transaction` with the consumer's group
+//! metadata), so events, results and progress commit or vanish together.
+//!
+//! State changes of the open transaction live in an [`Overlay`] and reach the partition state
+//! only after the commit: an abort drops them and seeks the consumer back to the committed
+//! offsets. Rebalance callbacks run on this thread inside `poll`: a revocation commits (or aborts)
+//! the open transaction and drops the partitions' state; an assignment restores the new
+//! partitions before their first command is read.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use shared::envelope::{MalformedCommand, Metadata, Snapshot};
+use shared::kafka::{Topics, canonical_partition};
+use shared::{
+    BankAccount, CommandMessage, CommandResult, EventCodec, EventEnvelope, Rejection,
+    RejectionCode, Settings,
+};
+use uuid::Uuid;
+
+use crate::metrics as m;
+use crate::restore;
+use crate::state::{Overlay, PartitionState};
+
+/// Commands per transaction at most; the transaction also commits every `COMMIT_INTERVAL_MS`.
+const MAX_COMMANDS_PER_TXN: usize = 1000;
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the HTTP side can see of the engine.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// An assignment was received and every assigned partition is restored (possibly none).
+    pub ready: AtomicBool,
+    /// The partitions currently owned.
+    pub partitions: Mutex<Vec<i32>>,
+    /// Set when the engine stopped because of a fatal error.
+    pub fatal: Mutex<Option<String>>,
+}
+
+impl Status {
+    fn set_partitions(&self, partitions: Vec<i32>) {
+        m::set_owned_partitions(partitions.len());
+        *lock(&self.partitions) = partitions;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Records the offsets of events whose snapshot needs them (opaque token → offset).
+#[derive(Default)]
+pub struct DeliveryTracker {
+    offsets: Mutex<HashMap<usize, i64>>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
+        match result {
+            Ok(msg) if token != 0 => {
+                lock(&self.offsets).insert(token, msg.offset());
+            }
+            Ok(_) => {}
+            Err((e, msg)) => {
+                tracing::warn!(topic = msg.topic(), partition = msg.partition(), error = %e, "delivery failed; the transaction will abort")
+            }
+        }
+    }
+}
+
+type TxnProducer = ThreadedProducer<DeliveryTracker>;
+
+/// Consumer context: rebalance callbacks reach the engine through it.
+pub struct EngineContext {
+    engine: Mutex<Engine>,
+}
+
+impl ClientContext for EngineContext {}
+
+impl ConsumerContext for EngineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            lock(&self.engine).on_revoke(consumer, &partitions);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                lock(&self.engine).on_assign(consumer, &partitions);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+type EngineConsumer = BaseConsumer<EngineContext>;
+
+struct Txn {
+    started: Instant,
+    commands: usize,
+    next_offsets: HashMap<i32, i64>,
+    overlay: Overlay,
+    outcomes: Vec<(&'static str, Instant)>,
+}
+
+/// The command processor. Lives inside the consumer's context, driven by [`run_engine`].
+pub struct Engine {
+    settings: Arc<Settings>,
+    topics: Topics,
+    codec: Arc<EventCodec>,
+    runtime: tokio::runtime::Handle,
+    producer_config: ClientConfig,
+    producer: TxnProducer,
+    partitions: HashMap<i32, PartitionState>,
+    committed_next: HashMap<i32, Offset>,
+    txn: Option<Txn>,
+    next_token: usize,
+    status: Arc<Status>,
+    fatal: Option<String>,
+}
+
+fn new_producer(config: &ClientConfig) -> KafkaResult<TxnProducer> {
+    let producer: TxnProducer = config.create_with_context(DeliveryTracker::default())?;
+    producer.init_transactions(TXN_TIMEOUT)?;
+    Ok(producer)
+}
+
+impl Engine {
+    fn new(
+        settings: Arc<Settings>,
+        codec: Arc<EventCodec>,
+        runtime: tokio::runtime::Handle,
+        status: Arc<Status>,
+    ) -> KafkaResult<Self> {
+        let mut producer_config = settings.kafka.client_config();
+        producer_config
+            .set("transactional.id", transactional_id(&settings))
+            .set("transaction.timeout.ms", "10000")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "10000");
+        let producer = new_producer(&producer_config)?;
+        Ok(Engine {
+            topics: Topics::new(&settings.topic_prefix),
+            settings,
+            codec,
+            runtime,
+            producer_config,
+            producer,
+            partitions: HashMap::new(),
+            committed_next: HashMap::new(),
+            txn: None,
+            next_token: 0,
+            status,
+            fatal: None,
+        })
+    }
+
+    // ---------------------------------------------------------------- rebalance
+
+    fn on_assign(&mut self, consumer: &EngineConsumer, partitions: &[i32]) {
+        self.status.ready.store(false, Ordering::SeqCst);
+        let started = Instant::now();
+        let commands = self.topics.commands();
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&commands, *p);
+        }
+        // With read_committed this waits for offsets a previous owner left pending in an
+        // unfinished transaction (KIP-447), so the restore below sees everything it covered.
+        match consumer.committed_offsets(tpl, Duration::from_secs(30)) {
+            Ok(committed) => {
+                for e in committed.elements() {
+                    self.committed_next.insert(e.partition(), e.offset());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read committed offsets"),
+        }
+        match restore::restore(&self.settings, &self.codec, &self.runtime, partitions) {
+            Ok((states, events)) => {
+                let aggregates: usize = states.values().map(|s| s.accounts.len()).sum();
+                self.partitions.extend(states);
+                let elapsed = started.elapsed();
+                m::restore_seconds(elapsed);
+                tracing::info!(
+                    ?partitions,
+                    events,
+                    aggregates,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "partitions restored"
+                );
+            }
+            Err(e) => {
+                self.fail(format!("restore failed: {e}"));
+                return;
+            }
+        }
+        let mut owned: Vec<i32> = self.partitions.keys().copied().collect();
+        owned.sort_unstable();
+        self.status.set_partitions(owned);
+        self.status.ready.store(true, Ordering::SeqCst);
+    }
+
+    fn on_revoke(&mut self, consumer: &EngineConsumer, partitions: &[i32]) {
+        self.status.ready.store(false, Ordering::SeqCst);
+        self.commit(consumer);
+        for p in partitions {
+            self.partitions.remove(p);
+            self.committed_next.remove(p);
+        }
+        let mut owned: Vec<i32> = self.partitions.keys().copied().collect();
+        owned.sort_unstable();
+        self.status.set_partitions(owned);
+        tracing::info!(?partitions, "partitions revoked");
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn on_message(&mut self, consumer: &EngineConsumer, msg: &BorrowedMessage<'_>) {
+        let partition = msg.partition();
+        if !self.partitions.contains_key(&partition) {
+            tracing::debug!(partition, "message for a partition not owned; ignored");
+            return;
+        }
+        if self.txn.is_none() {
+            if let Err(e) = self.producer.begin_transaction() {
+                self.on_txn_error(consumer, e);
+                return;
+            }
+            self.txn = Some(Txn {
+                started: Instant::now(),
+                commands: 0,
+                next_offsets: HashMap::new(),
+                overlay: Overlay::default(),
+                outcomes: Vec::new(),
+            });
+        }
+        let received = Instant::now();
+        match self.process(msg) {
+            Ok(outcome) => {
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.next_offsets.insert(partition, msg.offset() + 1);
+                    txn.commands += 1;
+                    txn.outcomes.push((outcome, received));
+                }
+            }
+            Err(e) => self.on_txn_error(consumer, e),
+        }
+    }
+
+    /// Handles one command inside the open transaction; returns its outcome label.
+    fn process(&mut self, msg: &BorrowedMessage<'_>) -> KafkaResult<&'static str> {
+        let partition = msg.partition();
+        let payload = msg.payload().unwrap_or_default();
+        let parsed = CommandMessage::from_bytes(payload);
+        let routing_key: Option<Vec<u8>> = match &parsed {
+            Ok(c) => Some(c.aggregate_id.as_bytes().to_vec()),
+            Err(m) => m
+                .aggregate_id
+                .as_ref()
+                .map(|a| a.as_bytes().to_vec())
+                .or(msg.key().map(<[u8]>::to_vec)),
+        };
+        if let Some(key) = routing_key {
+            let canonical = canonical_partition(&key, self.settings.partitions);
+            if canonical != partition {
+                self.forward(msg, canonical)?;
+                return Ok("forwarded");
+            }
+        }
+        let command = match parsed {
+            Ok(command) => command,
+            Err(malformed) => return self.malformed(partition, malformed),
+        };
+        if let Some(previous) = self.result_of(partition, command.command_id) {
+            tracing::info!(command_id = %command.command_id, "duplicate command: original result sent again");
+            self.send_result(partition, &previous)?;
+            return Ok("duplicate");
+        }
+        let state = self.account(partition, &command.aggregate_id);
+        let decision = match command.expected_version {
+            Some(expected) if expected != state.version => Err(Rejection::new(
+                RejectionCode::VersionConflict,
+                format!(
+                    "expected version {expected}, but the account is at version {}",
+                    state.version
+                ),
+            )),
+            _ => state.handle(&command.command),
+        };
+        let (result, outcome) = match decision {
+            Err(rejection) => {
+                let outcome = rejection.code.as_str();
+                (
+                    CommandResult::rejected(command.command_id, &command.aggregate_id, rejection),
+                    outcome,
+                )
+            }
+            Ok(events) => {
+                let envelopes = self.append(partition, &command, state, &events)?;
+                (
+                    CommandResult::accepted(command.command_id, &command.aggregate_id, &envelopes),
+                    "accepted",
+                )
+            }
+        };
+        self.send_result(partition, &result)?;
+        self.remember(partition, result);
+        Ok(outcome)
+    }
+
+    fn malformed(
+        &mut self,
+        partition: i32,
+        malformed: MalformedCommand,
+    ) -> KafkaResult<&'static str> {
+        let Some(command_id) = malformed.command_id else {
+            tracing::warn!(partition, reason = %malformed.reason, "unreadable command without a command_id; skipped");
+            return Ok("unreadable");
+        };
+        if let Some(previous) = self.result_of(partition, command_id) {
+            self.send_result(partition, &previous)?;
+            return Ok("duplicate");
+        }
+        tracing::warn!(partition, %command_id, reason = %malformed.reason, "malformed command");
+        let aggregate_id = malformed.aggregate_id.clone().unwrap_or_default();
+        let result = CommandResult::rejected(
+            command_id,
+            &aggregate_id,
+            Rejection::new(RejectionCode::Malformed, malformed.reason),
+        );
+        self.send_result(partition, &result)?;
+        self.remember(partition, result);
+        Ok("Malformed")
+    }
+
+    /// Produces the events of an accepted command (and a snapshot when one is due) and records
+    /// the new state in the overlay.
+    fn append(
+        &mut self,
+        partition: i32,
+        command: &CommandMessage,
+        mut state: BankAccount,
+        events: &[shared::Event],
+    ) -> KafkaResult<Vec<EventEnvelope>> {
+        let mut metadata: Metadata = command.metadata.clone();
+        metadata.insert(
+            "causation_id".into(),
+            Value::String(command.command_id.to_string()),
+        );
+        metadata
+            .entry("correlation_id")
+            .or_insert_with(|| Value::String(command.command_id.to_string()));
+        let now = Utc::now();
+        let events_topic = self.topics.events();
+        let mut envelopes = Vec::with_capacity(events.len());
+        let mut snapshot_token = None;
+        for event in events {
+            state.apply(event);
+            let envelope = EventEnvelope::new(
+                &command.aggregate_id,
+                state.version,
+                event,
+                now,
+                metadata.clone(),
+            );
+            let bytes = self
+                .runtime
+                .block_on(self.codec.encode(&events_topic, &envelope))
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "event encoding failed");
+                    KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord)
+                })?;
+            let token = if state.version.is_multiple_of(self.settings.snapshot_every) {
+                self.next_token += 1;
+                snapshot_token = Some((self.next_token, state.clone()));
+                self.next_token
+            } else {
+                0
+            };
+            let headers = shared::codec::event_headers(&envelope);
+            self.send(
+                &events_topic,
+                partition,
+                command.aggregate_id.as_bytes(),
+                &bytes,
+                Some(headers),
+                token,
+            )?;
+            envelopes.push(envelope);
+        }
+        if let Some((token, snapshot_state)) = snapshot_token {
+            self.snapshot(partition, &command.aggregate_id, token, snapshot_state)?;
+        }
+        if let Some(txn) = self.txn.as_mut() {
+            txn.overlay
+                .accounts
+                .insert(command.aggregate_id.clone(), state);
+        }
+        Ok(envelopes)
+    }
+
+    fn snapshot(
+        &mut self,
+        partition: i32,
+        aggregate_id: &str,
+        token: usize,
+        state: BankAccount,
+    ) -> KafkaResult<()> {
+        // The snapshot records the offset of the event it covers: wait for its delivery.
+        self.producer.flush(Duration::from_secs(10))?;
+        let Some(event_offset) = lock(&self.producer.context().offsets).remove(&token) else {
+            return Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            ));
+        };
+        let snapshot = Snapshot {
+            aggregate_id: aggregate_id.to_owned(),
+            version: state.version,
+            event_offset,
+            state,
+            taken_at: Utc::now(),
+        };
+        let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
+        let topic = self.topics.snapshots();
+        self.send(&topic, partition, aggregate_id.as_bytes(), &bytes, None, 0)?;
+        tracing::debug!(%aggregate_id, version = snapshot.version, event_offset, "snapshot written");
+        Ok(())
+    }
+
+    fn forward(&mut self, msg: &BorrowedMessage<'_>, canonical: i32) -> KafkaResult<()> {
+        tracing::debug!(
+            from = msg.partition(),
+            to = canonical,
+            "command forwarded to its canonical partition"
+        );
+        let topic = self.topics.commands();
+        let headers = msg.headers().map(|h| h.detach());
+        self.send(
+            &topic,
+            canonical,
+            msg.key().unwrap_or_default(),
+            msg.payload().unwrap_or_default(),
+            headers,
+            0,
+        )
+    }
+
+    fn send_result(&mut self, partition: i32, result: &CommandResult) -> KafkaResult<()> {
+        let topic = self.topics.command_results();
+        let key = result.command_id.to_string();
+        self.send(
+            &topic,
+            partition,
+            key.as_bytes(),
+            &result.to_bytes(),
+            None,
+            0,
+        )
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+        token: usize,
+    ) -> KafkaResult<()> {
+        let mut record = BaseRecord::with_opaque_to(topic, token)
+            .partition(partition)
+            .key(key)
+            .payload(payload);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    fn result_of(&self, partition: i32, command_id: Uuid) -> Option<CommandResult> {
+        self.txn
+            .as_ref()
+            .and_then(|t| t.overlay.results.get(&command_id).map(|(_, r)| r.clone()))
+            .or_else(|| {
+                self.partitions
+                    .get(&partition)?
+                    .results
+                    .get(&command_id)
+                    .cloned()
+            })
+    }
+
+    fn account(&self, partition: i32, aggregate_id: &str) -> BankAccount {
+        self.txn
+            .as_ref()
+            .and_then(|t| t.overlay.accounts.get(aggregate_id).cloned())
+            .or_else(|| {
+                self.partitions
+                    .get(&partition)?
+                    .accounts
+                    .get(aggregate_id)
+                    .cloned()
+            })
+            .unwrap_or_default()
+    }
+
+    fn remember(&mut self, partition: i32, result: CommandResult) {
+        if let Some(txn) = self.txn.as_mut() {
+            txn.overlay
+                .results
+                .insert(result.command_id, (partition, result));
+        }
+    }
+
+    // ---------------------------------------------------------------- transactions
+
+    fn commit_due(&self) -> bool {
+        self.txn.as_ref().is_some_and(|t| {
+            t.commands >= MAX_COMMANDS_PER_TXN
+                || t.started.elapsed() >= self.settings.commit_interval
+        })
+    }
+
+    /// Commits the open transaction with its offsets; on failure aborts and rewinds.
+    fn commit(&mut self, consumer: &EngineConsumer) {
+        let Some(txn) = self.txn.as_ref() else { return };
+        let commands = self.topics.commands();
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &txn.next_offsets {
+            if let Err(e) = tpl.add_partition_offset(&commands, *p, Offset::Offset(*next)) {
+                tracing::error!(error = %e, "bad offset");
+            }
+        }
+        let result = match consumer.group_metadata() {
+            Some(cgm) => self
+                .producer
+                .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
+                .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT)),
+            // Not in a group generation (between rebalances): nothing can be committed.
+            None => Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::IllegalGeneration,
+            )),
+        };
+        match result {
+            Ok(()) => {
+                let Some(txn) = self.txn.take() else { return };
+                let n = self.settings.partitions;
+                txn.overlay.merge_into(&mut self.partitions, |id| {
+                    canonical_partition(id.as_bytes(), n)
+                });
+                for (p, next) in txn.next_offsets {
+                    self.committed_next.insert(p, Offset::Offset(next));
+                }
+                m::transaction("committed");
+                for (outcome, received) in txn.outcomes {
+                    m::command(outcome, received.elapsed());
+                }
+            }
+            Err(e) => self.on_txn_error(consumer, e),
+        }
+    }
+
+    /// Abortable errors abort and rewind; a timed-out (indefinite) commit or abort re-creates
+    /// the producer, whose `init_transactions` fences and aborts what the old one left open;
+    /// fatal errors (fenced) stop the engine so that the partitions move.
+    fn on_txn_error(&mut self, consumer: &EngineConsumer, error: KafkaError) {
+        let (fatal, abortable, retriable) = match &error {
+            KafkaError::Transaction(e) => (e.is_fatal(), e.txn_requires_abort(), e.is_retriable()),
+            _ => (false, true, false),
+        };
+        if fatal {
+            self.txn = None;
+            self.fail(format!("fatal transaction error: {error}"));
+            return;
+        }
+        tracing::warn!(error = %error, abortable, retriable, "transaction failed; aborting and rewinding");
+        let aborted = !retriable && self.producer.abort_transaction(TXN_TIMEOUT).is_ok();
+        if !aborted {
+            match new_producer(&self.producer_config) {
+                Ok(p) => self.producer = p,
+                Err(e) => {
+                    self.txn = None;
+                    self.fail(format!("cannot re-create the transactional producer: {e}"));
+                    return;
+                }
+            }
+        }
+        m::transaction("aborted");
+        self.txn = None;
+        self.rewind(consumer);
+    }
+
+    fn rewind(&mut self, consumer: &EngineConsumer) {
+        // Whatever failed (the registry, a broker) gets a moment before the redo.
+        std::thread::sleep(Duration::from_millis(200));
+        let commands = self.topics.commands();
+        for p in self.partitions.keys() {
+            let offset = match self.committed_next.get(p) {
+                Some(Offset::Offset(o)) => Offset::Offset(*o),
+                _ => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(&commands, *p, offset, Duration::from_secs(10)) {
+                tracing::error!(partition = p, error = %e, "seek back failed");
+            }
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!(%reason, "command engine stops");
+        *lock(&self.status.fatal) = Some(reason.clone());
+        self.status.ready.store(false, Ordering::SeqCst);
+        self.fatal = Some(reason);
+    }
+}
+
+/// `<prefix>.command-service.<INSTANCE_ID>`: stable per instance, so a restart fences its
+/// predecessor and aborts its open transaction at once.
+pub fn transactional_id(settings: &Settings) -> String {
+    format!(
+        "{}.command-service.{}",
+        settings.topic_prefix, settings.instance_id
+    )
+}
+
+/// Runs the engine on the current (dedicated) thread until `stop` is set or a fatal error.
+/// Returns the fatal error, if any.
+pub fn run_engine(
+    settings: Arc<Settings>,
+    codec: Arc<EventCodec>,
+    runtime: tokio::runtime::Handle,
+    status: Arc<Status>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let engine = Engine::new(Arc::clone(&settings), codec, runtime, Arc::clone(&status))
+        .map_err(|e| format!("cannot start the transactional producer: {e}"))?;
+    let consumer: EngineConsumer = settings
+        .kafka
+        .client_config()
+        .set(
+            "group.id",
+            format!("{}.command-service", settings.topic_prefix),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(EngineContext {
+            engine: Mutex::new(engine),
+        })
+        .map_err(|e| format!("cannot create the consumer: {e}"))?;
+    let commands = Topics::new(&settings.topic_prefix).commands();
+    consumer
+        .subscribe(&[&commands])
+        .map_err(|e| format!("cannot subscribe: {e}"))?;
+    tracing::info!(transactional_id = %transactional_id(&settings), topic = %commands, "command engine started");
+
+    let mut outcome = Ok(());
+    while !stop.load(Ordering::SeqCst) {
+        let polled = consumer.poll(Duration::from_millis(20));
+        let mut engine = lock(&consumer.context().engine);
+        match polled {
+            Some(Ok(msg)) => engine.on_message(&consumer, &msg),
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            None => {}
+        }
+        if engine.commit_due() {
+            engine.commit(&consumer);
+        }
+        if let Some(reason) = engine.fatal.clone() {
+            outcome = Err(reason);
+            break;
+        }
+    }
+    {
+        let mut engine = lock(&consumer.context().engine);
+        if outcome.is_ok() {
+            engine.commit(&consumer);
+        }
+    }
+    tracing::info!("command engine leaving the group");
+    consumer.unsubscribe();
+    // Serve the revocation callback.
+    let _ = consumer.poll(Duration::from_millis(100));
+    status.ready.store(false, Ordering::SeqCst);
+    outcome
+}

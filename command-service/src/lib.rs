@@ -1,0 +1,155 @@
+//! command-service: validates commands against each aggregate's state and appends versioned
+//! events to the aggregate's Kafka partition, exactly once, with Kafka transactions.
+//!
+//! - [`engine`]: the consumer-group member and transactional producer (one writer per partition).
+//! - [`restore`]: rebuilding a partition's state (snapshots, events, results) on assignment.
+//! - [`state`]: the in-memory partition state and the open transaction's overlay.
+//! - [`results`]: routing command results to waiting HTTP requests.
+//! - [`http`]: the HTTP API.
+//! - [`metrics`]: Prometheus metric names.
+//!
+//! [`run`] ties them together: it creates the topics (refusing to start when they are not
+//! co-partitioned), starts the engine thread, the result listener and the HTTP server, and stops
+//! them in order on shutdown.
+
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod restore;
+pub mod results;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use shared::kafka::{TopicSpec, Topics, check_copartitioned, ensure_topics};
+use shared::{EventCodec, Settings};
+use tokio::net::TcpListener;
+
+/// The topics the service needs, with their configuration.
+pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
+    let topics = Topics::new(&settings.topic_prefix);
+    let n = settings.partitions;
+    vec![
+        TopicSpec {
+            name: topics.commands(),
+            partitions: n,
+            config: vec![],
+        },
+        TopicSpec {
+            name: topics.events(),
+            partitions: n,
+            config: vec![("retention.ms", "-1")],
+        },
+        TopicSpec {
+            name: topics.snapshots(),
+            partitions: n,
+            config: vec![("cleanup.policy", "compact")],
+        },
+        // Co-partitioned too: results are written to the aggregate's partition, which makes a
+        // partition's rejections readable on restore (the dedupe window is their retention).
+        TopicSpec {
+            name: topics.command_results(),
+            partitions: n,
+            config: vec![("retention.ms", "604800000")],
+        },
+    ]
+}
+
+/// Runs the service until `shutdown` resolves or the engine stops on a fatal error.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let counts = ensure_topics(
+        &settings.kafka,
+        &topic_specs(&settings),
+        Duration::from_secs(30),
+    )
+    .await
+    .context("cannot create or inspect the topics")?;
+    let partitions = check_copartitioned(&counts)?;
+    if partitions != settings.partitions {
+        anyhow::bail!(
+            "the topics have {partitions} partitions but PARTITIONS={}; set PARTITIONS={partitions} \
+             (the canonical partitioner depends on it)",
+            settings.partitions
+        );
+    }
+    let codec = Arc::new(EventCodec::from_settings(&settings)?);
+    let metrics = shared::runtime::prometheus();
+    let status = Arc::new(engine::Status::default());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let waiters = results::ResultWaiters::default();
+    let listener_task = waiters
+        .start(&settings)
+        .context("cannot start the result listener")?;
+
+    let engine_thread = {
+        let (settings, codec, status, stop) = (
+            Arc::clone(&settings),
+            Arc::clone(&codec),
+            Arc::clone(&status),
+            Arc::clone(&stop),
+        );
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("command-engine".into())
+            .spawn(move || engine::run_engine(settings, codec, runtime, status, stop))
+            .context("cannot start the engine thread")?
+    };
+
+    let producer = settings
+        .kafka
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()
+        .context("cannot create the command producer")?;
+    let state = http::AppState {
+        settings: Arc::clone(&settings),
+        producer,
+        waiters,
+        status: Arc::clone(&status),
+        metrics,
+    };
+    tracing::info!(addr = %listener.local_addr()?, "command-service listening");
+
+    // Stop on the caller's signal or when the engine dies.
+    let engine_done = {
+        let status = Arc::clone(&status);
+        async move {
+            loop {
+                if status.fatal.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let stopping = async move {
+        tokio::select! {
+            _ = shutdown => {},
+            _ = engine_done => {},
+        }
+    };
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(stopping)
+        .await?;
+
+    stop.store(true, Ordering::SeqCst);
+    listener_task.abort();
+    let outcome = tokio::task::spawn_blocking(move || engine_thread.join())
+        .await
+        .context("engine thread join")?
+        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+    outcome.map_err(|reason| anyhow::anyhow!(reason))?;
+    tracing::info!("command-service stopped");
+    Ok(())
+}

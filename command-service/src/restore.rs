@@ -1,0 +1,294 @@
+//! Restoring the state of newly assigned partitions before their commands are served: latest
+//! snapshots, then the partition's events (read_committed, to the end), then the partition's
+//! command results.
+//!
+//! The de-duplication index comes from two places: accepted commands from the `command_id`
+//! header of their events (kept forever, like the events), rejected ones from the co-partitioned
+//! `<prefix>.command-results` topic (kept for its retention, 7 days by default — the window in
+//! which a rejected command's retry gets the original rejection instead of a fresh decision).
+//! Events at or below an aggregate's snapshot version are not decoded: their headers suffice.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use shared::codec::{header, header_str};
+use shared::envelope::{EventRef, Snapshot};
+use shared::kafka::Topics;
+use shared::{CommandResult, CommandStatus, EventCodec, Settings};
+use uuid::Uuid;
+
+use crate::state::PartitionState;
+
+/// Why a partition could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Kafka failed while reading.
+    #[error("reading {topic}: {source}")]
+    Kafka {
+        /// The topic being read.
+        topic: String,
+        /// What librdkafka said.
+        source: KafkaError,
+    },
+}
+
+/// Restores the given partitions; returns their states and how many events were read.
+pub fn restore(
+    settings: &Settings,
+    codec: &EventCodec,
+    runtime: &tokio::runtime::Handle,
+    partitions: &[i32],
+) -> Result<(HashMap<i32, PartitionState>, usize), RestoreError> {
+    let topics = Topics::new(&settings.topic_prefix);
+    let mut states: HashMap<i32, PartitionState> = partitions
+        .iter()
+        .map(|p| (*p, PartitionState::default()))
+        .collect();
+    if partitions.is_empty() {
+        return Ok((states, 0));
+    }
+
+    let started = Instant::now();
+    let snapshot_reader = open_reader(settings, &topics.snapshots(), partitions)?;
+    let event_reader = open_reader(settings, &topics.events(), partitions)?;
+    let result_reader = open_reader(settings, &topics.command_results(), partitions)?;
+    // 1. Latest snapshot per aggregate.
+    let mut snapshots: HashMap<String, Snapshot> = HashMap::new();
+    drain(snapshot_reader, |msg| {
+        match msg.payload().map(serde_json::from_slice::<Snapshot>) {
+            Some(Ok(s))
+                if snapshots
+                    .get(&s.aggregate_id)
+                    .is_none_or(|old| old.version < s.version) =>
+            {
+                snapshots.insert(s.aggregate_id.clone(), s);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(offset = msg.offset(), error = %e, "unreadable snapshot ignored")
+            }
+            None => {}
+        }
+    });
+    for snapshot in snapshots.values() {
+        if let Some(state) = snapshot_partition(&states, snapshot, settings.partitions) {
+            state_mut(&mut states, state)
+                .accounts
+                .insert(snapshot.aggregate_id.clone(), snapshot.state.clone());
+        }
+    }
+
+    // 2. Events: fold what the snapshots do not cover; collect accepted commands from headers.
+    let mut accepted: HashMap<Uuid, (i32, String, Vec<EventRef>)> = HashMap::new();
+    let mut events_read = 0usize;
+    drain(event_reader, |msg| {
+        events_read += 1;
+        let partition = msg.partition();
+        let aggregate_id = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let header_version: Option<u64> =
+            header_str(msg.headers(), header::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
+        let command_id: Option<Uuid> =
+            header_str(msg.headers(), header::COMMAND_ID).and_then(|v| v.parse().ok());
+        let event_id: Option<Uuid> =
+            header_str(msg.headers(), header::EVENT_ID).and_then(|v| v.parse().ok());
+        let event_type = header_str(msg.headers(), header::EVENT_TYPE).map(str::to_owned);
+        let state = states.entry(partition).or_default();
+        let covered = match (&aggregate_id, header_version) {
+            (Some(id), Some(v)) => state.accounts.get(id).is_some_and(|a| a.version >= v),
+            _ => false,
+        };
+        let fast = match (
+            covered,
+            aggregate_id,
+            header_version,
+            command_id,
+            event_id,
+            event_type,
+        ) {
+            (true, Some(id), Some(version), command_id, Some(event_id), Some(event_type)) => {
+                Some((
+                    id,
+                    command_id,
+                    EventRef {
+                        event_id,
+                        event_type,
+                        version,
+                    },
+                ))
+            }
+            _ => None,
+        };
+        let (aggregate_id, command_id, event_ref) = match fast {
+            Some(found) => found,
+            None => {
+                let Some(payload) = msg.payload() else { return };
+                let envelope = match runtime.block_on(codec.decode(payload)) {
+                    Ok(env) => env,
+                    Err(e) => {
+                        tracing::error!(partition, offset = msg.offset(), error = %e, "undecodable event in the store; skipped");
+                        return;
+                    }
+                };
+                let account = state
+                    .accounts
+                    .entry(envelope.aggregate_id.clone())
+                    .or_default();
+                if envelope.version == account.version + 1 {
+                    if let Ok(event) = envelope.event() {
+                        account.apply(&event);
+                    }
+                } else if envelope.version > account.version + 1 {
+                    tracing::error!(aggregate_id = %envelope.aggregate_id, version = envelope.version, have = account.version, "version gap in the event store");
+                }
+                let event_ref = EventRef {
+                    event_id: envelope.event_id,
+                    event_type: envelope.event_type.clone(),
+                    version: envelope.version,
+                };
+                (
+                    envelope.aggregate_id.clone(),
+                    command_id.or(envelope.causation_id()),
+                    event_ref,
+                )
+            }
+        };
+        if let Some(command_id) = command_id {
+            accepted
+                .entry(command_id)
+                .or_insert_with(|| (partition, aggregate_id, Vec::new()))
+                .2
+                .push(event_ref);
+        }
+    });
+    for (command_id, (partition, aggregate_id, events)) in accepted {
+        let result = CommandResult {
+            command_id,
+            aggregate_id,
+            status: CommandStatus::Accepted,
+            version: events.last().map(|e| e.version),
+            events,
+            error: None,
+        };
+        state_mut(&mut states, partition)
+            .results
+            .insert(command_id, result);
+    }
+
+    // 3. Results (rejections, and accepted ones again).
+    drain(result_reader, |msg| {
+        if let Some(Ok(result)) = msg.payload().map(serde_json::from_slice::<CommandResult>) {
+            states
+                .entry(msg.partition())
+                .or_default()
+                .results
+                .entry(result.command_id)
+                .or_insert(result);
+        }
+    });
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "restore read"
+    );
+    Ok((states, events_read))
+}
+
+/// Consumer context that does not log end-of-partition, which restore waits for on purpose.
+struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+fn snapshot_partition(
+    states: &HashMap<i32, PartitionState>,
+    snapshot: &Snapshot,
+    partitions: i32,
+) -> Option<i32> {
+    let p = shared::kafka::canonical_partition(snapshot.aggregate_id.as_bytes(), partitions);
+    states.contains_key(&p).then_some(p)
+}
+
+fn state_mut(states: &mut HashMap<i32, PartitionState>, partition: i32) -> &mut PartitionState {
+    states.entry(partition).or_default()
+}
+
+/// A consumer for `partitions` of `topic` from the beginning (read_committed). It reads to "the
+/// end" is where the consumer reports end-of-partition: with
+/// read_committed that is the last stable offset, so a dead writer's open transaction (which
+/// can only abort) is not waited for.
+fn open_reader(
+    settings: &Settings,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<Reader, RestoreError> {
+    let err = |source| RestoreError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let consumer: BaseConsumer<QuietEof> = settings
+        .kafka
+        .client_config()
+        .set(
+            "group.id",
+            format!("{}.command-service.restore", settings.topic_prefix),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .create_with_context(QuietEof)
+        .map_err(err)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .map_err(err)?;
+    }
+    consumer.assign(&tpl).map_err(err)?;
+    Ok(Reader {
+        consumer,
+        topic: topic.to_owned(),
+        partitions: partitions.to_vec(),
+    })
+}
+
+/// An assigned restore consumer; created for all topics up front so that their connections and
+/// offset look-ups overlap.
+struct Reader {
+    consumer: BaseConsumer<QuietEof>,
+    topic: String,
+    partitions: Vec<i32>,
+}
+
+/// Reads a reader's partitions to the end, calling `each` for every message.
+fn drain(reader: Reader, mut each: impl FnMut(&BorrowedMessage<'_>)) {
+    let Reader {
+        consumer,
+        topic,
+        partitions,
+    } = reader;
+    let mut pending = partitions;
+    let mut last_log = Instant::now();
+    while !pending.is_empty() {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => each(&msg),
+            Some(Err(KafkaError::PartitionEOF(p))) => pending.retain(|x| *x != p),
+            Some(Err(e)) => tracing::warn!(%topic, error = %e, "restore read error; retrying"),
+            None => {}
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            tracing::info!(%topic, waiting_for = ?pending, "restore still reading");
+            last_log = Instant::now();
+        }
+    }
+}

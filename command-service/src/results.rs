@@ -1,0 +1,99 @@
+//! Waiting for command results: one consumer on `<prefix>.command-results` (read_committed,
+//! from the end as it was at start) hands each result to the HTTP request waiting for it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use shared::kafka::Topics;
+use shared::{CommandResult, Settings};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Routes results to their waiters.
+#[derive(Clone, Default)]
+pub struct ResultWaiters {
+    waiting: Arc<Mutex<HashMap<Uuid, oneshot::Sender<CommandResult>>>>,
+}
+
+/// Removes the waiter when the request gives up.
+pub struct Waiter {
+    waiters: ResultWaiters,
+    command_id: Uuid,
+    /// Receives the result.
+    pub receiver: oneshot::Receiver<CommandResult>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.waiters.lock().remove(&self.command_id);
+    }
+}
+
+impl ResultWaiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, oneshot::Sender<CommandResult>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers interest in a command's result; register before producing the command.
+    pub fn wait_for(&self, command_id: Uuid) -> Waiter {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(command_id, tx);
+        Waiter {
+            waiters: self.clone(),
+            command_id,
+            receiver: rx,
+        }
+    }
+
+    fn deliver(&self, result: CommandResult) {
+        if let Some(tx) = self.lock().remove(&result.command_id) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Starts the listener: assigns every partition of the results topic at its current end,
+    /// then delivers results until the process ends.
+    pub fn start(&self, settings: &Settings) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let topic = Topics::new(&settings.topic_prefix).command_results();
+        let consumer: StreamConsumer = settings
+            .kafka
+            .client_config()
+            .set(
+                "group.id",
+                format!("{}.command-service.results", settings.topic_prefix),
+            )
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let waiters = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(msg) => match msg.payload().map(serde_json::from_slice::<CommandResult>) {
+                        Some(Ok(result)) => waiters.deliver(result),
+                        Some(Err(e)) => tracing::warn!(error = %e, "unreadable command result"),
+                        None => {}
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "result listener error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }))
+    }
+}
