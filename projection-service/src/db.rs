@@ -1,0 +1,964 @@
+//! The read model's storage: one code path for SQLite and PostgreSQL through `sqlx::Any`.
+//!
+//! - [`Database`]: the pool, the backend, migrations and every query the service runs.
+//! - [`Tables`]: the names of one set of read-model tables. The live set is `accounts`,
+//!   `account_events`, `projection_offsets` and `parked_events`; a rebuild fills a `_rebuild` set
+//!   and [`Database::swap_in`] renames it into place in one transaction.
+//! - [`StoreError`]: backend errors translated in one place (a compare-and-set that found another
+//!   value is a [`StoreError::Conflict`], a locked database or a lost connection is
+//!   [`StoreError::Transient`]).
+//!
+//! Portability rules: SQL uses `$N` placeholders (sqlx's SQLite driver maps them by number), only
+//! `BIGINT` and `TEXT` columns, `INSERT … ON CONFLICT`, and no aggregate that PostgreSQL would
+//! type as `NUMERIC`. Timestamps are stored twice: as RFC 3339 text for display and as
+//! nanoseconds since the epoch (`BIGINT`) for ordering and `as_of` comparisons.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::error::ErrorKind;
+use sqlx::{Any, AnyPool, Executor, Row, Transaction};
+
+use shared::{AccountStatus, BankAccount};
+
+/// Which database engine the URL named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://FILE` (the default): WAL mode, one writer.
+    Sqlite,
+    /// `postgres://…`.
+    Postgres,
+}
+
+/// A storage failure, classified for the caller's retry decision.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compare-and-set found another value: someone else (a rebuild's swap, another instance)
+    /// moved the offsets. Re-read them and retry.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database is locked, busy, restarting or unreachable: retry with backoff.
+    #[error("database temporarily unavailable: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// Anything else (a bad schema, a bug): retrying will not help.
+    #[error("database error: {0}")]
+    Fatal(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether trying again may succeed.
+    pub fn is_retriable(&self) -> bool {
+        !matches!(self, StoreError::Fatal(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Transient(e),
+            sqlx::Error::Database(db) => {
+                if matches!(db.kind(), ErrorKind::UniqueViolation) {
+                    return StoreError::Conflict(db.message().to_owned());
+                }
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                // SQLite: BUSY (5), LOCKED (6) and their extended codes (x + 256·n).
+                // PostgreSQL: serialization failure, deadlock, connection and shutdown classes.
+                let sqlite_busy = code
+                    .parse::<i32>()
+                    .map(|c| matches!(c & 0xff, 5 | 6))
+                    .unwrap_or(false);
+                let pg_transient = matches!(code.as_str(), "40001" | "40P01" | "53300" | "55P03")
+                    || code.starts_with("08")
+                    || code.starts_with("57P");
+                if sqlite_busy || pg_transient {
+                    StoreError::Transient(e)
+                } else {
+                    StoreError::Fatal(e)
+                }
+            }
+            _ => StoreError::Fatal(e),
+        }
+    }
+}
+
+/// Result alias of this module.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The names of one set of read-model tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tables {
+    /// Current state per account.
+    pub accounts: String,
+    /// Every applied event with the state after it (history and temporal queries).
+    pub events: String,
+    /// Next offset to read per (topic, partition): the consumer's source of truth.
+    pub offsets: String,
+    /// Events that arrived after a version gap, kept aside until the gap is filled.
+    pub parked: String,
+}
+
+impl Tables {
+    fn with_suffix(suffix: &str) -> Self {
+        Tables {
+            accounts: format!("accounts{suffix}"),
+            events: format!("account_events{suffix}"),
+            offsets: format!("projection_offsets{suffix}"),
+            parked: format!("parked_events{suffix}"),
+        }
+    }
+
+    /// The tables the service reads and writes.
+    pub fn live() -> Self {
+        Self::with_suffix("")
+    }
+
+    /// The tables a rebuild fills before swapping them in.
+    pub fn rebuild() -> Self {
+        Self::with_suffix("_rebuild")
+    }
+
+    fn all(&self) -> [&str; 4] {
+        [&self.accounts, &self.events, &self.offsets, &self.parked]
+    }
+
+    /// `CREATE TABLE` and `CREATE INDEX` statements. Index names carry `tag` because index names
+    /// are per schema, and a swapped-in table keeps the index names it was built with.
+    fn ddl(&self, tag: &str) -> Vec<String> {
+        let Tables {
+            accounts,
+            events,
+            offsets,
+            parked,
+        } = self;
+        vec![
+            format!(
+                "CREATE TABLE {accounts} (
+                    id TEXT PRIMARY KEY,
+                    owner TEXT NOT NULL,
+                    currency TEXT NOT NULL,
+                    balance_minor BIGINT NOT NULL,
+                    status TEXT NOT NULL,
+                    version BIGINT NOT NULL,
+                    transaction_count BIGINT NOT NULL,
+                    opened_at TEXT NOT NULL,
+                    updated_at TEXT NOT NULL
+                )"
+            ),
+            format!("CREATE INDEX ix_accounts_owner_{tag} ON {accounts} (owner, id)"),
+            format!("CREATE INDEX ix_accounts_status_{tag} ON {accounts} (status, id)"),
+            format!(
+                "CREATE TABLE {events} (
+                    aggregate_id TEXT NOT NULL,
+                    version BIGINT NOT NULL,
+                    event_id TEXT NOT NULL,
+                    event_type TEXT NOT NULL,
+                    \"timestamp\" TEXT NOT NULL,
+                    timestamp_ns BIGINT NOT NULL,
+                    data TEXT NOT NULL,
+                    envelope TEXT NOT NULL,
+                    balance_minor BIGINT NOT NULL,
+                    status TEXT NOT NULL,
+                    transaction_count BIGINT NOT NULL,
+                    source_partition BIGINT NOT NULL,
+                    source_offset BIGINT NOT NULL,
+                    PRIMARY KEY (aggregate_id, version)
+                )"
+            ),
+            format!("CREATE INDEX ix_events_time_{tag} ON {events} (aggregate_id, timestamp_ns)"),
+            format!(
+                "CREATE TABLE {offsets} (
+                    topic TEXT NOT NULL,
+                    \"partition\" BIGINT NOT NULL,
+                    next_offset BIGINT NOT NULL,
+                    PRIMARY KEY (topic, \"partition\")
+                )"
+            ),
+            format!(
+                "CREATE TABLE {parked} (
+                    topic TEXT NOT NULL,
+                    \"partition\" BIGINT NOT NULL,
+                    source_offset BIGINT NOT NULL,
+                    aggregate_id TEXT NOT NULL,
+                    version BIGINT NOT NULL,
+                    expected_version BIGINT NOT NULL,
+                    event_id TEXT NOT NULL,
+                    reason TEXT NOT NULL,
+                    envelope TEXT NOT NULL,
+                    parked_at TEXT NOT NULL,
+                    PRIMARY KEY (topic, \"partition\", source_offset)
+                )"
+            ),
+            format!("CREATE INDEX ix_parked_aggregate_{tag} ON {parked} (aggregate_id, version)"),
+        ]
+    }
+}
+
+/// One account as stored: the folded domain state plus what the read model adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAccount {
+    /// Account id (the aggregate id).
+    pub id: String,
+    /// The folded state.
+    pub state: BankAccount,
+    /// Timestamp of version 1 (RFC 3339).
+    pub opened_at: String,
+    /// Timestamp of the latest applied event (RFC 3339).
+    pub updated_at: String,
+}
+
+/// One applied event, as written to the events table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    /// The account.
+    pub aggregate_id: String,
+    /// Its version.
+    pub version: u64,
+    /// The event id.
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// When it happened.
+    pub timestamp: DateTime<Utc>,
+    /// Its `data` at the current schema version (JSON text).
+    pub data: String,
+    /// The whole envelope at the current schema version (JSON text), as `/events` serves it.
+    pub envelope: String,
+    /// State after the event: balance.
+    pub balance_minor: i64,
+    /// State after the event: status.
+    pub status: AccountStatus,
+    /// State after the event: deposits plus withdrawals so far.
+    pub transaction_count: u64,
+    /// Where the event was read from.
+    pub source_partition: i32,
+    /// Where the event was read from.
+    pub source_offset: i64,
+}
+
+/// An event kept aside because its version is ahead of the stored one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedRow {
+    /// Where it was read from.
+    pub topic: String,
+    /// Where it was read from.
+    pub partition: i32,
+    /// Where it was read from.
+    pub offset: i64,
+    /// The account.
+    pub aggregate_id: String,
+    /// Its version.
+    pub version: u64,
+    /// The version the projection expected instead.
+    pub expected_version: u64,
+    /// The event id.
+    pub event_id: String,
+    /// Why it was parked.
+    pub reason: String,
+    /// The envelope (current schema version) as JSON text.
+    pub envelope: String,
+}
+
+/// Everything one batch writes, in one transaction.
+#[derive(Debug, Default)]
+pub struct BatchWrite {
+    /// Applied events.
+    pub events: Vec<EventRow>,
+    /// Final state of every account the batch changed.
+    pub accounts: Vec<StoredAccount>,
+    /// Newly parked events.
+    pub parked: Vec<ParkedRow>,
+    /// Accounts whose parked events up to this version were applied or became duplicates.
+    pub unpark: Vec<(String, u64)>,
+    /// Per partition: (expected stored offset, new next offset). `None` expects no row yet.
+    pub offsets: Vec<(i32, Option<i64>, i64)>,
+}
+
+/// An account as of some point, as the HTTP API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountView {
+    /// Account id.
+    pub id: String,
+    /// Holder.
+    pub owner: String,
+    /// ISO 4217.
+    pub currency: String,
+    /// Minor units.
+    pub balance_minor: i64,
+    /// `active` or `closed`.
+    pub status: String,
+    /// Aggregate version.
+    pub version: u64,
+    /// Deposits plus withdrawals.
+    pub transaction_count: u64,
+    /// RFC 3339.
+    pub opened_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// Filters and cursor of `GET /accounts`.
+#[derive(Debug, Clone, Default)]
+pub struct AccountFilter {
+    /// `active` / `closed`.
+    pub status: Option<String>,
+    /// Exact owner.
+    pub owner: Option<String>,
+    /// Only ids greater than this (the previous page's `next`).
+    pub after: Option<String>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// A timestamp as RFC 3339 text (UTC, `Z`, as many fraction digits as needed).
+pub fn format_ts(ts: &DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Nanoseconds since the epoch, saturating outside 1677–2262 (the range an `i64` holds).
+pub fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
+    ts.timestamp_nanos_opt().unwrap_or(if ts.timestamp() > 0 {
+        i64::MAX
+    } else {
+        i64::MIN
+    })
+}
+
+fn status_from(text: &str) -> AccountStatus {
+    match text {
+        "active" => AccountStatus::Active,
+        "closed" => AccountStatus::Closed,
+        _ => AccountStatus::New,
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// `($1,$2,…),($k+1,…)` for `rows` rows of `cols` columns.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let mut s = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            s.push(',');
+        }
+        s.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                s.push(',');
+            }
+            s.push('$');
+            s.push_str(&(r * cols + c + 1).to_string());
+        }
+        s.push(')');
+    }
+    s
+}
+
+/// Rows per multi-row `INSERT` (well below both engines' parameter limits).
+const ROWS_PER_INSERT: usize = 100;
+
+/// The read-model database.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+const MIGRATIONS_TABLE: &str = "projection_schema";
+
+impl Database {
+    /// Connects (creating a SQLite file if missing, in WAL mode) and runs the migrations.
+    pub async fn connect(url: &str) -> StoreResult<Database> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if url.starts_with("sqlite:") {
+            let url = if url.contains("mode=") || url.contains(":memory:") {
+                url.to_owned()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (Backend::Sqlite, url)
+        } else {
+            (Backend::Postgres, url.to_owned())
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 10 })
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    }
+                    Ok(())
+                })
+            });
+        let pool = options.connect(&url).await?;
+        let db = Database { pool, backend };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// The engine in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool, for tests and tools that look at the tables directly.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Begins a write transaction (`BEGIN IMMEDIATE` on SQLite, so that a read-then-write
+    /// transaction never fails to upgrade its lock).
+    pub async fn begin_write(&self) -> StoreResult<Transaction<'static, Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// Creates the live tables once (numbered migrations recorded in `projection_schema`).
+    async fn migrate(&self) -> StoreResult<()> {
+        self.pool
+            .execute(
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
+                        version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)"
+                )
+                .as_str(),
+            )
+            .await?;
+        let migrations: Vec<(i64, Vec<String>)> = vec![(1, Tables::live().ddl("v1"))];
+        for attempt in 0..3 {
+            match self.apply_migrations(&migrations).await {
+                // Two processes migrating at once: the loser retries and finds it done.
+                Err(e) if e.is_retriable() && attempt < 2 => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_migrations(&self, migrations: &[(i64, Vec<String>)]) -> StoreResult<()> {
+        for (version, statements) in migrations {
+            let mut tx = self.begin_write().await?;
+            let done: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT version FROM {MIGRATIONS_TABLE} WHERE version = $1"
+            ))
+            .bind(*version)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if done.is_some() {
+                continue;
+            }
+            for statement in statements {
+                tx.execute(statement.as_str()).await?;
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {MIGRATIONS_TABLE} (version, applied_at) VALUES ($1, $2)"
+            ))
+            .bind(*version)
+            .bind(format_ts(&Utc::now()))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(version, "read-model migration applied");
+        }
+        Ok(())
+    }
+
+    /// Drops and re-creates a table set (for a rebuild). `tag` makes index names unique.
+    pub async fn recreate_tables(&self, tables: &Tables, tag: &str) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        for table in tables.all() {
+            tx.execute(format!("DROP TABLE IF EXISTS {table}").as_str())
+                .await?;
+        }
+        for statement in tables.ddl(tag) {
+            tx.execute(statement.as_str()).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Renames `from` into the live names in one transaction and drops the previous live tables.
+    /// Readers keep querying by name and see either the old or the new set, never a mix.
+    pub async fn swap_in(&self, from: &Tables, tag: &str) -> StoreResult<()> {
+        let live = Tables::live();
+        let retired = Tables::with_suffix(&format!("_retired_{tag}"));
+        let mut tx = self.begin_write().await?;
+        if self.backend == Backend::Postgres {
+            // Take every lock up front, in the order the projector takes them: no deadlock.
+            let mut names: Vec<&str> = live.all().to_vec();
+            names.extend(from.all());
+            tx.execute(
+                format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", names.join(", ")).as_str(),
+            )
+            .await?;
+        }
+        for ((old, new), gone) in live.all().iter().zip(from.all()).zip(retired.all()) {
+            tx.execute(format!("ALTER TABLE {old} RENAME TO {gone}").as_str())
+                .await?;
+            tx.execute(format!("ALTER TABLE {new} RENAME TO {old}").as_str())
+                .await?;
+        }
+        for gone in retired.all() {
+            tx.execute(format!("DROP TABLE {gone}").as_str()).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The stored next offsets of `topic`, per partition.
+    pub async fn load_offsets<'e, E>(
+        executor: E,
+        tables: &Tables,
+        topic: &str,
+    ) -> StoreResult<HashMap<i32, i64>>
+    where
+        E: Executor<'e, Database = Any>,
+    {
+        let rows = sqlx::query(&format!(
+            "SELECT \"partition\", next_offset FROM {} WHERE topic = $1",
+            tables.offsets
+        ))
+        .bind(topic)
+        .fetch_all(executor)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let p: i64 = r.try_get(0)?;
+                let o: i64 = r.try_get(1)?;
+                Ok((i32::try_from(p).unwrap_or(i32::MAX), o))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// The stored offsets, outside any transaction.
+    pub async fn offsets(&self, tables: &Tables, topic: &str) -> StoreResult<HashMap<i32, i64>> {
+        Self::load_offsets(&self.pool, tables, topic).await
+    }
+
+    /// The current state of the given accounts (missing ids are simply absent).
+    pub async fn load_accounts(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        ids: &[&str],
+    ) -> StoreResult<HashMap<String, StoredAccount>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
+                        opened_at, updated_at
+                 FROM {} WHERE id IN ({})",
+                tables.accounts,
+                list.join(",")
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                let account = stored_account(&row)?;
+                out.insert(account.id.clone(), account);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of parked events (cheap check before loading any).
+    pub async fn parked_count(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+    ) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", tables.parked))
+                .fetch_one(&mut **tx)
+                .await?,
+        )
+    }
+
+    /// Parked events of the given accounts.
+    pub async fn load_parked(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        ids: &[&str],
+    ) -> StoreResult<Vec<ParkedRow>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(500) {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT topic, \"partition\", source_offset, aggregate_id, version,
+                        expected_version, event_id, reason, envelope
+                 FROM {} WHERE aggregate_id IN ({}) ORDER BY aggregate_id, version",
+                tables.parked,
+                list.join(",")
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                out.push(ParkedRow {
+                    topic: row.try_get(0)?,
+                    partition: i32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0),
+                    offset: row.try_get(2)?,
+                    aggregate_id: row.try_get(3)?,
+                    version: to_u64(row.try_get(4)?),
+                    expected_version: to_u64(row.try_get(5)?),
+                    event_id: row.try_get(6)?,
+                    reason: row.try_get(7)?,
+                    envelope: row.try_get(8)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a batch. Offsets are compare-and-set: if a partition's stored offset is not the
+    /// expected one, nothing is written and [`StoreError::Conflict`] names the partition.
+    pub async fn write_batch(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        topic: &str,
+        batch: &BatchWrite,
+    ) -> StoreResult<()> {
+        for chunk in batch.events.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\",
+                    timestamp_ns, data, envelope, balance_minor, status, transaction_count,
+                    source_partition, source_offset) VALUES {}",
+                tables.events,
+                placeholders(chunk.len(), 13)
+            );
+            let mut query = sqlx::query(&sql);
+            for e in chunk {
+                query = query
+                    .bind(e.aggregate_id.as_str())
+                    .bind(to_i64(e.version))
+                    .bind(e.event_id.as_str())
+                    .bind(e.event_type.as_str())
+                    .bind(format_ts(&e.timestamp))
+                    .bind(ts_nanos(&e.timestamp))
+                    .bind(e.data.as_str())
+                    .bind(e.envelope.as_str())
+                    .bind(e.balance_minor)
+                    .bind(e.status.as_str())
+                    .bind(to_i64(e.transaction_count))
+                    .bind(i64::from(e.source_partition))
+                    .bind(e.source_offset);
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for chunk in batch.accounts.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (id, owner, currency, balance_minor, status, version,
+                    transaction_count, opened_at, updated_at) VALUES {}
+                 ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,
+                    currency = excluded.currency, balance_minor = excluded.balance_minor,
+                    status = excluded.status, version = excluded.version,
+                    transaction_count = excluded.transaction_count,
+                    opened_at = excluded.opened_at, updated_at = excluded.updated_at",
+                tables.accounts,
+                placeholders(chunk.len(), 9)
+            );
+            let mut query = sqlx::query(&sql);
+            for a in chunk {
+                query = query
+                    .bind(a.id.as_str())
+                    .bind(a.state.owner.as_str())
+                    .bind(a.state.currency.as_str())
+                    .bind(a.state.balance_minor)
+                    .bind(a.state.status.as_str())
+                    .bind(to_i64(a.state.version))
+                    .bind(to_i64(a.state.transaction_count))
+                    .bind(a.opened_at.as_str())
+                    .bind(a.updated_at.as_str());
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for chunk in batch.parked.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO {} (topic, \"partition\", source_offset, aggregate_id, version,
+                    expected_version, event_id, reason, envelope, parked_at) VALUES {}
+                 ON CONFLICT (topic, \"partition\", source_offset) DO NOTHING",
+                tables.parked,
+                placeholders(chunk.len(), 10)
+            );
+            let now = format_ts(&Utc::now());
+            let mut query = sqlx::query(&sql);
+            for p in chunk {
+                query = query
+                    .bind(p.topic.as_str())
+                    .bind(i64::from(p.partition))
+                    .bind(p.offset)
+                    .bind(p.aggregate_id.as_str())
+                    .bind(to_i64(p.version))
+                    .bind(to_i64(p.expected_version))
+                    .bind(p.event_id.as_str())
+                    .bind(p.reason.as_str())
+                    .bind(p.envelope.as_str())
+                    .bind(now.clone());
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for (id, version) in &batch.unpark {
+            sqlx::query(&format!(
+                "DELETE FROM {} WHERE aggregate_id = $1 AND version <= $2",
+                tables.parked
+            ))
+            .bind(id.as_str())
+            .bind(to_i64(*version))
+            .execute(&mut **tx)
+            .await?;
+        }
+        for (partition, expected, next) in &batch.offsets {
+            let done = match expected {
+                Some(expected) => sqlx::query(&format!(
+                    "UPDATE {} SET next_offset = $1
+                     WHERE topic = $2 AND \"partition\" = $3 AND next_offset = $4",
+                    tables.offsets
+                ))
+                .bind(*next)
+                .bind(topic)
+                .bind(i64::from(*partition))
+                .bind(*expected)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+                None => sqlx::query(&format!(
+                    "INSERT INTO {} (topic, \"partition\", next_offset) VALUES ($1, $2, $3)
+                     ON CONFLICT (topic, \"partition\") DO NOTHING",
+                    tables.offsets
+                ))
+                .bind(topic)
+                .bind(i64::from(*partition))
+                .bind(*next)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            };
+            if done != 1 {
+                return Err(StoreError::Conflict(format!(
+                    "stored offset of partition {partition} is no longer {expected:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets offsets without a compare (the end of a rebuild).
+    pub async fn force_offsets(
+        &self,
+        tables: &Tables,
+        topic: &str,
+        offsets: &[(i32, i64)],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        for (partition, next) in offsets {
+            sqlx::query(&format!(
+                "INSERT INTO {} (topic, \"partition\", next_offset) VALUES ($1, $2, $3)
+                 ON CONFLICT (topic, \"partition\") DO UPDATE SET next_offset = excluded.next_offset",
+                tables.offsets
+            ))
+            .bind(topic)
+            .bind(i64::from(*partition))
+            .bind(*next)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The current state of an account.
+    pub async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
+        let row = sqlx::query(
+            "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
+                    opened_at, updated_at
+             FROM accounts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| account_view(&r)).transpose()
+    }
+
+    /// The state of an account right after version `version`.
+    pub async fn account_at_version(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> StoreResult<Option<AccountView>> {
+        let row = sqlx::query(&format!(
+            "{HISTORY_SELECT} WHERE e.aggregate_id = $1 AND e.version = $2"
+        ))
+        .bind(id)
+        .bind(to_i64(version))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| account_view(&r)).transpose()
+    }
+
+    /// The state of an account after the highest version whose timestamp is at or before `at`.
+    pub async fn account_as_of(
+        &self,
+        id: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<AccountView>> {
+        let row = sqlx::query(&format!(
+            "{HISTORY_SELECT} WHERE e.aggregate_id = $1 AND e.timestamp_ns <= $2
+             ORDER BY e.version DESC LIMIT 1"
+        ))
+        .bind(id)
+        .bind(ts_nanos(at))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| account_view(&r)).transpose()
+    }
+
+    /// A page of accounts ordered by id.
+    pub async fn list_accounts(&self, filter: &AccountFilter) -> StoreResult<Vec<AccountView>> {
+        let mut conditions = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if filter.status.is_some() {
+            conditions.push(format!("status = {}", next()));
+        }
+        if filter.owner.is_some() {
+            conditions.push(format!("owner = {}", next()));
+        }
+        if filter.after.is_some() {
+            conditions.push(format!("id > {}", next()));
+        }
+        let limit = next();
+        let sql = format!(
+            "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
+                    opened_at, updated_at
+             FROM accounts {} ORDER BY id LIMIT {limit}",
+            if conditions.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", conditions.join(" AND "))
+            }
+        );
+        let mut query = sqlx::query(&sql);
+        for value in [&filter.status, &filter.owner, &filter.after]
+            .into_iter()
+            .flatten()
+        {
+            query = query.bind(value.as_str());
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(account_view).collect()
+    }
+
+    /// An account's events (envelope JSON text at the current schema version), oldest first.
+    pub async fn events(&self, id: &str) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT envelope FROM account_events WHERE aggregate_id = $1 ORDER BY version",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Row counts of the live tables: (accounts, account_events, parked_events).
+    pub async fn counts(&self) -> StoreResult<(i64, i64, i64)> {
+        let count = |table: &'static str| {
+            let pool = self.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {table}"))
+                    .fetch_one(&pool)
+                    .await
+            }
+        };
+        Ok((
+            count("accounts").await?,
+            count("account_events").await?,
+            count("parked_events").await?,
+        ))
+    }
+}
+
+const HISTORY_SELECT: &str = "SELECT e.aggregate_id, a.owner, a.currency, e.balance_minor,
+        e.status, e.version, e.transaction_count, a.opened_at, e.\"timestamp\"
+     FROM account_events e JOIN accounts a ON a.id = e.aggregate_id";
+
+fn stored_account(row: &AnyRow) -> StoreResult<StoredAccount> {
+    let status: String = row.try_get(4)?;
+    Ok(StoredAccount {
+        id: row.try_get(0)?,
+        state: BankAccount {
+            owner: row.try_get(1)?,
+            currency: row.try_get(2)?,
+            balance_minor: row.try_get(3)?,
+            status: status_from(&status),
+            version: to_u64(row.try_get(5)?),
+            transaction_count: to_u64(row.try_get(6)?),
+        },
+        opened_at: row.try_get(7)?,
+        updated_at: row.try_get(8)?,
+    })
+}
+
+fn account_view(row: &AnyRow) -> StoreResult<AccountView> {
+    Ok(AccountView {
+        id: row.try_get(0)?,
+        owner: row.try_get(1)?,
+        currency: row.try_get(2)?,
+        balance_minor: row.try_get(3)?,
+        status: row.try_get(4)?,
+        version: to_u64(row.try_get(5)?),
+        transaction_count: to_u64(row.try_get(6)?),
+        opened_at: row.try_get(7)?,
+        updated_at: row.try_get(8)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_every_column() {
+        assert_eq!(placeholders(2, 3), "($1,$2,$3),($4,$5,$6)");
+    }
+
+    #[test]
+    fn timestamps_order_as_nanoseconds() {
+        let a: DateTime<Utc> = "2025-03-01T00:01:00.000000001Z".parse().expect("valid");
+        let b: DateTime<Utc> = "2025-03-01T00:01:00.000000002Z".parse().expect("valid");
+        assert!(ts_nanos(&a) < ts_nanos(&b));
+        assert_eq!(format_ts(&a), "2025-03-01T00:01:00.000000001Z");
+    }
+}

@@ -1,0 +1,463 @@
+//! The query API (axum): accounts now, as of a time or a version, read-your-writes waits, the
+//! event history (optionally downcast for old consumers), pages of accounts, health, readiness
+//! and metrics. Every error is [`ApiError`], one JSON shape `{"error": {"code", "message"}}`
+//! with one table of codes to statuses ([`ApiError::parts`]); internal details are logged,
+//! never sent.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shared::envelope::CURRENT_SCHEMA_VERSION;
+use shared::money::{format_minor, minor_digits};
+use shared::{EventCodec, EventEnvelope};
+
+use crate::db::{AccountFilter, AccountView, Database, StoreError};
+use crate::projector::Status;
+
+/// Default and largest page size of `GET /accounts`.
+pub const DEFAULT_LIMIT: u32 = 50;
+/// Largest page size of `GET /accounts`.
+pub const MAX_LIMIT: u32 = 1000;
+/// How long `?min_version` waits by default (`timeout_ms` overrides, up to [`MAX_WAIT`]).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+/// Longest `?min_version` wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The read model.
+    pub db: Database,
+    /// Readiness and the commit signal.
+    pub status: Arc<Status>,
+    /// For downcasting events to old schema versions.
+    pub codec: Arc<EventCodec>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// Every error the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404 `AccountNotFound`: no such account (at that time / version).
+    #[error("{0}")]
+    AccountNotFound(String),
+    /// 400 `InvalidQuery`: a parameter is malformed or parameters conflict.
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// 504 `NotCaughtUp`: `min_version` was not reached in time.
+    #[error("{0}")]
+    NotCaughtUp(String),
+    /// 503 `NotReady`: the projection has not caught up since start.
+    #[error("the projection has not caught up with the event topic yet")]
+    NotReady,
+    /// 404 `NotFound`: no such route.
+    #[error("no such route")]
+    NoRoute,
+    /// 503 `Unavailable`: the database is busy or unreachable; retry.
+    #[error("the read model is temporarily unavailable")]
+    Unavailable,
+    /// 500 `Internal`: a bug or a broken database; details are in the log.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// The code and status of each error: the single table.
+    pub fn parts(&self) -> (&'static str, StatusCode) {
+        match self {
+            ApiError::AccountNotFound(_) => ("AccountNotFound", StatusCode::NOT_FOUND),
+            ApiError::InvalidQuery(_) => ("InvalidQuery", StatusCode::BAD_REQUEST),
+            ApiError::NotCaughtUp(_) => ("NotCaughtUp", StatusCode::GATEWAY_TIMEOUT),
+            ApiError::NotReady => ("NotReady", StatusCode::SERVICE_UNAVAILABLE),
+            ApiError::NoRoute => ("NotFound", StatusCode::NOT_FOUND),
+            ApiError::Unavailable => ("Unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            ApiError::Internal => ("Internal", StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "query failed");
+        if e.is_retriable() {
+            ApiError::Unavailable
+        } else {
+            ApiError::Internal
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::InvalidQuery(e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, status) = self.parts();
+        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The router with every route.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/accounts", get(list_accounts))
+        .route("/accounts/{id}", get(get_account))
+        .route("/accounts/{id}/events", get(account_events))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { ApiError::NoRoute })
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// An account as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountJson {
+    /// Account id.
+    pub id: String,
+    /// Holder.
+    pub owner: String,
+    /// ISO 4217.
+    pub currency: String,
+    /// Minor units.
+    pub balance_minor: i64,
+    /// Decimal string with the currency's minor digits ("150.00").
+    pub balance: String,
+    /// `active` or `closed`.
+    pub status: String,
+    /// Aggregate version.
+    pub version: u64,
+    /// Deposits plus withdrawals.
+    pub transaction_count: u64,
+    /// RFC 3339.
+    pub opened_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+impl From<AccountView> for AccountJson {
+    fn from(v: AccountView) -> Self {
+        AccountJson {
+            balance: format_minor(v.balance_minor, minor_digits(&v.currency)),
+            id: v.id,
+            owner: v.owner,
+            currency: v.currency,
+            balance_minor: v.balance_minor,
+            status: v.status,
+            version: v.version,
+            transaction_count: v.transaction_count,
+            opened_at: v.opened_at,
+            updated_at: v.updated_at,
+        }
+    }
+}
+
+/// Query parameters of `GET /accounts/{id}` (parsed by hand for precise 400s).
+#[derive(Debug, Default, Deserialize)]
+pub struct AccountParams {
+    as_of: Option<String>,
+    version: Option<String>,
+    min_version: Option<String>,
+    timeout_ms: Option<String>,
+}
+
+fn parse_version(name: &str, text: &str) -> Result<u64, ApiError> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| {
+            ApiError::InvalidQuery(format!(
+                "{name}={text:?} is not a whole number of 1 or more"
+            ))
+        })
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            ApiError::InvalidQuery(format!(
+                "as_of={text:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z: {e}"
+            ))
+        })
+}
+
+fn parse_timeout(text: Option<&str>) -> Result<Duration, ApiError> {
+    let Some(text) = text else {
+        return Ok(DEFAULT_WAIT);
+    };
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_millis)
+        .filter(|d| *d <= MAX_WAIT)
+        .ok_or_else(|| {
+            ApiError::InvalidQuery(format!(
+                "timeout_ms={text:?} is not a whole number of milliseconds up to {}",
+                MAX_WAIT.as_millis()
+            ))
+        })
+}
+
+/// `GET /accounts/{id}[?as_of=|?version=][&min_version=&timeout_ms=]`.
+async fn get_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<AccountParams>, QueryRejection>,
+) -> Result<Json<AccountJson>, ApiError> {
+    let Query(params) = params?;
+    let as_of = params.as_of.as_deref().map(parse_time).transpose()?;
+    let version = params
+        .version
+        .as_deref()
+        .map(|v| parse_version("version", v))
+        .transpose()?;
+    if as_of.is_some() && version.is_some() {
+        return Err(ApiError::InvalidQuery(
+            "as_of and version cannot be combined: ask for one or the other".into(),
+        ));
+    }
+    let min_version = params
+        .min_version
+        .as_deref()
+        .map(|v| parse_version("min_version", v))
+        .transpose()?;
+    let timeout = parse_timeout(params.timeout_ms.as_deref())?;
+    if let Some(min) = min_version {
+        wait_for_version(&state, &id, min, timeout).await?;
+    }
+    let found = match (as_of, version) {
+        (Some(at), _) => state.db.account_as_of(&id, &at).await?.ok_or_else(|| {
+            ApiError::AccountNotFound(format!("account {id} did not exist at {}", at.to_rfc3339()))
+        })?,
+        (None, Some(v)) => {
+            state.db.account_at_version(&id, v).await?.ok_or_else(|| {
+                ApiError::AccountNotFound(format!("account {id} has no version {v}"))
+            })?
+        }
+        (None, None) => state
+            .db
+            .account(&id)
+            .await?
+            .ok_or_else(|| ApiError::AccountNotFound(format!("account {id} does not exist")))?,
+    };
+    Ok(Json(found.into()))
+}
+
+/// Waits until the account's projected version reaches `min`, woken by each commit.
+async fn wait_for_version(
+    state: &AppState,
+    id: &str,
+    min: u64,
+    timeout: Duration,
+) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut commits = state.status.commits.subscribe();
+    loop {
+        commits.borrow_and_update();
+        let current = state.db.account(id).await?.map(|a| a.version);
+        if current.is_some_and(|v| v >= min) {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, commits.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(ApiError::NotCaughtUp(format!(
+                    "account {id} is at version {} in the projection, not {min}, after {} ms",
+                    current.unwrap_or(0),
+                    timeout.as_millis()
+                )));
+            }
+        }
+    }
+}
+
+/// Query parameters of `GET /accounts/{id}/events`.
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsParams {
+    schema_version: Option<String>,
+}
+
+/// `GET /accounts/{id}/events[?schema_version=N]`: a JSON array of envelopes, oldest first.
+async fn account_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<EventsParams>, QueryRejection>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let Query(params) = params?;
+    let target = match params.schema_version.as_deref() {
+        None => None,
+        Some(text) => Some(
+            text.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|v| (1..=CURRENT_SCHEMA_VERSION).contains(v))
+                .ok_or_else(|| {
+                    ApiError::InvalidQuery(format!(
+                        "schema_version={text:?} must be between 1 and {CURRENT_SCHEMA_VERSION}"
+                    ))
+                })?,
+        ),
+    };
+    let rows = state.db.events(&id).await?;
+    if rows.is_empty() {
+        return Err(ApiError::AccountNotFound(format!(
+            "account {id} does not exist"
+        )));
+    }
+    let currency = match target {
+        Some(t) if t < CURRENT_SCHEMA_VERSION => state.db.account(&id).await?.map(|a| a.currency),
+        _ => None,
+    };
+    rows.iter()
+        .map(|text| {
+            let envelope: EventEnvelope = serde_json::from_str(text).map_err(|e| {
+                tracing::error!(error = %e, %id, "stored envelope unreadable");
+                ApiError::Internal
+            })?;
+            match (target, &currency) {
+                (Some(t), Some(currency)) => {
+                    state.codec.downcast(&envelope, t, currency).map_err(|e| {
+                        tracing::error!(error = %e, %id, "downcast failed");
+                        ApiError::Internal
+                    })
+                }
+                _ => serde_json::to_value(&envelope).map_err(|_| ApiError::Internal),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Json)
+}
+
+/// Query parameters of `GET /accounts`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    status: Option<String>,
+    owner: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// A page of accounts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AccountPage {
+    /// Accounts ordered by id.
+    pub accounts: Vec<AccountJson>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next: Option<String>,
+}
+
+/// `GET /accounts?status=&owner=&limit=&after=`.
+async fn list_accounts(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<AccountPage>, ApiError> {
+    let Query(params) = params?;
+    let status = match params.status.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(s @ ("active" | "closed")) => Some(s.to_owned()),
+        Some(other) => {
+            return Err(ApiError::InvalidQuery(format!(
+                "status={other:?} must be active or closed"
+            )));
+        }
+    };
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(text) => text
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::InvalidQuery(format!(
+                    "limit={text:?} must be a whole number from 1 to {MAX_LIMIT}"
+                ))
+            })?,
+    };
+    let filter = AccountFilter {
+        status,
+        owner: params.owner.filter(|o| !o.is_empty()),
+        after: params.after.filter(|a| !a.is_empty()),
+        limit: limit + 1,
+    };
+    let mut rows = state.db.list_accounts(&filter).await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = if more {
+        rows.last().map(|a| a.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(AccountPage {
+        accounts: rows.into_iter().map(AccountJson::from).collect(),
+        next,
+    }))
+}
+
+/// `GET /health`: the process is up.
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: 200 once the projection caught up with its partitions since start.
+async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if state.status.ready.load(Ordering::SeqCst) {
+        Ok(Json(json!({"status": "ready"})))
+    } else {
+        Err(ApiError::NotReady)
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_checked() {
+        assert_eq!(parse_version("version", "3").ok(), Some(3));
+        assert!(parse_version("version", "0").is_err());
+        assert!(parse_version("version", "-1").is_err());
+        assert!(parse_time("2026-01-01T00:00:00Z").is_ok());
+        assert!(parse_time("2026-01-01T00:00:00+02:00").is_ok());
+        assert!(parse_time("yesterday").is_err());
+        assert_eq!(parse_timeout(None).ok(), Some(DEFAULT_WAIT));
+        assert!(parse_timeout(Some("999999")).is_err());
+    }
+
+    #[test]
+    fn errors_have_one_shape() {
+        let (code, status) = ApiError::AccountNotFound("x".into()).parts();
+        assert_eq!((code, status), ("AccountNotFound", StatusCode::NOT_FOUND));
+        assert_eq!(
+            ApiError::NotCaughtUp(String::new()).parts().1,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+}

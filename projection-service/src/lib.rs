@@ -1,0 +1,211 @@
+//! The projection service: consumes `<prefix>.events` exactly once in effect into a read model
+//! (SQLite by default, PostgreSQL with a `postgres://` URL) and answers queries over HTTP,
+//! including the state of an account as of a time or a version.
+//!
+//! Parts:
+//! - [`db`]: the read-model tables, migrations, queries and backend-error translation.
+//! - [`plan`]: the pure rules of a batch (apply / duplicate / park / dead-letter).
+//! - [`projector`]: the consumer loop: batches, one transaction per batch with the offsets,
+//!   rebalance handling, lag and readiness.
+//! - [`dlq`]: the dead-letter topic.
+//! - [`http`]: the query API.
+//! - [`rebuild`]: replay the whole topic into fresh tables and swap them in.
+//! - [`metrics`]: Prometheus series.
+//!
+//! [`run`] wires them together; `main.rs` only parses the command line and calls it (or
+//! [`rebuild::rebuild`]). Tests call [`run`] in-process with a listener on port 0.
+
+pub mod db;
+pub mod dlq;
+pub mod http;
+pub mod metrics;
+pub mod plan;
+pub mod projector;
+pub mod rebuild;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use shared::codec::EncodeError;
+use shared::kafka::{TopicError, TopicSpec, Topics, ensure_topics};
+use shared::{EventCodec, Settings};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::db::{Database, StoreError, Tables};
+use crate::dlq::DeadLetterQueue;
+use crate::projector::{OffsetBook, ProjectionContext, Projector, ProjectorError, Status};
+
+/// Why the service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The topics could not be created or checked.
+    #[error("kafka topics: {0}")]
+    Topics(#[from] TopicError),
+    /// The read-model database failed.
+    #[error("read-model database: {0}")]
+    Store(#[from] StoreError),
+    /// A Kafka client could not be created or used.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The schema-registry client could not be configured.
+    #[error("schema registry: {0}")]
+    Codec(#[from] EncodeError),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(#[from] std::io::Error),
+    /// The consumer loop failed for good.
+    #[error(transparent)]
+    Projector(#[from] ProjectorError),
+    /// A rebuild was interrupted (nothing was swapped in).
+    #[error("rebuild interrupted before the swap; the live tables are unchanged")]
+    Interrupted,
+}
+
+/// The consumer group of the live projection: `<prefix>.projection`.
+pub fn group_id(settings: &Settings) -> String {
+    format!("{}.projection", settings.topic_prefix)
+}
+
+/// Consumer settings shared by the live projection and the rebuild: read_committed, no
+/// auto-commit (the database holds the offsets), start at the beginning when nothing is stored.
+pub fn consumer_config(settings: &Settings, group: &str) -> ClientConfig {
+    let mut config = settings.kafka.client_config();
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // A crashed instance's partitions move on after 10 s rather than librdkafka's 45 s.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    config
+}
+
+/// Creates `<prefix>.events` (PARTITIONS partitions, `retention.ms=-1`) and
+/// `<prefix>.events.dlq` when missing; returns the events topic's partition count.
+pub async fn ensure_projection_topics(settings: &Settings) -> Result<i32, TopicError> {
+    let topics = Topics::new(&settings.topic_prefix);
+    let counts = ensure_topics(
+        &settings.kafka,
+        &[
+            TopicSpec {
+                name: topics.events(),
+                partitions: settings.partitions,
+                config: vec![("retention.ms", "-1")],
+            },
+            TopicSpec {
+                name: topics.events_dlq(),
+                partitions: settings.partitions,
+                config: vec![],
+            },
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(counts.first().map_or(settings.partitions, |(_, n)| *n))
+}
+
+/// Runs the projection and its HTTP API on `listener` until `shutdown` resolves: then the
+/// current batch is finished and committed, the consumer leaves its group and the server
+/// drains. Returns an error if the projection cannot go on.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let topics = Topics::new(&settings.topic_prefix);
+    let topic = topics.events();
+    ensure_projection_topics(&settings).await?;
+    let db = Database::connect(&settings.projection_database_url).await?;
+    let codec = Arc::new(EventCodec::from_settings(&settings)?);
+    let book = Arc::new(OffsetBook::new(db.offsets(&Tables::live(), &topic).await?));
+    let status = Arc::new(Status::default());
+    let metrics_handle = metrics::handle();
+
+    let consumer: StreamConsumer<ProjectionContext> =
+        consumer_config(&settings, &group_id(&settings))
+            .create_with_context(ProjectionContext::new(topic.clone(), book.clone()))?;
+    consumer.subscribe(&[&topic])?;
+    let consumer = Arc::new(consumer);
+    let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
+    let projector = Projector::new(
+        db.clone(),
+        Tables::live(),
+        topic.clone(),
+        codec.clone(),
+        Some(dlq),
+        book.clone(),
+        status.clone(),
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let app = http::router(http::AppState {
+        db: db.clone(),
+        status: status.clone(),
+        codec,
+        metrics: metrics_handle.clone(),
+    });
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, %topic, database = %redact(&settings.projection_database_url), "projection-service started");
+    let mut http_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    let monitor = tokio::spawn(projector::monitor(
+        consumer.clone(),
+        topic.clone(),
+        book,
+        status,
+        stop_rx.clone(),
+    ));
+    let upkeep = tokio::spawn(metrics::upkeep(metrics_handle));
+
+    let result = projector.run(&consumer, stop_rx).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "projection stopped");
+    }
+    let _ = stop_tx.send(true);
+    let _ = monitor.await;
+    upkeep.abort();
+    let served = server.await;
+    // Closing the consumer leaves the group (blocking: off the runtime's threads).
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    db.close().await;
+    tracing::info!("projection-service stopped");
+    result?;
+    match served {
+        Ok(r) => r.map_err(ServiceError::Http),
+        Err(join) => Err(ServiceError::Http(std::io::Error::other(join))),
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,109 @@
+//! Prometheus metrics of the projection: names in one place, the process-wide recorder, and
+//! small helpers the projector calls. Every series carries a `topic` label (the events topic),
+//! so several projections in one process (tests) keep their figures apart.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// Counter: events applied to the read model.
+pub const APPLIED: &str = "projection_events_applied_total";
+/// Counter: re-delivered events skipped because their version was already applied.
+pub const DUPLICATES: &str = "projection_events_duplicates_skipped_total";
+/// Counter: messages sent to the dead-letter topic (label `code`).
+pub const DEAD_LETTERED: &str = "projection_events_dead_lettered_total";
+/// Counter: events parked behind a version gap.
+pub const PARKED: &str = "projection_events_parked_total";
+/// Counter: parked events applied once the gap closed.
+pub const UNPARKED: &str = "projection_events_unparked_total";
+/// Gauge: messages between the stored offset and the partition's last stable offset.
+pub const LAG: &str = "projection_consumer_lag";
+/// Histogram: seconds to apply and commit one batch.
+pub const BATCH_SECONDS: &str = "projection_batch_apply_seconds";
+/// Counter: messages processed in committed batches (all outcomes).
+pub const BATCH_MESSAGES: &str = "projection_messages_processed_total";
+/// Counter: batches retried after a transient database or Kafka error.
+pub const RETRIES: &str = "projection_batch_retries_total";
+
+/// The process-wide Prometheus handle (the recorder `shared::runtime` installs), with this
+/// crate's metrics described.
+pub fn handle() -> PrometheusHandle {
+    let handle = shared::runtime::prometheus();
+    static DESCRIBED: OnceLock<()> = OnceLock::new();
+    DESCRIBED.get_or_init(describe);
+    handle
+}
+
+fn describe() {
+    metrics::describe_counter!(APPLIED, "Events applied to the read model");
+    metrics::describe_counter!(
+        DUPLICATES,
+        "Re-delivered events skipped (version already applied)"
+    );
+    metrics::describe_counter!(DEAD_LETTERED, "Messages sent to the dead-letter topic");
+    metrics::describe_counter!(PARKED, "Events parked behind a version gap");
+    metrics::describe_counter!(UNPARKED, "Parked events applied once the gap closed");
+    metrics::describe_gauge!(LAG, "Messages not yet projected, per partition");
+    metrics::describe_histogram!(BATCH_SECONDS, "Seconds to apply and commit one batch");
+    metrics::describe_counter!(BATCH_MESSAGES, "Messages processed in committed batches");
+    metrics::describe_counter!(RETRIES, "Batches retried after a transient error");
+}
+
+/// Keeps the histograms' memory bounded; runs until the process ends.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// Records one committed batch.
+#[derive(Debug, Clone)]
+pub struct BatchFigures<'a> {
+    /// The events topic (label).
+    pub topic: &'a str,
+    /// Applied events.
+    pub applied: u64,
+    /// Skipped duplicates.
+    pub duplicates: u64,
+    /// Newly parked.
+    pub parked: u64,
+    /// Parked events applied.
+    pub unparked: u64,
+    /// Messages in the batch.
+    pub size: usize,
+}
+
+/// Adds a committed batch to the counters.
+pub fn record_batch(f: &BatchFigures<'_>) {
+    let topic = f.topic.to_owned();
+    metrics::counter!(APPLIED, "topic" => topic.clone()).increment(f.applied);
+    metrics::counter!(DUPLICATES, "topic" => topic.clone()).increment(f.duplicates);
+    metrics::counter!(PARKED, "topic" => topic.clone()).increment(f.parked);
+    metrics::counter!(UNPARKED, "topic" => topic.clone()).increment(f.unparked);
+    metrics::counter!(BATCH_MESSAGES, "topic" => topic).increment(f.size as u64);
+}
+
+/// Records the time one batch took from its first message to its commit.
+pub fn record_batch_time(topic: &str, elapsed: Duration) {
+    metrics::histogram!(BATCH_SECONDS, "topic" => topic.to_owned()).record(elapsed.as_secs_f64());
+}
+
+/// Counts one dead letter.
+pub fn record_dead_letter(topic: &str, code: &str) {
+    metrics::counter!(DEAD_LETTERED, "topic" => topic.to_owned(), "code" => code.to_owned())
+        .increment(1);
+}
+
+/// Sets a partition's lag.
+pub fn record_lag(topic: &str, partition: i32, lag: i64) {
+    metrics::gauge!(LAG, "topic" => topic.to_owned(), "partition" => partition.to_string())
+        .set(lag as f64);
+}
+
+/// Counts one retried batch.
+pub fn record_retry(topic: &str) {
+    metrics::counter!(RETRIES, "topic" => topic.to_owned()).increment(1);
+}

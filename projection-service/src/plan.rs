@@ -1,0 +1,396 @@
+//! The pure part of projecting a batch: given the decoded messages and the stored state of the
+//! accounts they touch, decide for each message whether it is applied, skipped as a duplicate,
+//! parked behind a version gap or dead-lettered, and compute the rows to write. No I/O here, so
+//! the rules are unit-tested directly.
+//!
+//! Rules, per event in offset order:
+//! - version <= stored version: a duplicate (re-delivery), skipped and counted;
+//! - version > stored + 1: a gap, parked (never applied out of order);
+//! - version == stored + 1: applied if [`BankAccount::check_applicable`] allows it, else
+//!   dead-lettered (`NotApplicable`); after an apply, parked events that now follow on are
+//!   applied too, in version order.
+//!
+//! Undecodable messages (the codec's [`DecodeError`]) are dead-lettered with the error's code.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rdkafka::message::OwnedHeaders;
+use shared::{BankAccount, DecodeError, EventEnvelope};
+
+use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, format_ts};
+
+/// One consumed message after decoding.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// The original key (kept for the dead-letter topic).
+    pub key: Option<Vec<u8>>,
+    /// The original bytes (kept for the dead-letter topic).
+    pub payload: Option<Vec<u8>>,
+    /// The original headers (copied to the dead-letter topic).
+    pub headers: Option<OwnedHeaders>,
+    /// The decoded, upcast envelope, or why not.
+    pub decoded: Result<EventEnvelope, DecodeError>,
+}
+
+/// A message to send to the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Original key.
+    pub key: Option<Vec<u8>>,
+    /// Original bytes.
+    pub payload: Option<Vec<u8>>,
+    /// Original headers.
+    pub headers: Option<OwnedHeaders>,
+    /// Stable reason code (`InvalidJson`, `UnknownEventType`, `NotApplicable`…).
+    pub code: String,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// What a batch amounts to.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Rows to write (offsets are added by the caller).
+    pub write: BatchWrite,
+    /// Messages to dead-letter before the batch commits.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Events applied (including parked ones that now fit).
+    pub applied: u64,
+    /// Re-delivered events skipped.
+    pub duplicates: u64,
+    /// Events parked behind a gap.
+    pub parked: u64,
+    /// Previously parked events applied in this batch.
+    pub unparked: u64,
+    /// New version of every account the batch changed.
+    pub versions: HashMap<String, u64>,
+}
+
+struct Pending {
+    row: ParkedRow,
+    /// Already in the database (so resolving it needs a delete).
+    stored: bool,
+    /// Tried after the gap closed and refused (dead-lettered): stays parked, ends the chain.
+    refused: bool,
+}
+
+/// Decides what to do with a batch. `accounts` holds the stored state of the accounts the
+/// batch touches; `parked` their parked events.
+pub fn plan_batch(
+    topic: &str,
+    messages: &[Incoming],
+    mut accounts: HashMap<String, StoredAccount>,
+    parked: Vec<ParkedRow>,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut pending: HashMap<String, BTreeMap<u64, Pending>> = HashMap::new();
+    for row in parked {
+        pending
+            .entry(row.aggregate_id.clone())
+            .or_default()
+            .entry(row.version)
+            .or_insert(Pending {
+                row,
+                stored: true,
+                refused: false,
+            });
+    }
+    let mut dirty: Vec<String> = Vec::new();
+
+    for msg in messages {
+        let envelope = match &msg.decoded {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                plan.dead_letters.push(DeadLetter {
+                    partition: msg.partition,
+                    offset: msg.offset,
+                    key: msg.key.clone(),
+                    payload: msg.payload.clone(),
+                    headers: msg.headers.clone(),
+                    code: error.code().to_owned(),
+                    message: error.to_string(),
+                });
+                continue;
+            }
+        };
+        let id = envelope.aggregate_id.clone();
+        let account = accounts.entry(id.clone()).or_insert_with(|| StoredAccount {
+            id: id.clone(),
+            state: BankAccount::default(),
+            opened_at: String::new(),
+            updated_at: String::new(),
+        });
+        let stored = account.state.version;
+        if envelope.version <= stored {
+            plan.duplicates += 1;
+            continue;
+        }
+        if envelope.version > stored + 1 {
+            tracing::error!(
+                aggregate_id = %id,
+                version = envelope.version,
+                expected = stored + 1,
+                partition = msg.partition,
+                offset = msg.offset,
+                "version gap: event parked, not applied"
+            );
+            plan.parked += 1;
+            let row = ParkedRow {
+                topic: topic.to_owned(),
+                partition: msg.partition,
+                offset: msg.offset,
+                aggregate_id: id.clone(),
+                version: envelope.version,
+                expected_version: stored + 1,
+                event_id: envelope.event_id.to_string(),
+                reason: format!(
+                    "version gap: got {}, expected {}",
+                    envelope.version,
+                    stored + 1
+                ),
+                envelope: serde_json::to_string(envelope).unwrap_or_default(),
+            };
+            pending
+                .entry(id.clone())
+                .or_default()
+                .entry(envelope.version)
+                .or_insert(Pending {
+                    row,
+                    stored: false,
+                    refused: false,
+                });
+            continue;
+        }
+        match apply_one(account, envelope, msg.partition, msg.offset) {
+            Ok(row) => {
+                plan.write.events.push(row);
+                plan.applied += 1;
+            }
+            Err((code, message)) => {
+                plan.dead_letters.push(DeadLetter {
+                    partition: msg.partition,
+                    offset: msg.offset,
+                    key: msg.key.clone(),
+                    payload: msg.payload.clone(),
+                    headers: msg.headers.clone(),
+                    code,
+                    message,
+                });
+                continue;
+            }
+        }
+        // Parked events that now follow on.
+        if let Some(waiting) = pending.get_mut(&id) {
+            while let Some(next) = waiting.get_mut(&(account.state.version + 1)) {
+                if next.refused {
+                    break;
+                }
+                let envelope: Result<EventEnvelope, _> = serde_json::from_str(&next.row.envelope);
+                let outcome = match envelope {
+                    Ok(envelope) => {
+                        apply_one(account, &envelope, next.row.partition, next.row.offset)
+                    }
+                    Err(e) => Err(("InvalidEnvelope".to_owned(), e.to_string())),
+                };
+                match outcome {
+                    Ok(row) => {
+                        plan.write.events.push(row);
+                        plan.applied += 1;
+                        plan.unparked += 1;
+                    }
+                    Err((code, message)) => {
+                        plan.dead_letters.push(DeadLetter {
+                            partition: next.row.partition,
+                            offset: next.row.offset,
+                            key: Some(id.clone().into_bytes()),
+                            payload: Some(next.row.envelope.clone().into_bytes()),
+                            headers: None,
+                            code,
+                            message,
+                        });
+                        // Leave it parked (it is in the DLQ too) and stop the chain.
+                        next.refused = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !dirty.contains(&id) {
+            dirty.push(id);
+        }
+    }
+
+    for (id, waiting) in pending {
+        let version = accounts.get(&id).map(|a| a.state.version).unwrap_or(0);
+        let mut resolved_stored = false;
+        for (v, p) in waiting {
+            if v <= version {
+                resolved_stored |= p.stored;
+            } else if !p.stored {
+                plan.write.parked.push(p.row);
+            }
+        }
+        if resolved_stored {
+            plan.write.unpark.push((id, version));
+        }
+    }
+    for id in dirty {
+        if let Some(account) = accounts.remove(&id) {
+            plan.versions.insert(id, account.state.version);
+            plan.write.accounts.push(account);
+        }
+    }
+    plan
+}
+
+/// Applies one event to an account, returning the history row, or a dead-letter reason.
+fn apply_one(
+    account: &mut StoredAccount,
+    envelope: &EventEnvelope,
+    partition: i32,
+    offset: i64,
+) -> Result<EventRow, (String, String)> {
+    let event = envelope
+        .event()
+        .map_err(|e| ("InvalidEventData".to_owned(), e.to_string()))?;
+    account
+        .state
+        .check_applicable(&event)
+        .map_err(|reason| ("NotApplicable".to_owned(), reason))?;
+    account.state.apply(&event);
+    let ts = format_ts(&envelope.timestamp);
+    if account.state.version == 1 || account.opened_at.is_empty() {
+        account.opened_at.clone_from(&ts);
+    }
+    account.updated_at = ts;
+    Ok(EventRow {
+        aggregate_id: envelope.aggregate_id.clone(),
+        version: envelope.version,
+        event_id: envelope.event_id.to_string(),
+        event_type: envelope.event_type.clone(),
+        timestamp: envelope.timestamp,
+        data: envelope.data.to_string(),
+        envelope: serde_json::to_string(envelope).unwrap_or_default(),
+        balance_minor: account.state.balance_minor,
+        status: account.state.status,
+        transaction_count: account.state.transaction_count,
+        source_partition: partition,
+        source_offset: offset,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use shared::Event;
+    use shared::envelope::Metadata;
+
+    use super::*;
+
+    fn msg(offset: i64, id: &str, version: u64, event: &Event) -> Incoming {
+        Incoming {
+            partition: 0,
+            offset,
+            key: Some(id.as_bytes().to_vec()),
+            payload: Some(b"{}".to_vec()),
+            headers: None,
+            decoded: Ok(EventEnvelope::new(
+                id,
+                version,
+                event,
+                Utc::now(),
+                Metadata::new(),
+            )),
+        }
+    }
+
+    fn opened() -> Event {
+        Event::AccountOpened {
+            owner: "Ann".into(),
+            currency: "EUR".into(),
+            initial_balance_minor: 100,
+        }
+    }
+
+    fn deposit(amount_minor: i64) -> Event {
+        Event::MoneyDeposited { amount_minor }
+    }
+
+    #[test]
+    fn applies_in_order_and_skips_duplicates() {
+        let plan = plan_batch(
+            "t",
+            &[
+                msg(0, "a", 1, &opened()),
+                msg(1, "a", 2, &deposit(50)),
+                msg(2, "a", 2, &deposit(50)),
+                msg(3, "a", 1, &opened()),
+            ],
+            HashMap::new(),
+            vec![],
+        );
+        assert_eq!((plan.applied, plan.duplicates), (2, 2));
+        assert_eq!(plan.write.accounts.len(), 1);
+        assert_eq!(plan.write.accounts[0].state.balance_minor, 150);
+        assert_eq!(plan.write.events[1].balance_minor, 150);
+        assert_eq!(plan.versions["a"], 2);
+    }
+
+    #[test]
+    fn a_gap_is_parked_then_applied_when_the_missing_version_arrives() {
+        let plan = plan_batch(
+            "t",
+            &[
+                msg(0, "a", 1, &opened()),
+                msg(1, "a", 3, &deposit(7)),
+                msg(2, "a", 4, &deposit(8)),
+            ],
+            HashMap::new(),
+            vec![],
+        );
+        assert_eq!((plan.applied, plan.parked), (1, 2));
+        assert_eq!(plan.write.parked.len(), 2);
+        let stored = StoredAccount {
+            id: "a".into(),
+            state: plan.write.accounts[0].state.clone(),
+            opened_at: "x".into(),
+            updated_at: "x".into(),
+        };
+        let accounts = HashMap::from([("a".to_string(), stored)]);
+        let later = plan_batch(
+            "t",
+            &[msg(3, "a", 2, &deposit(1))],
+            accounts,
+            plan.write.parked,
+        );
+        assert_eq!((later.applied, later.unparked), (3, 2));
+        assert_eq!(later.write.accounts[0].state.balance_minor, 116);
+        assert_eq!(later.write.unpark, vec![("a".to_string(), 4)]);
+        assert!(later.write.parked.is_empty());
+    }
+
+    #[test]
+    fn inapplicable_and_undecodable_events_are_dead_lettered() {
+        let mut bad = msg(1, "b", 1, &opened());
+        bad.decoded = Err(DecodeError::UnknownFormat(b'x'));
+        let plan = plan_batch(
+            "t",
+            &[msg(0, "a", 1, &deposit(5)), bad, msg(2, "c", 1, &opened())],
+            HashMap::new(),
+            vec![],
+        );
+        let codes: Vec<&str> = plan.dead_letters.iter().map(|d| d.code.as_str()).collect();
+        assert_eq!(codes, ["NotApplicable", "UnknownFormat"]);
+        assert_eq!(plan.applied, 1);
+        assert_eq!(plan.write.accounts.len(), 1);
+        assert_eq!(plan.write.accounts[0].id, "c");
+    }
+}

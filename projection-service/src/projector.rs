@@ -1,0 +1,783 @@
+//! The consumer side: read batches of `<prefix>.events`, decode and upcast them, plan them
+//! ([`crate::plan`]) and write each batch with its offsets in one database transaction.
+//!
+//! Exactly-once in effect rests on three things:
+//! - **The database holds the offsets.** Each batch stores the next offset of its partitions in
+//!   the same transaction as the rows, as a compare-and-set against the value this process last
+//!   saw ([`OffsetBook`]). On assignment the consumer starts from the stored offsets (the
+//!   rebalance callback of [`ProjectionContext`] assigns them explicitly), and a compare-and-set
+//!   that fails (another instance, or a rebuild swapped tables in) makes it re-read the database
+//!   and seek there before anything of that partition is written.
+//! - **Per-aggregate versions** are the second line of defence: a version already applied is
+//!   skipped, a gap is parked.
+//! - **Dead letters are delivered before the commit** that moves past them.
+//!
+//! After the database commit the offsets are also committed to Kafka (asynchronously), only so
+//! that standard tools show the group's lag. A lag monitor ([`monitor`]) compares the stored
+//! offsets with the partitions' last stable offsets, exports the lag and flips readiness once the
+//! projection has caught up.
+//!
+//! While idle the loop re-reads the stored offsets every second, so a rebuild swapped in by
+//! another process is picked up even when no new event arrives (see [`crate::rebuild`]).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use shared::EventCodec;
+use tokio::sync::watch;
+
+use crate::db::{Database, StoreError, Tables};
+use crate::dlq::DeadLetterQueue;
+use crate::metrics;
+use crate::plan::{Incoming, plan_batch};
+
+/// Most messages per batch.
+pub const MAX_BATCH: usize = 500;
+/// How long a batch waits for more messages after its first.
+pub const BATCH_LINGER: Duration = Duration::from_millis(50);
+/// How long the loop waits for a first message before doing its idle chores.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Why the projector stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    /// The database failed in a way retrying will not fix.
+    #[error("read-model database: {0}")]
+    Store(#[from] StoreError),
+    /// Kafka refused something retrying will not fix.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// What this process believes the database holds as next offsets, plus the current
+/// assignment. Shared by the loop, the rebalance callback and the lag monitor.
+#[derive(Debug, Default)]
+pub struct OffsetBook {
+    inner: Mutex<BookInner>,
+}
+
+#[derive(Debug, Default)]
+struct BookInner {
+    stored: HashMap<i32, i64>,
+    assigned: BTreeSet<i32>,
+    assigned_once: bool,
+}
+
+impl OffsetBook {
+    /// A book starting from the offsets read from the database.
+    pub fn new(stored: HashMap<i32, i64>) -> Self {
+        OffsetBook {
+            inner: Mutex::new(BookInner {
+                stored,
+                ..BookInner::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BookInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The stored next offset of a partition (`None`: nothing stored yet, start at the beginning).
+    pub fn stored(&self, partition: i32) -> Option<i64> {
+        self.lock().stored.get(&partition).copied()
+    }
+
+    fn set(&self, partition: i32, next: Option<i64>) {
+        let mut inner = self.lock();
+        match next {
+            Some(n) => inner.stored.insert(partition, n),
+            None => inner.stored.remove(&partition),
+        };
+    }
+
+    /// Partitions currently assigned, and whether any assignment happened yet.
+    pub fn assignment(&self) -> (Vec<i32>, bool) {
+        let inner = self.lock();
+        (
+            inner.assigned.iter().copied().collect(),
+            inner.assigned_once,
+        )
+    }
+
+    fn assign(&self, partitions: &[i32]) {
+        let mut inner = self.lock();
+        inner.assigned.extend(partitions);
+        inner.assigned_once = true;
+    }
+
+    fn revoke(&self, partitions: &[i32], all: bool) {
+        let mut inner = self.lock();
+        if all {
+            inner.assigned.clear();
+        } else {
+            for p in partitions {
+                inner.assigned.remove(p);
+            }
+        }
+    }
+}
+
+/// Progress signals shared with the HTTP side.
+#[derive(Debug)]
+pub struct Status {
+    /// Caught up at least once since start (`GET /ready`).
+    pub ready: AtomicBool,
+    /// Bumped after every commit; `?min_version` waits on it.
+    pub commits: watch::Sender<u64>,
+    idle: AtomicBool,
+    received: AtomicU64,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            ready: AtomicBool::new(false),
+            commits: watch::channel(0).0,
+            idle: AtomicBool::new(true),
+            received: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Consumer context that assigns partitions at the offsets stored in the database.
+pub struct ProjectionContext {
+    topic: String,
+    book: Arc<OffsetBook>,
+}
+
+impl ProjectionContext {
+    /// A context for `topic` reading offsets from `book`.
+    pub fn new(topic: String, book: Arc<OffsetBook>) -> Self {
+        ProjectionContext { topic, book }
+    }
+}
+
+impl ClientContext for ProjectionContext {}
+
+impl ConsumerContext for ProjectionContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                for p in &partitions {
+                    let offset = match self.book.stored(*p) {
+                        Some(next) => Offset::Offset(next),
+                        None => Offset::Beginning,
+                    };
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, *p, offset) {
+                        tracing::error!(partition = p, error = %e, "cannot set assignment offset");
+                    }
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                match result {
+                    Ok(()) => {
+                        self.book.assign(&partitions);
+                        tracing::info!(?partitions, "partitions assigned at stored offsets");
+                    }
+                    Err(e) => tracing::error!(error = %e, "assign failed"),
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+                self.book.revoke(&partitions, !cooperative);
+                tracing::info!(?partitions, "partitions revoked");
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                if !cooperative {
+                    let _ = consumer.unassign();
+                    self.book.revoke(&partitions, true);
+                }
+            }
+        }
+    }
+}
+
+/// One consumed message, owned.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub payload: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Option<rdkafka::message::OwnedHeaders>,
+}
+
+impl RawMessage {
+    /// Copies a borrowed message.
+    pub fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
+        RawMessage {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: m.headers().map(|h| h.detach()),
+        }
+    }
+}
+
+/// What [`collect`] found.
+#[derive(Debug)]
+pub enum Collected {
+    /// Messages, and whether shutdown was requested meanwhile (process them, then stop).
+    Batch(Vec<RawMessage>, bool),
+    /// Nothing arrived within the idle tick.
+    Idle,
+    /// Shutdown was requested and nothing is pending.
+    Shutdown,
+}
+
+/// Waits for a first message (up to `idle`), then gathers more for [`BATCH_LINGER`] or until
+/// [`MAX_BATCH`].
+pub async fn collect<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    status: Option<&Status>,
+    idle: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Collected {
+    if *shutdown.borrow() {
+        return Collected::Shutdown;
+    }
+    let first = tokio::select! {
+        m = tokio::time::timeout(idle, consumer.recv()) => m,
+        _ = shutdown.changed() => return Collected::Shutdown,
+    };
+    let mut batch = Vec::new();
+    match first {
+        Err(_) => return Collected::Idle,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "consumer error");
+            return Collected::Idle;
+        }
+        Ok(Ok(m)) => {
+            if let Some(s) = status {
+                s.idle.store(false, Ordering::SeqCst);
+                s.received.fetch_add(1, Ordering::SeqCst);
+            }
+            batch.push(RawMessage::from_borrowed(&m));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + BATCH_LINGER;
+    let mut stop = false;
+    while batch.len() < MAX_BATCH {
+        tokio::select! {
+            m = tokio::time::timeout_at(deadline, consumer.recv()) => match m {
+                Err(_) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+                Ok(Ok(m)) => {
+                    if let Some(s) = status {
+                        s.received.fetch_add(1, Ordering::SeqCst);
+                    }
+                    batch.push(RawMessage::from_borrowed(&m));
+                }
+            },
+            _ = shutdown.changed() => {
+                stop = true;
+                break;
+            }
+        }
+    }
+    Collected::Batch(batch, stop)
+}
+
+/// What one processed batch amounted to.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchOutcome {
+    /// Events applied.
+    pub applied: u64,
+    /// Duplicates skipped.
+    pub duplicates: u64,
+    /// Events parked.
+    pub parked: u64,
+    /// Messages dead-lettered (or, in a rebuild, counted as poison).
+    pub dead_lettered: u64,
+    /// Messages written (all that were not stale).
+    pub messages: u64,
+    /// Whether shutdown interrupted the batch (nothing was committed).
+    pub interrupted: bool,
+}
+
+/// Projects batches into one set of tables.
+pub struct Projector {
+    db: Database,
+    tables: Tables,
+    topic: String,
+    codec: Arc<EventCodec>,
+    dlq: Option<DeadLetterQueue>,
+    book: Arc<OffsetBook>,
+    status: Arc<Status>,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projector")
+            .field("topic", &self.topic)
+            .field("tables", &self.tables)
+            .finish()
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(5))
+}
+
+/// Sleeps, or returns false at once when shutdown is requested.
+async fn sleep_unless_stopped(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+impl Projector {
+    /// A projector writing `tables`; `dlq` is `None` in a rebuild (poison was dead-lettered by
+    /// the live projection already; a rebuild only counts it).
+    pub fn new(
+        db: Database,
+        tables: Tables,
+        topic: String,
+        codec: Arc<EventCodec>,
+        dlq: Option<DeadLetterQueue>,
+        book: Arc<OffsetBook>,
+        status: Arc<Status>,
+    ) -> Self {
+        Projector {
+            db,
+            tables,
+            topic,
+            codec,
+            dlq,
+            book,
+            status,
+        }
+    }
+
+    /// The offset book.
+    pub fn book(&self) -> &Arc<OffsetBook> {
+        &self.book
+    }
+
+    /// Decodes, retrying while the schema registry is unreachable. `None` on shutdown.
+    async fn decode(
+        &self,
+        batch: Vec<RawMessage>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Incoming>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for m in batch {
+            let mut attempt = 0;
+            let decoded = loop {
+                let result = match &m.payload {
+                    Some(bytes) => self.codec.decode(bytes).await,
+                    None => Err(shared::DecodeError::Empty),
+                };
+                match result {
+                    Err(e) if e.is_retriable() => {
+                        tracing::warn!(
+                            partition = m.partition,
+                            offset = m.offset,
+                            error = %e,
+                            "schema registry unavailable; retrying"
+                        );
+                        if !sleep_unless_stopped(backoff(attempt), shutdown).await {
+                            return None;
+                        }
+                        attempt += 1;
+                    }
+                    other => break other,
+                }
+            };
+            out.push(Incoming {
+                partition: m.partition,
+                offset: m.offset,
+                key: m.key,
+                payload: m.payload,
+                headers: m.headers,
+                decoded,
+            });
+        }
+        Some(out)
+    }
+
+    /// Applies one batch: plan, write with offsets, dead-letter, commit. Transient failures are
+    /// retried with backoff; a moved stored offset makes the partition seek to it and its
+    /// messages are dropped from the batch (they will be read again from there).
+    pub async fn process<C: ConsumerContext + 'static>(
+        &self,
+        consumer: &StreamConsumer<C>,
+        batch: Vec<RawMessage>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<BatchOutcome, ProjectorError> {
+        let started = Instant::now();
+        // Messages fetched before a seek to a later stored offset are already applied.
+        let batch: Vec<RawMessage> = batch
+            .into_iter()
+            .filter(|m| self.book.stored(m.partition).is_none_or(|s| m.offset >= s))
+            .collect();
+        let Some(mut messages) = self.decode(batch, shutdown).await else {
+            return Ok(BatchOutcome {
+                interrupted: true,
+                ..BatchOutcome::default()
+            });
+        };
+        let mut attempt = 0u32;
+        loop {
+            if messages.is_empty() {
+                return Ok(BatchOutcome::default());
+            }
+            match self.try_commit(consumer, &messages).await {
+                Ok(outcome) => {
+                    self.after_commit(consumer, &messages, &outcome, started);
+                    return Ok(outcome);
+                }
+                Err(Attempt::Moved(partitions)) => {
+                    messages.retain(|m| !partitions.contains(&m.partition));
+                }
+                Err(Attempt::Store(e)) if !e.is_retriable() => return Err(e.into()),
+                Err(Attempt::Store(e)) => {
+                    tracing::warn!(error = %e, attempt, "batch failed; retrying");
+                    metrics::record_retry(&self.topic);
+                    if !sleep_unless_stopped(backoff(attempt), shutdown).await {
+                        return Ok(BatchOutcome {
+                            interrupted: true,
+                            ..BatchOutcome::default()
+                        });
+                    }
+                    attempt += 1;
+                }
+                Err(Attempt::Kafka(e)) => {
+                    tracing::warn!(error = %e, attempt, "dead-letter delivery failed; retrying");
+                    metrics::record_retry(&self.topic);
+                    if !sleep_unless_stopped(backoff(attempt), shutdown).await {
+                        return Ok(BatchOutcome {
+                            interrupted: true,
+                            ..BatchOutcome::default()
+                        });
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn try_commit<C: ConsumerContext + 'static>(
+        &self,
+        consumer: &StreamConsumer<C>,
+        messages: &[Incoming],
+    ) -> Result<BatchOutcome, Attempt> {
+        let mut tx = self.db.begin_write().await?;
+        let ids: Vec<&str> = {
+            let mut seen = HashSet::new();
+            messages
+                .iter()
+                .filter_map(|m| m.decoded.as_ref().ok())
+                .map(|e| e.aggregate_id.as_str())
+                .filter(|id| seen.insert(*id))
+                .collect()
+        };
+        let accounts = Database::load_accounts(&mut tx, &self.tables, &ids).await?;
+        let parked = if Database::parked_count(&mut tx, &self.tables).await? > 0 {
+            Database::load_parked(&mut tx, &self.tables, &ids).await?
+        } else {
+            Vec::new()
+        };
+        let mut plan = plan_batch(&self.topic, messages, accounts, parked);
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        for m in messages {
+            let n = next.entry(m.partition).or_insert(m.offset + 1);
+            *n = (*n).max(m.offset + 1);
+        }
+        plan.write.offsets = next
+            .iter()
+            .map(|(p, n)| (*p, self.book.stored(*p), *n))
+            .collect();
+        match Database::write_batch(&mut tx, &self.tables, &self.topic, &plan.write).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict(reason)) => {
+                drop(tx);
+                tracing::warn!(%reason, "stored offsets moved; re-reading them");
+                let moved = self.resync(consumer, next.keys().copied()).await?;
+                return Err(Attempt::Moved(moved));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let dead = plan.dead_letters.len() as u64;
+        if let Some(dlq) = &self.dlq {
+            if !plan.dead_letters.is_empty() {
+                dlq.send_all(&plan.dead_letters)
+                    .await
+                    .map_err(Attempt::Kafka)?;
+            }
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        for letter in &plan.dead_letters {
+            tracing::warn!(
+                partition = letter.partition,
+                offset = letter.offset,
+                code = %letter.code,
+                reason = %letter.message,
+                "event dead-lettered"
+            );
+            metrics::record_dead_letter(&self.topic, &letter.code);
+        }
+        for (p, n) in &next {
+            self.book.set(*p, Some(*n));
+        }
+        metrics::record_batch(&metrics::BatchFigures {
+            topic: &self.topic,
+            applied: plan.applied,
+            duplicates: plan.duplicates,
+            parked: plan.parked,
+            unparked: plan.unparked,
+            size: messages.len(),
+        });
+        Ok(BatchOutcome {
+            applied: plan.applied,
+            duplicates: plan.duplicates,
+            parked: plan.parked,
+            dead_lettered: dead,
+            messages: messages.len() as u64,
+            interrupted: false,
+        })
+    }
+
+    fn after_commit<C: ConsumerContext + 'static>(
+        &self,
+        consumer: &StreamConsumer<C>,
+        messages: &[Incoming],
+        outcome: &BatchOutcome,
+        started: Instant,
+    ) {
+        metrics::record_batch_time(&self.topic, started.elapsed());
+        self.status.commits.send_modify(|n| *n += 1);
+        if let Some(last) = messages.last() {
+            tracing::debug!(
+                messages = messages.len(),
+                applied = outcome.applied,
+                partition = last.partition,
+                offset = last.offset,
+                "batch committed"
+            );
+        }
+        // Only for monitoring tools: the database is the source of truth.
+        if self.dlq.is_some() {
+            let mut tpl = TopicPartitionList::new();
+            let partitions: BTreeSet<i32> = messages.iter().map(|m| m.partition).collect();
+            for p in partitions {
+                if let Some(next) = self.book.stored(p) {
+                    let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(next));
+                }
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "kafka offset commit failed (monitoring only)");
+            }
+        }
+    }
+
+    /// Re-reads the stored offsets of `partitions` and seeks every partition whose stored
+    /// offset differs from the book. Returns the partitions that moved.
+    pub async fn resync<C: ConsumerContext + 'static>(
+        &self,
+        consumer: &StreamConsumer<C>,
+        partitions: impl IntoIterator<Item = i32>,
+    ) -> Result<Vec<i32>, StoreError> {
+        let stored = self.db.offsets(&self.tables, &self.topic).await?;
+        let mut moved = Vec::new();
+        for p in partitions {
+            let db = stored.get(&p).copied();
+            if db == self.book.stored(p) {
+                continue;
+            }
+            moved.push(p);
+            let offset = db.map_or(Offset::Beginning, Offset::Offset);
+            match consumer.seek(&self.topic, p, offset, Duration::from_secs(10)) {
+                Ok(()) => {
+                    tracing::info!(
+                        partition = p,
+                        ?db,
+                        "stored offset moved: consumer seeked there"
+                    );
+                    self.book.set(p, db);
+                }
+                // The book keeps the old value, so the next batch of p conflicts again and
+                // writes nothing until a seek succeeds.
+                Err(e) => tracing::warn!(partition = p, error = %e, "seek failed; will retry"),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The live loop: until shutdown, collect and process batches; while idle, pick up offsets
+    /// moved by a rebuild. On shutdown the current batch is finished and committed.
+    pub async fn run(
+        &self,
+        consumer: &StreamConsumer<ProjectionContext>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ProjectorError> {
+        loop {
+            match collect(consumer, Some(&self.status), IDLE_TICK, &mut shutdown).await {
+                Collected::Shutdown => return Ok(()),
+                Collected::Idle => {
+                    let (assigned, _) = self.book.assignment();
+                    if let Err(e) = self.resync(consumer, assigned).await {
+                        tracing::warn!(error = %e, "could not re-read stored offsets");
+                    }
+                }
+                Collected::Batch(batch, stop) => {
+                    let outcome = self.process(consumer, batch, &mut shutdown).await;
+                    self.status.idle.store(true, Ordering::SeqCst);
+                    let outcome = outcome?;
+                    if stop || outcome.interrupted {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Attempt {
+    /// Stored offsets of these partitions moved: drop their messages and retry the rest.
+    Moved(Vec<i32>),
+    Store(StoreError),
+    Kafka(KafkaError),
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        Attempt::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for Attempt {
+    fn from(e: sqlx::Error) -> Self {
+        Attempt::Store(e.into())
+    }
+}
+
+/// Every 500 ms: the lag of each assigned partition (last stable offset minus the stored
+/// offset, or the consumer's position when everything it has handed out is committed, which
+/// also steps over transaction markers), the lag gauge, and readiness once all lags are zero.
+pub async fn monitor(
+    consumer: Arc<StreamConsumer<ProjectionContext>>,
+    topic: String,
+    book: Arc<OffsetBook>,
+    status: Arc<Status>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut committed: HashMap<i32, i64> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let (partitions, assigned_once) = book.assignment();
+        if !assigned_once {
+            continue;
+        }
+        let before = status.received.load(Ordering::SeqCst);
+        let idle_before = status.idle.load(Ordering::SeqCst);
+        let positions = consumer.position().ok();
+        let consistent = idle_before
+            && status.idle.load(Ordering::SeqCst)
+            && before == status.received.load(Ordering::SeqCst);
+        let watermarks = {
+            let consumer = consumer.clone();
+            let topic = topic.clone();
+            let partitions = partitions.clone();
+            tokio::task::spawn_blocking(move || {
+                partitions
+                    .iter()
+                    .map(|p| {
+                        (
+                            *p,
+                            consumer.fetch_watermarks(&topic, *p, Duration::from_secs(5)),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+        };
+        let Ok(watermarks) = watermarks else { continue };
+        let mut caught_up = true;
+        let mut to_commit = TopicPartitionList::new();
+        for (p, marks) in watermarks {
+            let Ok((low, high)) = marks else {
+                caught_up = false;
+                continue;
+            };
+            let stored = book.stored(p);
+            let position = positions
+                .as_ref()
+                .and_then(|tpl| tpl.find_partition(&topic, p))
+                .and_then(|e| e.offset().to_raw())
+                .filter(|o| *o >= 0 && consistent);
+            let effective = stored.unwrap_or(low).max(position.unwrap_or(i64::MIN));
+            let lag = (high - effective).max(0);
+            metrics::record_lag(&topic, p, lag);
+            if lag > 0 {
+                caught_up = false;
+            }
+            if position.is_some()
+                && effective > stored.unwrap_or(i64::MIN)
+                && committed.get(&p) != Some(&effective)
+            {
+                let _ = to_commit.add_partition_offset(&topic, p, Offset::Offset(effective));
+                committed.insert(p, effective);
+            }
+        }
+        if to_commit.count() > 0 {
+            let _ = consumer.commit(&to_commit, CommitMode::Async);
+        }
+        if caught_up && !status.ready.swap(true, Ordering::SeqCst) {
+            tracing::info!("projection caught up: ready");
+        }
+    }
+}
