@@ -1,0 +1,326 @@
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use serde_json::json;
+use shared::envelope::Snapshot;
+use shared::kafka::{Topics, canonical_partition};
+use shared::{Command, CommandMessage};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn every_rejection_code_and_status() {
+    let app = TestApp::spawn(3).await;
+    let (s, body) = app.send(&open("acc-1", "Alice", 1000)).await;
+    assert_eq!(
+        (s, body["status"].as_str(), body["version"].as_u64()),
+        (200, Some("accepted"), Some(1))
+    );
+    assert_eq!(body["events"][0]["event_type"], "AccountOpened");
+
+    let cases = [
+        (open("acc-1", "Bob", 0), 422, "AccountExists"),
+        (
+            cmd("nobody", Command::Deposit { amount_minor: 5 }),
+            422,
+            "AccountNotFound",
+        ),
+        (
+            cmd("acc-1", Command::Deposit { amount_minor: 0 }),
+            422,
+            "InvalidAmount",
+        ),
+        (
+            cmd("acc-1", Command::Withdraw { amount_minor: -3 }),
+            422,
+            "InvalidAmount",
+        ),
+        (
+            cmd("acc-1", Command::Withdraw { amount_minor: 1001 }),
+            422,
+            "InsufficientFunds",
+        ),
+        (cmd("acc-1", Command::CloseAccount), 422, "NonZeroBalance"),
+        (
+            CommandMessage {
+                expected_version: Some(5),
+                ..cmd("acc-1", Command::Deposit { amount_minor: 1 })
+            },
+            409,
+            "VersionConflict",
+        ),
+        (
+            cmd(
+                "acc-2",
+                Command::OpenAccount {
+                    owner: "X".into(),
+                    currency: "euro".into(),
+                    initial_balance_minor: 0,
+                },
+            ),
+            400,
+            "Malformed",
+        ),
+    ];
+    for (command, status, code) in cases {
+        let (s, body) = app.send(&command).await;
+        assert_eq!(s, status, "{code}: {body}");
+        assert_eq!(body["status"], "rejected");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+
+    // expected_version that matches is fine; then close and find it closed
+    let ok = CommandMessage {
+        expected_version: Some(1),
+        ..cmd("acc-1", Command::Withdraw { amount_minor: 1000 })
+    };
+    assert_eq!(app.send(&ok).await.0, 200);
+    assert_eq!(app.send(&cmd("acc-1", Command::CloseAccount)).await.0, 200);
+    let (s, body) = app
+        .send(&cmd("acc-1", Command::Deposit { amount_minor: 1 }))
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("AccountClosed"))
+    );
+
+    // malformed bodies are 400 before anything is produced; huge ones are refused
+    let (s, body) = post(&app.http, &app.url, "{\"nope".into()).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (400, Some("Malformed"))
+    );
+    let (s, _) = post(
+        &app.http,
+        &app.url,
+        format!("{{\"x\":\"{}\"}}", "a".repeat(100_000)),
+    )
+    .await;
+    assert_eq!(s, 413);
+
+    let settings = app.settings.clone();
+    app.stop().await;
+    let (events, commands) = verify_store(&settings).await;
+    assert_eq!((events, commands), (3, 12));
+}
+
+#[tokio::test]
+async fn unicode_owners_survive_the_round_trip() {
+    let app = TestApp::spawn(2).await;
+    let owner = "Zoë Ñandú 王小明 🦀";
+    assert_eq!(app.send(&open("ü-账户-1", owner, 0)).await.0, 200);
+    let events = read_events(&app.settings).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].1.aggregate_id, "ü-账户-1");
+    assert_eq!(events[0].1.data["owner"], owner);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn duplicates_get_the_original_result_also_after_a_restart() {
+    let app = TestApp::spawn(3).await;
+    let opened = open("dup-1", "Dana", 500);
+    let withdraw_too_much = cmd("dup-1", Command::Withdraw { amount_minor: 900 });
+    let deposit = cmd("dup-1", Command::Deposit { amount_minor: 100 });
+    let first_open = app.send(&opened).await;
+    let first_reject = app.send(&withdraw_too_much).await;
+    let first_deposit = app.send(&deposit).await;
+    assert_eq!(
+        (first_open.0, first_reject.0, first_deposit.0),
+        (200, 422, 200)
+    );
+    // same command ids again, even with other payloads: original answers, nothing appended
+    assert_eq!(app.send(&opened).await, first_open);
+    assert_eq!(app.send(&withdraw_too_much).await, first_reject);
+    let replay = CommandMessage {
+        command: Command::Deposit { amount_minor: 7 },
+        ..deposit.clone()
+    };
+    assert_eq!(app.send(&replay).await, first_deposit);
+
+    // restart with the same settings: the index is rebuilt from events and results
+    let settings = app.settings.clone();
+    app.stop().await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    assert_eq!(app.send(&opened).await, first_open);
+    assert_eq!(
+        app.send(&withdraw_too_much).await,
+        first_reject,
+        "rejections are durable too"
+    );
+    assert_eq!(app.send(&deposit).await, first_deposit);
+    // and the state was restored: the balance is exactly 600
+    assert_eq!(
+        app.send(&cmd("dup-1", Command::Withdraw { amount_minor: 601 }))
+            .await
+            .1["error"]["code"],
+        "InsufficientFunds"
+    );
+    assert_eq!(
+        app.send(&cmd("dup-1", Command::Withdraw { amount_minor: 600 }))
+            .await
+            .0,
+        200
+    );
+    app.stop().await;
+
+    let events = read_events(&settings).await;
+    assert_eq!(
+        events.len(),
+        3,
+        "open, deposit, withdraw: duplicates appended nothing"
+    );
+    verify_store(&settings).await;
+}
+
+#[tokio::test]
+async fn malformed_messages_never_stop_the_stream() {
+    let app = TestApp::spawn(1).await;
+    let producer = producer(&app.settings);
+    // no command_id: logged and skipped
+    produce_raw(&producer, &app.settings, "junk", b"\xff\x00 not json", None).await;
+    produce_raw(
+        &producer,
+        &app.settings,
+        "junk",
+        b"{\"type\": \"Deposit\"}",
+        None,
+    )
+    .await;
+    // a readable command_id: answered with Malformed
+    let id = uuid::Uuid::new_v4();
+    let bad = json!({"command_id": id, "aggregate_id": "m-1", "type": "Teleport", "payload": {}});
+    produce_raw(
+        &producer,
+        &app.settings,
+        "m-1",
+        bad.to_string().as_bytes(),
+        None,
+    )
+    .await;
+    let float = json!({"command_id": uuid::Uuid::new_v4(), "aggregate_id": "m-1", "type": "OpenAccount",
+        "payload": {"owner": "M", "currency": "EUR", "initial_balance_minor": 10.5}});
+    produce_raw(
+        &producer,
+        &app.settings,
+        "m-1",
+        float.to_string().as_bytes(),
+        None,
+    )
+    .await;
+    // and the stream goes on
+    let (s, _) = app.send(&open("m-1", "Mo", 1)).await;
+    assert_eq!(s, 200);
+    let results = read_results(&app.settings);
+    let malformed: Vec<_> = results
+        .iter()
+        .filter(|r| r.rejection_code() == Some(shared::RejectionCode::Malformed))
+        .collect();
+    assert_eq!(malformed.len(), 2, "{results:?}");
+    assert!(
+        malformed
+            .iter()
+            .any(|r| r.command_id == id && r.error.as_ref().unwrap().message.contains("Teleport"))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn commands_on_the_wrong_partition_are_forwarded_and_processed_once() {
+    let app = TestApp::spawn(4).await;
+    let producer = producer(&app.settings);
+    let id = "fwd-account";
+    let canonical = canonical_partition(id.as_bytes(), 4);
+    let wrong = (canonical + 1) % 4;
+    let command = open(id, "Fay", 42);
+    produce_raw(
+        &producer,
+        &app.settings,
+        id,
+        &command.to_bytes(),
+        Some(wrong),
+    )
+    .await;
+    // The result arrives on the results topic; wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if read_results(&app.settings)
+            .iter()
+            .any(|r| r.command_id == command.command_id)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forwarded command processed within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let commands = read_topic(
+        &app.settings,
+        &Topics::new(&app.settings.topic_prefix).commands(),
+    );
+    let partitions: Vec<i32> = commands.iter().map(|m| m.partition()).collect();
+    assert_eq!(
+        partitions,
+        vec![canonical.min(wrong), canonical.max(wrong)],
+        "landed once, forwarded once"
+    );
+    let events = read_events(&app.settings).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, canonical);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn snapshots_are_written_and_used_on_restore() {
+    let mut settings = shared::testing::test_settings(2);
+    settings.snapshot_every = 5;
+    settings.commit_interval = Duration::from_millis(20);
+    let app = TestApp::spawn_with(settings.clone()).await;
+    assert_eq!(app.send(&open("snap-1", "Sam", 0)).await.0, 200);
+    for _ in 0..11 {
+        assert_eq!(
+            app.send(&cmd("snap-1", Command::Deposit { amount_minor: 10 }))
+                .await
+                .0,
+            200
+        );
+    }
+    app.stop().await;
+    let snapshots: Vec<Snapshot> =
+        read_topic(&settings, &Topics::new(&settings.topic_prefix).snapshots())
+            .iter()
+            .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+            .collect();
+    let versions: Vec<u64> = snapshots.iter().map(|s| s.version).collect();
+    assert_eq!(versions, vec![5, 10]);
+    assert_eq!(snapshots[1].state.balance_minor, 90);
+    let events = read_topic(&settings, &Topics::new(&settings.topic_prefix).events());
+    let covered = events
+        .iter()
+        .find(|m| m.offset() == snapshots[1].event_offset)
+        .unwrap();
+    assert_eq!(
+        shared::codec::header_str(covered.headers(), "aggregate_version"),
+        Some("10")
+    );
+
+    let app = TestApp::spawn_with(settings.clone()).await;
+    assert_eq!(
+        app.send(&cmd("snap-1", Command::Withdraw { amount_minor: 111 }))
+            .await
+            .1["error"]["code"],
+        "InsufficientFunds"
+    );
+    let (s, body) = app
+        .send(&cmd("snap-1", Command::Withdraw { amount_minor: 110 }))
+        .await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(13)));
+    app.stop().await;
+}

@@ -1,0 +1,400 @@
+//! Test helpers: in-process apps on port 0, the real binary as a child process, and readers of
+//! the real broker's topics.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use shared::kafka::{Topics, canonical_partition};
+use shared::{
+    BankAccount, Command, CommandMessage, CommandResult, CommandStatus, EventCodec, EventEnvelope,
+    Settings,
+};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// A command-service running inside the test process.
+pub struct TestApp {
+    pub url: String,
+    pub settings: Settings,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub http: reqwest::Client,
+}
+
+impl TestApp {
+    /// Starts an app with fresh topics and waits until it is ready.
+    pub async fn spawn(partitions: i32) -> TestApp {
+        let mut settings = shared::testing::test_settings(partitions);
+        settings.commit_interval = Duration::from_millis(20);
+        Self::spawn_with(settings).await
+    }
+
+    /// Starts an app with these settings (same settings = same topics, group and instance).
+    pub async fn spawn_with(settings: Settings) -> TestApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(command_service::run(settings.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        let app = TestApp {
+            url,
+            settings,
+            shutdown: Some(tx),
+            handle: Some(handle),
+            http: reqwest::Client::new(),
+        };
+        app.wait_ready().await;
+        app
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/ready", self.url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service at {} not ready within 60 s",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// POSTs a command and returns the HTTP status and body.
+    pub async fn send(&self, command: &CommandMessage) -> (u16, Value) {
+        post(&self.http, &self.url, command.to_json().to_string()).await
+    }
+
+    /// Stops gracefully and waits for the end.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().expect("clean shutdown");
+        }
+    }
+}
+
+pub async fn post(http: &reqwest::Client, url: &str, body: String) -> (u16, Value) {
+    let r = http
+        .post(format!("{url}/commands"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The real `command-service` binary as a child process.
+pub struct ServiceProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ServiceProcess {
+    pub fn start(settings: &Settings, instance: &str, snapshot_every: u64) -> ServiceProcess {
+        let port = free_port();
+        let child = Process::new(env!("CARGO_BIN_EXE_command-service"))
+            .env("KAFKA_BOOTSTRAP_SERVERS", &settings.kafka.bootstrap_servers)
+            .env("TOPIC_PREFIX", &settings.topic_prefix)
+            .env("PARTITIONS", settings.partitions.to_string())
+            .env("INSTANCE_ID", instance)
+            .env("COMMAND_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("COMMIT_INTERVAL_MS", "20")
+            .env("SNAPSHOT_EVERY", snapshot_every.to_string())
+            .env("RUST_LOG", "warn,command_service=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("command-service binary starts");
+        ServiceProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub async fn ready(&self) -> Option<Value> {
+        let r = reqwest::get(format!("{}/ready", self.url)).await.ok()?;
+        if r.status() == 200 {
+            r.json().await.ok()
+        } else {
+            None
+        }
+    }
+
+    pub async fn wait_ready(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(v) = self.ready().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service at {} not ready",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no goodbye, no commit.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(mut self) {
+        Process::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "clean exit on SIGTERM, got {status}");
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn producer(settings: &Settings) -> FutureProducer {
+    settings
+        .kafka
+        .client_config()
+        .set("linger.ms", "1")
+        .create()
+        .unwrap()
+}
+
+/// Produces raw bytes to the commands topic (on `partition`, or the key's canonical partition).
+pub async fn produce_raw(
+    producer: &FutureProducer,
+    settings: &Settings,
+    key: &str,
+    payload: &[u8],
+    partition: Option<i32>,
+) {
+    let topic = Topics::new(&settings.topic_prefix).commands();
+    let p = partition.unwrap_or_else(|| canonical_partition(key.as_bytes(), settings.partitions));
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(key)
+                .payload(payload)
+                .partition(p),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+pub fn cmd(id: &str, command: Command) -> CommandMessage {
+    CommandMessage::new(id, command)
+}
+
+pub fn open(id: &str, owner: &str, initial: i64) -> CommandMessage {
+    cmd(
+        id,
+        Command::OpenAccount {
+            owner: owner.into(),
+            currency: "EUR".into(),
+            initial_balance_minor: initial,
+        },
+    )
+}
+
+/// Every message of `topic`, partition by partition in offset order, read_committed, to the end.
+pub fn read_topic(settings: &Settings, topic: &str) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .set("group.id", shared::testing::unique_name("reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..settings.partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut pending: HashSet<i32> = (0..settings.partitions).collect();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "reading {topic} timed out");
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                pending.remove(&p);
+            }
+            Some(Err(e)) => panic!("read error: {e}"),
+            None => {}
+        }
+    }
+    out.sort_by_key(|m| (m.partition(), m.offset()));
+    out
+}
+
+/// All events, decoded.
+pub async fn read_events(settings: &Settings) -> Vec<(i32, EventEnvelope)> {
+    let codec = EventCodec::json("USD");
+    let mut out = Vec::new();
+    for m in read_topic(settings, &Topics::new(&settings.topic_prefix).events()) {
+        out.push((
+            m.partition(),
+            codec
+                .decode(m.payload().unwrap())
+                .await
+                .expect("event decodes"),
+        ));
+    }
+    out
+}
+
+/// All results by command id (the last one written wins; duplicates repeat the original).
+pub fn read_results(settings: &Settings) -> Vec<CommandResult> {
+    read_topic(
+        settings,
+        &Topics::new(&settings.topic_prefix).command_results(),
+    )
+    .iter()
+    .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+    .collect()
+}
+
+/// What the reference model predicts from the commands topic: commands in log order per
+/// canonical partition, the first of each command id wins, aggregates fold the domain.
+pub struct Reference {
+    pub accounts: BTreeMap<String, BankAccount>,
+    pub events: BTreeMap<String, Vec<(u64, String, Value)>>,
+    pub results: HashMap<Uuid, CommandStatus>,
+}
+
+pub fn reference_model(settings: &Settings) -> Reference {
+    let mut seen = HashSet::new();
+    let mut r = Reference {
+        accounts: BTreeMap::new(),
+        events: BTreeMap::new(),
+        results: HashMap::new(),
+    };
+    for m in read_topic(settings, &Topics::new(&settings.topic_prefix).commands()) {
+        let Ok(c) = CommandMessage::from_bytes(m.payload().unwrap_or_default()) else {
+            continue;
+        };
+        if canonical_partition(c.aggregate_id.as_bytes(), settings.partitions) != m.partition() {
+            continue; // forwarded: counted where it lands
+        }
+        if !seen.insert(c.command_id) {
+            continue;
+        }
+        let account = r.accounts.entry(c.aggregate_id.clone()).or_default();
+        let decision = match c.expected_version {
+            Some(v) if v != account.version => None,
+            _ => account.handle(&c.command).ok(),
+        };
+        match decision {
+            Some(events) => {
+                for e in events {
+                    account.apply(&e);
+                    r.events.entry(c.aggregate_id.clone()).or_default().push((
+                        account.version,
+                        e.event_type().to_owned(),
+                        e.data(),
+                    ));
+                }
+                r.results.insert(c.command_id, CommandStatus::Accepted);
+            }
+            None => {
+                r.results.insert(c.command_id, CommandStatus::Rejected);
+            }
+        }
+    }
+    r
+}
+
+/// Checks the event store against the reference model: no duplicate, no gap, nothing lost, on
+/// the canonical partition, one result per command with the predicted status.
+pub async fn verify_store(settings: &Settings) -> (usize, usize) {
+    let reference = reference_model(settings);
+    let events = read_events(settings).await;
+    let mut by_aggregate: BTreeMap<String, Vec<(u64, String, Value)>> = BTreeMap::new();
+    let mut event_ids = HashSet::new();
+    let mut causes: HashMap<Uuid, String> = HashMap::new();
+    for (partition, e) in &events {
+        assert_eq!(
+            *partition,
+            canonical_partition(e.aggregate_id.as_bytes(), settings.partitions),
+            "event on its canonical partition"
+        );
+        assert!(
+            event_ids.insert(e.event_id),
+            "duplicate event id {}",
+            e.event_id
+        );
+        let cause = e.causation_id().expect("events carry their command id");
+        if let Some(other) = causes.insert(cause, e.aggregate_id.clone()) {
+            // one command makes events for one aggregate only
+            assert_eq!(other, e.aggregate_id);
+        }
+        by_aggregate
+            .entry(e.aggregate_id.clone())
+            .or_default()
+            .push((e.version, e.event_type.clone(), e.data.clone()));
+    }
+    for (id, list) in &by_aggregate {
+        let versions: Vec<u64> = list.iter().map(|(v, _, _)| *v).collect();
+        let expected: Vec<u64> = (1..=list.len() as u64).collect();
+        assert_eq!(
+            versions, expected,
+            "versions of {id} are 1..n without gap or duplicate"
+        );
+    }
+    assert_eq!(
+        by_aggregate, reference.events,
+        "the store holds exactly the events the domain predicts"
+    );
+    let results = read_results(settings);
+    let mut first: HashMap<Uuid, CommandStatus> = HashMap::new();
+    for r in &results {
+        let prev = first.insert(r.command_id, r.status);
+        if let Some(prev) = prev {
+            assert_eq!(prev, r.status, "a repeated result repeats the original");
+        }
+    }
+    for (id, status) in &reference.results {
+        assert_eq!(first.get(id), Some(status), "result of {id}");
+    }
+    (events.len(), reference.results.len())
+}
