@@ -1,0 +1,148 @@
+//! The HTTP contract: errors and their codes, parameter checks, read-your-writes waits,
+//! currencies' minor digits, health, readiness and metrics.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use shared::envelope::Metadata;
+use shared::{Event, EventCodec, EventEnvelope};
+
+use crate::helpers::{Backend, EventWriter, TestDb, ids, settings_for, spawn_app};
+
+both_backends!(http_contract);
+
+fn env(id: &str, version: u64, event: Event) -> EventEnvelope {
+    EventEnvelope::new(id, version, &event, Utc::now(), Metadata::new())
+}
+
+async fn http_contract(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let settings = settings_for(&db);
+    let app = spawn_app(settings.clone()).await;
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let id = ids("api");
+
+    let (status, body) = app.get(&format!("/accounts/{id}")).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "AccountNotFound", "{body}");
+    assert!(body["error"]["message"].as_str().is_some());
+    let (status, body) = app.get(&format!("/accounts/{id}/events")).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &"AccountNotFound".into())
+    );
+
+    writer
+        .envelope(
+            &codec,
+            &env(
+                &id,
+                1,
+                Event::AccountOpened {
+                    owner: "Ida".into(),
+                    currency: "EUR".into(),
+                    initial_balance_minor: 15000,
+                },
+            ),
+        )
+        .await;
+    writer
+        .envelope(
+            &codec,
+            &env(&id, 2, Event::MoneyDeposited { amount_minor: 5 }),
+        )
+        .await;
+    let account = app.wait_version(&id, 2).await;
+    assert_eq!(account["balance"], "150.05");
+    assert_eq!(account["status"], "active");
+    app.wait_ready().await;
+
+    for bad in [
+        format!("/accounts/{id}?version=abc"),
+        format!("/accounts/{id}?version=0"),
+        format!("/accounts/{id}?as_of=yesterday"),
+        format!("/accounts/{id}?as_of=2026-01-01T00:00:00Z&version=1"),
+        format!("/accounts/{id}?min_version=x"),
+        format!("/accounts/{id}?min_version=3&timeout_ms=-1"),
+        format!("/accounts/{id}/events?schema_version=3"),
+        "/accounts?limit=0".to_owned(),
+        "/accounts?limit=1001".to_owned(),
+        "/accounts?limit=ten".to_owned(),
+        "/accounts?status=frozen".to_owned(),
+    ] {
+        let (status, body) = app.get(&bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "InvalidQuery", "{bad}: {body}");
+    }
+    let (status, body) = app.get("/no/such/route").await;
+    assert_eq!((status, &body["error"]["code"]), (404, &"NotFound".into()));
+
+    // Read-your-writes: a waiting request is answered as soon as version 3 is projected.
+    let waiting = {
+        let client = app.client.clone();
+        let url = app.url(&format!("/accounts/{id}?min_version=3&timeout_ms=20000"));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = client.get(url).send().await.expect("request");
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.expect("json");
+            (status, body, started.elapsed())
+        })
+    };
+    writer
+        .envelope(
+            &codec,
+            &env(&id, 3, Event::MoneyWithdrawn { amount_minor: 5 }),
+        )
+        .await;
+    let (status, body, took) = waiting.await.expect("waiter");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 3);
+    assert!(took < Duration::from_secs(15), "answered after {took:?}");
+    let (status, body) = app
+        .get(&format!("/accounts/{id}?min_version=9&timeout_ms=300"))
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "NotCaughtUp");
+    let (status, _) = app.get(&format!("/accounts/{id}?version=4")).await;
+    assert_eq!(status, 404, "no version 4 yet");
+
+    // Minor digits follow the currency.
+    for (suffix, currency, minor, text) in
+        [("jpy", "JPY", 1500, "1500"), ("kwd", "KWD", 1234, "1.234")]
+    {
+        let other = format!("{id}-{suffix}");
+        writer
+            .envelope(
+                &codec,
+                &env(
+                    &other,
+                    1,
+                    Event::AccountOpened {
+                        owner: "Yen".into(),
+                        currency: currency.into(),
+                        initial_balance_minor: minor,
+                    },
+                ),
+            )
+            .await;
+        let account = app.wait_version(&other, 1).await;
+        assert_eq!(account["balance"], text, "{account}");
+    }
+
+    let (status, body) = app.get("/health").await;
+    assert_eq!((status, &body["status"]), (200, &"ok".into()));
+    let (status, _) = app.get("/ready").await;
+    assert_eq!(status, 200);
+    let (status, metrics) = app.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "projection_events_applied_total",
+        "projection_consumer_lag",
+        "projection_batch_apply_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    app.stop().await.expect("clean stop");
+}
