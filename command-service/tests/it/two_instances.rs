@@ -51,10 +51,10 @@ async fn two_instances_split_the_partitions_and_survive_a_kill() {
     // b takes everything over
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if let Some(rb) = b.ready().await {
-            if owned(&rb).len() == 4 {
-                break;
-            }
+        if let Some(rb) = b.ready().await
+            && owned(&rb).len() == 4
+        {
+            break;
         }
         assert!(Instant::now() < deadline, "survivor owns all partitions");
         tokio::time::sleep(Duration::from_millis(200)).await;
