@@ -2,6 +2,7 @@
 //!
 //! - [`bank_account`]: the domain — commands, events, rules (`handle`) and fold (`apply`); no I/O.
 //! - [`envelope`]: the messages of the wire contract (command, result, event envelope).
+//! - [`client`]: producing commands and waiting for their results (CLI, benchmarks).
 //! - [`codec`]: the only place that knows how events become bytes (JSON, Confluent wire format,
 //!   headers) and back.
 //! - [`upcast`]: schema evolution steps (v1 ↔ v2) applied by the codec.
@@ -12,6 +13,7 @@
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
 
 pub mod bank_account;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod envelope;
