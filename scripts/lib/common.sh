@@ -99,3 +99,18 @@ show_log_tail() {
     printf -- '----- end of %s -----\n' "$file" >&2
   fi
 }
+
+# The native build dependencies of the Rust workspace: librdkafka is compiled from source by the
+# rdkafka crate (cmake, a C/C++ compiler, OpenSSL, zlib; its cmake build includes curl's headers).
+ensure_build_deps() {
+  local missing=() pkg
+  for pkg in cmake g++ make pkg-config libssl-dev libcurl4-openssl-dev zlib1g-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+  if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck source=/dev/null
+    source "$HOME/.cargo/env"
+  fi
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) first"
+}
