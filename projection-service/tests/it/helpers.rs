@@ -139,13 +139,9 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
     let addr = listener.local_addr().expect("local addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let topic = Topics::new(&settings.topic_prefix).events();
-    let handle = tokio::spawn(projection_service::run(
-        settings,
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let handle = tokio::spawn(projection_service::run(settings, listener, async move {
+        let _ = stopped.await;
+    }));
     let app = TestApp {
         addr,
         client: reqwest::Client::new(),

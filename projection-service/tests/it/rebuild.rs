@@ -85,7 +85,18 @@ async fn rebuild_while_serving_gives_the_same_read_model(backend: Backend) {
         let settings = settings.clone();
         tokio::spawn(async move { rebuild(&settings, Progress::Log, std::future::pending()).await })
     };
+    // Produced once the rebuild has captured its end offsets (its tables exist): these events
+    // are the live service's to apply again into the swapped-in tables.
+    wait_for("the rebuild tables", Duration::from_secs(60), || async {
+        sqlx::query("SELECT COUNT(*) FROM accounts_rebuild")
+            .fetch_one(store.pool())
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
     let during = generate(&format!("{prefix}-b"), 50, 20, 2);
+    let during_count: usize = during.iter().map(|h| h.events.len()).sum();
     produce(&writer, &codec, &during).await;
     all.extend(during);
     let report = rebuilding
@@ -93,6 +104,8 @@ async fn rebuild_while_serving_gives_the_same_read_model(backend: Backend) {
         .expect("rebuild task")
         .expect("rebuild succeeds");
     assert_eq!(report.poison, 1, "{report:?}");
+    let first_burst: u64 = all[..150].iter().map(|h| h.events.len() as u64).sum();
+    assert_eq!(report.applied, first_burst, "the rebuild stops at the captured ends");
     assert!(report.duplicates >= 1, "{report:?}");
     let want = expect(&all);
     wait_for(
@@ -127,6 +140,7 @@ async fn rebuild_while_serving_gives_the_same_read_model(backend: Backend) {
     );
     assert!(stderr.contains("rebuild done"), "{stderr}");
     let after = generate(&format!("{prefix}-c"), 20, 10, 3);
+    let after_count: usize = after.iter().map(|h| h.events.len()).sum();
     produce(&writer, &codec, &after).await;
     all.extend(after);
     let want = expect(&all);
@@ -156,7 +170,9 @@ async fn rebuild_while_serving_gives_the_same_read_model(backend: Backend) {
         .to_owned();
     eprintln!(
         "rebuild ({backend:?}): in-process {} messages at {:.0} events/s ({} applied, {} duplicates, {} poison); \
-         binary: {summary}; {answered} queries answered 200 meanwhile; {total} events in the final model",
+         binary: {summary}; {during_count} events produced during the first rebuild, \
+         {after_count} after the second; {answered} queries answered 200 meanwhile; \
+         {total} events in the final model",
         report.messages,
         report.rate(),
         report.applied,
