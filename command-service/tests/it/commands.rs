@@ -324,3 +324,41 @@ async fn snapshots_are_written_and_used_on_restore() {
     assert_eq!((s, body["version"].as_u64()), (200, Some(13)));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn with_a_schema_registry_events_use_the_confluent_wire_format() {
+    let Some(url) = shared::testing::schema_registry_url() else {
+        eprintln!(
+            "SCHEMA_REGISTRY_URL is not set: the registry path is not exercised (scripts/test starts one)"
+        );
+        return;
+    };
+    let mut settings = shared::testing::test_settings(2);
+    settings.schema_registry_url = Some(url.clone());
+    settings.commit_interval = Duration::from_millis(20);
+    let app = TestApp::spawn_with(settings.clone()).await;
+    assert_eq!(app.send(&open("sr-1", "Rena", 100)).await.0, 200);
+    assert_eq!(
+        app.send(&cmd("sr-1", Command::Deposit { amount_minor: 5 }))
+            .await
+            .0,
+        200
+    );
+    app.stop().await;
+    let raw = read_topic(&settings, &Topics::new(&settings.topic_prefix).events());
+    assert_eq!(raw.len(), 2);
+    let codec = shared::EventCodec::with_registry("USD", &url).unwrap();
+    for m in &raw {
+        let bytes = m.payload().unwrap();
+        assert_eq!(bytes[0], 0, "magic byte");
+        let env = codec.decode(bytes).await.unwrap();
+        assert_eq!(env.aggregate_id, "sr-1");
+    }
+    // and a restart restores from wire-format events
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, body) = app
+        .send(&cmd("sr-1", Command::Withdraw { amount_minor: 105 }))
+        .await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(3)));
+    app.stop().await;
+}
