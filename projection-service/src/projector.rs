@@ -548,23 +548,32 @@ impl Projector {
             Err(e) => return Err(e.into()),
         }
         let dead = plan.dead_letters.len() as u64;
-        if let Some(dlq) = &self.dlq {
-            if !plan.dead_letters.is_empty() {
-                dlq.send_all(&plan.dead_letters)
-                    .await
-                    .map_err(Attempt::Kafka)?;
-            }
+        if let Some(dlq) = &self.dlq
+            && !plan.dead_letters.is_empty()
+        {
+            dlq.send_all(&plan.dead_letters)
+                .await
+                .map_err(Attempt::Kafka)?;
         }
         tx.commit().await.map_err(StoreError::from)?;
         for letter in &plan.dead_letters {
-            tracing::warn!(
-                partition = letter.partition,
-                offset = letter.offset,
-                code = %letter.code,
-                reason = %letter.message,
-                "event dead-lettered"
-            );
-            metrics::record_dead_letter(&self.topic, &letter.code);
+            if self.dlq.is_some() {
+                tracing::warn!(
+                    partition = letter.partition,
+                    offset = letter.offset,
+                    code = %letter.code,
+                    reason = %letter.message,
+                    "event dead-lettered"
+                );
+                metrics::record_dead_letter(&self.topic, &letter.code);
+            } else {
+                tracing::debug!(
+                    partition = letter.partition,
+                    offset = letter.offset,
+                    code = %letter.code,
+                    "poison message skipped (rebuild)"
+                );
+            }
         }
         for (p, n) in &next {
             self.book.set(*p, Some(*n));

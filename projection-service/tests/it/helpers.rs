@@ -421,7 +421,7 @@ pub fn generate(prefix: &str, accounts: usize, max_events: u64, seed: u64) -> Ve
             let mut commands = vec![Command::OpenAccount {
                 owner,
                 currency: "USD".into(),
-                initial_balance_minor: i64::try_from(rng.below(100_00)).unwrap_or(0),
+                initial_balance_minor: i64::try_from(rng.below(10_000)).unwrap_or(0),
             }];
             while (events.len() as u64) < target {
                 let command = commands.pop().unwrap_or_else(|| {
