@@ -362,3 +362,30 @@ async fn with_a_schema_registry_events_use_the_confluent_wire_format() {
     assert_eq!((s, body["version"].as_u64()), (200, Some(3)));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn refuses_to_start_when_topics_are_not_co_partitioned() {
+    let settings = shared::testing::test_settings(3);
+    let topics = Topics::new(&settings.topic_prefix);
+    shared::kafka::ensure_topics(
+        &settings.kafka,
+        &[shared::kafka::TopicSpec {
+            name: topics.events(),
+            partitions: 2,
+            config: vec![],
+        }],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = command_service::run(settings, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("not co-partitioned"), "{message}");
+    assert!(
+        message.contains(&format!("{} has 2", topics.events())),
+        "{message}"
+    );
+}
