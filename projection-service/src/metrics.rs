@@ -23,6 +23,8 @@ pub const LAG: &str = "projection_consumer_lag";
 pub const BATCH_SECONDS: &str = "projection_batch_apply_seconds";
 /// Counter: messages processed in committed batches (all outcomes).
 pub const BATCH_MESSAGES: &str = "projection_messages_processed_total";
+/// Counter: decodes retried because the schema registry was unreachable.
+pub const REGISTRY_RETRIES: &str = "projection_registry_retries_total";
 /// Counter: batches retried after a transient database or Kafka error.
 pub const RETRIES: &str = "projection_batch_retries_total";
 
@@ -48,6 +50,10 @@ fn describe() {
     metrics::describe_histogram!(BATCH_SECONDS, "Seconds to apply and commit one batch");
     metrics::describe_counter!(BATCH_MESSAGES, "Messages processed in committed batches");
     metrics::describe_counter!(RETRIES, "Batches retried after a transient error");
+    metrics::describe_counter!(
+        REGISTRY_RETRIES,
+        "Decodes retried because the schema registry was unreachable"
+    );
 }
 
 /// Keeps the histograms' memory bounded; runs until the process ends.
@@ -106,4 +112,9 @@ pub fn record_lag(topic: &str, partition: i32, lag: i64) {
 /// Counts one retried batch.
 pub fn record_retry(topic: &str) {
     metrics::counter!(RETRIES, "topic" => topic.to_owned()).increment(1);
+}
+
+/// Counts one decode retried because the registry was unreachable.
+pub fn record_registry_retry(topic: &str) {
+    metrics::counter!(REGISTRY_RETRIES, "topic" => topic.to_owned()).increment(1);
 }

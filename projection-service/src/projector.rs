@@ -425,6 +425,7 @@ impl Projector {
                             error = %e,
                             "schema registry unavailable; retrying"
                         );
+                        metrics::record_registry_retry(&self.topic);
                         if !sleep_unless_stopped(backoff(attempt), shutdown).await {
                             return None;
                         }

@@ -179,3 +179,76 @@ async fn poison_goes_to_the_dead_letter_topic_and_the_stream_goes_on(backend: Ba
     );
     app.stop().await.expect("clean stop");
 }
+
+both_backends!(an_unreachable_registry_is_retried_never_dead_lettered);
+
+async fn an_unreachable_registry_is_retried_never_dead_lettered(backend: Backend) {
+    let Some(registry) = shared::testing::schema_registry_url() else {
+        eprintln!(
+            "SCHEMA_REGISTRY_URL is not set: the registry-outage path is not exercised \
+             (scripts/test starts a registry)"
+        );
+        return;
+    };
+    let db = TestDb::new(backend).await;
+    let settings = settings_for(&db);
+    let writer = EventWriter::new(&settings).await;
+    let wire = EventCodec::with_registry("USD", &registry).expect("registry codec");
+    let id = ids("outage");
+    let opened = EventEnvelope::new(
+        &id,
+        1,
+        &Event::AccountOpened {
+            owner: "Reg".into(),
+            currency: "EUR".into(),
+            initial_balance_minor: 10,
+        },
+        Utc::now(),
+        Metadata::new(),
+    );
+    writer.envelope(&wire, &opened).await;
+    let deposit = EventEnvelope::new(
+        &id,
+        2,
+        &Event::MoneyDeposited { amount_minor: 5 },
+        Utc::now(),
+        Metadata::new(),
+    );
+    writer.envelope(&EventCodec::json("USD"), &deposit).await;
+
+    // A registry nobody listens on: the wire-format event waits, it is not dead-lettered, and
+    // nothing behind it on its partition is applied out of order.
+    let mut down = settings.clone();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    down.schema_registry_url = Some(format!("http://127.0.0.1:{port}/apis/ccompat/v7"));
+    let app = spawn_app(down).await;
+    wait_for("decode retries", Duration::from_secs(60), || async {
+        (app.metric("projection_registry_retries_total").await >= 2.0).then_some(())
+    })
+    .await;
+    let (status, _) = app.get(&format!("/accounts/{id}")).await;
+    assert_eq!(status, 404, "nothing applied while the registry is down");
+    assert_eq!(
+        app.metric("projection_events_dead_lettered_total").await,
+        0.0
+    );
+    let retries = app.metric("projection_registry_retries_total").await;
+    // Shutdown interrupts the retry loop without committing anything.
+    app.stop().await.expect("clean stop while retrying");
+
+    // The registry is back: both events are applied, in order.
+    let app = spawn_app(settings).await;
+    let account = app.wait_version(&id, 2).await;
+    assert_eq!(account["balance_minor"], 15);
+    assert_eq!(
+        app.metric("projection_events_dead_lettered_total").await,
+        0.0
+    );
+    eprintln!(
+        "registry outage ({backend:?}): {retries} decode retries, 0 dead letters, both events applied once the registry was back"
+    );
+    app.stop().await.expect("clean stop");
+}

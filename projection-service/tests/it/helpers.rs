@@ -37,11 +37,39 @@ pub enum Backend {
     Postgres,
 }
 
-/// A database of its own for one test.
+/// A database of its own for one test. A PostgreSQL database is dropped when the value is
+/// dropped (best effort, in the background: a failed test may leave its database behind).
 pub struct TestDb {
     /// The URL to give the service.
     pub url: String,
     _dir: Option<tempfile::TempDir>,
+    postgres: Option<(String, String)>,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // A thread of its own: the test's runtime may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                    let _ = conn.close().await;
+                }
+            });
+        })
+        .join();
+    }
 }
 
 /// `TEST_POSTGRES_URL`, or a failure that says how to get one (never a silent pass).
@@ -85,6 +113,7 @@ impl TestDb {
                 TestDb {
                     url,
                     _dir: Some(dir),
+                    postgres: None,
                 }
             }
             Backend::Postgres => {
@@ -101,6 +130,7 @@ impl TestDb {
                 TestDb {
                     url: with_database(&admin, &name),
                     _dir: None,
+                    postgres: Some((admin, name)),
                 }
             }
         }
