@@ -1,0 +1,253 @@
+//! The command line, declared with clap's derive API: [`Cli`] holds the global options
+//! ([`Global`]: where Kafka and the projection are, output format, timeouts) and one
+//! [`Action`] per subcommand.
+//!
+//! Every connection setting can also come from the environment variables of DESIGN.md
+//! (`KAFKA_BOOTSTRAP_SERVERS`, `TOPIC_PREFIX`, `PROJECTION_URL`); a flag wins over the variable.
+
+use clap::{Args, Parser, Subcommand};
+
+/// `bank`: open accounts, move money and read the projection of an event-sourced bank.
+///
+/// Commands (open, deposit, withdraw, close) are written to `<prefix>.commands` in Kafka and
+/// answered by command-service; queries (get, history, list) ask projection-service over HTTP.
+///
+/// Exit status: 0 success, 1 command rejected or account unknown, 2 usage error (bad flag or
+/// amount; nothing was sent), 3 Kafka, command-service or the projection cannot be reached.
+#[derive(Debug, Parser)]
+#[command(name = "bank", version, about, long_about)]
+pub struct Cli {
+    /// Connection and output options, accepted before or after the subcommand.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+/// Options every subcommand accepts.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Kafka bootstrap servers (host:port, comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "localhost:9092",
+        value_name = "HOSTS"
+    )]
+    pub bootstrap_servers: String,
+    /// Topic prefix: commands go to `<prefix>.commands`.
+    #[arg(
+        long,
+        global = true,
+        env = "TOPIC_PREFIX",
+        default_value = "bank",
+        value_name = "PREFIX"
+    )]
+    pub topic_prefix: String,
+    /// Base URL of projection-service.
+    #[arg(
+        long,
+        global = true,
+        env = "PROJECTION_URL",
+        default_value = "http://127.0.0.1:8090",
+        value_name = "URL"
+    )]
+    pub projection_url: String,
+    /// How long to wait for a command's result (for `load`: without any progress).
+    #[arg(long, global = true, default_value_t = 15, value_name = "SECONDS")]
+    pub timeout_secs: u64,
+    /// Print the raw JSON of the command result or projection answer instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Action {
+    /// Open a new account.
+    Open {
+        /// Account id (also the Kafka key).
+        id: String,
+        /// Account holder's name.
+        #[arg(long)]
+        owner: String,
+        /// ISO 4217 currency code of the account.
+        #[arg(long, default_value = "USD", value_name = "CODE")]
+        currency: String,
+        /// Opening balance in major units (`100`, `12.34`); zero or more.
+        #[arg(
+            long,
+            default_value = "0",
+            value_name = "AMOUNT",
+            allow_hyphen_values = true
+        )]
+        initial: String,
+        /// Only if the account is at this version (0 for a new account).
+        #[command(flatten)]
+        expect: Expect,
+    },
+    /// Deposit money into an account.
+    Deposit(MoneyArgs),
+    /// Withdraw money from an account (never beyond its balance).
+    Withdraw(MoneyArgs),
+    /// Close an account whose balance is zero.
+    Close {
+        /// Account id.
+        id: String,
+        /// Optimistic concurrency.
+        #[command(flatten)]
+        expect: Expect,
+    },
+    /// Show an account now, as of a time or as of a version.
+    Get {
+        /// Account id.
+        id: String,
+        /// The account as it was at this time (RFC 3339, e.g. 2026-01-31T12:00:00Z).
+        #[arg(long, value_name = "RFC3339", conflicts_with = "version")]
+        as_of: Option<String>,
+        /// The account as it was after this many events.
+        #[arg(long, value_name = "N")]
+        version: Option<u64>,
+        /// Wait (bounded, server side) until the projection has at least this version:
+        /// read-your-writes after a command.
+        #[arg(long, value_name = "N")]
+        min_version: Option<u64>,
+    },
+    /// Show an account's events, oldest first.
+    History {
+        /// Account id.
+        id: String,
+    },
+    /// List accounts, ordered by id.
+    List {
+        /// Only accounts with this status.
+        #[arg(long, value_enum)]
+        status: Option<StatusFilter>,
+        /// Only accounts of this owner (exact name).
+        #[arg(long, value_name = "NAME")]
+        owner: Option<String>,
+        /// At most this many accounts (1 to 1000; the projection's default is 50).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Start after this account id (the `next` of the previous page).
+        #[arg(long, value_name = "ID")]
+        after: Option<String>,
+    },
+    /// Generate a realistic workload: open accounts, then deposits and withdrawals (with a few
+    /// overdrafts and closes), and report throughput and outcomes.
+    Load {
+        /// Number of accounts to open.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        accounts: u32,
+        /// Number of operations after the opens.
+        #[arg(long, value_name = "M")]
+        ops: u32,
+        /// Seed of the generator (same seed, same amounts and choices).
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
+        /// Prefix of the generated account ids (default: `load-` and a random tag, so runs do
+        /// not collide).
+        #[arg(long, value_name = "PREFIX")]
+        id_prefix: Option<String>,
+    },
+}
+
+/// Arguments of deposit and withdraw.
+#[derive(Debug, Clone, Args)]
+pub struct MoneyArgs {
+    /// Account id.
+    pub id: String,
+    /// Amount in major units (`50`, `12.34`), more than zero.
+    #[arg(allow_hyphen_values = true)]
+    pub amount: String,
+    /// Currency used to read AMOUNT's decimals. Default: the account's currency as the
+    /// projection knows it, else 2 decimal places.
+    #[arg(long, value_name = "CODE")]
+    pub currency: Option<String>,
+    /// Optimistic concurrency.
+    #[command(flatten)]
+    pub expect: Expect,
+}
+
+/// `--expected-version`, accepted by every command.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Expect {
+    /// Only apply the command if the account is at this version (else: VersionConflict).
+    #[arg(long, value_name = "N")]
+    pub expected_version: Option<u64>,
+}
+
+/// `--status` values of `list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusFilter {
+    /// Open accounts.
+    Active,
+    /// Closed accounts.
+    Closed,
+}
+
+impl StatusFilter {
+    /// The value the projection expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusFilter::Active => "active",
+            StatusFilter::Closed => "closed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_go_before_or_after_the_subcommand() {
+        let cli =
+            Cli::try_parse_from(["bank", "--json", "get", "acc-1", "--version", "1"]).unwrap();
+        assert!(cli.global.json);
+        let cli = Cli::try_parse_from([
+            "bank",
+            "get",
+            "acc-1",
+            "--json",
+            "--projection-url",
+            "http://x:1",
+        ])
+        .unwrap();
+        assert!(cli.global.json);
+        assert_eq!(cli.global.projection_url, "http://x:1");
+    }
+
+    #[test]
+    fn as_of_and_version_conflict() {
+        let err = Cli::try_parse_from([
+            "bank",
+            "get",
+            "acc-1",
+            "--version",
+            "1",
+            "--as-of",
+            "2026-01-01T00:00:00Z",
+        ])
+        .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn negative_amounts_reach_the_validator() {
+        // Without allow_hyphen_values clap would call `-5` an unknown flag, a less helpful message.
+        let cli = Cli::try_parse_from(["bank", "deposit", "acc-1", "-5"]).unwrap();
+        match cli.action {
+            Action::Deposit(m) => assert_eq!(m.amount, "-5"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

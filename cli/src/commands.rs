@@ -1,0 +1,237 @@
+//! What each subcommand does: validate the input locally (exit 2 before anything is sent),
+//! then either produce a command over Kafka and wait for its result ([`send`]), or ask the
+//! projection and print its answer.
+
+use std::time::Duration;
+
+use shared::client::CommandClient;
+use shared::{Command, CommandMessage, CommandStatus, Settings};
+
+use crate::amount::{Sign, check_currency, check_number, parse_amount};
+use crate::args::{Action, Expect, Global, MoneyArgs};
+use crate::error::CliError;
+use crate::output;
+use crate::projection::{AccountQuery, ListQuery, Projection};
+
+/// How long deposit and withdraw wait for the projection to tell an account's currency.
+const CURRENCY_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The settings of the shared crate, from the flags (or their environment variables) plus the
+/// `KAFKA_SECURITY_PROTOCOL` / `KAFKA_SASL_*` / `KAFKA_SSL_*` pass-through. Other variables are
+/// ignored: a service's setting (say `PARTITIONS`) that is invalid must not break the CLI.
+pub fn settings(global: &Global) -> Result<Settings, CliError> {
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            k == "KAFKA_SECURITY_PROTOCOL"
+                || k.starts_with("KAFKA_SASL_")
+                || k.starts_with("KAFKA_SSL_")
+        })
+        .collect();
+    vars.push((
+        "KAFKA_BOOTSTRAP_SERVERS".into(),
+        global.bootstrap_servers.clone(),
+    ));
+    vars.push(("TOPIC_PREFIX".into(), global.topic_prefix.clone()));
+    vars.push(("PROJECTION_URL".into(), global.projection_url.clone()));
+    Ok(Settings::from_vars(&vars)?)
+}
+
+/// Runs one subcommand, printing its output to stdout.
+pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
+    let settings = settings(global)?;
+    let timeout = Duration::from_secs(global.timeout_secs.max(1));
+    // HTTP requests may include a server-side wait (`min_version`, up to 5 s by default).
+    let projection = || Projection::new(&settings.projection_url, timeout + Duration::from_secs(5));
+    match action {
+        Action::Open {
+            id,
+            owner,
+            currency,
+            initial,
+            expect,
+        } => {
+            check_id(&id)?;
+            if owner.trim().is_empty() {
+                return Err(CliError::Usage("--owner must not be blank".into()));
+            }
+            check_currency(&currency)?;
+            let initial_balance_minor = parse_amount(&initial, &currency, Sign::ZeroOrMore)?;
+            let command = Command::OpenAccount {
+                owner,
+                currency,
+                initial_balance_minor,
+            };
+            send(&settings, global, message(id, command, expect)).await
+        }
+        Action::Deposit(args) => {
+            let (id, amount_minor, expect) = money(&args, &projection()?).await?;
+            let command = Command::Deposit { amount_minor };
+            send(&settings, global, message(id, command, expect)).await
+        }
+        Action::Withdraw(args) => {
+            let (id, amount_minor, expect) = money(&args, &projection()?).await?;
+            let command = Command::Withdraw { amount_minor };
+            send(&settings, global, message(id, command, expect)).await
+        }
+        Action::Close { id, expect } => {
+            check_id(&id)?;
+            send(
+                &settings,
+                global,
+                message(id, Command::CloseAccount, expect),
+            )
+            .await
+        }
+        Action::Get {
+            id,
+            as_of,
+            version,
+            min_version,
+        } => {
+            if let Some(t) = &as_of {
+                chrono::DateTime::parse_from_rfc3339(t).map_err(|e| {
+                    CliError::Usage(format!(
+                        "--as-of `{t}` is not an RFC 3339 time like 2026-01-31T12:00:00Z: {e}"
+                    ))
+                })?;
+            }
+            if version == Some(0) || min_version == Some(0) {
+                return Err(CliError::Usage("versions start at 1".into()));
+            }
+            let query = AccountQuery {
+                as_of,
+                version,
+                min_version,
+            };
+            let answer = projection()?.account(&id, &query).await?;
+            if global.json {
+                println!("{}", output::json(&answer));
+            } else {
+                print!("{}", output::account(&output::decode(answer)?));
+            }
+            Ok(())
+        }
+        Action::History { id } => {
+            let answer = projection()?.events(&id).await?;
+            if global.json {
+                println!("{}", output::json(&answer));
+            } else {
+                print!("{}", output::history(&output::decode::<Vec<_>>(answer)?));
+            }
+            Ok(())
+        }
+        Action::List {
+            status,
+            owner,
+            limit,
+            after,
+        } => {
+            if limit == Some(0) {
+                return Err(CliError::Usage("--limit must be 1 or more".into()));
+            }
+            let query = ListQuery {
+                status: status.map(|s| s.as_str().to_owned()),
+                owner,
+                limit,
+                after,
+            };
+            let answer = projection()?.list(&query).await?;
+            if global.json {
+                println!("{}", output::json(&answer));
+            } else {
+                print!("{}", output::account_list(&output::decode(answer)?));
+            }
+            Ok(())
+        }
+        Action::Load { .. } => unreachable!("load is dispatched by crate::run"),
+    }
+}
+
+/// Produces the command, waits for its result and prints it; a rejection is an error (exit 1).
+pub async fn send(
+    settings: &Settings,
+    global: &Global,
+    message: CommandMessage,
+) -> Result<(), CliError> {
+    let timeout = Duration::from_secs(global.timeout_secs.max(1));
+    let client = CommandClient::connect(settings).await?;
+    let result = client.submit(&message, timeout).await?;
+    if global.json {
+        println!("{}", output::json(&result));
+    }
+    match (result.status, result.error.clone()) {
+        (CommandStatus::Accepted, _) => {
+            if !global.json {
+                println!("{}", output::command_result(&result));
+            }
+            Ok(())
+        }
+        (CommandStatus::Rejected, Some(rejection)) => Err(CliError::Rejected(rejection)),
+        (CommandStatus::Rejected, None) => Err(CliError::Rejected(shared::Rejection::new(
+            shared::RejectionCode::Malformed,
+            "rejected without a reason",
+        ))),
+    }
+}
+
+fn message(id: String, command: Command, expect: Expect) -> CommandMessage {
+    let mut message = CommandMessage::new(id, command);
+    message.expected_version = expect.expected_version;
+    message
+}
+
+fn check_id(id: &str) -> Result<(), CliError> {
+    if id.trim().is_empty() {
+        return Err(CliError::Usage("the account id must not be blank".into()));
+    }
+    Ok(())
+}
+
+/// The account, amount in minor units and expectation of a deposit or withdrawal.
+///
+/// The amount's decimals depend on the account's currency, which only the server side knows:
+/// `--currency` when given; otherwise the currency the projection reports for the account;
+/// otherwise (projection unreachable, or the account not projected yet) 2 decimal places, with
+/// a note on stderr. Asking the projection costs one GET, and it keeps `bank deposit jpy-1 500`
+/// from meaning 5.00 yen-cents on a JPY account.
+async fn money(
+    args: &MoneyArgs,
+    projection: &Projection,
+) -> Result<(String, i64, Expect), CliError> {
+    check_id(&args.id)?;
+    check_number(&args.amount)?;
+    let currency = match &args.currency {
+        Some(c) => {
+            check_currency(c)?;
+            c.clone()
+        }
+        None => account_currency(projection, &args.id)
+            .await
+            .unwrap_or_else(|why| {
+                eprintln!(
+                    "note: {why}; reading `{}` with 2 decimal places (pass --currency to choose)",
+                    args.amount
+                );
+                "USD".to_owned()
+            }),
+    };
+    let minor = parse_amount(&args.amount, &currency, Sign::Positive)?;
+    Ok((args.id.clone(), minor, args.expect))
+}
+
+/// The account's currency according to the projection, or why it is not known.
+async fn account_currency(projection: &Projection, id: &str) -> Result<String, String> {
+    let now = AccountQuery::default();
+    let lookup = projection.account(id, &now);
+    match tokio::time::timeout(CURRENCY_LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(answer)) => output::decode::<output::Account>(answer)
+            .map(|a| a.currency)
+            .map_err(|e| e.to_string()),
+        Ok(Err(CliError::NotFound(_))) => Err(format!("the projection does not know {id} (yet)")),
+        Ok(Err(e)) => Err(format!("cannot learn the currency of {id}: {e}")),
+        Err(_) => Err(format!(
+            "the projection did not tell the currency of {id} within {} s",
+            CURRENCY_LOOKUP_TIMEOUT.as_secs()
+        )),
+    }
+}

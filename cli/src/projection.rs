@@ -1,0 +1,291 @@
+//! The projection-service client: `GET /accounts/{id}` (now, `as_of`, `version`,
+//! `min_version`), `GET /accounts/{id}/events` and `GET /accounts`, answered as raw JSON (what
+//! `--json` prints; [`crate::output`] gives it shape).
+//!
+//! Failures become [`CliError`]s here and nowhere else: 404 `AccountNotFound` is
+//! [`CliError::NotFound`] (exit 1), 400 is [`CliError::Usage`] (exit 2), and a refused
+//! connection, a timeout, a 5xx or an answer that is not the projection's is
+//! [`CliError::Unavailable`] (exit 3), always naming the URL that was tried.
+
+use std::time::Duration;
+
+use reqwest::{StatusCode, Url};
+use serde_json::Value;
+
+use crate::error::CliError;
+
+/// How long to wait for a TCP connection to the projection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What `GET /accounts/{id}` should answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountQuery {
+    /// `as_of`: the state at this RFC 3339 time.
+    pub as_of: Option<String>,
+    /// `version`: the state after this many events.
+    pub version: Option<u64>,
+    /// `min_version`: wait until the projection has reached this version.
+    pub min_version: Option<u64>,
+}
+
+/// Filters of `GET /accounts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// `active` or `closed`.
+    pub status: Option<String>,
+    /// Exact owner name.
+    pub owner: Option<String>,
+    /// Page size.
+    pub limit: Option<u32>,
+    /// Start after this id.
+    pub after: Option<String>,
+}
+
+/// A client of one projection-service.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    base: Url,
+    http: reqwest::Client,
+}
+
+impl Projection {
+    /// A client of the projection at `base_url`, giving up on a request after `timeout`.
+    pub fn new(base_url: &str, timeout: Duration) -> Result<Projection, CliError> {
+        let base = Url::parse(base_url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "projection URL `{base_url}` is not an http:// URL like http://127.0.0.1:8090"
+                ))
+            })?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+            .timeout(timeout)
+            .user_agent(concat!("bank-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CliError::Unavailable(format!("cannot start an HTTP client: {e}")))?;
+        Ok(Projection { base, http })
+    }
+
+    /// `GET /accounts/{id}` with the query's parameters.
+    pub async fn account(&self, id: &str, query: &AccountQuery) -> Result<Value, CliError> {
+        let mut params = Vec::new();
+        if let Some(t) = &query.as_of {
+            params.push(("as_of", t.clone()));
+        }
+        if let Some(v) = query.version {
+            params.push(("version", v.to_string()));
+        }
+        if let Some(v) = query.min_version {
+            params.push(("min_version", v.to_string()));
+        }
+        self.get(&["accounts", id], &params).await
+    }
+
+    /// `GET /accounts/{id}/events`: the account's event envelopes, oldest first.
+    pub async fn events(&self, id: &str) -> Result<Value, CliError> {
+        self.get(&["accounts", id, "events"], &[]).await
+    }
+
+    /// `GET /accounts?...`: `{"accounts": [...], "next": ...}`.
+    pub async fn list(&self, query: &ListQuery) -> Result<Value, CliError> {
+        let mut params = Vec::new();
+        if let Some(s) = &query.status {
+            params.push(("status", s.clone()));
+        }
+        if let Some(o) = &query.owner {
+            params.push(("owner", o.clone()));
+        }
+        if let Some(l) = query.limit {
+            params.push(("limit", l.to_string()));
+        }
+        if let Some(a) = &query.after {
+            params.push(("after", a.clone()));
+        }
+        self.get(&["accounts"], &params).await
+    }
+
+    /// The URL of `segments` under the base URL (each segment percent-encoded, so an id with
+    /// `/` or `?` stays one segment).
+    pub fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    async fn get(&self, segments: &[&str], params: &[(&str, String)]) -> Result<Value, CliError> {
+        let mut url = self.url(segments);
+        if !params.is_empty() {
+            url.query_pairs_mut().extend_pairs(params);
+        }
+        let response = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| self.unreachable(&e))?;
+        classify(self.base.as_str(), status, &body)
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> CliError {
+        let why = if e.is_timeout() {
+            "no answer in time".to_owned()
+        } else {
+            root_cause(e)
+        };
+        CliError::Unavailable(format!(
+            "cannot reach the projection at {}: {why}",
+            display_base(self.base.as_str())
+        ))
+    }
+}
+
+/// Turns an HTTP answer into JSON or the error it stands for.
+pub fn classify(base: &str, status: StatusCode, body: &[u8]) -> Result<Value, CliError> {
+    let base = display_base(base);
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if status.is_success() {
+        return json.ok_or_else(|| {
+            CliError::Unavailable(format!(
+                "the projection at {base} answered {status} with something that is not JSON: \
+                 is it projection-service?"
+            ))
+        });
+    }
+    let error = json.as_ref().and_then(|j| j.get("error"));
+    let code = error.and_then(|e| e.get("code")).and_then(Value::as_str);
+    let message = error
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    match (status, code) {
+        (StatusCode::NOT_FOUND, Some("AccountNotFound")) => Err(CliError::NotFound(
+            message.unwrap_or_else(|| "no such account".into()),
+        )),
+        (StatusCode::BAD_REQUEST, _) => Err(CliError::Usage(format!(
+            "the projection refused the query: {}",
+            message.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+        ))),
+        (_, Some(code)) => Err(CliError::Unavailable(format!(
+            "the projection at {base} answered {status} {code}: {}",
+            message.unwrap_or_default()
+        ))),
+        _ => Err(CliError::Unavailable(format!(
+            "the projection at {base} answered {status}: is it projection-service?"
+        ))),
+    }
+}
+
+/// `http://host:8090/` → `http://host:8090` (how people write it).
+fn display_base(base: &str) -> &str {
+    base.strip_suffix('/').unwrap_or(base)
+}
+
+/// The innermost error's message, shortened the way people say it: `connection refused`.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = e;
+    while let Some(source) = inner.source() {
+        inner = source;
+    }
+    let text = inner.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn projection(base: &str) -> Projection {
+        Projection::new(base, Duration::from_secs(1)).unwrap()
+    }
+
+    #[test]
+    fn ids_are_one_path_segment() {
+        let p = projection("http://127.0.0.1:8090");
+        assert_eq!(
+            p.url(&["accounts", "acc-1"]).as_str(),
+            "http://127.0.0.1:8090/accounts/acc-1"
+        );
+        assert_eq!(
+            p.url(&["accounts", "a/b?c", "events"]).as_str(),
+            "http://127.0.0.1:8090/accounts/a%2Fb%3Fc/events"
+        );
+        let behind_proxy = projection("http://gw/projection/");
+        assert_eq!(
+            behind_proxy.url(&["accounts"]).as_str(),
+            "http://gw/projection/accounts"
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_usage_errors() {
+        for bad in ["127.0.0.1:8090", "ftp://x", "nonsense"] {
+            assert_eq!(
+                Projection::new(bad, Duration::from_secs(1))
+                    .unwrap_err()
+                    .exit_code(),
+                2,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn answers_map_to_exit_codes() {
+        let base = "http://p:8090/";
+        let ok = classify(base, StatusCode::OK, br#"{"id":"acc-1"}"#).unwrap();
+        assert_eq!(ok["id"], "acc-1");
+
+        let not_found =
+            br#"{"error":{"code":"AccountNotFound","message":"account x does not exist"}}"#;
+        let err = classify(base, StatusCode::NOT_FOUND, not_found).unwrap_err();
+        assert_eq!(err.exit_code(), 1);
+        assert_eq!(err.to_string(), "account x does not exist");
+
+        let bad = br#"{"error":{"code":"InvalidQuery","message":"as_of is bad"}}"#;
+        let err = classify(base, StatusCode::BAD_REQUEST, bad).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("as_of is bad"));
+
+        let not_ready = br#"{"error":{"code":"NotReady","message":"not caught up"}}"#;
+        let err = classify(base, StatusCode::SERVICE_UNAVAILABLE, not_ready).unwrap_err();
+        assert_eq!(err.exit_code(), 3);
+        assert_eq!(
+            err.to_string(),
+            "the projection at http://p:8090 answered 503 Service Unavailable NotReady: not caught up"
+        );
+
+        // Something else listens there (a 404 without our error body, or HTML).
+        let err = classify(base, StatusCode::NOT_FOUND, b"nope").unwrap_err();
+        assert_eq!(err.exit_code(), 3);
+        let err = classify(base, StatusCode::OK, b"<html>").unwrap_err();
+        assert_eq!(err.exit_code(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_unavailable_and_names_the_url() {
+        // Port 1 (tcpmux) is closed on any machine that runs these tests.
+        let err = projection("http://127.0.0.1:1")
+            .account("acc-1", &AccountQuery::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 3);
+        assert_eq!(
+            err.to_string(),
+            "cannot reach the projection at http://127.0.0.1:1: connection refused"
+        );
+    }
+}
