@@ -191,7 +191,10 @@ fn parse_version(name: &str, text: &str) -> Result<u64, ApiError> {
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, ApiError> {
-    DateTime::parse_from_rfc3339(text.trim())
+    let text = text.trim();
+    DateTime::parse_from_rfc3339(text)
+        // An unencoded `+02:00` arrives as ` 02:00`: take it as meant.
+        .or_else(|e| DateTime::parse_from_rfc3339(&text.replace(' ', "+")).map_err(|_| e))
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| {
             ApiError::InvalidQuery(format!(
@@ -446,6 +449,10 @@ mod tests {
         assert!(parse_version("version", "-1").is_err());
         assert!(parse_time("2026-01-01T00:00:00Z").is_ok());
         assert!(parse_time("2026-01-01T00:00:00+02:00").is_ok());
+        assert_eq!(
+            parse_time("2026-01-01T02:00:00 02:00").ok(),
+            parse_time("2026-01-01T00:00:00Z").ok()
+        );
         assert!(parse_time("yesterday").is_err());
         assert_eq!(parse_timeout(None).ok(), Some(DEFAULT_WAIT));
         assert!(parse_timeout(Some("999999")).is_err());

@@ -76,6 +76,7 @@ pub fn group_id(settings: &Settings) -> String {
 pub fn consumer_config(settings: &Settings, group: &str) -> ClientConfig {
     let mut config = settings.kafka.client_config();
     config
+        .remove("partitioner") // a producer property; librdkafka warns on consumers
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -7,7 +7,7 @@ use chrono::Utc;
 use shared::envelope::Metadata;
 use shared::{Event, EventCodec, EventEnvelope};
 
-use crate::helpers::{Backend, EventWriter, TestDb, ids, settings_for, spawn_app};
+use crate::helpers::{Backend, EventWriter, TestDb, ids, settings_for, spawn_app, wait_for};
 
 both_backends!(http_contract);
 
@@ -135,6 +135,12 @@ async fn http_contract(backend: Backend) {
     assert_eq!((status, &body["status"]), (200, &"ok".into()));
     let (status, _) = app.get("/ready").await;
     assert_eq!(status, 200);
+    wait_for(
+        "the lag gauges to read 0",
+        Duration::from_secs(30),
+        || async { (app.metric("projection_consumer_lag").await == 0.0).then_some(()) },
+    )
+    .await;
     let (status, metrics) = app.get_text("/metrics").await;
     assert_eq!(status, 200);
     for name in [

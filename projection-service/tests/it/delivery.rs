@@ -235,6 +235,9 @@ async fn an_unreachable_registry_is_retried_never_dead_lettered(backend: Backend
         app.metric("projection_events_dead_lettered_total").await,
         0.0
     );
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(status, 503, "not caught up while an event waits: {body}");
+    assert_eq!(body["error"]["code"], "NotReady");
     let retries = app.metric("projection_registry_retries_total").await;
     // Shutdown interrupts the retry loop without committing anything.
     app.stop().await.expect("clean stop while retrying");
@@ -243,6 +246,7 @@ async fn an_unreachable_registry_is_retried_never_dead_lettered(backend: Backend
     let app = spawn_app(settings).await;
     let account = app.wait_version(&id, 2).await;
     assert_eq!(account["balance_minor"], 15);
+    app.wait_ready().await;
     assert_eq!(
         app.metric("projection_events_dead_lettered_total").await,
         0.0
