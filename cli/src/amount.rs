@@ -20,10 +20,23 @@ pub enum Sign {
     ZeroOrMore,
 }
 
-/// Refuses text that is not a decimal number, whatever the currency.
-pub fn check_number(text: &str) -> Result<(), CliError> {
-    match parse_minor(text, 0) {
-        Err(AmountError::NotANumber(_)) => Err(usage(text, "is not a number (try 12.34)")),
+/// Refuses text that is not a decimal number, or whose sign `sign` excludes, whatever the
+/// currency (so this check needs no lookup of the account's currency).
+pub fn check_number(text: &str, sign: Sign) -> Result<(), CliError> {
+    if let Err(AmountError::NotANumber(_)) = parse_minor(text, 0) {
+        return Err(usage(text, "is not a number (try 12.34)"));
+    }
+    let trimmed = text.trim();
+    let negative = trimmed.starts_with('-');
+    let mantissa = trimmed
+        .trim_start_matches(['+', '-'])
+        .split(['e', 'E'])
+        .next()
+        .unwrap_or_default();
+    let zero = mantissa.bytes().all(|b| b == b'0' || b == b'.');
+    match sign {
+        Sign::Positive if zero || negative => Err(usage(text, "must be more than zero")),
+        Sign::ZeroOrMore if negative && !zero => Err(usage(text, "must not be negative")),
         _ => Ok(()),
     }
 }
@@ -113,10 +126,10 @@ mod tests {
                 msg(parse_amount(text, "USD", Sign::Positive)).contains("is not a number"),
                 "{text}"
             );
-            assert!(check_number(text).is_err(), "{text}");
+            assert!(check_number(text, Sign::ZeroOrMore).is_err(), "{text}");
         }
         assert!(
-            check_number("12.345").is_ok(),
+            check_number("12.345", Sign::Positive).is_ok(),
             "the currency decides precision, not this"
         );
         assert!(msg(parse_amount("1e30", "USD", Sign::Positive)).contains("too large"));
@@ -133,6 +146,27 @@ mod tests {
             msg(parse_amount("-0.01", "USD", Sign::ZeroOrMore)),
             "amount `-0.01` must not be negative"
         );
+    }
+
+    #[test]
+    fn signs_are_checked_without_a_currency() {
+        for zero in ["0", "0.00", "-0", "+0.0", "0e5", ".0"] {
+            assert!(check_number(zero, Sign::Positive).is_err(), "{zero}");
+            assert!(check_number(zero, Sign::ZeroOrMore).is_ok(), "{zero}");
+        }
+        for negative in ["-5", "-0.01", "-1e2"] {
+            assert!(
+                check_number(negative, Sign::Positive).is_err(),
+                "{negative}"
+            );
+            assert!(
+                check_number(negative, Sign::ZeroOrMore).is_err(),
+                "{negative}"
+            );
+        }
+        for fine in ["5", "+0.01", "1e-2", "12.345"] {
+            assert!(check_number(fine, Sign::Positive).is_ok(), "{fine}");
+        }
     }
 
     #[test]

@@ -199,7 +199,7 @@ async fn money(
     projection: &Projection,
 ) -> Result<(String, i64, Expect), CliError> {
     check_id(&args.id)?;
-    check_number(&args.amount)?;
+    check_number(&args.amount, Sign::Positive)?;
     let currency = match &args.currency {
         Some(c) => {
             check_currency(c)?;
