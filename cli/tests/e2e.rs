@@ -1,0 +1,459 @@
+//! End to end: the real `command-service` and `projection-service` binaries as child processes
+//! (unique topic prefix, 3 partitions, free ports, a temporary SQLite read model), driven
+//! through the `bank` binary exactly as the README's tour does.
+//!
+//! Needs a broker: `KAFKA_BOOTSTRAP_SERVERS` (see `scripts/test`). The service binaries are
+//! built first with `cargo build --bin command-service --bin projection-service` (quick when
+//! up to date): integration tests only get their own crate's binaries from cargo.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shared::testing::{kafka_bootstrap, unique_name};
+
+/// How long the services get to become ready (topic creation, group join, catch-up).
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the projection gets to show a write.
+const PROJECTION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The workspace's `target/<profile>` directory: where this test binary's `deps/` lives.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Builds both services once per test run.
+fn build_services() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO")
+            .ok()
+            .or_else(|| option_env!("CARGO").map(str::to_owned))
+            .unwrap_or_else(|| "cargo".to_owned());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut build = Command::new(&cargo);
+        build.current_dir(&workspace).args([
+            "build",
+            "--bin",
+            "command-service",
+            "--bin",
+            "projection-service",
+        ]);
+        if target_dir().file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run `{cargo} build` for the service binaries: {e}"));
+        assert!(
+            status.success(),
+            "`cargo build --bin command-service --bin projection-service` failed ({status}); \
+             build them by hand and rerun"
+        );
+    });
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `GET path` on `addr` with a plain HTTP/1.0 request: the status code, if anyone answered.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// The two services, killed when dropped (their logs are shown if the test failed).
+struct Services {
+    children: Vec<(&'static str, Child, PathBuf)>,
+    bootstrap: String,
+    prefix: String,
+    projection_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Services {
+    fn start() -> Services {
+        let bootstrap = kafka_bootstrap();
+        let build = Instant::now();
+        build_services();
+        eprintln!("service binaries built in {:?}", build.elapsed());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let prefix = unique_name("e2e");
+        let command_addr = format!("127.0.0.1:{}", free_port());
+        let projection_addr = format!("127.0.0.1:{}", free_port());
+        let database = format!("sqlite://{}", dir.path().join("projection.db").display());
+        let mut services = Services {
+            children: Vec::new(),
+            bootstrap: bootstrap.clone(),
+            prefix: prefix.clone(),
+            projection_url: format!("http://{projection_addr}"),
+            _dir: dir,
+        };
+        for name in ["command-service", "projection-service"] {
+            let log = services._dir.path().join(format!("{name}.log"));
+            let out = std::fs::File::create(&log).expect("log file");
+            let err = out.try_clone().expect("log file");
+            let binary = target_dir().join(name);
+            let child = Command::new(&binary)
+                .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
+                .env("TOPIC_PREFIX", &prefix)
+                .env("PARTITIONS", "3")
+                .env("COMMAND_HTTP_ADDR", &command_addr)
+                .env("PROJECTION_HTTP_ADDR", &projection_addr)
+                .env("PROJECTION_DATABASE_URL", &database)
+                .env("INSTANCE_ID", unique_name("e2e-command-service"))
+                .env("RUST_LOG", "info,rdkafka=warn")
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            services.children.push((name, child, log));
+        }
+        let started = Instant::now();
+        let deadline = started + READY_TIMEOUT;
+        for (name, addr) in [
+            ("command-service", &command_addr),
+            ("projection-service", &projection_addr),
+        ] {
+            while http_status(addr, "/ready") != Some(200) {
+                services.assert_running();
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} at {addr} not ready within {READY_TIMEOUT:?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            eprintln!("{name} ready after {:?}", started.elapsed());
+        }
+        services
+    }
+
+    fn assert_running(&mut self) {
+        for (name, child, _) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited early: {status}");
+            }
+        }
+    }
+
+    /// Runs `bank` with this system's settings (flags given in `args` win).
+    fn bank(&self, args: &[&str]) -> Run {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_bank"))
+            .args(args)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .env("TOPIC_PREFIX", &self.prefix)
+            .env("PROJECTION_URL", &self.projection_url)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run bank");
+        let run = Run::new(args, output, started.elapsed());
+        eprintln!("bank {} -> {} in {:?}", run.args, run.code, run.took);
+        run
+    }
+
+    /// `bank get ID --json` until the projection shows `version`.
+    fn wait_for_version(&self, id: &str, version: u64) -> Value {
+        let deadline = Instant::now() + PROJECTION_DEADLINE;
+        loop {
+            let run = self.bank(&["get", id, "--json"]);
+            if run.code == 0 {
+                let account = run.json();
+                if account["version"].as_u64() >= Some(version) {
+                    return account;
+                }
+            } else {
+                assert_eq!(run.code, 1, "{run}"); // 404 until the open is projected
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the projection did not reach {id} version {version} in {PROJECTION_DEADLINE:?}: {run}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for (name, child, log) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                let text = std::fs::read_to_string(&*log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("---- last lines of {name}'s log ----");
+                tail.iter().rev().for_each(|l| eprintln!("{l}"));
+            }
+        }
+    }
+}
+
+/// One `bank` run.
+struct Run {
+    args: String,
+    code: i32,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Run {
+    fn new(args: &[&str], output: Output, took: Duration) -> Run {
+        Run {
+            args: args.join(" "),
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            took,
+        }
+    }
+
+    #[track_caller]
+    fn expect(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "{self}");
+        self
+    }
+
+    #[track_caller]
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self}"))
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`bank {}` exited {} after {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.args, self.code, self.took, self.stdout, self.stderr
+        )
+    }
+}
+
+#[test]
+fn the_readme_tour_works_end_to_end() {
+    let system = Services::start();
+    let bank = |args: &[&str]| system.bank(args);
+
+    // Commands over Kafka.
+    let open = bank(&[
+        "open",
+        "acc-1",
+        "--owner",
+        "Alice",
+        "--currency",
+        "EUR",
+        "--initial",
+        "100.00",
+    ])
+    .expect(0);
+    assert_eq!(
+        open.stdout.trim(),
+        "accepted: acc-1 is at version 1",
+        "{open}"
+    );
+    let deposit = bank(&["deposit", "acc-1", "50.25"]).expect(0);
+    assert_eq!(
+        deposit.stdout.trim(),
+        "accepted: acc-1 is at version 2",
+        "{deposit}"
+    );
+    let overdraft = bank(&["withdraw", "acc-1", "1000"]).expect(1);
+    assert!(
+        overdraft.stderr.contains("InsufficientFunds"),
+        "{overdraft}"
+    );
+    assert!(overdraft.stderr.starts_with("error: "), "{overdraft}");
+    let overdraft = bank(&["withdraw", "acc-1", "1000", "--json"]).expect(1);
+    assert_eq!(
+        overdraft.json()["error"]["code"],
+        "InsufficientFunds",
+        "{overdraft}"
+    );
+
+    // Queries over HTTP, once the projection has caught up.
+    let account = system.wait_for_version("acc-1", 2);
+    assert_eq!(account["balance"], "150.25");
+    assert_eq!(account["balance_minor"], 15025);
+    let get = bank(&["get", "acc-1"]).expect(0);
+    assert!(get.stdout.contains("balance:      150.25 EUR"), "{get}");
+    assert!(get.stdout.contains("owner:        Alice"), "{get}");
+    assert!(get.stdout.contains("version:      2"), "{get}");
+
+    let history = bank(&["history", "acc-1"]).expect(0);
+    assert_eq!(
+        history.stdout.lines().count(),
+        3,
+        "header and two events: {history}"
+    );
+    assert!(history.stdout.contains("AccountOpened"), "{history}");
+    assert!(
+        history.stdout.contains("50.25 EUR  150.25 EUR"),
+        "{history}"
+    );
+    let events = bank(&["history", "acc-1", "--json"]).expect(0).json();
+    let events = events.as_array().expect("an array of events");
+    assert_eq!(events.len(), 2);
+    let time = |i: usize| {
+        chrono::DateTime::parse_from_rfc3339(events[i]["timestamp"].as_str().expect("timestamp"))
+            .expect("RFC 3339 timestamp")
+    };
+    let between = time(0) + (time(1) - time(0)) / 2;
+    assert!(time(0) < between && between < time(1), "events {events:?}");
+    let as_of = bank(&["get", "acc-1", "--as-of", &between.to_rfc3339()]).expect(0);
+    assert!(as_of.stdout.contains("balance:      100.00 EUR"), "{as_of}");
+    let v1 = bank(&["get", "acc-1", "--version", "1", "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(
+        (v1["version"].as_u64(), v1["balance"].as_str()),
+        (Some(1), Some("100.00"))
+    );
+
+    let list = bank(&["list"]).expect(0);
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.starts_with("acc-1  Alice  active")),
+        "{list}"
+    );
+    let page = bank(&["list", "--status", "active", "--json"])
+        .expect(0)
+        .json();
+    assert!(
+        page["accounts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["id"] == "acc-1"))
+    );
+
+    let close = bank(&["close", "acc-1"]).expect(1);
+    assert!(close.stderr.contains("NonZeroBalance"), "{close}");
+
+    // A bad amount is refused before anything is sent: the next deposit is version 3.
+    let bad = bank(&["deposit", "acc-1", "12.345"]).expect(2);
+    assert!(bad.stderr.contains("more than 2 decimal places"), "{bad}");
+    let next = bank(&["deposit", "acc-1", "1", "--json"]).expect(0).json();
+    assert_eq!(
+        (next["status"].as_str(), next["version"].as_u64()),
+        (Some("accepted"), Some(3))
+    );
+
+    let unknown = bank(&["get", "no-such-account"]).expect(1);
+    assert!(unknown.stderr.contains("no-such-account"), "{unknown}");
+
+    // Unreachable services: exit 3, naming the address, in bounded time.
+    let no_projection = bank(&["get", "acc-1", "--projection-url", "http://127.0.0.1:1"]).expect(3);
+    assert!(
+        no_projection
+            .stderr
+            .contains("cannot reach the projection at http://127.0.0.1:1"),
+        "{no_projection}"
+    );
+    let no_kafka = bank(&[
+        "deposit",
+        "acc-1",
+        "1",
+        "--bootstrap-servers",
+        "127.0.0.1:1",
+    ])
+    .expect(3);
+    assert!(
+        no_kafka
+            .stderr
+            .contains("cannot reach Kafka at 127.0.0.1:1"),
+        "{no_kafka}"
+    );
+    assert!(no_kafka.took < Duration::from_secs(10), "{no_kafka}");
+
+    // A small workload, all answered.
+    let load = bank(&["load", "--accounts", "5", "--ops", "50", "--seed", "1"]).expect(0);
+    assert!(load.stdout.starts_with("55 commands in "), "{load}");
+    let summary = bank(&["load", "--accounts", "3", "--ops", "20", "--json"])
+        .expect(0)
+        .json();
+    assert_eq!(summary["commands"], 23);
+}
+
+/// No services needed: the amount is refused before Kafka is even contacted (the broker address
+/// is unreachable, and the answer is 2, not 3).
+#[test]
+fn bad_input_is_refused_before_sending() {
+    let bank = |args: &[&str]| {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_bank"))
+            .args(args)
+            .args([
+                "--bootstrap-servers",
+                "127.0.0.1:1",
+                "--projection-url",
+                "http://127.0.0.1:1",
+            ])
+            .output()
+            .expect("run bank");
+        Run::new(args, output, started.elapsed())
+    };
+    for (args, message) in [
+        (
+            &["deposit", "acc-1", "12.345", "--currency", "EUR"][..],
+            "more than 2 decimal places",
+        ),
+        (&["withdraw", "acc-1", "abc"][..], "is not a number"),
+        (&["deposit", "acc-1", "0"][..], "more than zero"),
+        (
+            &["withdraw", "acc-1", "-5", "--currency", "USD"][..],
+            "more than zero",
+        ),
+        (
+            &["open", "acc-1", "--owner", "A", "--initial", "-1"][..],
+            "must not be negative",
+        ),
+        (
+            &["open", "acc-1", "--owner", "A", "--currency", "euro"][..],
+            "ISO 4217",
+        ),
+        (
+            &[
+                "open",
+                "jpy-1",
+                "--owner",
+                "A",
+                "--currency",
+                "JPY",
+                "--initial",
+                "1.5",
+            ][..],
+            "JPY",
+        ),
+        (&["get", "acc-1", "--as-of", "yesterday"][..], "RFC 3339"),
+    ] {
+        let run = bank(args).expect(2);
+        assert!(run.stderr.contains(message), "{run}");
+        assert_eq!(run.stderr.lines().count(), 1, "one line: {run}");
+        assert!(run.took < Duration::from_secs(3), "{run}");
+    }
+    // clap's own usage errors exit 2 too.
+    bank(&["open", "acc-1"]).expect(2);
+    bank(&["frobnicate"]).expect(2);
+}
