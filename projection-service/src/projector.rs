@@ -287,6 +287,8 @@ pub async fn collect<C: ConsumerContext + 'static>(
         Err(_) => return Collected::Idle,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "consumer error");
+            // Errors can repeat while a broker is away: do not spin.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             return Collected::Idle;
         }
         Ok(Ok(m)) => {
@@ -541,7 +543,7 @@ impl Projector {
         match Database::write_batch(&mut tx, &self.tables, &self.topic, &plan.write).await {
             Ok(()) => {}
             Err(StoreError::Conflict(reason)) => {
-                drop(tx);
+                tx.rollback().await.map_err(StoreError::from)?;
                 tracing::warn!(%reason, "stored offsets moved; re-reading them");
                 let moved = self.resync(consumer, next.keys().copied()).await?;
                 return Err(Attempt::Moved(moved));
