@@ -13,7 +13,6 @@
 //!
 //! Needs `KAFKA_BOOTSTRAP_SERVERS` and the release binaries (`scripts/bench` does both).
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
@@ -21,12 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use futures::StreamExt;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use shared::client::CommandClient;
-use shared::kafka::{TopicSpec, Topics, canonical_partition, ensure_topics};
+use shared::kafka::{TopicReader, TopicSpec, Topics, canonical_partition, ensure_topics};
 use shared::{Command, CommandMessage, Settings};
 
 #[derive(Parser, Debug)]
@@ -248,34 +244,10 @@ async fn raw_producer(settings: &Settings, commands: &[CommandMessage]) -> anyho
 
 /// Reads a whole topic read_committed and counts its messages.
 fn count_messages(settings: &Settings, topic: &str) -> anyhow::Result<usize> {
-    let consumer: BaseConsumer = settings
-        .kafka
-        .client_config()
-        .set(
-            "group.id",
-            format!("{}.bench-reader", settings.topic_prefix),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..settings.partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let mut pending: HashSet<i32> = (0..settings.partitions).collect();
+    let partitions: Vec<i32> = (0..settings.partitions).collect();
+    let group = format!("{}.bench-reader", settings.topic_prefix);
     let mut count = 0;
-    while !pending.is_empty() {
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(_)) => count += 1,
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                pending.remove(&p);
-            }
-            Some(Err(e)) => bail!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
+    TopicReader::open(&settings.kafka, &group, topic, &partitions)?.drain(|_| count += 1);
     Ok(count)
 }
 

@@ -9,15 +9,13 @@
 //! Events at or below an aggregate's snapshot version are not decoded: their headers suffice.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::message::Message;
 use shared::codec::{header, header_str};
 use shared::envelope::{EventRef, Snapshot};
-use shared::kafka::Topics;
+use shared::kafka::{TopicReader, Topics};
 use shared::{CommandResult, CommandStatus, EventCodec, Settings};
 use uuid::Uuid;
 
@@ -53,13 +51,18 @@ pub fn restore(
     }
 
     let started = Instant::now();
-    let snapshot_reader = open_reader(settings, &topics.snapshots(), partitions)?;
-    let event_reader = open_reader(settings, &topics.events(), partitions)?;
-    let result_reader = open_reader(settings, &topics.command_results(), partitions)?;
+    let group = format!("{}.command-service.restore", settings.topic_prefix);
+    let open = |topic: String| {
+        TopicReader::open(&settings.kafka, &group, &topic, partitions)
+            .map_err(|source| RestoreError::Kafka { topic, source })
+    };
+    let snapshot_reader = open(topics.snapshots())?;
+    let event_reader = open(topics.events())?;
+    let result_reader = open(topics.command_results())?;
     // 1. Latest snapshot per aggregate.
     let mut snapshots: HashMap<String, Snapshot> = HashMap::new();
-    drain(snapshot_reader, |msg| {
-        match msg.payload().map(serde_json::from_slice::<Snapshot>) {
+    snapshot_reader.drain(
+        |msg| match msg.payload().map(serde_json::from_slice::<Snapshot>) {
             Some(Ok(s))
                 if snapshots
                     .get(&s.aggregate_id)
@@ -72,8 +75,8 @@ pub fn restore(
                 tracing::warn!(offset = msg.offset(), error = %e, "unreadable snapshot ignored")
             }
             None => {}
-        }
-    });
+        },
+    );
     for snapshot in snapshots.values() {
         if let Some(state) = snapshot_partition(&states, snapshot, settings.partitions) {
             state_mut(&mut states, state)
@@ -85,7 +88,7 @@ pub fn restore(
     // 2. Events: fold what the snapshots do not cover; collect accepted commands from headers.
     let mut accepted: HashMap<Uuid, (i32, String, Vec<EventRef>)> = HashMap::new();
     let mut events_read = 0usize;
-    drain(event_reader, |msg| {
+    event_reader.drain(|msg| {
         events_read += 1;
         let partition = msg.partition();
         let aggregate_id = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
@@ -179,7 +182,7 @@ pub fn restore(
     }
 
     // 3. Results (rejections, and accepted ones again).
-    drain(result_reader, |msg| {
+    result_reader.drain(|msg| {
         if let Some(Ok(result)) = msg.payload().map(serde_json::from_slice::<CommandResult>) {
             states
                 .entry(msg.partition())
@@ -196,19 +199,6 @@ pub fn restore(
     Ok((states, events_read))
 }
 
-/// Consumer context that does not log end-of-partition, which restore waits for on purpose.
-struct QuietEof;
-
-impl rdkafka::ClientContext for QuietEof {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::error!(error = %error, reason, "librdkafka error");
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for QuietEof {}
-
 fn snapshot_partition(
     states: &HashMap<i32, PartitionState>,
     snapshot: &Snapshot,
@@ -220,75 +210,4 @@ fn snapshot_partition(
 
 fn state_mut(states: &mut HashMap<i32, PartitionState>, partition: i32) -> &mut PartitionState {
     states.entry(partition).or_default()
-}
-
-/// A consumer for `partitions` of `topic` from the beginning (read_committed). It reads to "the
-/// end" is where the consumer reports end-of-partition: with
-/// read_committed that is the last stable offset, so a dead writer's open transaction (which
-/// can only abort) is not waited for.
-fn open_reader(
-    settings: &Settings,
-    topic: &str,
-    partitions: &[i32],
-) -> Result<Reader, RestoreError> {
-    let err = |source| RestoreError::Kafka {
-        topic: topic.to_owned(),
-        source,
-    };
-    let consumer: BaseConsumer<QuietEof> = settings
-        .kafka
-        .client_config()
-        .set(
-            "group.id",
-            format!("{}.command-service.restore", settings.topic_prefix),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .create_with_context(QuietEof)
-        .map_err(err)?;
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .map_err(err)?;
-    }
-    consumer.assign(&tpl).map_err(err)?;
-    Ok(Reader {
-        consumer,
-        topic: topic.to_owned(),
-        partitions: partitions.to_vec(),
-    })
-}
-
-/// An assigned restore consumer; created for all topics up front so that their connections and
-/// offset look-ups overlap.
-struct Reader {
-    consumer: BaseConsumer<QuietEof>,
-    topic: String,
-    partitions: Vec<i32>,
-}
-
-/// Reads a reader's partitions to the end, calling `each` for every message.
-fn drain(reader: Reader, mut each: impl FnMut(&BorrowedMessage<'_>)) {
-    let Reader {
-        consumer,
-        topic,
-        partitions,
-    } = reader;
-    let mut pending = partitions;
-    let mut last_log = Instant::now();
-    while !pending.is_empty() {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(msg)) => each(&msg),
-            Some(Err(KafkaError::PartitionEOF(p))) => pending.retain(|x| *x != p),
-            Some(Err(e)) => tracing::warn!(%topic, error = %e, "restore read error; retrying"),
-            None => {}
-        }
-        if last_log.elapsed() > Duration::from_secs(5) {
-            tracing::info!(%topic, waiting_for = ?pending, "restore still reading");
-            last_log = Instant::now();
-        }
-    }
 }

@@ -3,10 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 
@@ -195,6 +197,83 @@ pub fn check_copartitioned(counts: &[(String, i32)]) -> Result<i32, TopicError> 
     } else {
         let listed: Vec<String> = counts.iter().map(|(t, n)| format!("{t} has {n}")).collect();
         Err(TopicError::NotCoPartitioned(listed.join(", ")))
+    }
+}
+
+/// Reads partitions of a topic from the beginning to their end, read_committed: for restoring
+/// state, for tools and for tests. "The end" is where the consumer reports end-of-partition;
+/// with read_committed that is the last stable offset, so an open transaction of a writer that
+/// is gone (and can only abort) is not waited for.
+pub struct TopicReader {
+    consumer: BaseConsumer<QuietEof>,
+    topic: String,
+    partitions: Vec<i32>,
+}
+
+/// Consumer context that does not log end-of-partition, which a [`TopicReader`] waits for.
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
+
+impl TopicReader {
+    /// Assigns `partitions` of `topic` from the beginning. Creating several readers before
+    /// draining any lets their connections and offset look-ups overlap.
+    pub fn open(
+        settings: &KafkaSettings,
+        group_id: &str,
+        topic: &str,
+        partitions: &[i32],
+    ) -> KafkaResult<TopicReader> {
+        let consumer: BaseConsumer<QuietEof> = settings
+            .client_config()
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(QuietEof)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(TopicReader {
+            consumer,
+            topic: topic.to_owned(),
+            partitions: partitions.to_vec(),
+        })
+    }
+
+    /// Calls `each` for every message up to the end of every partition. Read errors are logged
+    /// and the read goes on (librdkafka retries by itself).
+    pub fn drain(self, mut each: impl FnMut(&BorrowedMessage<'_>)) {
+        let TopicReader {
+            consumer,
+            topic,
+            mut partitions,
+        } = self;
+        let mut last_log = Instant::now();
+        while !partitions.is_empty() {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(msg)) => each(&msg),
+                Some(Err(KafkaError::PartitionEOF(p))) => partitions.retain(|x| *x != p),
+                Some(Err(e)) => tracing::warn!(%topic, error = %e, "read error; retrying"),
+                None => {}
+            }
+            if last_log.elapsed() > Duration::from_secs(5) {
+                tracing::info!(%topic, waiting_for = ?partitions, "still reading");
+                last_log = Instant::now();
+            }
+        }
     }
 }
 

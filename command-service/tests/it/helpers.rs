@@ -5,13 +5,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
-use shared::kafka::{Topics, canonical_partition};
+use shared::kafka::{TopicReader, Topics, canonical_partition};
 use shared::{
     BankAccount, Command, CommandMessage, CommandResult, CommandStatus, EventCodec, EventEnvelope,
     Settings,
@@ -234,35 +231,16 @@ pub fn open(id: &str, owner: &str, initial: i64) -> CommandMessage {
 
 /// Every message of `topic`, partition by partition in offset order, read_committed, to the end.
 pub fn read_topic(settings: &Settings, topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = settings
-        .kafka
-        .client_config()
-        .set("group.id", shared::testing::unique_name("reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..settings.partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut pending: HashSet<i32> = (0..settings.partitions).collect();
+    let partitions: Vec<i32> = (0..settings.partitions).collect();
+    let reader = TopicReader::open(
+        &settings.kafka,
+        &shared::testing::unique_name("reader"),
+        topic,
+        &partitions,
+    )
+    .unwrap();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pending.is_empty() {
-        assert!(Instant::now() < deadline, "reading {topic} timed out");
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(m.detach()),
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                pending.remove(&p);
-            }
-            Some(Err(e)) => panic!("read error: {e}"),
-            None => {}
-        }
-    }
+    reader.drain(|m| out.push(m.detach()));
     out.sort_by_key(|m| (m.partition(), m.offset()));
     out
 }
