@@ -203,8 +203,7 @@ async fn raw_producer(settings: &Settings, commands: &[CommandMessage]) -> anyho
     .await?;
     let producer: FutureProducer = settings
         .kafka
-        .client_config()
-        .set("enable.idempotence", "true")
+        .producer_config()
         .set("linger.ms", "5")
         .create()?;
     let payloads: Vec<(String, Vec<u8>)> = commands

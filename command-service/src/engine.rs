@@ -157,11 +157,10 @@ impl Engine {
         runtime: tokio::runtime::Handle,
         status: Arc<Status>,
     ) -> KafkaResult<Self> {
-        let mut producer_config = settings.kafka.client_config();
+        let mut producer_config = settings.kafka.producer_config();
         producer_config
             .set("transactional.id", transactional_id(&settings))
             .set("transaction.timeout.ms", "10000")
-            .set("enable.idempotence", "true")
             .set("linger.ms", "2")
             .set("message.timeout.ms", "10000");
         let producer = new_producer(&producer_config)?;

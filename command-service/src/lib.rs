@@ -107,8 +107,7 @@ pub async fn run(
 
     let producer = settings
         .kafka
-        .client_config()
-        .set("enable.idempotence", "true")
+        .producer_config()
         .set("linger.ms", "1")
         .create()
         .context("cannot create the command producer")?;

@@ -55,8 +55,7 @@ impl DeadLetterQueue {
         source_topic: String,
     ) -> Result<Self, KafkaError> {
         let producer = kafka
-            .client_config()
-            .set("enable.idempotence", "true")
+            .producer_config()
             .set("acks", "all")
             .set("linger.ms", "5")
             .create()?;

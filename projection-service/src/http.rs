@@ -123,7 +123,13 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::NoRoute })
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // 5xx answers are expected here (`/ready` is 503 until caught up, 504 when a
+        // `min_version` wait runs out): the handlers log real failures themselves.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(state)
 }
 

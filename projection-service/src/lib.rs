@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use shared::codec::EncodeError;
 use shared::kafka::{TopicError, TopicSpec, Topics, ensure_topics};
@@ -76,7 +76,6 @@ pub fn group_id(settings: &Settings) -> String {
 pub fn consumer_config(settings: &Settings, group: &str) -> ClientConfig {
     let mut config = settings.kafka.client_config();
     config
-        .remove("partitioner") // a producer property; librdkafka warns on consumers
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -171,8 +170,16 @@ pub async fn run(
             })
             .await
     });
+    let watermarks: Arc<BaseConsumer> = Arc::new(
+        settings
+            .kafka
+            .client_config()
+            .create()
+            .map_err(ServiceError::Kafka)?,
+    );
     let monitor = tokio::spawn(projector::monitor(
         consumer.clone(),
+        watermarks,
         topic.clone(),
         book,
         status,

@@ -716,8 +716,13 @@ impl From<sqlx::Error> for Attempt {
 /// Every 500 ms: the lag of each assigned partition (last stable offset minus the stored
 /// offset, or the consumer's position when everything it has handed out is committed, which
 /// also steps over transaction markers), the lag gauge, and readiness once all lags are zero.
+///
+/// `watermarks` is a separate client only for watermark queries: on the group consumer's own
+/// connection a query waits behind the broker's long-poll fetch (up to `fetch.wait.max.ms` per
+/// partition), which made readiness and shutdown take seconds.
 pub async fn monitor(
     consumer: Arc<StreamConsumer<ProjectionContext>>,
+    watermarks: Arc<BaseConsumer>,
     topic: String,
     book: Arc<OffsetBook>,
     status: Arc<Status>,
@@ -740,8 +745,8 @@ pub async fn monitor(
         let consistent = idle_before
             && status.idle.load(Ordering::SeqCst)
             && before == status.received.load(Ordering::SeqCst);
-        let watermarks = {
-            let consumer = consumer.clone();
+        let query = {
+            let client = watermarks.clone();
             let topic = topic.clone();
             let partitions = partitions.clone();
             tokio::task::spawn_blocking(move || {
@@ -750,17 +755,20 @@ pub async fn monitor(
                     .map(|p| {
                         (
                             *p,
-                            consumer.fetch_watermarks(&topic, *p, Duration::from_secs(5)),
+                            client.fetch_watermarks(&topic, *p, Duration::from_secs(5)),
                         )
                     })
                     .collect::<Vec<_>>()
             })
-            .await
         };
-        let Ok(watermarks) = watermarks else { continue };
+        let marks = tokio::select! {
+            marks = query => marks,
+            _ = shutdown.changed() => return,
+        };
+        let Ok(marks) = marks else { continue };
         let mut caught_up = true;
         let mut to_commit = TopicPartitionList::new();
-        for (p, marks) in watermarks {
+        for (p, marks) in marks {
             let Ok((low, high)) = marks else {
                 caught_up = false;
                 continue;

@@ -55,8 +55,7 @@ impl CommandClient {
         };
         let producer: FutureProducer = settings
             .kafka
-            .client_config()
-            .set("enable.idempotence", "true")
+            .producer_config()
             .set("linger.ms", "5")
             .set("message.timeout.ms", "10000")
             .create()

@@ -56,17 +56,26 @@ pub fn canonical_partition(key: &[u8], partitions: i32) -> i32 {
 }
 
 impl KafkaSettings {
-    /// A librdkafka configuration with the bootstrap servers, the security pass-through and the
-    /// canonical partitioner. Callers add their role's settings.
+    /// A librdkafka configuration with the bootstrap servers and the security pass-through:
+    /// the one place every client's settings start from. Callers add their role's settings.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.bootstrap_servers)
-            .set("partitioner", "murmur2_random")
             .set("client.dns.lookup", "use_all_dns_ips");
         for (key, value) in &self.passthrough {
             config.set(key, value);
         }
+        config
+    }
+
+    /// [`KafkaSettings::client_config`] for a producer: idempotent, and the canonical
+    /// partitioner for any record sent without an explicit partition (ours always carry one).
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        config
+            .set("partitioner", "murmur2_random")
+            .set("enable.idempotence", "true");
         config
     }
 }
@@ -215,7 +224,11 @@ struct QuietEof;
 
 impl ClientContext for QuietEof {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
             tracing::error!(error = %error, reason, "librdkafka error");
         }
     }

@@ -6,12 +6,19 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Structured logs to stderr, filtered by `RUST_LOG` (default `info`). Safe to call twice.
+///
+/// A log line that cannot be written (stderr closed, a pipe whose reader died on Ctrl-C) is
+/// dropped silently: tracing-subscriber would otherwise report it with `eprintln!`, which panics
+/// on that same broken stderr, and a panic in the middle of a shutdown leaves Kafka clients
+/// hanging in their destructors.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .try_init();
 }
 
