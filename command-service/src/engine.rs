@@ -27,6 +27,7 @@ use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
+use shared::codec::EncodeError;
 use shared::envelope::{MalformedCommand, Metadata, Snapshot};
 use shared::kafka::{Topics, canonical_partition};
 use shared::{
@@ -141,6 +142,8 @@ pub struct Engine {
     txn: Option<Txn>,
     next_token: usize,
     status: Arc<Status>,
+    /// Set on shutdown; long work (restore) checks it.
+    stop: Arc<AtomicBool>,
     fatal: Option<String>,
 }
 
@@ -156,6 +159,7 @@ impl Engine {
         codec: Arc<EventCodec>,
         runtime: tokio::runtime::Handle,
         status: Arc<Status>,
+        stop: Arc<AtomicBool>,
     ) -> KafkaResult<Self> {
         let mut producer_config = settings.kafka.producer_config();
         producer_config
@@ -176,6 +180,7 @@ impl Engine {
             txn: None,
             next_token: 0,
             status,
+            stop,
             fatal: None,
         })
     }
@@ -192,15 +197,24 @@ impl Engine {
         }
         // With read_committed this waits for offsets a previous owner left pending in an
         // unfinished transaction (KIP-447), so the restore below sees everything it covered.
-        match consumer.committed_offsets(tpl, Duration::from_secs(30)) {
-            Ok(committed) => {
-                for e in committed.elements() {
-                    self.committed_next.insert(e.partition(), e.offset());
-                }
+        // Without them neither restore nor a later rewind would be sound: retry, then stop.
+        let mut attempt = 0;
+        let committed = loop {
+            attempt += 1;
+            match consumer.committed_offsets(tpl.clone(), Duration::from_secs(30)) {
+                Ok(c) if c.elements().iter().all(|e| e.error().is_ok()) => break c,
+                Ok(c) => tracing::warn!(attempt, offsets = ?c, "committed offsets not stable yet"),
+                Err(e) => tracing::warn!(attempt, error = %e, "cannot read committed offsets"),
             }
-            Err(e) => tracing::warn!(error = %e, "could not read committed offsets"),
+            if attempt >= 4 || self.stop.load(Ordering::SeqCst) {
+                self.fail("cannot read the committed offsets of the assigned partitions".into());
+                return;
+            }
+        };
+        for e in committed.elements() {
+            self.committed_next.insert(e.partition(), e.offset());
         }
-        match restore::restore(&self.settings, &self.codec, &self.runtime, partitions) {
+        match restore::restore(&self.settings, &self.codec, partitions, &self.stop) {
             Ok((states, events)) => {
                 let aggregates: usize = states.values().map(|s| s.accounts.len()).sum();
                 self.partitions.extend(states);
@@ -213,6 +227,10 @@ impl Engine {
                     elapsed_ms = elapsed.as_millis() as u64,
                     "partitions restored"
                 );
+            }
+            Err(restore::RestoreError::Interrupted) => {
+                tracing::info!("restore interrupted by shutdown");
+                return;
             }
             Err(e) => {
                 self.fail(format!("restore failed: {e}"));
@@ -320,13 +338,25 @@ impl Engine {
                     outcome,
                 )
             }
-            Ok(events) => {
-                let envelopes = self.append(partition, &command, state, &events)?;
-                (
+            Ok(events) => match self.append(partition, &command, state, &events) {
+                Ok(envelopes) => (
                     CommandResult::accepted(command.command_id, &command.aggregate_id, &envelopes),
                     "accepted",
-                )
-            }
+                ),
+                Err(AppendError::Unwritable(reason)) => {
+                    tracing::warn!(command_id = %command.command_id, %reason, "command's event cannot be written");
+                    let rejection = Rejection::new(RejectionCode::Malformed, reason);
+                    (
+                        CommandResult::rejected(
+                            command.command_id,
+                            &command.aggregate_id,
+                            rejection,
+                        ),
+                        "Malformed",
+                    )
+                }
+                Err(AppendError::Kafka(e)) => return Err(e),
+            },
         };
         self.send_result(partition, &result)?;
         self.remember(partition, result);
@@ -366,7 +396,7 @@ impl Engine {
         command: &CommandMessage,
         mut state: BankAccount,
         events: &[shared::Event],
-    ) -> KafkaResult<Vec<EventEnvelope>> {
+    ) -> Result<Vec<EventEnvelope>, AppendError> {
         let mut metadata: Metadata = command.metadata.clone();
         metadata.insert(
             "causation_id".into(),
@@ -388,13 +418,30 @@ impl Engine {
                 now,
                 metadata.clone(),
             );
-            let bytes = self
+            // A failure that redoing cannot cure (the registry refuses the event, the record is
+            // larger than Kafka takes) rejects the command instead of blocking the partition;
+            // only before anything of the command was produced.
+            let first = envelopes.is_empty();
+            let bytes = match self
                 .runtime
                 .block_on(self.codec.encode(&events_topic, &envelope))
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "event encoding failed");
-                    KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord)
-                })?;
+            {
+                Ok(bytes) => bytes,
+                Err(EncodeError::Registry {
+                    message,
+                    retriable: false,
+                }) if first => {
+                    return Err(AppendError::Unwritable(format!(
+                        "the event cannot be encoded: {message}"
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "event encoding failed; the transaction is redone");
+                    return Err(AppendError::Kafka(KafkaError::MessageProduction(
+                        RDKafkaErrorCode::InvalidRecord,
+                    )));
+                }
+            };
             let token = if state.version.is_multiple_of(self.settings.snapshot_every) {
                 self.next_token += 1;
                 snapshot_token = Some((self.next_token, state.clone()));
@@ -403,18 +450,30 @@ impl Engine {
                 0
             };
             let headers = shared::codec::event_headers(&envelope);
-            self.send(
+            let sent = self.send(
                 &events_topic,
                 partition,
                 command.aggregate_id.as_bytes(),
                 &bytes,
                 Some(headers),
                 token,
-            )?;
+            );
+            match sent {
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge))
+                    if first =>
+                {
+                    return Err(AppendError::Unwritable(format!(
+                        "the event ({} bytes) is larger than Kafka accepts",
+                        bytes.len()
+                    )));
+                }
+                other => other?,
+            }
             envelopes.push(envelope);
         }
         if let Some((token, snapshot_state)) = snapshot_token {
-            self.snapshot(partition, &command.aggregate_id, token, snapshot_state)?;
+            self.snapshot(partition, &command.aggregate_id, token, snapshot_state)
+                .map_err(AppendError::Kafka)?;
         }
         if let Some(txn) = self.txn.as_mut() {
             txn.overlay
@@ -569,28 +628,76 @@ impl Engine {
             Some(cgm) => self
                 .producer
                 .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
-                .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT)),
+                .and_then(|()| self.commit_with_retries()),
             // Not in a group generation (between rebalances): nothing can be committed.
             None => Err(KafkaError::ConsumerCommit(
                 RDKafkaErrorCode::IllegalGeneration,
             )),
         };
         match result {
-            Ok(()) => {
-                let Some(txn) = self.txn.take() else { return };
-                let n = self.settings.partitions;
-                txn.overlay.merge_into(&mut self.partitions, |id| {
-                    canonical_partition(id.as_bytes(), n)
-                });
-                for (p, next) in txn.next_offsets {
-                    self.committed_next.insert(p, Offset::Offset(next));
-                }
-                m::transaction("committed");
-                for (outcome, received) in txn.outcomes {
-                    m::command(outcome, received.elapsed());
-                }
-            }
+            Ok(()) => self.committed(),
             Err(e) => self.on_txn_error(consumer, e),
+        }
+    }
+
+    /// `commit_transaction`, called again while it fails with a retriable error (a timeout):
+    /// librdkafka resumes the commit where it was.
+    fn commit_with_retries(&self) -> KafkaResult<()> {
+        let mut attempt = 1;
+        loop {
+            match self.producer.commit_transaction(TXN_TIMEOUT) {
+                Err(KafkaError::Transaction(e))
+                    if attempt < 3
+                        && e.is_retriable()
+                        && !e.is_fatal()
+                        && !e.txn_requires_abort() =>
+                {
+                    tracing::warn!(error = %e, attempt, "commit did not complete; retrying");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The open transaction is committed: its overlay becomes the partitions' state.
+    fn committed(&mut self) {
+        let Some(txn) = self.txn.take() else { return };
+        let n = self.settings.partitions;
+        txn.overlay.merge_into(&mut self.partitions, |id| {
+            canonical_partition(id.as_bytes(), n)
+        });
+        for (p, next) in txn.next_offsets {
+            self.committed_next.insert(p, Offset::Offset(next));
+        }
+        m::transaction("committed");
+        for (outcome, received) in txn.outcomes {
+            m::command(outcome, received.elapsed());
+        }
+    }
+
+    /// After an indefinite failure and a new producer (whose `init_transactions` finished the
+    /// old transaction one way or the other): did it commit? Its offsets say so.
+    fn committed_in_the_end(&self, consumer: &EngineConsumer) -> bool {
+        let Some(txn) = self.txn.as_ref().filter(|t| !t.next_offsets.is_empty()) else {
+            return false;
+        };
+        let commands = self.topics.commands();
+        let mut tpl = TopicPartitionList::new();
+        for p in txn.next_offsets.keys() {
+            tpl.add_partition(&commands, *p);
+        }
+        match consumer.committed_offsets(tpl, TXN_TIMEOUT) {
+            Ok(committed) => txn.next_offsets.iter().all(|(p, next)| {
+                committed
+                    .find_partition(&commands, *p)
+                    .is_some_and(|e| e.error().is_ok() && e.offset() == Offset::Offset(*next))
+            }),
+            Err(e) => {
+                // Unknown outcome and no way to learn it: stopping is the only safe move.
+                tracing::error!(error = %e, "cannot read the committed offsets after an indefinite commit");
+                false
+            }
         }
     }
 
@@ -617,6 +724,11 @@ impl Engine {
                     self.fail(format!("cannot re-create the transactional producer: {e}"));
                     return;
                 }
+            }
+            if self.committed_in_the_end(consumer) {
+                tracing::warn!("the timed-out transaction did commit; keeping its changes");
+                self.committed();
+                return;
             }
         }
         m::transaction("aborted");
@@ -647,6 +759,20 @@ impl Engine {
     }
 }
 
+/// Why a command's events could not be produced.
+enum AppendError {
+    /// Redoing the transaction cannot help: the command is rejected with this reason.
+    Unwritable(String),
+    /// Abort and redo.
+    Kafka(KafkaError),
+}
+
+impl From<KafkaError> for AppendError {
+    fn from(e: KafkaError) -> Self {
+        AppendError::Kafka(e)
+    }
+}
+
 /// `<prefix>.command-service.<INSTANCE_ID>`: stable per instance, so a restart fences its
 /// predecessor and aborts its open transaction at once.
 pub fn transactional_id(settings: &Settings) -> String {
@@ -665,8 +791,14 @@ pub fn run_engine(
     status: Arc<Status>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), String> {
-    let engine = Engine::new(Arc::clone(&settings), codec, runtime, Arc::clone(&status))
-        .map_err(|e| format!("cannot start the transactional producer: {e}"))?;
+    let engine = Engine::new(
+        Arc::clone(&settings),
+        codec,
+        runtime,
+        Arc::clone(&status),
+        Arc::clone(&stop),
+    )
+    .map_err(|e| format!("cannot start the transactional producer: {e}"))?;
     let consumer: EngineConsumer = settings
         .kafka
         .client_config()
@@ -679,6 +811,9 @@ pub fn run_engine(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        // Restoring a partition happens in the assignment callback and replays its events;
+        // allow it ten minutes before the group considers this member stuck.
+        .set("max.poll.interval.ms", "600000")
         .create_with_context(EngineContext {
             engine: Mutex::new(engine),
         })

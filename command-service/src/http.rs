@@ -125,7 +125,7 @@ async fn post_command(
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "KafkaUnavailable",
-                "the command could not be written to Kafka",
+                "Kafka did not confirm the command in time; its outcome is unknown: retry with the same command_id",
             )
         })?;
     let mut waiter = waiter;

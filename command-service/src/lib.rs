@@ -101,7 +101,20 @@ pub async fn run(
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("command-engine".into())
-            .spawn(move || engine::run_engine(settings, codec, runtime, status, stop))
+            .spawn(move || {
+                // However the engine ends (an error at start, a panic), the service must learn
+                // it: the HTTP side watches `status.fatal` and stops.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine::run_engine(settings, codec, runtime, Arc::clone(&status), stop)
+                }))
+                .unwrap_or_else(|_| Err("the command engine panicked".to_owned()));
+                if let Err(reason) = &outcome
+                    && let Ok(mut fatal) = status.fatal.lock()
+                {
+                    fatal.get_or_insert_with(|| reason.clone());
+                }
+                outcome
+            })
             .context("cannot start the engine thread")?
     };
 
@@ -109,6 +122,8 @@ pub async fn run(
         .kafka
         .producer_config()
         .set("linger.ms", "1")
+        // Bounds how long POST /commands waits for Kafka to take the command.
+        .set("message.timeout.ms", "5000")
         .create()
         .context("cannot create the command producer")?;
     let state = http::AppState {

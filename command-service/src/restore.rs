@@ -9,6 +9,7 @@
 //! Events at or below an aggregate's snapshot version are not decoded: their headers suffice.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use rdkafka::error::KafkaError;
@@ -24,6 +25,22 @@ use crate::state::PartitionState;
 /// Why a partition could not be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// Shutdown began during the restore.
+    #[error("interrupted by shutdown")]
+    Interrupted,
+    /// The event store holds an event this service cannot fold: serving commands on top of
+    /// it would append versions that already exist. Someone must look at the topic.
+    #[error("event at {topic} partition {partition} offset {offset}: {reason}")]
+    Corrupt {
+        /// The events topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// The event's offset.
+        offset: i64,
+        /// What is wrong.
+        reason: String,
+    },
     /// Kafka failed while reading.
     #[error("reading {topic}: {source}")]
     Kafka {
@@ -38,8 +55,8 @@ pub enum RestoreError {
 pub fn restore(
     settings: &Settings,
     codec: &EventCodec,
-    runtime: &tokio::runtime::Handle,
     partitions: &[i32],
+    stop: &AtomicBool,
 ) -> Result<(HashMap<i32, PartitionState>, usize), RestoreError> {
     let topics = Topics::new(&settings.topic_prefix);
     let mut states: HashMap<i32, PartitionState> = partitions
@@ -61,8 +78,8 @@ pub fn restore(
     let result_reader = open(topics.command_results())?;
     // 1. Latest snapshot per aggregate.
     let mut snapshots: HashMap<String, Snapshot> = HashMap::new();
-    snapshot_reader.drain(
-        |msg| match msg.payload().map(serde_json::from_slice::<Snapshot>) {
+    let complete = snapshot_reader.drain_until(stop, |msg| {
+        match msg.payload().map(serde_json::from_slice::<Snapshot>) {
             Some(Ok(s))
                 if snapshots
                     .get(&s.aggregate_id)
@@ -75,8 +92,11 @@ pub fn restore(
                 tracing::warn!(offset = msg.offset(), error = %e, "unreadable snapshot ignored")
             }
             None => {}
-        },
-    );
+        }
+    });
+    if !complete {
+        return Err(RestoreError::Interrupted);
+    }
     for snapshot in snapshots.values() {
         if let Some(state) = snapshot_partition(&states, snapshot, settings.partitions) {
             state_mut(&mut states, state)
@@ -88,7 +108,9 @@ pub fn restore(
     // 2. Events: fold what the snapshots do not cover; collect accepted commands from headers.
     let mut accepted: HashMap<Uuid, (i32, String, Vec<EventRef>)> = HashMap::new();
     let mut events_read = 0usize;
-    event_reader.drain(|msg| {
+    let events_topic = topics.events();
+    let mut corrupt: Option<RestoreError> = None;
+    let complete = event_reader.drain_until(stop, |msg| {
         events_read += 1;
         let partition = msg.partition();
         let aggregate_id = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
@@ -128,24 +150,35 @@ pub fn restore(
         let (aggregate_id, command_id, event_ref) = match fast {
             Some(found) => found,
             None => {
-                let Some(payload) = msg.payload() else { return };
-                let envelope = match runtime.block_on(codec.decode(payload)) {
+                let offset = msg.offset();
+                let mut fail = |reason: String| {
+                    corrupt.get_or_insert(RestoreError::Corrupt {
+                        topic: events_topic.clone(),
+                        partition,
+                        offset,
+                        reason,
+                    });
+                };
+                // The JSON inside the wire format is enough here: no registry round trip, so
+                // a registry outage cannot make a restore skip events.
+                let envelope = match codec.decode_json(msg.payload().unwrap_or_default()) {
                     Ok(env) => env,
-                    Err(e) => {
-                        tracing::error!(partition, offset = msg.offset(), error = %e, "undecodable event in the store; skipped");
-                        return;
-                    }
+                    Err(e) => return fail(e.to_string()),
                 };
                 let account = state
                     .accounts
                     .entry(envelope.aggregate_id.clone())
                     .or_default();
                 if envelope.version == account.version + 1 {
-                    if let Ok(event) = envelope.event() {
-                        account.apply(&event);
+                    match envelope.event() {
+                        Ok(event) => account.apply(&event),
+                        Err(e) => return fail(e.to_string()),
                     }
                 } else if envelope.version > account.version + 1 {
-                    tracing::error!(aggregate_id = %envelope.aggregate_id, version = envelope.version, have = account.version, "version gap in the event store");
+                    return fail(format!(
+                        "version gap: {} version {} follows version {}",
+                        envelope.aggregate_id, envelope.version, account.version
+                    ));
                 }
                 let event_ref = EventRef {
                     event_id: envelope.event_id,
@@ -167,6 +200,12 @@ pub fn restore(
                 .push(event_ref);
         }
     });
+    if !complete {
+        return Err(RestoreError::Interrupted);
+    }
+    if let Some(error) = corrupt {
+        return Err(error);
+    }
     for (command_id, (partition, aggregate_id, events)) in accepted {
         let result = CommandResult {
             command_id,
@@ -182,7 +221,7 @@ pub fn restore(
     }
 
     // 3. Results (rejections, and accepted ones again).
-    result_reader.drain(|msg| {
+    let complete = result_reader.drain_until(stop, |msg| {
         if let Some(Ok(result)) = msg.payload().map(serde_json::from_slice::<CommandResult>) {
             states
                 .entry(msg.partition())
@@ -192,6 +231,9 @@ pub fn restore(
                 .or_insert(result);
         }
     });
+    if !complete {
+        return Err(RestoreError::Interrupted);
+    }
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "restore read"

@@ -13,45 +13,72 @@ use shared::{CommandResult, Settings};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-/// Routes results to their waiters.
+/// Routes results to their waiters. Several requests may wait for the same command id (a
+/// client retrying while its first request still waits): each gets the result.
 #[derive(Clone, Default)]
 pub struct ResultWaiters {
-    waiting: Arc<Mutex<HashMap<Uuid, oneshot::Sender<CommandResult>>>>,
+    waiting: Arc<Mutex<Waiting>>,
 }
 
-/// Removes the waiter when the request gives up.
+#[derive(Default)]
+struct Waiting {
+    next_token: u64,
+    by_command: HashMap<Uuid, Vec<(u64, oneshot::Sender<CommandResult>)>>,
+}
+
+/// One request's interest in a result; dropping it withdraws only this request's interest.
 pub struct Waiter {
     waiters: ResultWaiters,
     command_id: Uuid,
+    token: u64,
     /// Receives the result.
     pub receiver: oneshot::Receiver<CommandResult>,
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        self.waiters.lock().remove(&self.command_id);
+        let mut waiting = self.waiters.lock();
+        if let Some(list) = waiting.by_command.get_mut(&self.command_id) {
+            list.retain(|(token, _)| *token != self.token);
+            if list.is_empty() {
+                waiting.by_command.remove(&self.command_id);
+            }
+        }
     }
 }
 
 impl ResultWaiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, oneshot::Sender<CommandResult>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers interest in a command's result; register before producing the command.
     pub fn wait_for(&self, command_id: Uuid) -> Waiter {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(command_id, tx);
+        let mut waiting = self.lock();
+        waiting.next_token += 1;
+        let token = waiting.next_token;
+        waiting
+            .by_command
+            .entry(command_id)
+            .or_default()
+            .push((token, tx));
         Waiter {
             waiters: self.clone(),
             command_id,
+            token,
             receiver: rx,
         }
     }
 
     fn deliver(&self, result: CommandResult) {
-        if let Some(tx) = self.lock().remove(&result.command_id) {
-            let _ = tx.send(result);
+        let senders = self
+            .lock()
+            .by_command
+            .remove(&result.command_id)
+            .unwrap_or_default();
+        for (_, tx) in senders {
+            let _ = tx.send(result.clone());
         }
     }
 

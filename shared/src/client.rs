@@ -3,11 +3,12 @@
 //! `<prefix>.command-results` (which the command-service writes to the same partition number).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -180,7 +181,7 @@ impl CommandClient {
     async fn results_consumer(
         &self,
         partitions: &HashSet<i32>,
-    ) -> Result<StreamConsumer, ClientError> {
+    ) -> Result<Arc<StreamConsumer>, ClientError> {
         let unreachable = |source| ClientError::Unreachable {
             bootstrap: self.settings.kafka.bootstrap_servers.clone(),
             source,
@@ -202,17 +203,32 @@ impl CommandClient {
             .set("fetch.wait.max.ms", "20")
             .create()
             .map_err(unreachable)?;
+        let consumer = Arc::new(consumer);
         let topic = self.topics.command_results();
-        let mut ends: HashMap<i32, i64> = HashMap::new();
-        for p in partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, *p, Duration::from_secs(5))
-                .map_err(|e| match e {
-                    KafkaError::MetadataFetch(_) => ClientError::NoTopic(topic.clone()),
-                    other => unreachable(other),
-                })?;
-            ends.insert(*p, high);
-        }
+        // Watermark queries block: off the async threads.
+        let ends: HashMap<i32, i64> = {
+            let consumer = consumer.clone();
+            let watermark_topic = topic.clone();
+            let partitions: Vec<i32> = partitions.iter().copied().collect();
+            tokio::task::spawn_blocking(move || {
+                partitions
+                    .into_iter()
+                    .map(|p| {
+                        consumer
+                            .fetch_watermarks(&watermark_topic, p, Duration::from_secs(5))
+                            .map(|(_, high)| (p, high))
+                    })
+                    .collect::<Result<HashMap<i32, i64>, KafkaError>>()
+            })
+            .await
+            .expect("watermark task")
+            .map_err(|e| match e {
+                KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition) => {
+                    ClientError::NoTopic(topic.clone())
+                }
+                other => unreachable(other),
+            })?
+        };
         let mut tpl = TopicPartitionList::new();
         for (p, high) in ends {
             tpl.add_partition_offset(&topic, p, Offset::Offset(high))

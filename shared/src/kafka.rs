@@ -1,6 +1,7 @@
 //! Kafka plumbing shared by the services and the CLI: topic names, the canonical partitioner,
 //! client configuration built in one place, and topic creation / co-partitioning checks.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -268,7 +269,17 @@ impl TopicReader {
 
     /// Calls `each` for every message up to the end of every partition. Read errors are logged
     /// and the read goes on (librdkafka retries by itself).
-    pub fn drain(self, mut each: impl FnMut(&BorrowedMessage<'_>)) {
+    pub fn drain(self, each: impl FnMut(&BorrowedMessage<'_>)) {
+        self.drain_until(&AtomicBool::new(false), each);
+    }
+
+    /// [`TopicReader::drain`] that gives up when `stop` is set; returns whether it reached the
+    /// end of every partition.
+    pub fn drain_until(
+        self,
+        stop: &AtomicBool,
+        mut each: impl FnMut(&BorrowedMessage<'_>),
+    ) -> bool {
         let TopicReader {
             consumer,
             topic,
@@ -276,6 +287,9 @@ impl TopicReader {
         } = self;
         let mut last_log = Instant::now();
         while !partitions.is_empty() {
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(msg)) => each(&msg),
                 Some(Err(KafkaError::PartitionEOF(p))) => partitions.retain(|x| *x != p),
@@ -287,6 +301,7 @@ impl TopicReader {
                 last_log = Instant::now();
             }
         }
+        true
     }
 }
 

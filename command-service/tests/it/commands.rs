@@ -389,3 +389,86 @@ async fn refuses_to_start_when_topics_are_not_co_partitioned() {
         "{message}"
     );
 }
+
+// Regression: a second request waiting for the same command id replaced the first one's
+// waiter, and both answered 504.
+#[tokio::test]
+async fn concurrent_requests_with_one_command_id_both_get_the_result() {
+    let app = TestApp::spawn(2).await;
+    let command = open("twice-1", "Tom", 5);
+    let (a, b) = tokio::join!(app.send(&command), app.send(&command));
+    assert_eq!(a.0, 200, "{:?}", a.1);
+    assert_eq!(a, b);
+    assert_eq!(read_events(&app.settings).await.len(), 1);
+    app.stop().await;
+}
+
+// Regression: an event larger than Kafka accepts made the engine abort and redo the same
+// transaction forever, blocking every partition of the instance.
+#[tokio::test]
+async fn a_command_whose_event_cannot_be_written_is_rejected_and_the_stream_goes_on() {
+    let app = TestApp::spawn(1).await;
+    assert_eq!(app.send(&open("big-1", "Bea", 0)).await.0, 200);
+    let mut huge = cmd("big-1", Command::Deposit { amount_minor: 1 });
+    huge.metadata
+        .insert("note".into(), json!("x".repeat(1_010_000)));
+    let producer: rdkafka::producer::FutureProducer = app
+        .settings
+        .kafka
+        .producer_config()
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    produce_raw(&producer, &app.settings, "big-1", &huge.to_bytes(), None).await;
+    let (s, body) = app
+        .send(&cmd("big-1", Command::Deposit { amount_minor: 2 }))
+        .await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    let results = read_results(&app.settings);
+    let rejected = results
+        .iter()
+        .find(|r| r.command_id == huge.command_id)
+        .expect("a result");
+    assert_eq!(
+        rejected.rejection_code(),
+        Some(shared::RejectionCode::Malformed)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_event_store_stops_the_service_with_a_clear_error() {
+    let settings = shared::testing::test_settings(1);
+    let topics = Topics::new(&settings.topic_prefix);
+    shared::kafka::ensure_topics(
+        &settings.kafka,
+        &command_service::topic_specs(&settings),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let producer = producer(&settings);
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&topics.events())
+                .key("acc-x")
+                .payload("not an event")
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        command_service::run(settings.clone(), listener, std::future::pending()),
+    )
+    .await
+    .expect("the service stops by itself");
+    let message = format!("{:#}", outcome.unwrap_err());
+    assert!(
+        message.contains("restore failed") && message.contains("offset 0"),
+        "{message}"
+    );
+}
