@@ -58,6 +58,9 @@ impl DeadLetterQueue {
             .producer_config()
             .set("acks", "all")
             .set("linger.ms", "5")
+            // A dead letter is awaited inside the batch's database transaction: fail it (and
+            // redo the batch) after 30 s rather than librdkafka's 5 minutes.
+            .set("message.timeout.ms", "30000")
             .create()?;
         Ok(DeadLetterQueue {
             producer,

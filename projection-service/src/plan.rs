@@ -261,6 +261,15 @@ fn apply_one(
     let event = envelope
         .event()
         .map_err(|e| ("InvalidEventData".to_owned(), e.to_string()))?;
+    // Text the read model cannot index or store (PostgreSQL refuses NUL, b-tree rows are
+    // bounded) is dead-lettered here rather than failing the whole batch over and over.
+    let owner = match &event {
+        shared::Event::AccountOpened { owner, .. } => Some(owner.as_str()),
+        _ => None,
+    };
+    shared::bank_account::check_text("aggregate_id", &envelope.aggregate_id)
+        .and_then(|()| owner.map_or(Ok(()), |o| shared::bank_account::check_text("owner", o)))
+        .map_err(|reason| ("Unstorable".to_owned(), reason))?;
     account
         .state
         .check_applicable(&event)
@@ -375,6 +384,30 @@ mod tests {
         assert_eq!(later.write.accounts[0].state.balance_minor, 116);
         assert_eq!(later.write.unpark, vec![("a".to_string(), 4)]);
         assert!(later.write.parked.is_empty());
+    }
+
+    // Regression: on PostgreSQL an id with a NUL byte or a few KB of owner failed the whole
+    // batch as a fatal store error, and the service crash-looped on it.
+    #[test]
+    fn text_the_read_model_cannot_store_is_dead_lettered() {
+        let long_owner = Event::AccountOpened {
+            owner: "x".repeat(3000),
+            currency: "EUR".into(),
+            initial_balance_minor: 0,
+        };
+        let plan = plan_batch(
+            "t",
+            &[
+                msg(0, "nul\u{0}id", 1, &opened()),
+                msg(1, "b", 1, &long_owner),
+                msg(2, "c", 1, &opened()),
+            ],
+            HashMap::new(),
+            vec![],
+        );
+        let codes: Vec<&str> = plan.dead_letters.iter().map(|d| d.code.as_str()).collect();
+        assert_eq!(codes, ["Unstorable", "Unstorable"]);
+        assert_eq!(plan.applied, 1);
     }
 
     #[test]

@@ -479,8 +479,21 @@ impl Projector {
                     self.after_commit(consumer, &messages, &outcome, started);
                     return Ok(outcome);
                 }
-                Err(Attempt::Moved(partitions)) => {
+                Err(Attempt::Moved(partitions)) if !partitions.is_empty() => {
                     messages.retain(|m| !partitions.contains(&m.partition));
+                }
+                Err(Attempt::Moved(_)) => {
+                    // A conflict although no offset moved (the tables disagree with each other):
+                    // back off instead of spinning on it.
+                    tracing::warn!(attempt, "write conflict without moved offsets; retrying");
+                    metrics::record_retry(&self.topic);
+                    if !sleep_unless_stopped(backoff(attempt), shutdown).await {
+                        return Ok(BatchOutcome {
+                            interrupted: true,
+                            ..BatchOutcome::default()
+                        });
+                    }
+                    attempt += 1;
                 }
                 Err(Attempt::Store(e)) if !e.is_retriable() => return Err(e.into()),
                 Err(Attempt::Store(e)) => {
@@ -648,7 +661,9 @@ impl Projector {
             }
             moved.push(p);
             let offset = db.map_or(Offset::Beginning, Offset::Offset);
-            match consumer.seek(&self.topic, p, offset, Duration::from_secs(10)) {
+            // Timeout zero: librdkafka starts the seek and returns at once (this runs on an
+            // async worker thread); messages fetched before it are discarded either way.
+            match consumer.seek(&self.topic, p, offset, Duration::ZERO) {
                 Ok(()) => {
                     tracing::info!(
                         partition = p,

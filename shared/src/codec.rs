@@ -227,13 +227,21 @@ impl EventCodec {
             Framing::Wire { schema_id, json } => match &self.registry {
                 None => parse_json(json)?,
                 Some(registry) => {
-                    let decoded = registry.decoder.decode(Some(bytes)).await.map_err(|e| {
-                        DecodeError::Registry {
-                            schema_id,
-                            message: format!("{e}"),
-                            retriable: e.retriable,
+                    let decoded = match registry.decoder.decode(Some(bytes)).await {
+                        Ok(decoded) => decoded,
+                        Err(e) => {
+                            let retriable = registry_error_is_transient(&e);
+                            if retriable && !e.retriable {
+                                // The client cached it as final: forget it so the retry asks again.
+                                registry.decoder.remove_errors_from_cache();
+                            }
+                            return Err(DecodeError::Registry {
+                                schema_id,
+                                message: format!("{e}"),
+                                retriable,
+                            });
                         }
-                    })?;
+                    };
                     decoded.map(|d| d.value).ok_or(DecodeError::Empty)?
                 }
             },
@@ -312,9 +320,26 @@ fn parse_json(bytes: &[u8]) -> Result<Value, DecodeError> {
 
 fn registry_encode_error(e: SRCError) -> EncodeError {
     EncodeError::Registry {
+        retriable: registry_error_is_transient(&e),
         message: format!("{e}"),
-        retriable: e.retriable,
     }
+}
+
+/// Whether a registry failure may go away by itself. The client library calls only 502 and
+/// 503 retriable; a registry also answers 500 (its store is unavailable), 504 (a proxy),
+/// 408, 429, 401 and 403 (credentials being rotated) in an outage. Only an answer about the
+/// schema itself — 400/409/422 (invalid, incompatible), 404 (no such id) — or an unreadable
+/// payload is final.
+fn registry_error_is_transient(e: &SRCError) -> bool {
+    if e.retriable {
+        return true;
+    }
+    let text = format!("{e}");
+    let status = text
+        .split("with status ")
+        .nth(1)
+        .and_then(|rest| rest.get(..3)?.parse::<u16>().ok());
+    !matches!(status, Some(400 | 404 | 409 | 422) | None)
 }
 
 /// The headers written with every event.
@@ -422,4 +447,47 @@ pub fn current_schemas() -> Vec<(String, Value)> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Regression: a registry answering 500 or 504 during an outage was taken as final, and the
+    // projection dead-lettered valid events.
+    #[test]
+    fn registry_outages_are_transient_and_answers_about_the_schema_are_final() {
+        let http = |status: &str| {
+            SRCError::new(
+                &format!("HTTP request to schema registry failed with status {status}"),
+                None,
+                false,
+            )
+        };
+        for status in [
+            "500 Internal Server Error",
+            "504 Gateway Timeout",
+            "429 Too Many Requests",
+            "401 Unauthorized",
+        ] {
+            assert!(registry_error_is_transient(&http(status)), "{status}");
+        }
+        for status in [
+            "404 Not Found",
+            "422 Unprocessable Entity",
+            "400 Bad Request",
+        ] {
+            assert!(!registry_error_is_transient(&http(status)), "{status}");
+        }
+        assert!(registry_error_is_transient(&SRCError::new(
+            "connection refused",
+            None,
+            true
+        )));
+        assert!(!registry_error_is_transient(&SRCError::new(
+            "could not create value from bytes",
+            None,
+            false
+        )));
+    }
 }

@@ -117,9 +117,7 @@ impl CommandMessage {
         };
         let wire: WireCommand =
             serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
-        if wire.aggregate_id.trim().is_empty() {
-            return Err(malformed("aggregate_id must not be blank".into()));
-        }
+        crate::bank_account::check_text("aggregate_id", &wire.aggregate_id).map_err(malformed)?;
         let command = Command::from_parts(&wire.type_name, wire.payload).map_err(malformed)?;
         Ok(CommandMessage {
             command_id: wire.command_id,

@@ -63,8 +63,8 @@ impl BankAccount {
                     initial_balance_minor,
                 },
             ) => {
-                if owner.trim().is_empty() {
-                    return reject(Malformed, "owner must not be blank");
+                if let Err(reason) = super::check_text("owner", owner) {
+                    return reject(Malformed, reason);
                 }
                 if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
                     return reject(

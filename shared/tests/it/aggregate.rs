@@ -147,3 +147,21 @@ fn blank_owner_and_bad_currency_are_malformed() {
         })
         .then_expect_error(Malformed);
 }
+
+// Regression: such names reached the read model and failed PostgreSQL batches for good.
+#[test]
+fn owners_too_long_or_with_control_characters_are_malformed() {
+    given([])
+        .when(open(&"é".repeat(101), 0))
+        .then_expect_error(Malformed);
+    given([])
+        .when(open("Nul\u{0}Byte", 0))
+        .then_expect_error(Malformed);
+    given([])
+        .when(open(&"é".repeat(100), 0))
+        .then_expect([Event::AccountOpened {
+            owner: "é".repeat(100),
+            currency: "EUR".into(),
+            initial_balance_minor: 0,
+        }]);
+}

@@ -94,6 +94,12 @@ fn commands_round_trip_and_malformed_ones_keep_their_id() {
     let err = CommandMessage::from_bytes(b"\xff\xfe").unwrap_err();
     assert_eq!(err.command_id, None);
 
+    // ids the read model cannot index are refused with the command id kept
+    let long_id = json!({"command_id": cmd.command_id, "aggregate_id": "a".repeat(201), "type": "CloseAccount"});
+    let err = CommandMessage::from_bytes(long_id.to_string().as_bytes()).unwrap_err();
+    assert_eq!(err.command_id, Some(cmd.command_id));
+    assert!(err.reason.contains("aggregate_id"), "{}", err.reason);
+
     // floats are not money
     let float = json!({"command_id": cmd.command_id, "aggregate_id": "a", "type": "Deposit", "payload": {"amount_minor": 10.5}});
     assert!(CommandMessage::from_bytes(float.to_string().as_bytes()).is_err());
