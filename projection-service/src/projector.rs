@@ -482,33 +482,16 @@ impl Projector {
                 Err(Attempt::Moved(partitions)) if !partitions.is_empty() => {
                     messages.retain(|m| !partitions.contains(&m.partition));
                 }
-                Err(Attempt::Moved(_)) => {
-                    // A conflict although no offset moved (the tables disagree with each other):
-                    // back off instead of spinning on it.
-                    tracing::warn!(attempt, "write conflict without moved offsets; retrying");
-                    metrics::record_retry(&self.topic);
-                    if !sleep_unless_stopped(backoff(attempt), shutdown).await {
-                        return Ok(BatchOutcome {
-                            interrupted: true,
-                            ..BatchOutcome::default()
-                        });
-                    }
-                    attempt += 1;
-                }
                 Err(Attempt::Store(e)) if !e.is_retriable() => return Err(e.into()),
-                Err(Attempt::Store(e)) => {
-                    tracing::warn!(error = %e, attempt, "batch failed; retrying");
-                    metrics::record_retry(&self.topic);
-                    if !sleep_unless_stopped(backoff(attempt), shutdown).await {
-                        return Ok(BatchOutcome {
-                            interrupted: true,
-                            ..BatchOutcome::default()
-                        });
-                    }
-                    attempt += 1;
-                }
-                Err(Attempt::Kafka(e)) => {
-                    tracing::warn!(error = %e, attempt, "dead-letter delivery failed; retrying");
+                Err(failure) => {
+                    let reason = match &failure {
+                        // A conflict although no offset moved (the tables disagree with each
+                        // other): back off instead of spinning on it.
+                        Attempt::Moved(_) => "write conflict without moved offsets".to_owned(),
+                        Attempt::Store(e) => format!("batch failed: {e}"),
+                        Attempt::Kafka(e) => format!("dead-letter delivery failed: {e}"),
+                    };
+                    tracing::warn!(%reason, attempt, "retrying the batch");
                     metrics::record_retry(&self.topic);
                     if !sleep_unless_stopped(backoff(attempt), shutdown).await {
                         return Ok(BatchOutcome {
