@@ -334,7 +334,7 @@ pub struct BatchOutcome {
     pub duplicates: u64,
     /// Events parked.
     pub parked: u64,
-    /// Messages dead-lettered (or, in a rebuild, counted as poison).
+    /// Messages dead-lettered (or only counted as poison, without a dead-letter queue).
     pub dead_lettered: u64,
     /// Messages written (all that were not stale).
     pub messages: u64,
@@ -378,8 +378,7 @@ async fn sleep_unless_stopped(d: Duration, shutdown: &mut watch::Receiver<bool>)
 }
 
 impl Projector {
-    /// A projector writing `tables`; `dlq` is `None` in a rebuild (poison was dead-lettered by
-    /// the live projection already; a rebuild only counts it).
+    /// A projector writing `tables`; without a `dlq`, poison is only counted (tests use that).
     pub fn new(
         db: Database,
         tables: Tables,

@@ -6,8 +6,8 @@
 //!    `parked_events_rebuild`.
 //! 3. Read every partition from offset 0 with its own consumer (assigned, read_committed, no
 //!    group membership, no commits) up to the captured ends, through the same projector as the
-//!    live service. Poison messages are counted, not dead-lettered again: the live projection
-//!    dead-lettered them when it first met them.
+//!    live service. Poison messages are dead-lettered again (the live service may not have
+//!    reached them before the swap moves its offsets past them; the DLQ is at-least-once).
 //! 4. Store the captured ends as the rebuild's offsets and rename the new tables into place in one
 //!    transaction (the old ones are dropped in it too).
 //!
@@ -36,6 +36,7 @@ use tokio::sync::watch;
 
 use crate::db::{Database, Tables};
 use crate::projector::{Collected, OffsetBook, Projector, Status, collect};
+use crate::dlq::DeadLetterQueue;
 use crate::{ServiceError, consumer_config, ensure_projection_topics};
 
 /// How progress is shown.
@@ -202,12 +203,20 @@ pub async fn rebuild(
         let _ = stop_tx.send(true);
     });
     let book = Arc::new(OffsetBook::default());
+    // Poison is dead-lettered again: the live service may never have reached it (stopped or
+    // lagging), and the swap moves its offsets past it. The topic is at-least-once anyway; the
+    // `dlq.original.*` headers identify repeats.
+    let dlq = DeadLetterQueue::new(
+        &settings.kafka,
+        Topics::new(&settings.topic_prefix).events_dlq(),
+        topic.clone(),
+    )?;
     let projector = Projector::new(
         db.clone(),
         tables.clone(),
         topic.clone(),
         codec,
-        None,
+        Some(dlq),
         book.clone(),
         Arc::new(Status::default()),
     );
