@@ -66,10 +66,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Records the offsets of events whose snapshot needs them (opaque token → offset).
+/// Records the offsets of events whose snapshot needs them (opaque token → offset, or `None`
+/// when the delivery failed) and wakes whoever waits for them.
 #[derive(Default)]
 pub struct DeliveryTracker {
-    offsets: Mutex<HashMap<usize, i64>>,
+    offsets: Mutex<HashMap<usize, Option<i64>>>,
+    delivered: std::sync::Condvar,
+}
+
+impl DeliveryTracker {
+    /// Waits for the delivery of the event sent with `token`; its offset, or `None` when it
+    /// failed or did not come within `timeout`.
+    fn wait_for(&self, token: usize, timeout: Duration) -> Option<i64> {
+        let deadline = Instant::now() + timeout;
+        let mut offsets = lock(&self.offsets);
+        loop {
+            if let Some(outcome) = offsets.remove(&token) {
+                return outcome;
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            offsets = self
+                .delivered
+                .wait_timeout(offsets, left)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+    }
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -78,14 +100,16 @@ impl ProducerContext for DeliveryTracker {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
-        match result {
-            Ok(msg) if token != 0 => {
-                lock(&self.offsets).insert(token, msg.offset());
-            }
-            Ok(_) => {}
+        let outcome = match result {
+            Ok(msg) => Some(msg.offset()),
             Err((e, msg)) => {
-                tracing::warn!(topic = msg.topic(), partition = msg.partition(), error = %e, "delivery failed; the transaction will abort")
+                tracing::warn!(topic = msg.topic(), partition = msg.partition(), error = %e, "delivery failed; the transaction will abort");
+                None
             }
+        };
+        if token != 0 {
+            lock(&self.offsets).insert(token, outcome);
+            self.delivered.notify_all();
         }
     }
 }
@@ -127,6 +151,9 @@ struct Txn {
     next_offsets: HashMap<i32, i64>,
     overlay: Overlay,
     outcomes: Vec<(&'static str, Instant)>,
+    /// Snapshots due in this transaction, written just before it commits, when the offsets of
+    /// the events they cover are known: (delivery token, partition, aggregate id, state).
+    snapshots: Vec<(usize, i32, String, BankAccount)>,
 }
 
 /// The command processor. Lives inside the consumer's context, driven by [`run_engine`].
@@ -275,6 +302,7 @@ impl Engine {
                 next_offsets: HashMap::new(),
                 overlay: Overlay::default(),
                 outcomes: Vec::new(),
+                snapshots: Vec::new(),
             });
         }
         let received = Instant::now();
@@ -471,11 +499,15 @@ impl Engine {
             }
             envelopes.push(envelope);
         }
-        if let Some((token, snapshot_state)) = snapshot_token {
-            self.snapshot(partition, &command.aggregate_id, token, snapshot_state)
-                .map_err(AppendError::Kafka)?;
-        }
         if let Some(txn) = self.txn.as_mut() {
+            if let Some((token, snapshot_state)) = snapshot_token {
+                txn.snapshots.push((
+                    token,
+                    partition,
+                    command.aggregate_id.clone(),
+                    snapshot_state,
+                ));
+            }
             txn.overlay
                 .accounts
                 .insert(command.aggregate_id.clone(), state);
@@ -483,31 +515,30 @@ impl Engine {
         Ok(envelopes)
     }
 
-    fn snapshot(
-        &mut self,
-        partition: i32,
-        aggregate_id: &str,
-        token: usize,
-        state: BankAccount,
-    ) -> KafkaResult<()> {
-        // The snapshot records the offset of the event it covers: wait for its delivery.
-        self.producer.flush(Duration::from_secs(10))?;
-        let Some(event_offset) = lock(&self.producer.context().offsets).remove(&token) else {
-            return Err(KafkaError::MessageProduction(
-                RDKafkaErrorCode::MessageTimedOut,
-            ));
+    /// Writes the transaction's due snapshots, each with the offset of the event it covers
+    /// (delivered by now, or soon: waiting here is on our own delivery reports, not a flush).
+    fn write_snapshots(&mut self) -> KafkaResult<()> {
+        let Some(snapshots) = self.txn.as_mut().map(|t| std::mem::take(&mut t.snapshots)) else {
+            return Ok(());
         };
-        let snapshot = Snapshot {
-            aggregate_id: aggregate_id.to_owned(),
-            version: state.version,
-            event_offset,
-            state,
-            taken_at: Utc::now(),
-        };
-        let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
         let topic = self.topics.snapshots();
-        self.send(&topic, partition, aggregate_id.as_bytes(), &bytes, None, 0)?;
-        tracing::debug!(%aggregate_id, version = snapshot.version, event_offset, "snapshot written");
+        for (token, partition, aggregate_id, state) in snapshots {
+            let Some(event_offset) = self.producer.context().wait_for(token, TXN_TIMEOUT) else {
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ));
+            };
+            let snapshot = Snapshot {
+                aggregate_id: aggregate_id.clone(),
+                version: state.version,
+                event_offset,
+                state,
+                taken_at: Utc::now(),
+            };
+            let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
+            self.send(&topic, partition, aggregate_id.as_bytes(), &bytes, None, 0)?;
+            tracing::debug!(%aggregate_id, version = snapshot.version, event_offset, "snapshot written");
+        }
         Ok(())
     }
 
@@ -625,10 +656,11 @@ impl Engine {
             }
         }
         let result = match consumer.group_metadata() {
-            Some(cgm) => self
-                .producer
-                .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
-                .and_then(|()| self.commit_with_retries()),
+            Some(cgm) => self.write_snapshots().and_then(|()| {
+                self.producer
+                    .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
+                    .and_then(|()| self.commit_with_retries())
+            }),
             // Not in a group generation (between rebalances): nothing can be committed.
             None => Err(KafkaError::ConsumerCommit(
                 RDKafkaErrorCode::IllegalGeneration,
