@@ -35,8 +35,8 @@ use shared::{EventCodec, Settings};
 use tokio::sync::watch;
 
 use crate::db::{Database, Tables};
-use crate::projector::{Collected, OffsetBook, Projector, Status, collect};
 use crate::dlq::DeadLetterQueue;
+use crate::projector::{Collected, OffsetBook, Projector, Status, collect};
 use crate::{ServiceError, consumer_config, ensure_projection_topics};
 
 /// How progress is shown.
