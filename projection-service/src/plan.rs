@@ -55,6 +55,21 @@ pub struct DeadLetter {
     pub message: String,
 }
 
+impl DeadLetter {
+    /// A dead letter carrying a consumed message's origin and bytes unchanged.
+    fn of(msg: &Incoming, code: String, message: String) -> DeadLetter {
+        DeadLetter {
+            partition: msg.partition,
+            offset: msg.offset,
+            key: msg.key.clone(),
+            payload: msg.payload.clone(),
+            headers: msg.headers.clone(),
+            code,
+            message,
+        }
+    }
+}
+
 /// What a batch amounts to.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -109,15 +124,11 @@ pub fn plan_batch(
         let envelope = match &msg.decoded {
             Ok(envelope) => envelope,
             Err(error) => {
-                plan.dead_letters.push(DeadLetter {
-                    partition: msg.partition,
-                    offset: msg.offset,
-                    key: msg.key.clone(),
-                    payload: msg.payload.clone(),
-                    headers: msg.headers.clone(),
-                    code: error.code().to_owned(),
-                    message: error.to_string(),
-                });
+                plan.dead_letters.push(DeadLetter::of(
+                    msg,
+                    error.code().to_owned(),
+                    error.to_string(),
+                ));
                 continue;
             }
         };
@@ -175,15 +186,7 @@ pub fn plan_batch(
                 plan.applied += 1;
             }
             Err((code, message)) => {
-                plan.dead_letters.push(DeadLetter {
-                    partition: msg.partition,
-                    offset: msg.offset,
-                    key: msg.key.clone(),
-                    payload: msg.payload.clone(),
-                    headers: msg.headers.clone(),
-                    code,
-                    message,
-                });
+                plan.dead_letters.push(DeadLetter::of(msg, code, message));
                 continue;
             }
         }
