@@ -5,16 +5,23 @@
 //! duplicate with its original result; check `expected_version`; let the aggregate decide;
 //! produce events, snapshot and result. Many commands share one transaction, which also carries
 //! the consumed offsets (KIP-447: `send_offsets_to_transaction` with the consumer's group
-//! metadata), so events, results and progress commit or vanish together.
+//! metadata), so events, results and progress commit or vanish together. A transaction opens
+//! with the partition checkpoints that are due (see [`crate::restore`]).
 //!
 //! State changes of the open transaction live in an [`Overlay`] and reach the partition state
 //! only after the commit: an abort drops them and seeks the consumer back to the committed
-//! offsets. Rebalance callbacks run on this thread inside `poll`: a revocation commits (or aborts)
-//! the open transaction and drops the partitions' state; an assignment restores the new
-//! partitions before their first command is read.
+//! offsets. The group uses the cooperative-sticky assignor and static membership
+//! (`group.instance.id` = `INSTANCE_ID`): a rebalance moves only the partitions that change
+//! owner, and a restarted instance gets its partitions back without waiting for its old session
+//! to expire. Rebalance callbacks run on this thread inside `poll`: a revocation commits (or
+//! aborts) the open transaction and drops the revoked partitions' state; an assignment pauses
+//! the new partitions and restores them on a thread of their own, so the poll loop goes on
+//! serving the others and never outstays `max.poll.interval.ms`; a finished restore seeks the
+//! partitions to their committed offsets and resumes them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -28,7 +35,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use shared::codec::EncodeError;
-use shared::envelope::{MalformedCommand, Metadata, Snapshot};
+use shared::envelope::{Checkpoint, MalformedCommand, Metadata, Snapshot};
 use shared::kafka::{Topics, canonical_partition};
 use shared::{
     BankAccount, CommandMessage, CommandResult, EventCodec, EventEnvelope, Rejection,
@@ -53,6 +60,26 @@ pub struct Status {
     pub partitions: Mutex<Vec<i32>>,
     /// Set when the engine stopped because of a fatal error.
     pub fatal: Mutex<Option<String>>,
+    /// What the restores of this instance read, in total (shown by `/ready`).
+    pub restores: Mutex<RestoreTotals>,
+}
+
+/// What an instance's restores read since it started: the figures that show whether restores
+/// follow the live state or the history.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct RestoreTotals {
+    /// Partitions restored (a partition kept across a rebalance is not restored again).
+    pub partitions: u64,
+    /// Snapshots read.
+    pub snapshots: u64,
+    /// Events read (checkpoint tails, and full replays).
+    pub events: u64,
+    /// Command results of the dedupe window read.
+    pub results: u64,
+    /// Partitions that had to be replayed from their first event (no usable checkpoint).
+    pub replayed_partitions: u64,
+    /// Duration of the last restore.
+    pub last_seconds: f64,
 }
 
 impl Status {
@@ -154,6 +181,44 @@ struct Txn {
     /// Snapshots due in this transaction, written just before it commits, when the offsets of
     /// the events they cover are known: (delivery token, partition, aggregate id, state).
     snapshots: Vec<(usize, i32, String, BankAccount)>,
+    /// Checkpoints written at the start of this transaction, with what they took from their
+    /// partition's state, given back if the transaction aborts.
+    checkpoints: Vec<TakenCheckpoint>,
+}
+
+impl Txn {
+    fn new() -> Self {
+        Txn {
+            started: Instant::now(),
+            commands: 0,
+            next_offsets: HashMap::new(),
+            overlay: Overlay::default(),
+            outcomes: Vec::new(),
+            snapshots: Vec::new(),
+            checkpoints: Vec::new(),
+        }
+    }
+}
+
+/// A checkpoint in an open transaction: the partition's checkpoint bookkeeping it reset.
+struct TakenCheckpoint {
+    partition: i32,
+    dirty: HashSet<String>,
+    events_since: u64,
+    needed: bool,
+}
+
+/// A restore running on its own thread for some newly assigned partitions.
+struct PendingRestore {
+    partitions: Vec<i32>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// What a restore thread sends back.
+struct RestoreDone {
+    id: u64,
+    started: Instant,
+    outcome: Result<(HashMap<i32, Offset>, restore::Restored), restore::RestoreError>,
 }
 
 /// The command processor. Lives inside the consumer's context, driven by [`run_engine`].
@@ -168,6 +233,13 @@ pub struct Engine {
     committed_next: HashMap<i32, Offset>,
     txn: Option<Txn>,
     next_token: usize,
+    /// Partition → the restore that will bring its state (paused until then).
+    restoring: HashMap<i32, u64>,
+    restores: HashMap<u64, PendingRestore>,
+    next_restore: u64,
+    restore_done: (mpsc::Sender<RestoreDone>, mpsc::Receiver<RestoreDone>),
+    /// An assignment (possibly empty) was received: readiness needs one.
+    assigned: bool,
     status: Arc<Status>,
     /// Set on shutdown; long work (restore) checks it.
     stop: Arc<AtomicBool>,
@@ -206,6 +278,11 @@ impl Engine {
             committed_next: HashMap::new(),
             txn: None,
             next_token: 0,
+            restoring: HashMap::new(),
+            restores: HashMap::new(),
+            next_restore: 0,
+            restore_done: mpsc::channel(),
+            assigned: false,
             status,
             stop,
             fatal: None,
@@ -214,73 +291,181 @@ impl Engine {
 
     // ---------------------------------------------------------------- rebalance
 
+    /// Pauses newly assigned partitions and restores them on a thread of their own;
+    /// [`Engine::install_restores`] resumes them.
     fn on_assign(&mut self, consumer: &EngineConsumer, partitions: &[i32]) {
-        self.status.ready.store(false, Ordering::SeqCst);
-        let started = Instant::now();
+        self.assigned = true;
+        if partitions.is_empty() {
+            self.update_status();
+            return;
+        }
         let commands = self.topics.commands();
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
             tpl.add_partition(&commands, *p);
         }
-        // With read_committed this waits for offsets a previous owner left pending in an
-        // unfinished transaction (KIP-447), so the restore below sees everything it covered.
-        // Without them neither restore nor a later rewind would be sound: retry, then stop.
-        let mut attempt = 0;
-        let committed = loop {
-            attempt += 1;
-            match consumer.committed_offsets(tpl.clone(), Duration::from_secs(30)) {
-                Ok(c) if c.elements().iter().all(|e| e.error().is_ok()) => break c,
-                Ok(c) => tracing::warn!(attempt, offsets = ?c, "committed offsets not stable yet"),
-                Err(e) => tracing::warn!(attempt, error = %e, "cannot read committed offsets"),
-            }
-            if attempt >= 4 || self.stop.load(Ordering::SeqCst) {
-                self.fail("cannot read the committed offsets of the assigned partitions".into());
-                return;
-            }
-        };
-        for e in committed.elements() {
-            self.committed_next.insert(e.partition(), e.offset());
+        if let Err(e) = consumer.pause(&tpl) {
+            // Not fatal: messages of a partition being restored are ignored, and the restore
+            // ends with a seek to the committed offsets.
+            tracing::warn!(error = %e, "cannot pause the partitions being restored");
         }
-        match restore::restore(&self.settings, &self.codec, partitions, &self.stop) {
-            Ok((states, events)) => {
-                let aggregates: usize = states.values().map(|s| s.accounts.len()).sum();
-                self.partitions.extend(states);
-                let elapsed = started.elapsed();
-                m::restore_seconds(elapsed);
-                tracing::info!(
-                    ?partitions,
-                    events,
-                    aggregates,
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "partitions restored"
-                );
-            }
-            Err(restore::RestoreError::Interrupted) => {
-                tracing::info!("restore interrupted by shutdown");
-                return;
-            }
-            Err(e) => {
-                self.fail(format!("restore failed: {e}"));
-                return;
-            }
+        self.next_restore += 1;
+        let id = self.next_restore;
+        let cancel = Arc::new(AtomicBool::new(self.stop.load(Ordering::SeqCst)));
+        for p in partitions {
+            self.restoring.insert(*p, id);
         }
-        let mut owned: Vec<i32> = self.partitions.keys().copied().collect();
-        owned.sort_unstable();
-        self.status.set_partitions(owned);
-        self.status.ready.store(true, Ordering::SeqCst);
+        self.restores.insert(
+            id,
+            PendingRestore {
+                partitions: partitions.to_vec(),
+                cancel: Arc::clone(&cancel),
+            },
+        );
+        let settings = Arc::clone(&self.settings);
+        let codec = Arc::clone(&self.codec);
+        let done = self.restore_done.0.clone();
+        let partitions = partitions.to_vec();
+        tracing::info!(?partitions, "partitions assigned; restoring");
+        let spawned = std::thread::Builder::new()
+            .name(format!("restore-{id}"))
+            .spawn(move || {
+                let started = Instant::now();
+                let outcome = committed_offsets(&settings, &partitions, &cancel).and_then(|c| {
+                    restore::restore(&settings, &codec, &partitions, &cancel).map(|r| (c, r))
+                });
+                let _ = done.send(RestoreDone {
+                    id,
+                    started,
+                    outcome,
+                });
+            });
+        if let Err(e) = spawned {
+            self.fail(format!("cannot start a restore thread: {e}"));
+        }
+        self.update_status();
+    }
+
+    /// Installs the restores that finished: their state, their committed offsets, and the
+    /// partitions resumed from there.
+    fn install_restores(&mut self, consumer: &EngineConsumer) {
+        while let Ok(done) = self.restore_done.1.try_recv() {
+            let Some(pending) = self.restores.remove(&done.id) else {
+                continue;
+            };
+            // Partitions revoked (or assigned again) meanwhile are not this restore's anymore.
+            let current: Vec<i32> = pending
+                .partitions
+                .iter()
+                .copied()
+                .filter(|p| self.restoring.get(p) == Some(&done.id))
+                .collect();
+            for p in &current {
+                self.restoring.remove(p);
+            }
+            let (committed, restored) = match done.outcome {
+                Ok(found) => found,
+                Err(restore::RestoreError::Interrupted) => continue,
+                Err(e) => {
+                    self.fail(format!("restore failed: {e}"));
+                    return;
+                }
+            };
+            let commands = self.topics.commands();
+            let mut resume = TopicPartitionList::new();
+            let mut installed = Vec::new();
+            let mut states = restored.states;
+            for p in current {
+                let Some(state) = states.remove(&p) else {
+                    continue;
+                };
+                let offset = match committed.get(&p) {
+                    Some(Offset::Offset(o)) => Offset::Offset(*o),
+                    _ => Offset::Beginning,
+                };
+                // Whatever was fetched before the pause is fetched again from here.
+                if let Err(e) = consumer.seek(&commands, p, offset, Duration::from_secs(10)) {
+                    self.fail(format!(
+                        "cannot seek partition {p} to its committed offset {offset:?}: {e}"
+                    ));
+                    return;
+                }
+                self.committed_next.insert(p, offset);
+                self.partitions.insert(p, state);
+                resume.add_partition(&commands, p);
+                installed.push(p);
+            }
+            if let Err(e) = consumer.resume(&resume) {
+                self.fail(format!("cannot resume the restored partitions: {e}"));
+                return;
+            }
+            let elapsed = done.started.elapsed();
+            m::restore_seconds(elapsed);
+            m::restored_partitions(installed.len());
+            let stats = &restored.stats;
+            {
+                let mut totals = lock(&self.status.restores);
+                totals.partitions += installed.len() as u64;
+                totals.snapshots += stats.snapshots as u64;
+                totals.events += stats.events as u64;
+                totals.results += stats.results as u64;
+                totals.replayed_partitions += stats.replayed.len() as u64;
+                totals.last_seconds = elapsed.as_secs_f64();
+            }
+            tracing::info!(
+                partitions = ?installed,
+                snapshots = stats.snapshots,
+                events = stats.events,
+                results = stats.results,
+                replayed = ?stats.replayed,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "partitions restored"
+            );
+        }
+        self.update_status();
     }
 
     fn on_revoke(&mut self, consumer: &EngineConsumer, partitions: &[i32]) {
-        self.status.ready.store(false, Ordering::SeqCst);
         self.commit(consumer);
         for p in partitions {
             self.partitions.remove(p);
             self.committed_next.remove(p);
+            self.restoring.remove(p);
         }
+        // A restore none of whose partitions is still wanted can stop.
+        let restoring = &self.restoring;
+        self.restores.retain(|id, pending| {
+            let wanted = pending
+                .partitions
+                .iter()
+                .any(|p| restoring.get(p) == Some(id));
+            if !wanted {
+                pending.cancel.store(true, Ordering::SeqCst);
+            }
+            wanted
+        });
+        tracing::info!(?partitions, "partitions revoked");
+        self.update_status();
+    }
+
+    /// Stops the restores still running (shutdown).
+    fn cancel_restores(&mut self) {
+        for pending in self.restores.values() {
+            pending.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Readiness (an assignment received, nothing being restored), owned partitions and the
+    /// memory gauges.
+    fn update_status(&self) {
         let mut owned: Vec<i32> = self.partitions.keys().copied().collect();
         owned.sort_unstable();
         self.status.set_partitions(owned);
-        tracing::info!(?partitions, "partitions revoked");
+        let ready = self.assigned && self.restoring.is_empty() && self.fatal.is_none();
+        self.status.ready.store(ready, Ordering::SeqCst);
+        let aggregates = self.partitions.values().map(|s| s.accounts.len()).sum();
+        let dedupe = self.partitions.values().map(|s| s.dedupe.len()).sum();
+        m::set_memory(aggregates, dedupe);
     }
 
     // ---------------------------------------------------------------- commands
@@ -291,19 +476,8 @@ impl Engine {
             tracing::debug!(partition, "message for a partition not owned; ignored");
             return;
         }
-        if self.txn.is_none() {
-            if let Err(e) = self.producer.begin_transaction() {
-                self.on_txn_error(consumer, e);
-                return;
-            }
-            self.txn = Some(Txn {
-                started: Instant::now(),
-                commands: 0,
-                next_offsets: HashMap::new(),
-                overlay: Overlay::default(),
-                outcomes: Vec::new(),
-                snapshots: Vec::new(),
-            });
+        if self.txn.is_none() && !self.begin(consumer) {
+            return;
         }
         let received = Instant::now();
         match self.process(msg) {
@@ -316,6 +490,114 @@ impl Engine {
             }
             Err(e) => self.on_txn_error(consumer, e),
         }
+    }
+
+    /// Begins a transaction and writes the checkpoints that are due into it; false (and the
+    /// error handled) when that failed.
+    fn begin(&mut self, consumer: &EngineConsumer) -> bool {
+        if let Err(e) = self.producer.begin_transaction() {
+            self.on_txn_error(consumer, e);
+            return false;
+        }
+        self.txn = Some(Txn::new());
+        if let Err(e) = self.write_checkpoints() {
+            self.on_txn_error(consumer, e);
+            return false;
+        }
+        true
+    }
+
+    /// When no command is coming, a due checkpoint gets a transaction of its own.
+    fn checkpoint_idle(&mut self, consumer: &EngineConsumer) {
+        let every = self.settings.checkpoint_every;
+        if self.txn.is_none()
+            && self.partitions.values().any(|s| s.checkpoint_due(every))
+            && self.begin(consumer)
+        {
+            self.commit(consumer);
+        }
+    }
+
+    /// Writes a checkpoint of every partition that is due: a snapshot of each aggregate changed
+    /// since the partition's last checkpoint, then the checkpoint record with the partition's
+    /// end offset. Called first in a transaction, so the state written is the committed state
+    /// and every event below that offset is in it.
+    fn write_checkpoints(&mut self) -> KafkaResult<()> {
+        let every = self.settings.checkpoint_every;
+        let due: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| s.checkpoint_due(every))
+            .map(|(p, _)| *p)
+            .collect();
+        let events = self.topics.events();
+        for partition in due {
+            let end = match self.producer.client().fetch_watermarks(
+                &events,
+                partition,
+                Duration::from_secs(5),
+            ) {
+                Ok((_, high)) => high,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot read the events' end offset; checkpoint postponed");
+                    continue;
+                }
+            };
+            let (Some(state), Some(txn)) = (self.partitions.get_mut(&partition), self.txn.as_mut())
+            else {
+                continue;
+            };
+            let taken = TakenCheckpoint {
+                partition,
+                dirty: std::mem::take(&mut state.dirty),
+                events_since: std::mem::take(&mut state.events_since_checkpoint),
+                needed: std::mem::replace(&mut state.needs_checkpoint, false),
+            };
+            let now = Utc::now();
+            let snapshots: Vec<(String, Vec<u8>)> = taken
+                .dirty
+                .iter()
+                .filter_map(|id| {
+                    let account = state.accounts.get(id)?;
+                    let snapshot = Snapshot {
+                        aggregate_id: id.clone(),
+                        version: account.version,
+                        event_offset: end - 1,
+                        state: account.clone(),
+                        taken_at: now,
+                    };
+                    Some((id.clone(), serde_json::to_vec(&snapshot).ok()?))
+                })
+                .collect();
+            let checkpoint = Checkpoint {
+                partition,
+                next_event_offset: end,
+                aggregates: state.aggregates(),
+                taken_at: now,
+            };
+            txn.checkpoints.push(taken);
+            let topic = self.topics.snapshots();
+            for (id, bytes) in &snapshots {
+                self.send(&topic, partition, id.as_bytes(), bytes, None, 0)?;
+            }
+            let bytes = serde_json::to_vec(&checkpoint).unwrap_or_default();
+            let key = partition.to_string();
+            self.send(
+                &self.topics.command_checkpoints(),
+                partition,
+                key.as_bytes(),
+                &bytes,
+                None,
+                0,
+            )?;
+            tracing::debug!(
+                partition,
+                next_event_offset = end,
+                snapshots = snapshots.len(),
+                "checkpoint written"
+            );
+        }
+        Ok(())
     }
 
     /// Handles one command inside the open transaction; returns its outcome label.
@@ -608,7 +890,7 @@ impl Engine {
             .or_else(|| {
                 self.partitions
                     .get(&partition)?
-                    .results
+                    .dedupe
                     .get(&command_id)
                     .cloned()
             })
@@ -696,15 +978,45 @@ impl Engine {
     fn committed(&mut self) {
         let Some(txn) = self.txn.take() else { return };
         let n = self.settings.partitions;
-        txn.overlay.merge_into(&mut self.partitions, |id| {
-            canonical_partition(id.as_bytes(), n)
-        });
+        let now_ms = Utc::now().timestamp_millis();
+        if !txn.checkpoints.is_empty() {
+            let snapshots = txn.checkpoints.iter().map(|c| c.dirty.len()).sum();
+            m::checkpoints(txn.checkpoints.len(), snapshots);
+            for taken in &txn.checkpoints {
+                if let Some(state) = self.partitions.get_mut(&taken.partition) {
+                    state.last_checkpoint = Instant::now();
+                }
+            }
+        }
+        txn.overlay.merge_into(
+            &mut self.partitions,
+            |id| canonical_partition(id.as_bytes(), n),
+            now_ms,
+        );
+        let window_ms = i64::try_from(self.settings.dedupe_window.as_millis()).unwrap_or(i64::MAX);
+        for state in self.partitions.values_mut() {
+            state.dedupe.expire(now_ms.saturating_sub(window_ms));
+        }
         for (p, next) in txn.next_offsets {
             self.committed_next.insert(p, Offset::Offset(next));
         }
         m::transaction("committed");
         for (outcome, received) in txn.outcomes {
             m::command(outcome, received.elapsed());
+        }
+        self.update_status();
+    }
+
+    /// Drops the open transaction (aborted, or lost to a fatal error): its overlay goes, and
+    /// what its checkpoints took from the partitions comes back, so the next one covers it.
+    fn drop_txn(&mut self) {
+        let Some(txn) = self.txn.take() else { return };
+        for taken in txn.checkpoints {
+            if let Some(state) = self.partitions.get_mut(&taken.partition) {
+                state.dirty.extend(taken.dirty);
+                state.events_since_checkpoint += taken.events_since;
+                state.needs_checkpoint |= taken.needed;
+            }
         }
     }
 
@@ -742,7 +1054,7 @@ impl Engine {
             _ => (false, true, false),
         };
         if fatal {
-            self.txn = None;
+            self.drop_txn();
             self.fail(format!("fatal transaction error: {error}"));
             return;
         }
@@ -752,7 +1064,7 @@ impl Engine {
             match new_producer(&self.producer_config) {
                 Ok(p) => self.producer = p,
                 Err(e) => {
-                    self.txn = None;
+                    self.drop_txn();
                     self.fail(format!("cannot re-create the transactional producer: {e}"));
                     return;
                 }
@@ -764,7 +1076,7 @@ impl Engine {
             }
         }
         m::transaction("aborted");
-        self.txn = None;
+        self.drop_txn();
         self.rewind(consumer);
     }
 
@@ -772,14 +1084,20 @@ impl Engine {
         // Whatever failed (the registry, a broker) gets a moment before the redo.
         std::thread::sleep(Duration::from_millis(200));
         let commands = self.topics.commands();
+        let mut failed = None;
         for p in self.partitions.keys() {
             let offset = match self.committed_next.get(p) {
                 Some(Offset::Offset(o)) => Offset::Offset(*o),
                 _ => Offset::Beginning,
             };
             if let Err(e) = consumer.seek(&commands, *p, offset, Duration::from_secs(10)) {
-                tracing::error!(partition = p, error = %e, "seek back failed");
+                // Going on would commit offsets past commands never processed.
+                failed = Some(format!("cannot seek partition {p} back to {offset:?}: {e}"));
+                break;
             }
+        }
+        if let Some(reason) = failed {
+            self.fail(reason);
         }
     }
 
@@ -834,18 +1152,18 @@ pub fn run_engine(
     let consumer: EngineConsumer = settings
         .kafka
         .client_config()
-        .set(
-            "group.id",
-            format!("{}.command-service", settings.topic_prefix),
-        )
+        .set("group.id", group_id(settings.as_ref()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        // Restoring a partition happens in the assignment callback and replays its events;
-        // allow it ten minutes before the group considers this member stuck.
-        .set("max.poll.interval.ms", "600000")
+        // Incremental rebalancing: partitions that stay keep their state.
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Static membership: a restarted instance takes its partitions back at once.
+        .set("group.instance.id", &settings.instance_id)
+        // Restores run off the poll loop; a commit can take three 30 s attempts.
+        .set("max.poll.interval.ms", "300000")
         .create_with_context(EngineContext {
             engine: Mutex::new(engine),
         })
@@ -865,9 +1183,11 @@ pub fn run_engine(
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             None => {}
         }
+        engine.install_restores(&consumer);
         if engine.commit_due() {
             engine.commit(&consumer);
         }
+        engine.checkpoint_idle(&consumer);
         if let Some(reason) = engine.fatal.clone() {
             outcome = Err(reason);
             break;
@@ -875,6 +1195,7 @@ pub fn run_engine(
     }
     {
         let mut engine = lock(&consumer.context().engine);
+        engine.cancel_restores();
         if outcome.is_ok() {
             engine.commit(&consumer);
         }
@@ -885,4 +1206,61 @@ pub fn run_engine(
     let _ = consumer.poll(Duration::from_millis(100));
     status.ready.store(false, Ordering::SeqCst);
     outcome
+}
+
+/// The committed offsets of `partitions` of `<prefix>.commands`, read as the group's
+/// (read_committed: this waits for offsets a previous owner left pending in an unfinished
+/// transaction, KIP-447, so the restore that follows sees everything they cover). Without them
+/// neither the restore nor a later rewind would be sound: retried, then an error.
+fn committed_offsets(
+    settings: &Settings,
+    partitions: &[i32],
+    cancel: &AtomicBool,
+) -> Result<HashMap<i32, Offset>, restore::RestoreError> {
+    let commands = Topics::new(&settings.topic_prefix).commands();
+    let kafka_error = |source| restore::RestoreError::Kafka {
+        topic: commands.clone(),
+        source,
+    };
+    let consumer: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .set("group.id", group_id(settings))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(kafka_error)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&commands, *p);
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(30)) {
+            Ok(c) if c.elements().iter().all(|e| e.error().is_ok()) => {
+                return Ok(c
+                    .elements()
+                    .iter()
+                    .map(|e| (e.partition(), e.offset()))
+                    .collect());
+            }
+            Ok(c) => tracing::warn!(attempt, offsets = ?c, "committed offsets not stable yet"),
+            Err(e) if attempt >= 4 => return Err(kafka_error(e)),
+            Err(e) => tracing::warn!(attempt, error = %e, "cannot read committed offsets"),
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(restore::RestoreError::Interrupted);
+        }
+        if attempt >= 4 {
+            return Err(kafka_error(KafkaError::OffsetFetch(
+                RDKafkaErrorCode::UnstableOffsetCommit,
+            )));
+        }
+    }
+}
+
+/// `<prefix>.command-service`: the consumer group of all instances.
+fn group_id(settings: &Settings) -> String {
+    format!("{}.command-service", settings.topic_prefix)
 }

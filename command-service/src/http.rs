@@ -152,6 +152,12 @@ async fn ready(State(state): State<AppState>) -> Response {
         .map(|p| p.clone())
         .unwrap_or_default();
     let fatal = state.status.fatal.lock().ok().and_then(|f| f.clone());
+    let restores = state
+        .status
+        .restores
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_default();
     let code = if ready {
         StatusCode::OK
     } else {
@@ -159,7 +165,9 @@ async fn ready(State(state): State<AppState>) -> Response {
     };
     (
         code,
-        Json(json!({"ready": ready, "partitions": partitions, "error": fatal})),
+        Json(
+            json!({"ready": ready, "partitions": partitions, "error": fatal, "restores": restores}),
+        ),
     )
         .into_response()
 }

@@ -33,6 +33,11 @@ use tokio::net::TcpListener;
 pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let topics = Topics::new(&settings.topic_prefix);
     let n = settings.partitions;
+    let results_retention = settings
+        .dedupe_window
+        .max(std::time::Duration::from_secs(7 * 24 * 3600))
+        .as_millis()
+        .to_string();
     vec![
         TopicSpec {
             name: topics.commands(),
@@ -42,19 +47,32 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
         TopicSpec {
             name: topics.events(),
             partitions: n,
-            config: vec![("retention.ms", "-1")],
+            config: vec![("retention.ms", "-1".into())],
         },
+        // Compacted, with segments rolled hourly so that compaction keeps up: a restore reads
+        // about one snapshot per live aggregate.
         TopicSpec {
             name: topics.snapshots(),
             partitions: n,
-            config: vec![("cleanup.policy", "compact")],
+            config: vec![
+                ("cleanup.policy", "compact".into()),
+                ("segment.ms", "3600000".into()),
+            ],
+        },
+        TopicSpec {
+            name: topics.command_checkpoints(),
+            partitions: n,
+            config: vec![
+                ("cleanup.policy", "compact".into()),
+                ("segment.ms", "3600000".into()),
+            ],
         },
         // Co-partitioned too: results are written to the aggregate's partition, which makes a
-        // partition's rejections readable on restore (the dedupe window is their retention).
+        // partition's results readable on restore: the dedupe window, kept at least as long.
         TopicSpec {
             name: topics.command_results(),
             partitions: n,
-            config: vec![("retention.ms", "604800000")],
+            config: vec![("retention.ms", results_retention)],
         },
     ]
 }

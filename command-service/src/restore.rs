@@ -1,32 +1,40 @@
-//! Restoring the state of newly assigned partitions before their commands are served: latest
-//! snapshots, then the partition's events (read_committed, to the end), then the partition's
-//! command results.
+//! Restoring the state of newly assigned partitions before their commands are served, in time
+//! that follows the live state, not the history:
 //!
-//! The de-duplication index comes from two places: accepted commands from the `command_id`
-//! header of their events (kept forever, like the events), rejected ones from the co-partitioned
-//! `<prefix>.command-results` topic (kept for its retention, 7 days by default — the window in
-//! which a rejected command's retry gets the original rejection instead of a fresh decision).
-//! Events at or below an aggregate's snapshot version are not decoded: their headers suffice.
+//! 1. the partition's latest [`Checkpoint`] (`<prefix>.command-checkpoints`, compacted);
+//! 2. the latest snapshot of every aggregate (`<prefix>.snapshots`, compacted);
+//! 3. the events from the checkpoint's offset on (read_committed, to the end): the tail;
+//! 4. the command results of the dedupe window (`<prefix>.command-results`, from
+//!    `now - DEDUPE_WINDOW`).
+//!
+//! A checkpoint commits in one transaction with a snapshot of every aggregate changed since the
+//! previous one, so snapshots + tail are the whole state. The restore proves it: every tail
+//! event must continue its aggregate's version (no gap), and the aggregates that existed at the
+//! checkpoint must all have a snapshot (their count is in the checkpoint). A partition that
+//! fails the proof, has no checkpoint (a store written before checkpoints existed) or has an
+//! unreadable snapshot or checkpoint is replayed from its first event instead, still skipping
+//! the decoding of events a snapshot covers, and then checkpointed at the first chance.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
+use chrono::Utc;
+use rdkafka::Offset;
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use shared::codec::{header, header_str};
-use shared::envelope::{EventRef, Snapshot};
-use shared::kafka::{TopicReader, Topics};
-use shared::{CommandResult, CommandStatus, EventCodec, Settings};
-use uuid::Uuid;
+use shared::envelope::{Checkpoint, Snapshot};
+use shared::kafka::{TopicReader, Topics, canonical_partition};
+use shared::{CommandResult, EventCodec, Settings};
 
+use crate::metrics as m;
 use crate::state::PartitionState;
 
 /// Why a partition could not be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    /// Shutdown began during the restore.
-    #[error("interrupted by shutdown")]
+    /// Shutdown (or a revocation) began during the restore.
+    #[error("interrupted")]
     Interrupted,
     /// The event store holds an event this service cannot fold: serving commands on top of
     /// it would append versions that already exist. Someone must look at the topic.
@@ -51,205 +59,415 @@ pub enum RestoreError {
     },
 }
 
-/// Restores the given partitions; returns their states and how many events were read.
+/// The restored partitions and what it took.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// State per restored partition.
+    pub states: HashMap<i32, PartitionState>,
+    /// What was read.
+    pub stats: RestoreStats,
+}
+
+/// What a restore read: the figures that must stay flat as history grows.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Snapshots read.
+    pub snapshots: usize,
+    /// Events read (tails, plus full replays).
+    pub events: usize,
+    /// Command results of the dedupe window read.
+    pub results: usize,
+    /// Partitions replayed from their first event (no usable checkpoint).
+    pub replayed: Vec<i32>,
+}
+
+/// Restores the given partitions.
 pub fn restore(
     settings: &Settings,
     codec: &EventCodec,
     partitions: &[i32],
     stop: &AtomicBool,
-) -> Result<(HashMap<i32, PartitionState>, usize), RestoreError> {
-    let topics = Topics::new(&settings.topic_prefix);
+) -> Result<Restored, RestoreError> {
+    let mut restored = Restored::default();
+    if partitions.is_empty() {
+        return Ok(restored);
+    }
+    let reader = Reader::new(settings, partitions, stop);
+    // Opened together so that their connections and offset look-ups overlap.
+    let checkpoint_reader = reader.open_whole(&reader.topics.command_checkpoints())?;
+    let snapshot_reader = reader.open_whole(&reader.topics.snapshots())?;
+    let result_reader = reader.open_window()?;
+    let checkpoints = reader.checkpoints(checkpoint_reader)?;
+    let snapshots = reader.snapshots(snapshot_reader)?;
+    restored.stats.snapshots = snapshots.read;
+
+    // The tails: from each partition's checkpoint, or from the beginning without a usable one.
+    let starts: HashMap<i32, Option<&Checkpoint>> = partitions
+        .iter()
+        .map(|p| {
+            let usable = checkpoints
+                .get(p)
+                .filter(|_| !snapshots.unreadable_in.contains(p));
+            (*p, usable)
+        })
+        .collect();
     let mut states: HashMap<i32, PartitionState> = partitions
         .iter()
-        .map(|p| (*p, PartitionState::default()))
+        .map(|p| (*p, snapshots.seed(*p, settings.partitions)))
         .collect();
-    if partitions.is_empty() {
-        return Ok((states, 0));
-    }
+    let tail_starts: Vec<(i32, Offset)> = starts
+        .iter()
+        .map(|(p, c)| {
+            (
+                *p,
+                c.map_or(Offset::Beginning, |c| Offset::Offset(c.next_event_offset)),
+            )
+        })
+        .collect();
+    let tails = reader.fold_events(codec, &tail_starts, &mut states, false)?;
+    restored.stats.events += tails.values().map(|t| t.events).sum::<usize>();
 
-    let started = Instant::now();
-    let group = format!("{}.command-service.restore", settings.topic_prefix);
-    let open = |topic: String| {
-        TopicReader::open(&settings.kafka, &group, &topic, partitions)
-            .map_err(|source| RestoreError::Kafka { topic, source })
-    };
-    let snapshot_reader = open(topics.snapshots())?;
-    let event_reader = open(topics.events())?;
-    let result_reader = open(topics.command_results())?;
-    // 1. Latest snapshot per aggregate.
-    let mut snapshots: HashMap<String, Snapshot> = HashMap::new();
-    let complete = snapshot_reader.drain_until(stop, |msg| {
-        match msg.payload().map(serde_json::from_slice::<Snapshot>) {
-            Some(Ok(s))
-                if snapshots
-                    .get(&s.aggregate_id)
-                    .is_none_or(|old| old.version < s.version) =>
-            {
-                snapshots.insert(s.aggregate_id.clone(), s);
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                tracing::warn!(offset = msg.offset(), error = %e, "unreadable snapshot ignored")
-            }
-            None => {}
-        }
-    });
-    if !complete {
-        return Err(RestoreError::Interrupted);
-    }
-    for snapshot in snapshots.values() {
-        if let Some(state) = snapshot_partition(&states, snapshot, settings.partitions) {
-            state_mut(&mut states, state)
-                .accounts
-                .insert(snapshot.aggregate_id.clone(), snapshot.state.clone());
+    // The proof: a checkpointed partition whose tail has a gap, or whose snapshots miss an
+    // aggregate the checkpoint counted, is replayed from its first event.
+    let mut replay = Vec::new();
+    for (p, checkpoint) in &starts {
+        let Some(checkpoint) = checkpoint else {
+            replay_needed(&mut restored.stats, *p, "no usable checkpoint");
+            continue;
+        };
+        let tail = &tails[p];
+        let existed = states[p].aggregates().saturating_sub(tail.opened);
+        let reason = match &tail.gap {
+            Some(gap) => Some(gap.clone()),
+            None if existed != checkpoint.aggregates => Some(format!(
+                "the checkpoint counts {} aggregates but {existed} have snapshots",
+                checkpoint.aggregates
+            )),
+            None => None,
+        };
+        if let Some(reason) = reason {
+            tracing::error!(partition = p, %reason, "checkpoint incomplete; replaying the partition");
+            m::restore_unreadable("checkpoint");
+            replay.push(*p);
         }
     }
+    if !replay.is_empty() {
+        for p in &replay {
+            states.insert(*p, snapshots.seed(*p, settings.partitions));
+            replay_needed(&mut restored.stats, *p, "checkpoint incomplete");
+        }
+        let from_start: Vec<(i32, Offset)> =
+            replay.iter().map(|p| (*p, Offset::Beginning)).collect();
+        let replays = reader.fold_events(codec, &from_start, &mut states, true)?;
+        restored.stats.events += replays.values().map(|t| t.events).sum::<usize>();
+    }
+    for p in &restored.stats.replayed {
+        if let Some(state) = states.get_mut(p) {
+            state.needs_checkpoint = true;
+        }
+    }
 
-    // 2. Events: fold what the snapshots do not cover; collect accepted commands from headers.
-    let mut accepted: HashMap<Uuid, (i32, String, Vec<EventRef>)> = HashMap::new();
-    let mut events_read = 0usize;
-    let events_topic = topics.events();
-    let mut corrupt: Option<RestoreError> = None;
-    let complete = event_reader.drain_until(stop, |msg| {
-        events_read += 1;
-        let partition = msg.partition();
-        let aggregate_id = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        let header_version: Option<u64> =
-            header_str(msg.headers(), header::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
-        let command_id: Option<Uuid> =
-            header_str(msg.headers(), header::COMMAND_ID).and_then(|v| v.parse().ok());
-        let event_id: Option<Uuid> =
-            header_str(msg.headers(), header::EVENT_ID).and_then(|v| v.parse().ok());
-        let event_type = header_str(msg.headers(), header::EVENT_TYPE).map(str::to_owned);
-        let state = states.entry(partition).or_default();
-        let covered = match (&aggregate_id, header_version) {
-            (Some(id), Some(v)) => state.accounts.get(id).is_some_and(|a| a.version >= v),
-            _ => false,
-        };
-        let fast = match (
-            covered,
-            aggregate_id,
-            header_version,
-            command_id,
-            event_id,
-            event_type,
-        ) {
-            (true, Some(id), Some(version), command_id, Some(event_id), Some(event_type)) => {
-                Some((
-                    id,
-                    command_id,
-                    EventRef {
-                        event_id,
-                        event_type,
-                        version,
-                    },
-                ))
+    restored.stats.results = reader.results(result_reader, &mut states)?;
+    restored.states = states;
+    Ok(restored)
+}
+
+fn replay_needed(stats: &mut RestoreStats, partition: i32, why: &str) {
+    if !stats.replayed.contains(&partition) {
+        tracing::info!(
+            partition,
+            why,
+            "restoring the partition from its first event"
+        );
+        stats.replayed.push(partition);
+    }
+}
+
+/// The latest readable snapshot of every aggregate of the partitions being restored.
+struct Snapshots {
+    latest: HashMap<String, Snapshot>,
+    /// Partitions with an unreadable snapshot: their aggregates fall back to the events.
+    unreadable_in: HashSet<i32>,
+    read: usize,
+}
+
+impl Snapshots {
+    /// A partition's state made of its snapshots only.
+    fn seed(&self, partition: i32, partitions: i32) -> PartitionState {
+        let mut state = PartitionState::default();
+        for s in self.latest.values() {
+            if canonical_partition(s.aggregate_id.as_bytes(), partitions) == partition {
+                state
+                    .accounts
+                    .insert(s.aggregate_id.clone(), s.state.clone());
             }
-            _ => None,
+        }
+        state
+    }
+}
+
+/// What folding one partition's events found.
+#[derive(Debug, Default)]
+struct Tail {
+    events: usize,
+    /// Aggregates whose first event (version 1) is in the tail: they did not exist before it.
+    opened: u64,
+    /// The first version gap, if any.
+    gap: Option<String>,
+}
+
+/// What one event did to the state.
+enum Folded {
+    /// A snapshot already holds it.
+    Covered { first: bool },
+    /// Applied to its aggregate.
+    Applied { first: bool },
+    /// Its version does not follow the aggregate's.
+    Gap(String),
+}
+
+/// Readers of the partitions' topics, sharing one restore group name and the stop flag.
+struct Reader<'a> {
+    settings: &'a Settings,
+    partitions: &'a [i32],
+    stop: &'a AtomicBool,
+    topics: Topics,
+    group: String,
+    now_ms: i64,
+    /// The dedupe window starts here (ms since the epoch).
+    since_ms: i64,
+}
+
+impl<'a> Reader<'a> {
+    fn new(settings: &'a Settings, partitions: &'a [i32], stop: &'a AtomicBool) -> Self {
+        let now_ms = Utc::now().timestamp_millis();
+        Reader {
+            settings,
+            partitions,
+            stop,
+            topics: Topics::new(&settings.topic_prefix),
+            group: format!("{}.command-service.restore", settings.topic_prefix),
+            now_ms,
+            since_ms: now_ms.saturating_sub(
+                i64::try_from(settings.dedupe_window.as_millis()).unwrap_or(i64::MAX),
+            ),
+        }
+    }
+
+    fn open(&self, topic: &str, starts: &[(i32, Offset)]) -> Result<TopicReader, RestoreError> {
+        TopicReader::open_at(&self.settings.kafka, &self.group, topic, starts).map_err(|source| {
+            RestoreError::Kafka {
+                topic: topic.to_owned(),
+                source,
+            }
+        })
+    }
+
+    fn open_whole(&self, topic: &str) -> Result<TopicReader, RestoreError> {
+        let starts: Vec<(i32, Offset)> = self
+            .partitions
+            .iter()
+            .map(|p| (*p, Offset::Beginning))
+            .collect();
+        self.open(topic, &starts)
+    }
+
+    fn drain(
+        &self,
+        reader: TopicReader,
+        each: impl FnMut(&BorrowedMessage<'_>),
+    ) -> Result<(), RestoreError> {
+        if reader.drain_until(self.stop, each) {
+            Ok(())
+        } else {
+            Err(RestoreError::Interrupted)
+        }
+    }
+
+    /// The latest readable checkpoint of each partition.
+    fn checkpoints(&self, reader: TopicReader) -> Result<HashMap<i32, Checkpoint>, RestoreError> {
+        let mut latest = HashMap::new();
+        self.drain(reader, |msg| {
+            match msg.payload().map(serde_json::from_slice::<Checkpoint>) {
+                Some(Ok(c)) if c.partition == msg.partition() => {
+                    latest.insert(msg.partition(), c);
+                }
+                other => {
+                    // The partition replays in full: slower, never wrong.
+                    let error = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "missing or for another partition".into(),
+                    };
+                    tracing::error!(partition = msg.partition(), offset = msg.offset(), %error, "unreadable checkpoint ignored");
+                    m::restore_unreadable("checkpoint");
+                    latest.remove(&msg.partition());
+                }
+            }
+        })?;
+        Ok(latest)
+    }
+
+    /// The latest snapshot of each aggregate; an unreadable one drops the aggregate's snapshot
+    /// and marks its partition for a replay.
+    fn snapshots(&self, reader: TopicReader) -> Result<Snapshots, RestoreError> {
+        let mut snapshots = Snapshots {
+            latest: HashMap::new(),
+            unreadable_in: HashSet::new(),
+            read: 0,
         };
-        let (aggregate_id, command_id, event_ref) = match fast {
-            Some(found) => found,
-            None => {
-                let offset = msg.offset();
-                let mut fail = |reason: String| {
-                    corrupt.get_or_insert(RestoreError::Corrupt {
-                        topic: events_topic.clone(),
+        self.drain(reader, |msg| {
+            snapshots.read += 1;
+            match msg.payload().map(serde_json::from_slice::<Snapshot>) {
+                Some(Ok(s)) => {
+                    let newer = snapshots
+                        .latest
+                        .get(&s.aggregate_id)
+                        .is_none_or(|old| old.version < s.version);
+                    if newer {
+                        snapshots.latest.insert(s.aggregate_id.clone(), s);
+                    }
+                }
+                Some(Err(e)) => {
+                    let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                    tracing::error!(partition = msg.partition(), offset = msg.offset(), aggregate_id = ?key, error = %e, "unreadable snapshot ignored; the aggregate is restored from its events");
+                    m::restore_unreadable("snapshot");
+                    if let Some(key) = key {
+                        snapshots.latest.remove(&key);
+                    }
+                    snapshots.unreadable_in.insert(msg.partition());
+                }
+                None => {}
+            }
+        })?;
+        Ok(snapshots)
+    }
+
+    /// Folds the events from `starts` into `states`. With `final_read`, a gap is a corrupt
+    /// store; otherwise it is reported in the partition's [`Tail`] (the caller replays).
+    fn fold_events(
+        &self,
+        codec: &EventCodec,
+        starts: &[(i32, Offset)],
+        states: &mut HashMap<i32, PartitionState>,
+        final_read: bool,
+    ) -> Result<HashMap<i32, Tail>, RestoreError> {
+        let mut tails: HashMap<i32, Tail> =
+            starts.iter().map(|(p, _)| (*p, Tail::default())).collect();
+        let topic = self.topics.events();
+        let mut corrupt: Option<RestoreError> = None;
+        let reader = self.open(&topic, starts)?;
+        self.drain(reader, |msg| {
+            let partition = msg.partition();
+            let (Some(state), Some(tail)) = (states.get_mut(&partition), tails.get_mut(&partition))
+            else {
+                return;
+            };
+            tail.events += 1;
+            if tail.gap.is_some() || corrupt.is_some() {
+                return;
+            }
+            match fold_event(codec, state, msg) {
+                Ok(Folded::Covered { first }) => tail.opened += u64::from(first),
+                Ok(Folded::Applied { first }) => tail.opened += u64::from(first),
+                Ok(Folded::Gap(reason)) if !final_read => tail.gap = Some(reason),
+                Ok(Folded::Gap(reason)) | Err(reason) => {
+                    corrupt = Some(RestoreError::Corrupt {
+                        topic: topic.clone(),
                         partition,
-                        offset,
+                        offset: msg.offset(),
                         reason,
                     });
-                };
-                // The JSON inside the wire format is enough here: no registry round trip, so
-                // a registry outage cannot make a restore skip events.
-                let envelope = match codec.decode_json(msg.payload().unwrap_or_default()) {
-                    Ok(env) => env,
-                    Err(e) => return fail(e.to_string()),
-                };
-                let account = state
-                    .accounts
-                    .entry(envelope.aggregate_id.clone())
-                    .or_default();
-                if envelope.version == account.version + 1 {
-                    match envelope.event() {
-                        Ok(event) => account.apply(&event),
-                        Err(e) => return fail(e.to_string()),
-                    }
-                } else if envelope.version > account.version + 1 {
-                    return fail(format!(
-                        "version gap: {} version {} follows version {}",
-                        envelope.aggregate_id, envelope.version, account.version
-                    ));
                 }
-                let event_ref = EventRef {
-                    event_id: envelope.event_id,
-                    event_type: envelope.event_type.clone(),
-                    version: envelope.version,
-                };
-                (
-                    envelope.aggregate_id.clone(),
-                    command_id.or(envelope.causation_id()),
-                    event_ref,
-                )
             }
-        };
-        if let Some(command_id) = command_id {
-            accepted
-                .entry(command_id)
-                .or_insert_with(|| (partition, aggregate_id, Vec::new()))
-                .2
-                .push(event_ref);
+        })?;
+        m::restored_events(tails.values().map(|t| t.events).sum());
+        match corrupt {
+            Some(error) => Err(error),
+            None => Ok(tails),
         }
-    });
-    if !complete {
-        return Err(RestoreError::Interrupted);
-    }
-    if let Some(error) = corrupt {
-        return Err(error);
-    }
-    for (command_id, (partition, aggregate_id, events)) in accepted {
-        let result = CommandResult {
-            command_id,
-            aggregate_id,
-            status: CommandStatus::Accepted,
-            version: events.last().map(|e| e.version),
-            events,
-            error: None,
-        };
-        state_mut(&mut states, partition)
-            .results
-            .insert(command_id, result);
     }
 
-    // 3. Results (rejections, and accepted ones again).
-    let complete = result_reader.drain_until(stop, |msg| {
-        if let Some(Ok(result)) = msg.payload().map(serde_json::from_slice::<CommandResult>) {
-            states
-                .entry(msg.partition())
-                .or_default()
-                .results
-                .entry(result.command_id)
-                .or_insert(result);
-        }
-    });
-    if !complete {
-        return Err(RestoreError::Interrupted);
+    /// A reader of the command results decided within the dedupe window.
+    fn open_window(&self) -> Result<TopicReader, RestoreError> {
+        let topic = self.topics.command_results();
+        TopicReader::open_since(
+            &self.settings.kafka,
+            &self.group,
+            &topic,
+            self.partitions,
+            self.since_ms,
+        )
+        .map_err(|source| RestoreError::Kafka { topic, source })
     }
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "restore read"
-    );
-    Ok((states, events_read))
+
+    /// Fills each partition's dedupe window from the results read by `reader`; returns how
+    /// many were read.
+    fn results(
+        &self,
+        reader: TopicReader,
+        states: &mut HashMap<i32, PartitionState>,
+    ) -> Result<usize, RestoreError> {
+        let (now_ms, since_ms) = (self.now_ms, self.since_ms);
+        let mut read = 0;
+        self.drain(reader, |msg| {
+            read += 1;
+            let at_ms = msg.timestamp().to_millis().unwrap_or(now_ms);
+            match msg.payload().map(serde_json::from_slice::<CommandResult>) {
+                Some(Ok(result)) if at_ms >= since_ms => {
+                    if let Some(state) = states.get_mut(&msg.partition()) {
+                        state.dedupe.insert(result.command_id, at_ms, result);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::error!(partition = msg.partition(), offset = msg.offset(), error = %e, "unreadable command result ignored");
+                    m::restore_unreadable("result");
+                }
+                None => {}
+            }
+        })?;
+        Ok(read)
+    }
 }
 
-fn snapshot_partition(
-    states: &HashMap<i32, PartitionState>,
-    snapshot: &Snapshot,
-    partitions: i32,
-) -> Option<i32> {
-    let p = shared::kafka::canonical_partition(snapshot.aggregate_id.as_bytes(), partitions);
-    states.contains_key(&p).then_some(p)
-}
-
-fn state_mut(states: &mut HashMap<i32, PartitionState>, partition: i32) -> &mut PartitionState {
-    states.entry(partition).or_default()
+/// Folds one event into its partition's state. Events a snapshot covers are recognised by
+/// their headers and not decoded; the others are decoded from the JSON inside the wire format
+/// (no registry round trip, so a registry outage cannot make a restore skip events).
+fn fold_event(
+    codec: &EventCodec,
+    state: &mut PartitionState,
+    msg: &BorrowedMessage<'_>,
+) -> Result<Folded, String> {
+    let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
+    let header_version: Option<u64> =
+        header_str(msg.headers(), header::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
+    if let (Some(id), Some(version)) = (key, header_version)
+        && state.accounts.get(id).is_some_and(|a| a.version >= version)
+    {
+        return Ok(Folded::Covered {
+            first: version == 1,
+        });
+    }
+    let envelope = codec
+        .decode_json(msg.payload().unwrap_or_default())
+        .map_err(|e| e.to_string())?;
+    let account = state
+        .accounts
+        .entry(envelope.aggregate_id.clone())
+        .or_default();
+    let first = envelope.version == 1;
+    if envelope.version <= account.version {
+        return Ok(Folded::Covered { first });
+    }
+    if envelope.version > account.version + 1 {
+        return Ok(Folded::Gap(format!(
+            "version gap: {} version {} follows version {}",
+            envelope.aggregate_id, envelope.version, account.version
+        )));
+    }
+    let event = envelope.event().map_err(|e| e.to_string())?;
+    account.apply(&event);
+    state.events_since_checkpoint += 1;
+    state.dirty.insert(envelope.aggregate_id);
+    Ok(Folded::Applied { first })
 }

@@ -1,20 +1,136 @@
-//! In-memory state of the partitions this instance owns: every aggregate's folded state and the
-//! de-duplication index (command id → original result).
+//! In-memory state of the partitions this instance owns: every aggregate's folded state, the
+//! de-duplication window (command id → original result) and what the next checkpoint must
+//! cover. Its size follows the live data: one entry per aggregate plus the commands of the
+//! dedupe window, never the history.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use shared::{BankAccount, CommandResult};
 use uuid::Uuid;
 
+/// A partition with changed aggregates gets a checkpoint at least this often, so that an idle
+/// partition's restore tail is bounded in time as well as in events.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The state of one owned partition of `<prefix>.commands` (and of the co-partitioned events,
-/// snapshots and results partitions).
-#[derive(Debug, Default)]
+/// snapshots, checkpoints and results partitions).
+#[derive(Debug)]
 pub struct PartitionState {
     /// Folded state of every aggregate living on the partition.
     pub accounts: HashMap<String, BankAccount>,
-    /// Result of every command already processed on the partition, so a retried command gets
+    /// Results of the commands processed within the dedupe window, so a retried command gets
     /// its original answer and appends nothing.
-    pub results: HashMap<Uuid, CommandResult>,
+    pub dedupe: Dedupe,
+    /// Aggregates changed since the partition's last checkpoint: the next one snapshots them.
+    pub dirty: HashSet<String>,
+    /// Events appended since the last checkpoint (the restore tail it would leave).
+    pub events_since_checkpoint: u64,
+    /// When the last checkpoint committed (or the partition was restored).
+    pub last_checkpoint: Instant,
+    /// No checkpoint covers this state (a store from before checkpoints, or one a restore could
+    /// not use): write one at the first chance.
+    pub needs_checkpoint: bool,
+}
+
+impl Default for PartitionState {
+    fn default() -> Self {
+        PartitionState {
+            accounts: HashMap::new(),
+            dedupe: Dedupe::default(),
+            dirty: HashSet::new(),
+            events_since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            needs_checkpoint: false,
+        }
+    }
+}
+
+impl PartitionState {
+    /// The checkpoint policy: one is due when none covers the state, when `every` events were
+    /// appended since the last, or when changes have waited [`CHECKPOINT_INTERVAL`].
+    pub fn checkpoint_due(&self, every: u64) -> bool {
+        checkpoint_due(
+            self.needs_checkpoint,
+            self.events_since_checkpoint,
+            !self.dirty.is_empty(),
+            self.last_checkpoint.elapsed(),
+            every,
+        )
+    }
+
+    /// Aggregates that exist (have at least one event).
+    pub fn aggregates(&self) -> u64 {
+        self.accounts.values().filter(|a| a.version > 0).count() as u64
+    }
+}
+
+/// The pure checkpoint policy of [`PartitionState::checkpoint_due`].
+pub fn checkpoint_due(
+    uncovered: bool,
+    events_since: u64,
+    dirty: bool,
+    since_last: Duration,
+    every: u64,
+) -> bool {
+    uncovered || events_since >= every || (dirty && since_last >= CHECKPOINT_INTERVAL)
+}
+
+/// Command results remembered for the dedupe window, oldest first out.
+#[derive(Debug, Default)]
+pub struct Dedupe {
+    entries: HashMap<Uuid, Remembered>,
+    order: VecDeque<(i64, Uuid)>,
+}
+
+#[derive(Debug)]
+struct Remembered {
+    /// When the result was first decided (ms since the epoch).
+    at_ms: i64,
+    result: CommandResult,
+}
+
+impl Dedupe {
+    /// The remembered result of `command_id`.
+    pub fn get(&self, command_id: &Uuid) -> Option<&CommandResult> {
+        self.entries.get(command_id).map(|r| &r.result)
+    }
+
+    /// Remembers a result decided at `at_ms`; the first one decided for a command id stays.
+    pub fn insert(&mut self, command_id: Uuid, at_ms: i64, result: CommandResult) {
+        if self.entries.contains_key(&command_id) {
+            return;
+        }
+        self.entries
+            .insert(command_id, Remembered { at_ms, result });
+        self.order.push_back((at_ms, command_id));
+    }
+
+    /// Forgets the results decided before `before_ms`; returns how many.
+    pub fn expire(&mut self, before_ms: i64) -> usize {
+        let mut forgotten = 0;
+        while let Some(&(at_ms, id)) = self.order.front() {
+            if at_ms >= before_ms {
+                break;
+            }
+            self.order.pop_front();
+            if self.entries.get(&id).is_some_and(|r| r.at_ms == at_ms) {
+                self.entries.remove(&id);
+                forgotten += 1;
+            }
+        }
+        forgotten
+    }
+
+    /// How many command ids are remembered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Changes made by the open transaction, kept apart until it commits: an abort simply drops
@@ -28,21 +144,65 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Moves the overlay's changes into the committed partition states.
+    /// Moves the overlay's changes into the committed partition states (decided at `now_ms`),
+    /// marking the changed aggregates for the next checkpoint.
     pub fn merge_into(
         self,
         partitions: &mut HashMap<i32, PartitionState>,
         partition_of: impl Fn(&str) -> i32,
+        now_ms: i64,
     ) {
         for (id, account) in self.accounts {
             if let Some(state) = partitions.get_mut(&partition_of(&id)) {
+                let before = state.accounts.get(&id).map_or(0, |a| a.version);
+                state.events_since_checkpoint += account.version.saturating_sub(before);
+                state.dirty.insert(id.clone());
                 state.accounts.insert(id, account);
             }
         }
         for (command_id, (partition, result)) in self.results {
             if let Some(state) = partitions.get_mut(&partition) {
-                state.results.insert(command_id, result);
+                state.dedupe.insert(command_id, now_ms, result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::{Rejection, RejectionCode};
+
+    fn result(id: Uuid) -> CommandResult {
+        CommandResult::rejected(id, "a", Rejection::new(RejectionCode::Malformed, "x"))
+    }
+
+    #[test]
+    fn checkpoint_policy() {
+        let minute = CHECKPOINT_INTERVAL;
+        assert!(checkpoint_due(true, 0, false, Duration::ZERO, 10));
+        assert!(checkpoint_due(false, 10, true, Duration::ZERO, 10));
+        assert!(!checkpoint_due(false, 9, true, Duration::ZERO, 10));
+        assert!(checkpoint_due(false, 1, true, minute, 10));
+        assert!(
+            !checkpoint_due(false, 0, false, minute * 10, 10),
+            "nothing changed: nothing to checkpoint"
+        );
+    }
+
+    #[test]
+    fn dedupe_forgets_oldest_first_and_keeps_the_first_result() {
+        let mut d = Dedupe::default();
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        d.insert(a, 100, result(a));
+        d.insert(b, 200, result(b));
+        d.insert(a, 300, result(Uuid::nil()));
+        d.insert(c, 300, result(c));
+        assert_eq!(d.get(&a).unwrap().command_id, a, "first result stays");
+        assert_eq!(d.expire(200), 1);
+        assert!(d.get(&a).is_none());
+        assert!(d.get(&b).is_some());
+        assert_eq!(d.expire(1000), 2);
+        assert!(d.is_empty());
     }
 }

@@ -98,7 +98,7 @@ pub async fn ensure_projection_topics(settings: &Settings) -> Result<i32, TopicE
             TopicSpec {
                 name: topics.events(),
                 partitions: settings.partitions,
-                config: vec![("retention.ms", "-1")],
+                config: vec![("retention.ms", "-1".into())],
             },
             TopicSpec {
                 name: topics.events_dlq(),

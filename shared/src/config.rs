@@ -51,6 +51,13 @@ pub struct Settings {
     pub commit_interval: Duration,
     /// `SNAPSHOT_EVERY`: an aggregate snapshot every this many events.
     pub snapshot_every: u64,
+    /// `CHECKPOINT_EVERY`: a restore checkpoint of a partition (snapshots of every aggregate
+    /// changed since the last one) at the latest after this many of the partition's events, so
+    /// a restore reads at most about this many events per partition.
+    pub checkpoint_every: u64,
+    /// `DEDUPE_WINDOW`: how long a command id is remembered (a retry gets its original result);
+    /// beyond it `expected_version` is the protection. Also the results topic's retention.
+    pub dedupe_window: Duration,
     /// `PROJECTION_URL`: where the CLI finds the projection service.
     pub projection_url: String,
 }
@@ -89,6 +96,18 @@ impl Settings {
                     name,
                     &v,
                     "expected a whole number greater than zero",
+                )),
+            }
+        };
+
+        let window = |name: &'static str, default: &str| -> Result<Duration, ConfigError> {
+            let v = text(name, default);
+            match humantime::parse_duration(&v) {
+                Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+                _ => Err(invalid(
+                    name,
+                    &v,
+                    "expected a duration of at least 1s, like 7d, 12h or 30m",
                 )),
             }
         };
@@ -178,6 +197,8 @@ impl Settings {
             instance_id,
             commit_interval: Duration::from_millis(positive("COMMIT_INTERVAL_MS", "100")?),
             snapshot_every: positive("SNAPSHOT_EVERY", "100")?,
+            checkpoint_every: positive("CHECKPOINT_EVERY", "10000")?,
+            dedupe_window: window("DEDUPE_WINDOW", "7d")?,
             projection_url,
         })
     }
@@ -226,6 +247,8 @@ mod tests {
         assert_eq!(s.default_currency, "USD");
         assert_eq!(s.commit_interval, Duration::from_millis(100));
         assert_eq!(s.snapshot_every, 100);
+        assert_eq!(s.checkpoint_every, 10_000);
+        assert_eq!(s.dedupe_window, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(s.projection_url, "http://127.0.0.1:8090");
         assert!(s.instance_id.starts_with("command-service-"));
     }
@@ -241,11 +264,20 @@ mod tests {
             ("PROJECTION_DATABASE_URL", "mysql://x"),
             ("SCHEMA_REGISTRY_URL", "registry:8081"),
             ("TOPIC_PREFIX", "bank events"),
+            ("DEDUPE_WINDOW", "forever"),
+            ("DEDUPE_WINDOW", "10ms"),
+            ("CHECKPOINT_EVERY", "0"),
         ] {
             let err = Settings::from_vars(&vars(&[(var, value)])).unwrap_err();
             assert_eq!(err.var, var);
             assert!(err.to_string().contains(var), "{err}");
         }
+    }
+
+    #[test]
+    fn dedupe_window_takes_human_durations() {
+        let s = Settings::from_vars(&vars(&[("DEDUPE_WINDOW", "36h")])).unwrap();
+        assert_eq!(s.dedupe_window, Duration::from_secs(36 * 3600));
     }
 
     #[test]

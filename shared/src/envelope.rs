@@ -275,7 +275,7 @@ impl EventEnvelope {
 }
 
 /// An aggregate snapshot (value of `<prefix>.snapshots`, key = `aggregate_id`, compacted): the
-/// state after `version` events, the last of which is at `event_offset` in the aggregate's
+/// state after `version` events, none of which is after `event_offset` in the aggregate's
 /// partition of `<prefix>.events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -283,10 +283,29 @@ pub struct Snapshot {
     pub aggregate_id: String,
     /// Number of events folded into `state`.
     pub version: u64,
-    /// Offset of the last covered event in the events partition.
+    /// Offset of the last covered event in the events partition; for a snapshot written at a
+    /// [`Checkpoint`], the partition's last offset at that moment (an upper bound).
     pub event_offset: i64,
     /// The folded state.
     pub state: BankAccount,
     /// When the snapshot was taken.
+    pub taken_at: DateTime<Utc>,
+}
+
+/// A restore checkpoint of one partition (value of `<prefix>.command-checkpoints`, key = the
+/// partition number, compacted), committed in the same transaction as a snapshot of every
+/// aggregate of the partition that changed since the previous checkpoint. Together with the
+/// snapshots it holds the partition's state as of `next_event_offset`, so a restore reads only
+/// the events from there on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The partition (of the events, snapshots and commands topics alike).
+    pub partition: i32,
+    /// Every event of the partition below this offset is covered by the snapshots.
+    pub next_event_offset: i64,
+    /// How many aggregates the partition held then: a restore that finds fewer snapshots
+    /// of them knows one is missing and replays the partition instead.
+    pub aggregates: u64,
+    /// When the checkpoint was taken.
     pub taken_at: DateTime<Utc>,
 }

@@ -42,6 +42,11 @@ impl Topics {
     pub fn snapshots(&self) -> String {
         format!("{}.snapshots", self.prefix)
     }
+    /// `<prefix>.command-checkpoints`: the command-service's per-partition restore checkpoints
+    /// (compacted, key = partition number, co-partitioned with the events).
+    pub fn command_checkpoints(&self) -> String {
+        format!("{}.command-checkpoints", self.prefix)
+    }
     /// `<prefix>.events.dlq`: events the projection could not use, with headers saying why.
     pub fn events_dlq(&self) -> String {
         format!("{}.events.dlq", self.prefix)
@@ -89,7 +94,7 @@ pub struct TopicSpec {
     /// Partition count when created.
     pub partitions: i32,
     /// Topic configs (`cleanup.policy=compact`, `retention.ms=-1`).
-    pub config: Vec<(&'static str, &'static str)>,
+    pub config: Vec<(&'static str, String)>,
 }
 
 /// Failure to create or inspect topics.
@@ -246,18 +251,57 @@ impl TopicReader {
         topic: &str,
         partitions: &[i32],
     ) -> KafkaResult<TopicReader> {
-        let consumer: BaseConsumer<QuietEof> = settings
-            .client_config()
-            .set("group.id", group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("fetch.wait.max.ms", "10")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .create_with_context(QuietEof)?;
+        let starts: Vec<(i32, Offset)> =
+            partitions.iter().map(|p| (*p, Offset::Beginning)).collect();
+        Self::open_at(settings, group_id, topic, &starts)
+    }
+
+    /// Like [`TopicReader::open`], each partition from its own start offset (for a tail after a
+    /// checkpoint).
+    pub fn open_at(
+        settings: &KafkaSettings,
+        group_id: &str,
+        topic: &str,
+        starts: &[(i32, Offset)],
+    ) -> KafkaResult<TopicReader> {
+        let consumer = Self::consumer(settings, group_id)?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, offset) in starts {
+            tpl.add_partition_offset(topic, *p, *offset)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(TopicReader {
+            consumer,
+            topic: topic.to_owned(),
+            partitions: starts.iter().map(|(p, _)| *p).collect(),
+        })
+    }
+
+    /// Like [`TopicReader::open`], from the first message of each partition whose timestamp is
+    /// at or after `since_ms` (milliseconds since the epoch): for reading a time window.
+    pub fn open_since(
+        settings: &KafkaSettings,
+        group_id: &str,
+        topic: &str,
+        partitions: &[i32],
+        since_ms: i64,
+    ) -> KafkaResult<TopicReader> {
+        let consumer = Self::consumer(settings, group_id)?;
+        let mut query = TopicPartitionList::new();
+        for p in partitions {
+            query.add_partition_offset(topic, *p, Offset::Offset(since_ms))?;
+        }
+        let found = consumer.offsets_for_times(query, Duration::from_secs(30))?;
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
-            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+            // No message that recent: start at the end (nothing to read).
+            let offset = found
+                .find_partition(topic, *p)
+                .filter(|e| e.error().is_ok())
+                .map(|e| e.offset())
+                .filter(|o| matches!(o, Offset::Offset(_)))
+                .unwrap_or(Offset::End);
+            tpl.add_partition_offset(topic, *p, offset)?;
         }
         consumer.assign(&tpl)?;
         Ok(TopicReader {
@@ -265,6 +309,18 @@ impl TopicReader {
             topic: topic.to_owned(),
             partitions: partitions.to_vec(),
         })
+    }
+
+    fn consumer(settings: &KafkaSettings, group_id: &str) -> KafkaResult<BaseConsumer<QuietEof>> {
+        settings
+            .client_config()
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(QuietEof)
     }
 
     /// Calls `each` for every message up to the end of every partition. Read errors are logged

@@ -69,6 +69,18 @@ impl TestApp {
         }
     }
 
+    /// The body of `GET /ready`.
+    pub async fn ready_json(&self) -> Value {
+        self.http
+            .get(format!("{}/ready", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// POSTs a command and returns the HTTP status and body.
     pub async fn send(&self, command: &CommandMessage) -> (u16, Value) {
         post(&self.http, &self.url, command.to_json().to_string()).await
@@ -375,4 +387,28 @@ pub async fn verify_store(settings: &Settings) -> (usize, usize) {
         assert_eq!(first.get(id), Some(status), "result of {id}");
     }
     (events.len(), reference.results.len())
+}
+
+/// Produces `commands` to their canonical partitions and waits until each has a result.
+pub async fn produce_and_wait(settings: &Settings, commands: &[CommandMessage]) {
+    let producer = producer(settings);
+    for c in commands {
+        produce_raw(&producer, settings, &c.aggregate_id, &c.to_bytes(), None).await;
+    }
+    let wanted: HashSet<Uuid> = commands.iter().map(|c| c.command_id).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let answered: HashSet<Uuid> = read_results(settings)
+            .iter()
+            .map(|r| r.command_id)
+            .collect();
+        if wanted.is_subset(&answered) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "all commands answered within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -1,8 +1,9 @@
 //! command-service against the real broker: rules and rejection codes, duplicates (also across
-//! restarts), malformed input, forwarding, snapshots, crash safety and two instances.
+//! restarts), malformed input, forwarding, snapshots, bounded restores, crash safety and two instances.
 
 mod helpers;
 
 mod commands;
 mod crash;
+mod restore;
 mod two_instances;

@@ -20,7 +20,7 @@ async fn round_trip(settings: &Settings, codec: &EventCodec) -> Vec<u8> {
         &[TopicSpec {
             name: topic.clone(),
             partitions: 3,
-            config: vec![("retention.ms", "-1")],
+            config: vec![("retention.ms", "-1".into())],
         }],
         Duration::from_secs(30),
     )

@@ -1,0 +1,253 @@
+//! Restores that follow the live state, not the history: checkpoints + a short tail, the dedupe
+//! window across restarts, a store written before checkpoints existed, unreadable snapshots, and
+//! a rebalance that moves only the partitions that change owner.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use serde_json::Value;
+use shared::kafka::{Topics, canonical_partition};
+use shared::{BankAccount, Command, Event, EventCodec, EventEnvelope, Settings};
+
+use crate::crash::workload;
+use crate::helpers::*;
+
+fn restores(ready: &Value) -> &Value {
+    &ready["restores"]
+}
+
+fn count(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
+}
+
+#[tokio::test]
+async fn a_restart_after_a_long_history_reads_checkpoints_and_a_short_tail() {
+    let mut settings = shared::testing::test_settings(2);
+    settings.commit_interval = Duration::from_millis(20);
+    settings.checkpoint_every = 50;
+    settings.snapshot_every = 1_000_000; // only checkpoints write snapshots here
+    let app = TestApp::spawn_with(settings.clone()).await;
+    produce_and_wait(&settings, &workload(8, 800, 7)).await;
+    app.stop().await;
+    let history = read_topic(&settings, &Topics::new(&settings.topic_prefix).events()).len();
+    assert!(history > 500, "a long history: {history} events");
+
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    let read = restores(&ready);
+    assert_eq!(count(read, "replayed_partitions"), 0, "{ready}");
+    assert_eq!(count(read, "partitions"), 2, "{ready}");
+    let tail = count(read, "events");
+    assert!(
+        tail < 2 * settings.checkpoint_every,
+        "the tail is bounded by the checkpoint interval: {tail} of {history} events read"
+    );
+    assert!(count(read, "snapshots") >= 8, "{ready}");
+    // The restored state is exact: more commands on top match the reference model.
+    produce_and_wait(&settings, &workload(8, 200, 8)).await;
+    app.stop().await;
+    verify_store(&settings).await;
+    eprintln!("restore after {history} events read {tail} events");
+}
+
+#[tokio::test]
+async fn a_retried_command_gets_its_original_result_after_two_restarts() {
+    let mut settings = shared::testing::test_settings(2);
+    settings.commit_interval = Duration::from_millis(20);
+    settings.checkpoint_every = 1; // every change is checkpointed: no event is re-read
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let opened = open("win-1", "Wim", 500);
+    let too_much = cmd("win-1", Command::Withdraw { amount_minor: 900 });
+    let deposit = cmd("win-1", Command::Deposit { amount_minor: 100 });
+    let first = (
+        app.send(&opened).await,
+        app.send(&too_much).await,
+        app.send(&deposit).await,
+    );
+    assert_eq!((first.0.0, first.1.0, first.2.0), (200, 422, 200));
+    app.stop().await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    app.stop().await;
+
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    assert_eq!(
+        count(restores(&ready), "events"),
+        0,
+        "the state came from snapshots, the answers from the dedupe window: {ready}"
+    );
+    assert_eq!(app.send(&opened).await, first.0);
+    assert_eq!(app.send(&too_much).await, first.1);
+    assert_eq!(app.send(&deposit).await, first.2);
+    app.stop().await;
+    assert_eq!(
+        read_events(&settings).await.len(),
+        2,
+        "nothing appended twice"
+    );
+}
+
+/// Writes `deposits` + 1 events of one account as a store from before checkpoints would hold
+/// them: no checkpoint, no snapshot.
+async fn write_old_store(settings: &Settings, id: &str, deposits: u64) {
+    let codec = EventCodec::json("USD");
+    let topic = Topics::new(&settings.topic_prefix).events();
+    let partition = canonical_partition(id.as_bytes(), settings.partitions);
+    let producer = producer(settings);
+    let mut account = BankAccount::default();
+    let events = std::iter::once(Event::AccountOpened {
+        owner: "Olga".into(),
+        currency: "EUR".into(),
+        initial_balance_minor: 1000,
+    })
+    .chain((0..deposits).map(|_| Event::MoneyDeposited { amount_minor: 10 }));
+    for event in events {
+        account.apply(&event);
+        let envelope = EventEnvelope::new(
+            id,
+            account.version,
+            &event,
+            chrono::Utc::now(),
+            Default::default(),
+        );
+        let bytes = codec.encode(&topic, &envelope).await.unwrap();
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key(id)
+                    .payload(&bytes)
+                    .partition(partition)
+                    .headers(shared::codec::event_headers(&envelope)),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+
+#[tokio::test]
+async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
+    let mut settings = shared::testing::test_settings(1);
+    settings.commit_interval = Duration::from_millis(20);
+    shared::kafka::ensure_topics(
+        &settings.kafka,
+        &command_service::topic_specs(&settings),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    write_old_store(&settings, "old-1", 29).await;
+
+    // First start: a full replay, then a checkpoint of its own.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
+    assert_eq!(count(restores(&ready), "events"), 30, "{ready}");
+    let (s, body) = app
+        .send(&cmd("old-1", Command::Withdraw { amount_minor: 1291 }))
+        .await;
+    assert_eq!(
+        (s, &body["error"]["code"]),
+        (422, &Value::from("InsufficientFunds"))
+    );
+    let (s, body) = app
+        .send(&cmd("old-1", Command::Withdraw { amount_minor: 1290 }))
+        .await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(31)));
+    app.stop().await;
+    let checkpoints = read_topic(
+        &settings,
+        &Topics::new(&settings.topic_prefix).command_checkpoints(),
+    );
+    assert!(!checkpoints.is_empty(), "the replay was checkpointed");
+
+    // Second start: bounded, from the checkpoint.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    assert_eq!(count(restores(&ready), "replayed_partitions"), 0, "{ready}");
+    assert!(
+        count(restores(&ready), "events") <= 1,
+        "only the withdrawal after the checkpoint: {ready}"
+    );
+    app.stop().await;
+
+    // An unreadable snapshot: that aggregate falls back to its events, nothing crashes.
+    let producer = producer(&settings);
+    producer
+        .send(
+            FutureRecord::to(&Topics::new(&settings.topic_prefix).snapshots())
+                .key("old-1")
+                .payload("{not a snapshot")
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
+    assert_eq!(count(restores(&ready), "events"), 31, "{ready}");
+    let (s, body) = app
+        .send(&cmd("old-1", Command::Deposit { amount_minor: 5 }))
+        .await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(32)), "{body}");
+    app.stop().await;
+    let snapshots = read_topic(&settings, &Topics::new(&settings.topic_prefix).snapshots());
+    assert!(
+        snapshots
+            .last()
+            .is_some_and(|m| m.payload() != Some(b"{not a snapshot".as_slice())),
+        "a fresh snapshot replaced the unreadable one"
+    );
+}
+
+#[tokio::test]
+async fn a_second_instance_takes_partitions_without_restoring_the_ones_that_stay() {
+    let settings = shared::testing::test_settings(4);
+    let a = ServiceProcess::start(&settings, "join-a", 100);
+    let ready = a.wait_ready().await;
+    assert_eq!(count(restores(&ready), "partitions"), 4, "{ready}");
+    produce_and_wait(&settings, &workload(12, 200, 3)).await;
+
+    let b = ServiceProcess::start(&settings, "join-b", 100);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (ra, rb) = loop {
+        if let (Some(ra), Some(rb)) = (a.ready().await, b.ready().await) {
+            let owned = |r: &Value| -> HashSet<i64> {
+                r["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(Value::as_i64)
+                    .collect()
+            };
+            let (pa, pb) = (owned(&ra), owned(&rb));
+            if !pa.is_empty() && !pb.is_empty() && pa.is_disjoint(&pb) && pa.len() + pb.len() == 4 {
+                break (ra, rb);
+            }
+        }
+        assert!(Instant::now() < deadline, "the partitions split");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        count(restores(&ra), "partitions"),
+        4,
+        "the first instance restored nothing again: {ra}"
+    );
+    assert_eq!(
+        count(restores(&rb), "partitions") as usize,
+        rb["partitions"].as_array().unwrap().len(),
+        "the second restored exactly what it took: {rb}"
+    );
+    produce_and_wait(&settings, &workload(12, 200, 4)).await;
+    a.terminate();
+    b.terminate();
+    verify_store(&settings).await;
+}
