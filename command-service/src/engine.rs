@@ -229,6 +229,10 @@ pub struct Engine {
     runtime: tokio::runtime::Handle,
     producer_config: ClientConfig,
     producer: TxnProducer,
+    /// Asks for the events partitions' high watermarks (read_uncommitted: the end of everything
+    /// written, where a read_committed client would get the last stable offset, which lags
+    /// until a commit's markers are written).
+    offsets: BaseConsumer,
     partitions: HashMap<i32, PartitionState>,
     committed_next: HashMap<i32, Offset>,
     txn: Option<Txn>,
@@ -267,6 +271,12 @@ impl Engine {
             .set("linger.ms", "2")
             .set("message.timeout.ms", "10000");
         let producer = new_producer(&producer_config)?;
+        let offsets: BaseConsumer = settings
+            .kafka
+            .client_config()
+            .set("group.id", group_id(&settings))
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
         Ok(Engine {
             topics: Topics::new(&settings.topic_prefix),
             settings,
@@ -274,6 +284,7 @@ impl Engine {
             runtime,
             producer_config,
             producer,
+            offsets,
             partitions: HashMap::new(),
             committed_next: HashMap::new(),
             txn: None,
@@ -532,7 +543,7 @@ impl Engine {
             .collect();
         let events = self.topics.events();
         for partition in due {
-            let end = match self.producer.client().fetch_watermarks(
+            let end = match self.offsets.fetch_watermarks(
                 &events,
                 partition,
                 Duration::from_secs(5),
