@@ -248,8 +248,9 @@ impl DeadLetterReader {
         &self.topic
     }
 
-    /// The total count and the newest `limit` dead letters (newest first by partition order of
-    /// `failed_at`, then offset). Blocking: call from `spawn_blocking`.
+    /// The total count and the newest `limit` dead letters, newest first (by `failed_at`, then
+    /// offset). Reads at most `limit` messages from the end of each partition, for at most 5 s.
+    /// Blocking: call from `spawn_blocking`.
     pub fn newest(&self, limit: usize) -> Result<(i64, Vec<DeadLetterView>), KafkaError> {
         let client: BaseConsumer = self
             .kafka
