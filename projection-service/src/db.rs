@@ -311,8 +311,25 @@ pub struct AccountFilter {
     pub owner: Option<String>,
     /// Only ids greater than this (the previous page's `next`).
     pub after: Option<String>,
+    /// Search: only accounts whose id or owner contains this text, ignoring ASCII case.
+    pub q: Option<String>,
     /// Page size.
     pub limit: u32,
+}
+
+/// `%text%` for `LOWER(column) LIKE … ESCAPE '\'`, lower-cased, with `%`, `_` and `\` taken
+/// literally.
+pub fn contains_pattern(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out.push('%');
+    out
 }
 
 /// A timestamp as RFC 3339 text (UTC, `Z`, as many fraction digits as needed).
@@ -857,6 +874,14 @@ impl Database {
         if filter.after.is_some() {
             conditions.push(format!("id > {}", next()));
         }
+        // Case-insensitive on PostgreSQL; on SQLite for ASCII letters (its LOWER is ASCII-only).
+        let pattern = filter.q.as_deref().map(contains_pattern);
+        if pattern.is_some() {
+            let p = next();
+            conditions.push(format!(
+                "(LOWER(id) LIKE {p} ESCAPE '\\' OR LOWER(owner) LIKE {p} ESCAPE '\\')"
+            ));
+        }
         let limit = next();
         let sql = format!(
             "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
@@ -869,7 +894,7 @@ impl Database {
             }
         );
         let mut query = sqlx::query(&sql);
-        for value in [&filter.status, &filter.owner, &filter.after]
+        for value in [&filter.status, &filter.owner, &filter.after, &pattern]
             .into_iter()
             .flatten()
         {
@@ -952,6 +977,12 @@ mod tests {
     #[test]
     fn placeholders_number_every_column() {
         assert_eq!(placeholders(2, 3), "($1,$2,$3),($4,$5,$6)");
+    }
+
+    #[test]
+    fn search_patterns_take_wildcards_literally() {
+        assert_eq!(contains_pattern("Ab"), "%ab%");
+        assert_eq!(contains_pattern("50%_a\\"), "%50\\%\\_a\\\\%");
     }
 
     #[test]

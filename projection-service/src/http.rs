@@ -1,6 +1,7 @@
 //! The query API (axum): accounts now, as of a time or a version, read-your-writes waits, the
-//! event history (optionally downcast for old consumers), pages of accounts, health, readiness
-//! and metrics. Every error is [`ApiError`], one JSON shape `{"error": {"code", "message"}}`
+//! event history (optionally downcast for old consumers), pages of accounts, health, readiness,
+//! metrics, the projection's status (lag per partition, dead-letter count), the newest dead
+//! letters, and the explorer page ([`explorer`]) at `/`. Every error is [`ApiError`], one JSON shape `{"error": {"code", "message"}}`
 //! with one table of codes to statuses ([`ApiError::parts`]); internal details are logged,
 //! never sent.
 
@@ -23,7 +24,8 @@ use shared::money::{format_minor, minor_digits};
 use shared::{EventCodec, EventEnvelope};
 
 use crate::db::{AccountFilter, AccountView, Database, StoreError};
-use crate::projector::Status;
+use crate::dlq::{DeadLetterReader, DeadLetterView};
+use crate::projector::{PartitionLag, Status};
 
 /// Default and largest page size of `GET /accounts`.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -45,6 +47,10 @@ pub struct AppState {
     pub codec: Arc<EventCodec>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The events topic (`GET /status`).
+    pub topic: String,
+    /// Reads `<prefix>.events.dlq` back (`GET /dead-letters`).
+    pub dead_letters: DeadLetterReader,
 }
 
 /// Every error the API answers with.
@@ -65,6 +71,9 @@ pub enum ApiError {
     /// 404 `NotFound`: no such route.
     #[error("no such route")]
     NoRoute,
+    /// 503 `KafkaUnavailable`: the dead-letter topic could not be read; retry.
+    #[error("the dead-letter topic cannot be read right now: {0}")]
+    KafkaUnavailable(String),
     /// 503 `Unavailable`: the database is busy or unreachable; retry.
     #[error("the read model is temporarily unavailable")]
     Unavailable,
@@ -82,6 +91,7 @@ impl ApiError {
             ApiError::NotCaughtUp(_) => ("NotCaughtUp", StatusCode::GATEWAY_TIMEOUT),
             ApiError::NotReady => ("NotReady", StatusCode::SERVICE_UNAVAILABLE),
             ApiError::NoRoute => ("NotFound", StatusCode::NOT_FOUND),
+            ApiError::KafkaUnavailable(_) => ("Unavailable", StatusCode::SERVICE_UNAVAILABLE),
             ApiError::Unavailable => ("Unavailable", StatusCode::SERVICE_UNAVAILABLE),
             ApiError::Internal => ("Internal", StatusCode::INTERNAL_SERVER_ERROR),
         }
@@ -122,6 +132,11 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
+        .route("/status", get(status))
+        .route("/dead-letters", get(dead_letters))
+        .route("/", get(explorer::page))
+        .route("/assets/explorer.js", get(explorer::script))
+        .route("/assets/explorer.css", get(explorer::style))
         .fallback(|| async { ApiError::NoRoute })
         // 5xx answers are expected here (`/ready` is 503 until caught up, 504 when a
         // `min_version` wait runs out): the handlers log real failures themselves.
@@ -363,6 +378,7 @@ pub struct ListParams {
     owner: Option<String>,
     limit: Option<String>,
     after: Option<String>,
+    q: Option<String>,
 }
 
 /// A page of accounts.
@@ -374,7 +390,7 @@ pub struct AccountPage {
     pub next: Option<String>,
 }
 
-/// `GET /accounts?status=&owner=&limit=&after=`.
+/// `GET /accounts?status=&owner=&q=&limit=&after=`.
 async fn list_accounts(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -406,6 +422,10 @@ async fn list_accounts(
         status,
         owner: params.owner.filter(|o| !o.is_empty()),
         after: params.after.filter(|a| !a.is_empty()),
+        q: params
+            .q
+            .map(|q| q.trim().to_owned())
+            .filter(|q| !q.is_empty()),
         limit: limit + 1,
     };
     let mut rows = state.db.list_accounts(&filter).await?;
@@ -436,12 +456,164 @@ async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     }
 }
 
+/// The body of `GET /status`.
+#[derive(Debug, Serialize)]
+pub struct StatusJson {
+    /// As `GET /ready`: caught up at least once since start.
+    pub ready: bool,
+    /// The events topic.
+    pub topic: String,
+    /// Lag of each assigned partition (empty before the first assignment).
+    pub partitions: Vec<PartitionLag>,
+    /// Sum of the partitions' lags.
+    pub lag: i64,
+    /// Batches committed since start: changes whenever the read model changes.
+    pub commits: u64,
+    /// Rows in the read model.
+    pub accounts: i64,
+    /// Events applied (rows of `account_events`).
+    pub events: i64,
+    /// Events parked behind a version gap.
+    pub parked: i64,
+    /// The dead-letter topic.
+    pub dead_letter_topic: String,
+    /// Messages in it (`null` until first counted).
+    pub dead_letters: Option<i64>,
+}
+
+/// `GET /status`: readiness, lag per partition, counts and the dead-letter count.
+async fn status(State(state): State<AppState>) -> Result<Json<StatusJson>, ApiError> {
+    let (accounts, events, parked) = state.db.counts().await?;
+    let partitions = state.status.lags();
+    Ok(Json(StatusJson {
+        ready: state.status.ready.load(Ordering::SeqCst),
+        topic: state.topic.clone(),
+        lag: partitions.iter().map(|p| p.lag).sum(),
+        partitions,
+        commits: *state.status.commits.borrow(),
+        accounts,
+        events,
+        parked,
+        dead_letter_topic: state.dead_letters.topic().to_owned(),
+        dead_letters: state.status.dead_letters(),
+    }))
+}
+
+/// Default and largest number of dead letters `GET /dead-letters` answers with.
+pub const DEFAULT_DEAD_LETTERS: usize = 50;
+/// Largest `limit` of `GET /dead-letters`.
+pub const MAX_DEAD_LETTERS: usize = 500;
+
+/// Query parameters of `GET /dead-letters`.
+#[derive(Debug, Default, Deserialize)]
+pub struct DeadLetterParams {
+    limit: Option<String>,
+}
+
+/// The body of `GET /dead-letters`.
+#[derive(Debug, Serialize)]
+pub struct DeadLetterPage {
+    /// The dead-letter topic.
+    pub topic: String,
+    /// Messages in it.
+    pub total: i64,
+    /// The newest ones, newest first.
+    pub dead_letters: Vec<DeadLetterView>,
+}
+
+/// `GET /dead-letters?limit=N`: the newest dead letters with their reasons.
+async fn dead_letters(
+    State(state): State<AppState>,
+    params: Result<Query<DeadLetterParams>, QueryRejection>,
+) -> Result<Json<DeadLetterPage>, ApiError> {
+    let Query(params) = params?;
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_DEAD_LETTERS,
+        Some(text) => text
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_DEAD_LETTERS).contains(n))
+            .ok_or_else(|| {
+                ApiError::InvalidQuery(format!(
+                    "limit={text:?} must be a whole number from 1 to {MAX_DEAD_LETTERS}"
+                ))
+            })?,
+    };
+    let reader = state.dead_letters.clone();
+    let read = tokio::task::spawn_blocking(move || reader.newest(limit))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    match read {
+        Ok((total, dead_letters)) => Ok(Json(DeadLetterPage {
+            topic: state.dead_letters.topic().to_owned(),
+            total,
+            dead_letters,
+        })),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading dead letters failed");
+            Err(ApiError::KafkaUnavailable(e.to_string()))
+        }
+    }
+}
+
 /// `GET /metrics`: Prometheus text format.
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// The explorer: one HTML page, one script and one style sheet, compiled into the binary (no
+/// build step, nothing fetched from elsewhere: it works offline). The page only calls the JSON
+/// routes above.
+pub mod explorer {
+    use axum::http::{HeaderValue, header};
+    use axum::response::{IntoResponse, Response};
+
+    /// The page at `/`.
+    pub const HTML: &str = include_str!("../assets/explorer.html");
+    /// `/assets/explorer.js`.
+    pub const SCRIPT: &str = include_str!("../assets/explorer.js");
+    /// `/assets/explorer.css`.
+    pub const STYLE: &str = include_str!("../assets/explorer.css");
+
+    /// Only this origin's script, style and API; nothing inline except SVG built by the script.
+    const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+        connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+        frame-ancestors 'none'";
+
+    fn asset(content_type: &'static str, body: &'static str) -> Response {
+        let mut response = body.into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        );
+        response
+    }
+
+    /// `GET /`.
+    pub async fn page() -> Response {
+        asset("text/html; charset=utf-8", HTML)
+    }
+
+    /// `GET /assets/explorer.js`.
+    pub async fn script() -> Response {
+        asset("text/javascript; charset=utf-8", SCRIPT)
+    }
+
+    /// `GET /assets/explorer.css`.
+    pub async fn style() -> Response {
+        asset("text/css; charset=utf-8", STYLE)
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! - [`projector`]: the consumer loop: batches, one transaction per batch with the offsets,
 //!   rebalance handling, lag and readiness.
 //! - [`dlq`]: the dead-letter topic.
-//! - [`http`]: the query API.
+//! - [`http`]: the query API and the explorer page at `/`.
 //! - [`rebuild`]: replay the whole topic into fresh tables and swap them in.
 //! - [`metrics`]: Prometheus series.
 //!
@@ -159,6 +159,8 @@ pub async fn run(
         status: status.clone(),
         codec,
         metrics: metrics_handle.clone(),
+        topic: topic.clone(),
+        dead_letters: dlq::DeadLetterReader::new(settings.kafka.clone(), topics.events_dlq()),
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %topic, database = %redact(&settings.projection_database_url), "projection-service started");
@@ -177,6 +179,12 @@ pub async fn run(
             .create()
             .map_err(ServiceError::Kafka)?,
     );
+    let dead_letter_count = tokio::spawn(dlq::count_monitor(
+        watermarks.clone(),
+        topics.events_dlq(),
+        status.clone(),
+        stop_rx.clone(),
+    ));
     let monitor = tokio::spawn(projector::monitor(
         consumer.clone(),
         watermarks,
@@ -193,6 +201,7 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     let _ = monitor.await;
+    let _ = dead_letter_count.await;
     upkeep.abort();
     let served = server.await;
     // Closing the consumer leaves the group (blocking: off the runtime's threads).

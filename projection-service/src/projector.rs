@@ -137,6 +137,8 @@ pub struct Status {
     pub commits: watch::Sender<u64>,
     idle: AtomicBool,
     received: AtomicU64,
+    lags: Mutex<Vec<PartitionLag>>,
+    dead_letters: Mutex<Option<i64>>,
 }
 
 impl Default for Status {
@@ -146,7 +148,53 @@ impl Default for Status {
             commits: watch::channel(0).0,
             idle: AtomicBool::new(true),
             received: AtomicU64::new(0),
+            lags: Mutex::new(Vec::new()),
+            dead_letters: Mutex::new(None),
         }
+    }
+}
+
+/// The lag of one assigned partition as the last [`monitor`] round measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionLag {
+    /// Partition of the events topic.
+    pub partition: i32,
+    /// The next offset the projection will read (stored, or the consumer's position).
+    pub position: i64,
+    /// The partition's last stable offset.
+    pub end: i64,
+    /// `end - position`: messages not yet projected.
+    pub lag: i64,
+}
+
+impl Status {
+    /// The lag of each assigned partition, by partition (empty before the first assignment).
+    pub fn lags(&self) -> Vec<PartitionLag> {
+        self.lags
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_lags(&self, lags: Vec<PartitionLag>) {
+        *self.lags.lock().unwrap_or_else(PoisonError::into_inner) = lags;
+    }
+
+    /// Messages in the dead-letter topic (`None` until first counted, see
+    /// [`crate::dlq::count_monitor`]).
+    pub fn dead_letters(&self) -> Option<i64> {
+        *self
+            .dead_letters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records the dead-letter count.
+    pub fn set_dead_letters(&self, count: Option<i64>) {
+        *self
+            .dead_letters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = count;
     }
 }
 
@@ -765,6 +813,7 @@ pub async fn monitor(
         let Ok(marks) = marks else { continue };
         let mut caught_up = true;
         let mut to_commit = TopicPartitionList::new();
+        let mut lags = Vec::with_capacity(marks.len());
         for (p, marks) in marks {
             let Ok((low, high)) = marks else {
                 caught_up = false;
@@ -779,6 +828,12 @@ pub async fn monitor(
             let effective = stored.unwrap_or(low).max(position.unwrap_or(i64::MIN));
             let lag = (high - effective).max(0);
             metrics::record_lag(&topic, p, lag);
+            lags.push(PartitionLag {
+                partition: p,
+                position: effective.max(low),
+                end: high,
+                lag,
+            });
             if lag > 0 {
                 caught_up = false;
             }
@@ -790,6 +845,7 @@ pub async fn monitor(
                 committed.insert(p, effective);
             }
         }
+        status.set_lags(lags);
         if to_commit.count() > 0 {
             let _ = consumer.commit(&to_commit, CommitMode::Async);
         }

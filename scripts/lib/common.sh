@@ -114,3 +114,22 @@ ensure_build_deps() {
   fi
   command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) first"
 }
+
+# Headless Chromium and its WebDriver (Debian's chromium, chromium-driver) for the explorer's browser
+# test (projection-service/tests/it/explorer.rs), which fails under CI=true without them.
+ensure_browser() {
+  local missing=() pkg
+  for pkg in chromium chromium-driver; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] || [ "${CI:-}" = true ]; then
+      apt_install "${missing[@]}"
+    else
+      warn "not installing ${missing[*]} (not root): the explorer's browser test will be skipped"
+      return 0
+    fi
+  fi
+  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] \
+    || die "chromium or chromedriver missing after installing ${missing[*]:-nothing}"
+}

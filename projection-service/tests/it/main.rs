@@ -26,6 +26,7 @@ macro_rules! both_backends {
 mod api;
 mod crash;
 mod delivery;
+mod explorer;
 mod helpers;
 mod projection;
 mod rebuild;
