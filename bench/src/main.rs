@@ -5,8 +5,10 @@
 //!    settings to a scratch topic — the peer of (2).
 //! 2. Command pipeline: the same number of commands through the real `command-service` binary,
 //!    from produce to received result.
-//! 3. Restore: how long a restarted command-service takes to own its partitions again, for the
-//!    events that (2) wrote.
+//! 3. Restore as history grows: a restarted command-service's time to ready and resident memory
+//!    after the history H that (2) wrote, and again after 6H on the same accounts (the goal is
+//!    flat: restores read checkpoints and a short tail, not the history); then RSS per million
+//!    aggregates from a store of `--aggregates` opened accounts.
 //! 4. Raw consumer: reading those events with a plain read_committed consumer — the peer of (5).
 //! 5. Projection apply: the real `projection-service` binary catching up on the same events, on
 //!    SQLite and (when `BENCH_POSTGRES_URL` is set) on PostgreSQL.
@@ -43,6 +45,9 @@ struct Args {
     /// Markdown file the table is written to.
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: PathBuf,
+    /// Accounts opened for the memory-per-aggregate measurement.
+    #[arg(long, default_value_t = 100_000)]
+    aggregates: usize,
 }
 
 struct Row {
@@ -50,6 +55,8 @@ struct Row {
     count: usize,
     seconds: f64,
     note: String,
+    /// The "vs peer" column, when the row computes its own.
+    ratio: Option<String>,
 }
 
 impl Row {
@@ -84,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         &[("INSTANCE_ID", "bench-1")],
     )?;
     service.wait_ready(Duration::from_secs(120)).await?;
+    let rss_empty = service.rss_mb();
     let client = CommandClient::connect(&settings).await?;
     let (opens, rest) = commands.split_at(args.accounts);
     client
@@ -103,26 +111,32 @@ async fn main() -> anyhow::Result<()> {
         count: rest.len(),
         seconds,
         note: format!("{accepted} accepted, {} rejected", rest.len() - accepted),
+        ratio: None,
     });
     service.stop();
 
-    // 3. restore
-    let events_total = count_messages(&settings, &Topics::new(&prefix).events())?;
-    let started = Instant::now();
-    let service = Service::start(
-        &args.bin_dir,
-        "command-service",
-        &vars,
-        &[("INSTANCE_ID", "bench-1")],
-    )?;
-    service.wait_ready(Duration::from_secs(300)).await?;
-    rows.push(Row {
-        what: "command-service restart until ready (restore)".into(),
-        count: events_total,
-        seconds: started.elapsed().as_secs_f64(),
-        note: "process start + group join + restore of all partitions".into(),
-    });
+    // 3. restore as history grows: H, then 6H on the same accounts. The dedupe window is one
+    // second so that only the live state is restored (the window's cost is its own row).
+    let live_only: Vec<(&str, &str)> = vec![("INSTANCE_ID", "bench-1"), ("DEDUPE_WINDOW", "1s")];
+    let events_h = count_messages(&settings, &Topics::new(&prefix).events())?;
+    let (row_h, service) = restart(&args.bin_dir, &vars, &live_only, events_h, "H").await?;
+    let more = workload(args.accounts, rest.len() * 5 + args.accounts);
+    client
+        .submit_all(&more[args.accounts..], Duration::from_secs(120), |_| {})
+        .await?;
     service.stop();
+    let events_6h = count_messages(&settings, &Topics::new(&prefix).events())?;
+    let (mut row_6h, service) = restart(&args.bin_dir, &vars, &live_only, events_6h, "6H").await?;
+    service.stop();
+    row_6h.ratio = Some(format!(
+        "{:.2} × time, {:.2} × RSS of H",
+        row_6h.seconds / row_h.seconds.max(1e-9),
+        row_6h.rss_mb / row_h.rss_mb.max(1e-9)
+    ));
+    rows.push(row_h.into_row());
+    rows.push(row_6h.into_row());
+    let events_total = events_6h;
+    rows.push(memory_per_aggregate(&args, &bootstrap, rss_empty).await?);
 
     // 4. raw consumer
     let started = Instant::now();
@@ -132,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         count: read,
         seconds: started.elapsed().as_secs_f64(),
         note: "peer of the projection rows".into(),
+        ratio: None,
     });
 
     // 5. projection
@@ -238,6 +253,7 @@ async fn raw_producer(settings: &Settings, commands: &[CommandMessage]) -> anyho
         count: payloads.len(),
         seconds: started.elapsed().as_secs_f64(),
         note: format!("{} B average", bytes / payloads.len().max(1)),
+        ratio: None,
     })
 }
 
@@ -272,6 +288,7 @@ async fn projection(
         count: events,
         seconds,
         note: "process start to /ready (caught up), one DB transaction per batch".into(),
+        ratio: None,
     })
 }
 
@@ -288,6 +305,103 @@ fn fresh_database(url: &str, name: &str) -> anyhow::Result<String> {
     }
     let base = url.rsplit_once('/').map_or(url, |(base, _)| base);
     Ok(format!("{base}/{name}"))
+}
+
+/// A restart measured: time to ready, memory, what the restore read.
+struct Restart {
+    label: &'static str,
+    history: usize,
+    seconds: f64,
+    rss_mb: f64,
+    restores: serde_json::Value,
+    ratio: Option<String>,
+}
+
+impl Restart {
+    fn into_row(self) -> Row {
+        let r = &self.restores;
+        Row {
+            what: format!(
+                "command-service restart until ready, history {}",
+                self.label
+            ),
+            count: self.history,
+            seconds: self.seconds,
+            note: format!(
+                "{} events of history; RSS {:.0} MB; the restore read {} snapshots, {} events, {} results; {} partitions replayed",
+                self.history,
+                self.rss_mb,
+                r["snapshots"],
+                r["events"],
+                r["results"],
+                r["replayed_partitions"]
+            ),
+            ratio: self.ratio,
+        }
+    }
+}
+
+/// Starts the command-service on an existing store and measures its restart; returns it running.
+async fn restart(
+    bin_dir: &std::path::Path,
+    vars: &[(String, String)],
+    extra: &[(&str, &str)],
+    history: usize,
+    label: &'static str,
+) -> anyhow::Result<(Restart, Service)> {
+    let started = Instant::now();
+    let service = Service::start(bin_dir, "command-service", vars, extra)?;
+    service.wait_ready(Duration::from_secs(300)).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let ready: serde_json::Value = reqwest::get(format!("{}/ready", service.url))
+        .await?
+        .json()
+        .await?;
+    Ok((
+        Restart {
+            label,
+            history,
+            seconds,
+            rss_mb: service.rss_mb(),
+            restores: ready["restores"].clone(),
+            ratio: None,
+        },
+        service,
+    ))
+}
+
+/// Opens `--aggregates` accounts on a fresh store, restarts, and reports the resident memory
+/// above an empty service's, per million aggregates.
+async fn memory_per_aggregate(args: &Args, bootstrap: &str, rss_empty: f64) -> anyhow::Result<Row> {
+    let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let vars = vec![
+        ("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.to_owned()),
+        ("TOPIC_PREFIX".to_owned(), prefix),
+        ("PARTITIONS".to_owned(), args.partitions.to_string()),
+    ];
+    let settings = Settings::from_vars(&vars)?;
+    let extra = [("INSTANCE_ID", "bench-mem"), ("DEDUPE_WINDOW", "1s")];
+    let service = Service::start(&args.bin_dir, "command-service", &vars, &extra)?;
+    service.wait_ready(Duration::from_secs(120)).await?;
+    let client = CommandClient::connect(&settings).await?;
+    let opens = workload(args.aggregates, args.aggregates + 1);
+    client
+        .submit_all(&opens[..args.aggregates], Duration::from_secs(120), |_| {})
+        .await?;
+    service.stop();
+    let (measured, service) = restart(&args.bin_dir, &vars, &extra, args.aggregates, "mem").await?;
+    service.stop();
+    let per_million = (measured.rss_mb - rss_empty).max(0.0) / args.aggregates as f64 * 1e6;
+    Ok(Row {
+        what: format!("command-service memory with {} aggregates", args.aggregates),
+        count: args.aggregates,
+        seconds: measured.seconds,
+        note: format!(
+            "RSS {:.0} MB after restart vs {:.0} MB empty: {:.0} MB per million aggregates; restart until ready {:.2} s",
+            measured.rss_mb, rss_empty, per_million, measured.seconds
+        ),
+        ratio: Some(format!("{per_million:.0} MB / million aggregates")),
+    })
 }
 
 /// A service binary as a child process on a free port.
@@ -345,6 +459,17 @@ impl Service {
         bail!("{} not ready within {limit:?}", self.url)
     }
 
+    /// Resident memory (VmRSS) of the process, in MB; 0 when it cannot be read.
+    fn rss_mb(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+                line.split_whitespace().nth(1)?.parse::<f64>().ok()
+            })
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
     fn stop(mut self) {
         let _ = Process::new("kill")
             .arg("-TERM")
@@ -378,7 +503,9 @@ fn render(rows: &[Row], args: &Args) -> String {
         args.commands
     );
     for r in rows {
-        let ratio = if r.what.starts_with("command pipeline") {
+        let ratio = if let Some(ratio) = &r.ratio {
+            ratio.clone()
+        } else if r.what.starts_with("command pipeline") {
             format!("{:.2} × raw producer", r.rate() / peer_producer)
         } else if r.what.starts_with("projection") {
             format!("{:.2} × raw consumer", r.rate() / peer_consumer)
