@@ -244,6 +244,8 @@ pub struct Engine {
     restore_done: (mpsc::Sender<RestoreDone>, mpsc::Receiver<RestoreDone>),
     /// An assignment (possibly empty) was received: readiness needs one.
     assigned: bool,
+    /// Set when a checkpoint was postponed: no idle checkpoint before then.
+    checkpoint_retry_at: Option<Instant>,
     status: Arc<Status>,
     /// Set on shutdown; long work (restore) checks it.
     stop: Arc<AtomicBool>,
@@ -294,6 +296,7 @@ impl Engine {
             next_restore: 0,
             restore_done: mpsc::channel(),
             assigned: false,
+            checkpoint_retry_at: None,
             status,
             stop,
             fatal: None,
@@ -519,14 +522,26 @@ impl Engine {
     }
 
     /// When no command is coming, a due checkpoint gets a transaction of its own.
+    /// After a postponed checkpoint (the end offset could not be read) not before a second
+    /// has passed, so that it does not spin transactions.
     fn checkpoint_idle(&mut self, consumer: &EngineConsumer) {
-        let every = self.settings.checkpoint_every;
         if self.txn.is_none()
-            && self.partitions.values().any(|s| s.checkpoint_due(every))
+            && self
+                .checkpoint_retry_at
+                .is_none_or(|at| Instant::now() >= at)
+            && self.partitions.values().any(|s| self.checkpoint_due(s))
             && self.begin(consumer)
         {
             self.commit(consumer);
         }
+    }
+
+    /// Whether `state` gets a checkpoint now: by the policy, or for anything changed once the
+    /// engine is stopping (so that the next start reads no tail).
+    fn checkpoint_due(&self, state: &PartitionState) -> bool {
+        let stopping = self.stop.load(Ordering::SeqCst);
+        state.checkpoint_due(self.settings.checkpoint_every)
+            || (stopping && !state.dirty.is_empty())
     }
 
     /// Writes a checkpoint of every partition that is due: a snapshot of each aggregate changed
@@ -534,11 +549,10 @@ impl Engine {
     /// end offset. Called first in a transaction, so the state written is the committed state
     /// and every event below that offset is in it.
     fn write_checkpoints(&mut self) -> KafkaResult<()> {
-        let every = self.settings.checkpoint_every;
         let due: Vec<i32> = self
             .partitions
             .iter()
-            .filter(|(_, s)| s.checkpoint_due(every))
+            .filter(|(_, s)| self.checkpoint_due(s))
             .map(|(p, _)| *p)
             .collect();
         let events = self.topics.events();
@@ -551,6 +565,7 @@ impl Engine {
                 Ok((_, high)) => high,
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "cannot read the events' end offset; checkpoint postponed");
+                    self.checkpoint_retry_at = Some(Instant::now() + Duration::from_secs(1));
                     continue;
                 }
             };
@@ -1194,6 +1209,15 @@ pub fn run_engine(
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             None => {}
         }
+        // Fatal client errors arrive as error events, not from poll: e.g. another member
+        // joined with the same group.instance.id (INSTANCE_ID) and fenced this one.
+        if let Some((code, reason)) = consumer.client().fatal_error() {
+            engine.fail(format!(
+                "fatal consumer error {code:?}: {reason} (is another instance running with \
+                 INSTANCE_ID={}?)",
+                settings.instance_id
+            ));
+        }
         engine.install_restores(&consumer);
         if engine.commit_due() {
             engine.commit(&consumer);
@@ -1209,6 +1233,8 @@ pub fn run_engine(
         engine.cancel_restores();
         if outcome.is_ok() {
             engine.commit(&consumer);
+            // A checkpoint of whatever is due, so that the next start reads a short tail.
+            engine.checkpoint_idle(&consumer);
         }
     }
     tracing::info!("command engine leaving the group");

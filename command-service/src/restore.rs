@@ -25,7 +25,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use shared::codec::{header, header_str};
 use shared::envelope::{Checkpoint, Snapshot};
 use shared::kafka::{TopicReader, Topics, canonical_partition};
-use shared::{CommandResult, EventCodec, Settings};
+use shared::{BankAccount, CommandResult, EventCodec, Settings};
 
 use crate::metrics as m;
 use crate::state::PartitionState;
@@ -98,7 +98,7 @@ pub fn restore(
     let snapshot_reader = reader.open_whole(&reader.topics.snapshots())?;
     let result_reader = reader.open_window()?;
     let checkpoints = reader.checkpoints(checkpoint_reader)?;
-    let snapshots = reader.snapshots(snapshot_reader)?;
+    let mut snapshots = reader.snapshots(snapshot_reader)?;
     restored.stats.snapshots = snapshots.read;
 
     // The tails: from each partition's checkpoint, or from the beginning without a usable one.
@@ -113,7 +113,7 @@ pub fn restore(
         .collect();
     let mut states: HashMap<i32, PartitionState> = partitions
         .iter()
-        .map(|p| (*p, snapshots.seed(*p, settings.partitions)))
+        .map(|p| (*p, snapshots.seed(*p)))
         .collect();
     let tail_starts: Vec<(i32, Offset)> = starts
         .iter()
@@ -128,7 +128,9 @@ pub fn restore(
     restored.stats.events += tails.values().map(|t| t.events).sum::<usize>();
 
     // The proof: a checkpointed partition whose tail has a gap, or whose snapshots miss an
-    // aggregate the checkpoint counted, is replayed from its first event.
+    // aggregate the checkpoint counted, is replayed from its first event. Its state so far is a
+    // valid start for that: every aggregate in it is a prefix of its history, and the replay
+    // only applies versions beyond it.
     let mut replay = Vec::new();
     for (p, checkpoint) in &starts {
         let Some(checkpoint) = checkpoint else {
@@ -153,7 +155,6 @@ pub fn restore(
     }
     if !replay.is_empty() {
         for p in &replay {
-            states.insert(*p, snapshots.seed(*p, settings.partitions));
             replay_needed(&mut restored.stats, *p, "checkpoint incomplete");
         }
         let from_start: Vec<(i32, Offset)> =
@@ -183,26 +184,23 @@ fn replay_needed(stats: &mut RestoreStats, partition: i32, why: &str) {
     }
 }
 
-/// The latest readable snapshot of every aggregate of the partitions being restored.
+/// The latest readable snapshot of every aggregate of the partitions being restored, by
+/// partition (a snapshot is written to its aggregate's partition).
+#[derive(Default)]
 struct Snapshots {
-    latest: HashMap<String, Snapshot>,
+    latest: HashMap<i32, HashMap<String, BankAccount>>,
     /// Partitions with an unreadable snapshot: their aggregates fall back to the events.
     unreadable_in: HashSet<i32>,
     read: usize,
 }
 
 impl Snapshots {
-    /// A partition's state made of its snapshots only.
-    fn seed(&self, partition: i32, partitions: i32) -> PartitionState {
-        let mut state = PartitionState::default();
-        for s in self.latest.values() {
-            if canonical_partition(s.aggregate_id.as_bytes(), partitions) == partition {
-                state
-                    .accounts
-                    .insert(s.aggregate_id.clone(), s.state.clone());
-            }
+    /// A partition's state made of its snapshots (moved out).
+    fn seed(&mut self, partition: i32) -> PartitionState {
+        PartitionState {
+            accounts: self.latest.remove(&partition).unwrap_or_default(),
+            ..PartitionState::default()
         }
-        state
     }
 }
 
@@ -310,29 +308,34 @@ impl<'a> Reader<'a> {
     /// The latest snapshot of each aggregate; an unreadable one drops the aggregate's snapshot
     /// and marks its partition for a replay.
     fn snapshots(&self, reader: TopicReader) -> Result<Snapshots, RestoreError> {
-        let mut snapshots = Snapshots {
-            latest: HashMap::new(),
-            unreadable_in: HashSet::new(),
-            read: 0,
-        };
+        let mut snapshots = Snapshots::default();
+        let partitions = self.settings.partitions;
         self.drain(reader, |msg| {
             snapshots.read += 1;
+            let latest = snapshots.latest.entry(msg.partition()).or_default();
             match msg.payload().map(serde_json::from_slice::<Snapshot>) {
-                Some(Ok(s)) => {
-                    let newer = snapshots
-                        .latest
-                        .get(&s.aggregate_id)
-                        .is_none_or(|old| old.version < s.version);
-                    if newer {
-                        snapshots.latest.insert(s.aggregate_id.clone(), s);
-                    }
+                Some(Ok(s))
+                    if canonical_partition(s.aggregate_id.as_bytes(), partitions)
+                        != msg.partition() =>
+                {
+                    tracing::error!(partition = msg.partition(), offset = msg.offset(), aggregate_id = %s.aggregate_id, "snapshot on another partition than its aggregate's ignored");
+                    m::restore_unreadable("snapshot");
                 }
+                Some(Ok(s))
+                    if latest
+                        .get(&s.aggregate_id)
+                        .is_none_or(|old| old.version < s.version) =>
+                {
+                    latest.insert(s.aggregate_id, s.state);
+                }
+                // Older than one already read.
+                Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
                     tracing::error!(partition = msg.partition(), offset = msg.offset(), aggregate_id = ?key, error = %e, "unreadable snapshot ignored; the aggregate is restored from its events");
                     m::restore_unreadable("snapshot");
                     if let Some(key) = key {
-                        snapshots.latest.remove(&key);
+                        latest.remove(&key);
                     }
                     snapshots.unreadable_in.insert(msg.partition());
                 }

@@ -318,6 +318,9 @@ impl TopicReader {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "10")
+            // Enough read-ahead to keep the reads fast, without librdkafka's 64 MB default
+            // per consumer inflating the memory of a restore.
+            .set("queued.max.messages.kbytes", "8192")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .create_with_context(QuietEof)

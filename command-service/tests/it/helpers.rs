@@ -117,8 +117,19 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn start(settings: &Settings, instance: &str, snapshot_every: u64) -> ServiceProcess {
+        Self::start_with(settings, instance, snapshot_every, &[])
+    }
+
+    /// [`ServiceProcess::start`] with more environment variables.
+    pub fn start_with(
+        settings: &Settings,
+        instance: &str,
+        snapshot_every: u64,
+        env: &[(&str, &str)],
+    ) -> ServiceProcess {
         let port = free_port();
         let child = Process::new(env!("CARGO_BIN_EXE_command-service"))
+            .envs(env.iter().copied())
             .env("KAFKA_BOOTSTRAP_SERVERS", &settings.kafka.bootstrap_servers)
             .env("TOPIC_PREFIX", &settings.topic_prefix)
             .env("PARTITIONS", settings.partitions.to_string())

@@ -26,30 +26,31 @@ fn count(v: &Value, field: &str) -> u64 {
 
 #[tokio::test]
 async fn a_restart_after_a_long_history_reads_checkpoints_and_a_short_tail() {
-    let mut settings = shared::testing::test_settings(2);
-    settings.commit_interval = Duration::from_millis(20);
-    settings.checkpoint_every = 50;
-    settings.snapshot_every = 1_000_000; // only checkpoints write snapshots here
-    let app = TestApp::spawn_with(settings.clone()).await;
-    produce_and_wait(&settings, &workload(8, 800, 7)).await;
-    app.stop().await;
+    let settings = shared::testing::test_settings(2);
+    let env = [("CHECKPOINT_EVERY", "50")];
+    // SNAPSHOT_EVERY out of the way: only checkpoints write snapshots here.
+    let service = ServiceProcess::start_with(&settings, "long-1", 1_000_000, &env);
+    service.wait_ready().await;
+    produce_and_wait(&settings, &workload(8, 2500, 7)).await;
+    // SIGKILL: no goodbye checkpoint, the restore needs its tail.
+    service.kill();
     let history = read_topic(&settings, &Topics::new(&settings.topic_prefix).events()).len();
-    assert!(history > 500, "a long history: {history} events");
+    assert!(history > 2000, "a long history: {history} events");
 
-    let app = TestApp::spawn_with(settings.clone()).await;
-    let ready = app.ready_json().await;
+    let service = ServiceProcess::start_with(&settings, "long-1", 1_000_000, &env);
+    let ready = service.wait_ready().await;
     let read = restores(&ready);
     assert_eq!(count(read, "replayed_partitions"), 0, "{ready}");
     assert_eq!(count(read, "partitions"), 2, "{ready}");
     let tail = count(read, "events");
     assert!(
-        tail < 2 * settings.checkpoint_every,
-        "the tail is bounded by the checkpoint interval: {tail} of {history} events read"
+        tail < history as u64 / 5,
+        "the tail is bounded by the checkpoints: {tail} of {history} events read"
     );
     assert!(count(read, "snapshots") >= 8, "{ready}");
     // The restored state is exact: more commands on top match the reference model.
-    produce_and_wait(&settings, &workload(8, 200, 8)).await;
-    app.stop().await;
+    produce_and_wait(&settings, &workload(8, 300, 8)).await;
+    service.terminate();
     verify_store(&settings).await;
     eprintln!("restore after {history} events read {tail} events");
 }

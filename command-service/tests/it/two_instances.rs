@@ -80,3 +80,36 @@ async fn two_instances_split_the_partitions_and_survive_a_kill() {
         distinct.len()
     );
 }
+
+#[tokio::test]
+async fn a_second_instance_with_the_same_instance_id_stops_the_first() {
+    let settings = shared::testing::test_settings(2);
+    let mut a = ServiceProcess::start(&settings, "twin", 100);
+    a.wait_ready().await;
+    let b = ServiceProcess::start(&settings, "twin", 100);
+    // The newcomer fences the old one (producer and static group member alike): the old one
+    // must stop with an error instead of fencing back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = a.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the fenced instance stops");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "it exits non-zero: {status}");
+    let ready = b.wait_ready().await;
+    assert_eq!(
+        owned(&ready).len(),
+        2,
+        "the newcomer owns everything: {ready}"
+    );
+    let (s, body) = post(
+        &reqwest::Client::new(),
+        &b.url,
+        open("twin-1", "Tess", 10).to_json().to_string(),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    b.terminate();
+}
