@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use shared::kafka::Topics;
@@ -82,6 +83,20 @@ impl ResultWaiters {
         }
     }
 
+    /// Every partition of `topic` at its current end.
+    fn ends(consumer: &StreamConsumer, topic: &str) -> KafkaResult<TopicPartitionList> {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+            }
+        }
+        Ok(tpl)
+    }
+
     /// Starts the listener: assigns every partition of the results topic at its current end,
     /// then delivers results until the process ends.
     pub fn start(&self, settings: &Settings) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -96,15 +111,19 @@ impl ResultWaiters {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .create()?;
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let mut tpl = TopicPartitionList::new();
-        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-            for p in t.partitions() {
-                let (_, high) =
-                    consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
+        // Right after the topics were created a partition may not have a leader yet: retried.
+        let mut attempt = 0;
+        let tpl = loop {
+            attempt += 1;
+            match Self::ends(&consumer, &topic) {
+                Ok(tpl) => break tpl,
+                Err(e) if attempt < 20 => {
+                    tracing::info!(error = %e, attempt, "results topic not ready yet; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
             }
-        }
+        };
         consumer.assign(&tpl)?;
         let waiters = self.clone();
         Ok(tokio::spawn(async move {
