@@ -185,6 +185,8 @@ pub struct ErrorDetail {
         AccountJson,
         AccountPage,
         EventJson,
+        EventJsonV1,
+        AnyEventJson,
         StatusJson,
         PartitionLag,
         DeadLetterPage,
@@ -453,6 +455,42 @@ pub struct EventJson {
     pub data: Value,
 }
 
+/// An event envelope downcast to schema version 1 (`?schema_version=1`): `id` for `event_id`, no
+/// `schema_version`, and version 1's `data`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventJsonV1 {
+    /// Unique id of the event.
+    pub id: uuid::Uuid,
+    /// The account.
+    pub aggregate_id: String,
+    /// `BankAccount`.
+    pub aggregate_type: String,
+    /// The event's type.
+    pub event_type: String,
+    /// Position in the account's history, from 1.
+    pub version: u64,
+    /// When the event was recorded (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    /// `correlation_id`, `causation_id`…
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    /// Version 1's payload (decimal amounts).
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+/// One element of `GET /accounts/{id}/events`: the current envelope, or version 1's when asked
+/// for with `?schema_version=1`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum AnyEventJson {
+    /// The current schema version.
+    Current(EventJson),
+    /// Schema version 1.
+    V1(EventJsonV1),
+}
+
 /// `GET /accounts/{id}/events[?schema_version=N]`: a JSON array of envelopes, oldest first.
 #[utoipa::path(
     get,
@@ -462,7 +500,7 @@ pub struct EventJson {
         ("schema_version" = Option<u32>, Query, minimum = 1, maximum = 2, description = "Downcast the events to this schema version"),
     ),
     responses(
-        (status = 200, description = "The account's events, oldest first", body = Vec<EventJson>),
+        (status = 200, description = "The account's events, oldest first", body = Vec<AnyEventJson>),
         (status = 400, description = "A bad parameter (`InvalidQuery`)", body = ErrorBody),
         (status = 404, description = "No such account (`AccountNotFound`)", body = ErrorBody),
         (status = 503, description = "The read model is unavailable (`Unavailable`): retry", body = ErrorBody),
