@@ -145,6 +145,9 @@ pub fn router(state: AppState) -> Router {
         ErrorDetail,
         schema::CommandRequest,
         schema::CommandType,
+        schema::CommandPayload,
+        schema::OpenAccountPayload,
+        schema::AmountPayload,
         schema::CommandResultJson,
         schema::EventRefJson,
         HealthJson,
@@ -195,15 +198,46 @@ pub mod schema {
         #[serde(rename = "type")]
         pub command_type: CommandType,
         /// `OpenAccount`: `{owner, currency, initial_balance_minor}`; `Deposit`, `Withdraw`:
-        /// `{amount_minor}`; `CloseAccount`: `{}`. Amounts are integer minor units.
-        #[schema(value_type = Option<Object>)]
-        pub payload: Option<Value>,
+        /// `{amount_minor}`; `CloseAccount`: none. Amounts are integer minor units.
+        pub payload: Option<CommandPayload>,
         /// Optimistic concurrency: the version the sender believes the account has.
         #[schema(minimum = 0)]
         pub expected_version: Option<u64>,
         /// Passed through to the events (`correlation_id`, `user`…).
         #[schema(value_type = Option<Object>)]
         pub metadata: Option<Value>,
+    }
+
+    /// The payload of a command, by its type.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum CommandPayload {
+        /// `OpenAccount`.
+        OpenAccount(OpenAccountPayload),
+        /// `Deposit` or `Withdraw`.
+        Amount(AmountPayload),
+    }
+
+    /// The payload of `OpenAccount`.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub struct OpenAccountPayload {
+        /// Account holder: not blank, at most 200 bytes, no control characters.
+        #[schema(min_length = 1, max_length = 200)]
+        pub owner: String,
+        /// ISO 4217 code, three upper-case letters.
+        #[schema(pattern = "^[A-Z]{3}$")]
+        pub currency: String,
+        /// Opening balance in minor units, zero or more (default 0).
+        #[schema(minimum = 0)]
+        pub initial_balance_minor: Option<i64>,
+    }
+
+    /// The payload of `Deposit` and `Withdraw`.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub struct AmountPayload {
+        /// Minor units, more than zero.
+        #[schema(minimum = 1)]
+        pub amount_minor: i64,
     }
 
     /// The command types.
