@@ -66,7 +66,7 @@ pub struct Status {
 
 /// What an instance's restores read since it started: the figures that show whether restores
 /// follow the live state or the history.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RestoreTotals {
     /// Partitions restored (a partition kept across a rebalance is not restored again).
     pub partitions: u64,

@@ -1,24 +1,27 @@
 //! The HTTP API: `POST /commands` (produce a command, wait for its result), `GET /health`,
-//! `GET /ready`, `GET /metrics`.
+//! `GET /ready`, `GET /metrics` and `GET /openapi.json` (the document of all of them, generated
+//! from the handlers' annotations by utoipa). Every error answers `{"error": {"code", "message"}}`,
+//! including bad query strings, oversized bodies, unknown routes and methods.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use shared::kafka::{Topics, canonical_partition};
 use shared::{CommandMessage, CommandResult, CommandStatus, RejectionCode, Settings};
+use utoipa::{OpenApi, ToSchema};
 
-use crate::engine::Status;
+use crate::engine::{RestoreTotals, Status};
 use crate::results::ResultWaiters;
 
 /// Largest accepted request body.
@@ -61,27 +64,259 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
     }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "InvalidQuery", e.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PayloadTooLarge",
+                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "Malformed", e.body_text())
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// A stable code and a message for people.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `Malformed`, `InvalidQuery`, `PayloadTooLarge`, `Timeout`,
+    /// `KafkaUnavailable`, `NotReady`, `EngineFailed`, `NotFound`, `MethodNotAllowed`, or a
+    /// rejection code in a rejected command result.
+    pub code: String,
+    /// Explanation for people; may change between releases.
+    pub message: String,
 }
 
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/commands", post(post_command))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "this route does not answer that method",
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
-#[derive(Deserialize)]
+/// The OpenAPI 3 document of this API (served at `GET /openapi.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "bank-es command-service",
+        description = "Validates commands against each account's state and appends events to Kafka, exactly once."
+    ),
+    paths(post_command, health, ready, metrics, openapi_json),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        schema::CommandRequest,
+        schema::CommandType,
+        schema::CommandPayload,
+        schema::OpenAccountPayload,
+        schema::AmountPayload,
+        schema::CommandResultJson,
+        schema::EventRefJson,
+        HealthJson,
+        ReadyJson,
+        RestoreTotals
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as served.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// `GET /openapi.json`: this API's OpenAPI 3 document.
+#[utoipa::path(get, path = "/openapi.json", responses(
+    (status = 200, description = "The OpenAPI 3 document", content_type = "application/json", body = Object)
+))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+/// Schemas of the wire shapes that `shared` reads and writes by hand (documentation only: the
+/// handlers use `shared`'s own types).
+pub mod schema {
+    use serde::{Deserialize, Serialize};
+    use serde_json::Value;
+    use utoipa::ToSchema;
+    use uuid::Uuid;
+
+    use super::ErrorDetail;
+
+    /// A command (`shared::CommandMessage` on the wire).
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    #[schema(example = json!({
+        "command_id": "5b8c3a52-4c1e-4d53-9a3c-2f0f5b9d7e11",
+        "aggregate_id": "acc-1",
+        "type": "OpenAccount",
+        "payload": {"owner": "Ida", "currency": "EUR", "initial_balance_minor": 15000}
+    }))]
+    pub struct CommandRequest {
+        /// Idempotency key: a retried command with the same id gets the original result.
+        pub command_id: Uuid,
+        /// The account; at most 200 bytes, no control characters.
+        #[schema(min_length = 1, max_length = 200)]
+        pub aggregate_id: String,
+        /// What to do.
+        #[serde(rename = "type")]
+        pub command_type: CommandType,
+        /// `OpenAccount`: `{owner, currency, initial_balance_minor}`; `Deposit`, `Withdraw`:
+        /// `{amount_minor}`; `CloseAccount`: none. Amounts are integer minor units.
+        pub payload: Option<CommandPayload>,
+        /// Optimistic concurrency: the version the sender believes the account has.
+        #[schema(minimum = 0)]
+        pub expected_version: Option<u64>,
+        /// Passed through to the events (`correlation_id`, `user`…).
+        #[schema(value_type = Option<Object>)]
+        pub metadata: Option<Value>,
+    }
+
+    /// The payload of a command, by its type.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum CommandPayload {
+        /// `OpenAccount`.
+        OpenAccount(OpenAccountPayload),
+        /// `Deposit` or `Withdraw`.
+        Amount(AmountPayload),
+    }
+
+    /// The payload of `OpenAccount`.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub struct OpenAccountPayload {
+        /// Account holder: not blank, at most 200 bytes, no control characters.
+        #[schema(min_length = 1, max_length = 200)]
+        pub owner: String,
+        /// ISO 4217 code, three upper-case letters.
+        #[schema(pattern = "^[A-Z]{3}$")]
+        pub currency: String,
+        /// Opening balance in minor units, zero or more (default 0).
+        #[schema(minimum = 0)]
+        pub initial_balance_minor: Option<i64>,
+    }
+
+    /// The payload of `Deposit` and `Withdraw`.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub struct AmountPayload {
+        /// Minor units, more than zero.
+        #[schema(minimum = 1)]
+        pub amount_minor: i64,
+    }
+
+    /// The command types.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub enum CommandType {
+        /// Open a new account.
+        OpenAccount,
+        /// Put money in.
+        Deposit,
+        /// Take money out, never beyond the balance.
+        Withdraw,
+        /// Close an account whose balance is zero.
+        CloseAccount,
+    }
+
+    /// The answer to a command (`shared::CommandResult`).
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub struct CommandResultJson {
+        /// The command this answers.
+        pub command_id: Uuid,
+        /// The account concerned.
+        pub aggregate_id: String,
+        /// `accepted` or `rejected`.
+        #[schema(pattern = "^(accepted|rejected)$")]
+        pub status: String,
+        /// The account's version after the command (accepted only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(minimum = 1)]
+        pub version: Option<u64>,
+        /// The events appended (accepted only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub events: Option<Vec<EventRefJson>>,
+        /// Why not (rejected only): a rejection code (`AccountExists`, `AccountNotFound`,
+        /// `AccountClosed`, `InvalidAmount`, `InsufficientFunds`, `NonZeroBalance`,
+        /// `VersionConflict`, `Malformed`) and a message.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub error: Option<ErrorDetail>,
+    }
+
+    /// One appended event.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub struct EventRefJson {
+        /// The event's id.
+        pub event_id: Uuid,
+        /// The event's type.
+        pub event_type: String,
+        /// The account version the event has.
+        pub version: u64,
+    }
+}
+
+/// The body of `GET /health`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HealthJson {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// The body of `GET /ready`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReadyJson {
+    /// Every assigned partition is restored.
+    pub ready: bool,
+    /// The partitions this instance owns.
+    pub partitions: Vec<i32>,
+    /// What this instance's restores read.
+    pub restores: RestoreTotals,
+    /// Why not ready (absent when ready): `NotReady` (restoring) or `EngineFailed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// Query parameters of `POST /commands`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WaitParams {
+    /// How long to wait for the result, in milliseconds (default 10000, at most 60000: larger
+    /// values wait 60000).
+    #[param(minimum = 0)]
     timeout_ms: Option<u64>,
 }
 
@@ -95,11 +330,29 @@ pub fn result_status(result: &CommandResult) -> StatusCode {
     }
 }
 
+/// `POST /commands`: produces the command and waits for its result.
+#[utoipa::path(
+    post,
+    path = "/commands",
+    params(WaitParams),
+    request_body(content = schema::CommandRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted: the events were appended", body = schema::CommandResultJson),
+        (status = 400, description = "Malformed command or query string (`Malformed`, `InvalidQuery`)", body = ErrorBody),
+        (status = 409, description = "Rejected: `VersionConflict`", body = schema::CommandResultJson),
+        (status = 413, description = "Body larger than 64 KiB (`PayloadTooLarge`)", body = ErrorBody),
+        (status = 422, description = "Rejected by the account's rules", body = schema::CommandResultJson),
+        (status = 503, description = "Kafka did not take the command (`KafkaUnavailable`): retry with the same command_id", body = ErrorBody),
+        (status = 504, description = "No result in time (`Timeout`): the command is queued; retry with the same command_id", body = ErrorBody),
+    )
+)]
 async fn post_command(
     State(state): State<AppState>,
-    Query(params): Query<WaitParams>,
-    body: Bytes,
+    params: Result<Query<WaitParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(params) = params?;
+    let body = body?;
     let command = CommandMessage::from_bytes(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "Malformed", e.reason))?;
     let wait = params
@@ -143,6 +396,22 @@ async fn post_command(
     }
 }
 
+/// `GET /health`: the process is up.
+#[utoipa::path(get, path = "/health", responses(
+    (status = 200, description = "The process is up", body = HealthJson)
+))]
+async fn health() -> Json<HealthJson> {
+    Json(HealthJson {
+        status: "ok".into(),
+    })
+}
+
+/// `GET /ready`: 200 once every assigned partition is restored; 503 (with the error shape) before,
+/// or after the engine stopped on a fatal error.
+#[utoipa::path(get, path = "/ready", responses(
+    (status = 200, description = "Ready", body = ReadyJson),
+    (status = 503, description = "Not ready (`NotReady`) or the engine stopped (`EngineFailed`)", body = ReadyJson),
+))]
 async fn ready(State(state): State<AppState>) -> Response {
     let ready = state.status.ready.load(Ordering::SeqCst);
     let partitions = state
@@ -158,20 +427,42 @@ async fn ready(State(state): State<AppState>) -> Response {
         .lock()
         .map(|r| r.clone())
         .unwrap_or_default();
-    let code = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        Json(
-            json!({"ready": ready, "partitions": partitions, "error": fatal, "restores": restores}),
+    let (code, error) = match (ready, fatal) {
+        (_, Some(reason)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(ErrorDetail {
+                code: "EngineFailed".into(),
+                message: reason,
+            }),
         ),
-    )
-        .into_response()
+        (true, None) => (StatusCode::OK, None),
+        (false, None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(ErrorDetail {
+                code: "NotReady".into(),
+                message: "the assigned partitions are not restored yet".into(),
+            }),
+        ),
+    };
+    let body = ReadyJson {
+        ready: ready && error.is_none(),
+        partitions,
+        restores,
+        error,
+    };
+    (code, Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> String {
-    state.metrics.render()
+/// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)
+))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }

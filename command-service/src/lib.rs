@@ -100,7 +100,7 @@ pub async fn run(
         );
     }
     let codec = Arc::new(EventCodec::from_settings(&settings)?);
-    let metrics = shared::runtime::prometheus();
+    let metrics = metrics::handle();
     let status = Arc::new(engine::Status::default());
     let stop = Arc::new(AtomicBool::new(false));
 

@@ -193,7 +193,7 @@ pub async fn count_monitor(
 }
 
 /// One dead letter as `GET /dead-letters` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterView {
     /// Partition of the dead-letter topic.
     pub partition: i32,

@@ -1,15 +1,17 @@
 //! The query API (axum): accounts now, as of a time or a version, read-your-writes waits, the
 //! event history (optionally downcast for old consumers), pages of accounts, health, readiness,
 //! metrics, the projection's status (lag per partition, dead-letter count), the newest dead
-//! letters, and the explorer page ([`explorer`]) at `/`. Every error is [`ApiError`], one JSON shape `{"error": {"code", "message"}}`
-//! with one table of codes to statuses ([`ApiError::parts`]); internal details are logged,
-//! never sent.
+//! letters, the explorer page ([`explorer`]) at `/`, and `GET /openapi.json` (the document of
+//! every route, generated from the handlers' annotations by utoipa: [`ApiDoc`]). Every error is
+//! [`ApiError`], one JSON shape `{"error": {"code", "message"}}` with one table of codes to
+//! statuses ([`ApiError::parts`]), bad paths, query strings, unknown routes and methods included;
+//! internal details are logged, never sent.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,10 +20,11 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use shared::envelope::CURRENT_SCHEMA_VERSION;
 use shared::money::{format_minor, minor_digits};
 use shared::{EventCodec, EventEnvelope};
+use utoipa::{OpenApi, ToSchema};
 
 use crate::db::{AccountFilter, AccountView, Database, StoreError};
 use crate::dlq::{DeadLetterReader, DeadLetterView};
@@ -71,6 +74,9 @@ pub enum ApiError {
     /// 404 `NotFound`: no such route.
     #[error("no such route")]
     NoRoute,
+    /// 405 `MethodNotAllowed`: the route exists but not with this method.
+    #[error("this route does not answer that method")]
+    MethodNotAllowed,
     /// 503 `KafkaUnavailable`: the dead-letter topic could not be read; retry.
     #[error("the dead-letter topic cannot be read right now: {0}")]
     KafkaUnavailable(String),
@@ -91,6 +97,7 @@ impl ApiError {
             ApiError::NotCaughtUp(_) => ("NotCaughtUp", StatusCode::GATEWAY_TIMEOUT),
             ApiError::NotReady => ("NotReady", StatusCode::SERVICE_UNAVAILABLE),
             ApiError::NoRoute => ("NotFound", StatusCode::NOT_FOUND),
+            ApiError::MethodNotAllowed => ("MethodNotAllowed", StatusCode::METHOD_NOT_ALLOWED),
             ApiError::KafkaUnavailable(_) => ("Unavailable", StatusCode::SERVICE_UNAVAILABLE),
             ApiError::Unavailable => ("Unavailable", StatusCode::SERVICE_UNAVAILABLE),
             ApiError::Internal => ("Internal", StatusCode::INTERNAL_SERVER_ERROR),
@@ -115,12 +122,92 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        ApiError::InvalidQuery(format!("bad path: {}", e.body_text()))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (code, status) = self.parts();
-        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: self.to_string(),
+            },
+        };
         (status, Json(body)).into_response()
     }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// A stable code and a message for people.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `AccountNotFound`, `InvalidQuery`, `NotCaughtUp`, `NotReady`,
+    /// `NotFound`, `MethodNotAllowed`, `Unavailable`, `Internal`.
+    pub code: String,
+    /// Explanation for people; may change between releases.
+    pub message: String,
+}
+
+/// The OpenAPI 3 document of this API (served at `GET /openapi.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "bank-es projection-service",
+        description = "The read model: accounts now, as of a time or a version, their events, pages of accounts, status and dead letters."
+    ),
+    paths(
+        list_accounts,
+        get_account,
+        account_events,
+        health,
+        ready,
+        render_metrics,
+        status,
+        dead_letters,
+        openapi_json,
+        explorer::page,
+        explorer::script,
+        explorer::style
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        AccountJson,
+        AccountPage,
+        EventJson,
+        EventJsonV1,
+        AnyEventJson,
+        StatusJson,
+        PartitionLag,
+        DeadLetterPage,
+        DeadLetterView,
+        HealthJson,
+        ReadyJson
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as served.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// `GET /openapi.json`: this API's OpenAPI 3 document.
+#[utoipa::path(get, path = "/openapi.json", responses(
+    (status = 200, description = "The OpenAPI 3 document", content_type = "application/json", body = Object)
+))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
 }
 
 /// The router with every route.
@@ -137,7 +224,9 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(explorer::page))
         .route("/assets/explorer.js", get(explorer::script))
         .route("/assets/explorer.css", get(explorer::style))
+        .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // 5xx answers are expected here (`/ready` is 503 until caught up, 504 when a
         // `min_version` wait runs out): the handlers log real failures themselves.
         .layer(
@@ -149,7 +238,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// An account as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AccountJson {
     /// Account id.
     pub id: String,
@@ -242,11 +331,30 @@ fn parse_timeout(text: Option<&str>) -> Result<Duration, ApiError> {
 }
 
 /// `GET /accounts/{id}[?as_of=|?version=][&min_version=&timeout_ms=]`.
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}",
+    params(
+        ("id" = String, Path, description = "Account id"),
+        ("as_of" = Option<String>, Query, format = DateTime, description = "The account as of this RFC 3339 time (not with `version`)"),
+        ("version" = Option<u64>, Query, minimum = 1, description = "The account at this version (not with `as_of`)"),
+        ("min_version" = Option<u64>, Query, minimum = 1, description = "Read-your-writes: wait until the projection has this version"),
+        ("timeout_ms" = Option<u64>, Query, minimum = 0, maximum = 60000, description = "How long `min_version` waits (default 5000)"),
+    ),
+    responses(
+        (status = 200, description = "The account", body = AccountJson),
+        (status = 400, description = "A bad parameter (`InvalidQuery`)", body = ErrorBody),
+        (status = 404, description = "No such account, at that time or version (`AccountNotFound`)", body = ErrorBody),
+        (status = 503, description = "The read model is unavailable (`Unavailable`): retry", body = ErrorBody),
+        (status = 504, description = "`min_version` was not reached in time (`NotCaughtUp`)", body = ErrorBody),
+    )
+)]
 async fn get_account(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     params: Result<Query<AccountParams>, QueryRejection>,
 ) -> Result<Json<AccountJson>, ApiError> {
+    let Path(id) = id?;
     let Query(params) = params?;
     let as_of = params.as_of.as_deref().map(parse_time).transpose()?;
     let version = params
@@ -320,12 +428,90 @@ pub struct EventsParams {
     schema_version: Option<String>,
 }
 
+/// An event envelope as `GET /accounts/{id}/events` shows it (documentation of
+/// `shared::EventEnvelope`'s JSON shape).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventJson {
+    /// Unique id of the event.
+    pub event_id: uuid::Uuid,
+    /// The account.
+    pub aggregate_id: String,
+    /// `BankAccount`.
+    pub aggregate_type: String,
+    /// `AccountOpened`, `MoneyDeposited`, `MoneyWithdrawn` or `AccountClosed`.
+    pub event_type: String,
+    /// Shape version of `data`.
+    pub schema_version: u32,
+    /// Position in the account's history, from 1.
+    pub version: u64,
+    /// When the event was recorded (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    /// `correlation_id`, `causation_id`…
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    /// The event's payload, shaped by `event_type` and `schema_version`.
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+/// An event envelope downcast to schema version 1 (`?schema_version=1`): `id` for `event_id`, no
+/// `schema_version`, and version 1's `data`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventJsonV1 {
+    /// Unique id of the event.
+    pub id: uuid::Uuid,
+    /// The account.
+    pub aggregate_id: String,
+    /// `BankAccount`.
+    pub aggregate_type: String,
+    /// The event's type.
+    pub event_type: String,
+    /// Position in the account's history, from 1.
+    pub version: u64,
+    /// When the event was recorded (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    /// `correlation_id`, `causation_id`…
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    /// Version 1's payload (decimal amounts).
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+/// One element of `GET /accounts/{id}/events`: the current envelope, or version 1's when asked
+/// for with `?schema_version=1`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum AnyEventJson {
+    /// The current schema version.
+    Current(EventJson),
+    /// Schema version 1.
+    V1(EventJsonV1),
+}
+
 /// `GET /accounts/{id}/events[?schema_version=N]`: a JSON array of envelopes, oldest first.
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}/events",
+    params(
+        ("id" = String, Path, description = "Account id"),
+        ("schema_version" = Option<u32>, Query, minimum = 1, maximum = 2, description = "Downcast the events to this schema version"),
+    ),
+    responses(
+        (status = 200, description = "The account's events, oldest first", body = Vec<AnyEventJson>),
+        (status = 400, description = "A bad parameter (`InvalidQuery`)", body = ErrorBody),
+        (status = 404, description = "No such account (`AccountNotFound`)", body = ErrorBody),
+        (status = 503, description = "The read model is unavailable (`Unavailable`): retry", body = ErrorBody),
+    )
+)]
 async fn account_events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     params: Result<Query<EventsParams>, QueryRejection>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
+    let Path(id) = id?;
     let Query(params) = params?;
     let target = match params.schema_version.as_deref() {
         None => None,
@@ -382,7 +568,7 @@ pub struct ListParams {
 }
 
 /// A page of accounts.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AccountPage {
     /// Accounts ordered by id.
     pub accounts: Vec<AccountJson>,
@@ -391,6 +577,22 @@ pub struct AccountPage {
 }
 
 /// `GET /accounts?status=&owner=&q=&limit=&after=`.
+#[utoipa::path(
+    get,
+    path = "/accounts",
+    params(
+        ("status" = Option<String>, Query, pattern = "^(active|closed)?$", description = "`active` or `closed`"),
+        ("owner" = Option<String>, Query, description = "Exactly this owner"),
+        ("q" = Option<String>, Query, description = "Id or owner contains this, ignoring case"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size (default 50)"),
+        ("after" = Option<String>, Query, description = "The previous page's `next`"),
+    ),
+    responses(
+        (status = 200, description = "A page of accounts ordered by id", body = AccountPage),
+        (status = 400, description = "A bad parameter (`InvalidQuery`)", body = ErrorBody),
+        (status = 503, description = "The read model is unavailable (`Unavailable`): retry", body = ErrorBody),
+    )
+)]
 async fn list_accounts(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -442,22 +644,47 @@ async fn list_accounts(
     }))
 }
 
+/// The body of `GET /health`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HealthJson {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// The body of `GET /ready` when ready.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReadyJson {
+    /// Always `ready`.
+    pub status: String,
+}
+
 /// `GET /health`: the process is up.
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(get, path = "/health", responses(
+    (status = 200, description = "The process is up", body = HealthJson)
+))]
+async fn health() -> Json<HealthJson> {
+    Json(HealthJson {
+        status: "ok".into(),
+    })
 }
 
 /// `GET /ready`: 200 once the projection caught up with its partitions since start.
-async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/ready", responses(
+    (status = 200, description = "Caught up since start", body = ReadyJson),
+    (status = 503, description = "Not caught up yet (`NotReady`)", body = ErrorBody),
+))]
+async fn ready(State(state): State<AppState>) -> Result<Json<ReadyJson>, ApiError> {
     if state.status.ready.load(Ordering::SeqCst) {
-        Ok(Json(json!({"status": "ready"})))
+        Ok(Json(ReadyJson {
+            status: "ready".into(),
+        }))
     } else {
         Err(ApiError::NotReady)
     }
 }
 
 /// The body of `GET /status`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StatusJson {
     /// As `GET /ready`: caught up at least once since start.
     pub ready: bool,
@@ -482,6 +709,10 @@ pub struct StatusJson {
 }
 
 /// `GET /status`: readiness, lag per partition, counts and the dead-letter count.
+#[utoipa::path(get, path = "/status", responses(
+    (status = 200, description = "Readiness, lag per partition and counts", body = StatusJson),
+    (status = 503, description = "The read model is unavailable (`Unavailable`): retry", body = ErrorBody),
+))]
 async fn status(State(state): State<AppState>) -> Result<Json<StatusJson>, ApiError> {
     let (accounts, events, parked) = state.db.counts().await?;
     let partitions = state.status.lags();
@@ -511,7 +742,7 @@ pub struct DeadLetterParams {
 }
 
 /// The body of `GET /dead-letters`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeadLetterPage {
     /// The dead-letter topic.
     pub topic: String,
@@ -522,6 +753,18 @@ pub struct DeadLetterPage {
 }
 
 /// `GET /dead-letters?limit=N`: the newest dead letters with their reasons.
+#[utoipa::path(
+    get,
+    path = "/dead-letters",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "How many (default 50)"),
+    ),
+    responses(
+        (status = 200, description = "The newest dead letters, newest first", body = DeadLetterPage),
+        (status = 400, description = "A bad parameter (`InvalidQuery`)", body = ErrorBody),
+        (status = 503, description = "The dead-letter topic cannot be read (`Unavailable`): retry", body = ErrorBody),
+    )
+)]
 async fn dead_letters(
     State(state): State<AppState>,
     params: Result<Query<DeadLetterParams>, QueryRejection>,
@@ -558,9 +801,15 @@ async fn dead_letters(
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)
+))]
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
@@ -601,16 +850,25 @@ pub mod explorer {
     }
 
     /// `GET /`.
+    #[utoipa::path(get, path = "/", responses(
+        (status = 200, description = "The explorer page", content_type = "text/html", body = String)
+    ))]
     pub async fn page() -> Response {
         asset("text/html; charset=utf-8", HTML)
     }
 
     /// `GET /assets/explorer.js`.
+    #[utoipa::path(get, path = "/assets/explorer.js", responses(
+        (status = 200, description = "The explorer's script", content_type = "text/javascript", body = String)
+    ))]
     pub async fn script() -> Response {
         asset("text/javascript; charset=utf-8", SCRIPT)
     }
 
     /// `GET /assets/explorer.css`.
+    #[utoipa::path(get, path = "/assets/explorer.css", responses(
+        (status = 200, description = "The explorer's style sheet", content_type = "text/css", body = String)
+    ))]
     pub async fn style() -> Response {
         asset("text/css; charset=utf-8", STYLE)
     }

@@ -1,11 +1,15 @@
 //! Prometheus metrics of the projection: names in one place, the process-wide recorder, and
 //! small helpers the projector calls. Every series carries a `topic` label (the events topic),
-//! so several projections in one process (tests) keep their figures apart.
+//! so several projections in one process (tests) keep their figures apart. Names carry their
+//! unit (`_seconds`), counters end in `_total`, every metric has HELP text, and label values are
+//! snake_case (`code="invalid_json"`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use metrics::Unit;
 use metrics_exporter_prometheus::PrometheusHandle;
+use shared::runtime::label_value;
 
 /// Counter: events applied to the read model.
 pub const APPLIED: &str = "projection_events_applied_total";
@@ -17,7 +21,8 @@ pub const DEAD_LETTERED: &str = "projection_events_dead_lettered_total";
 pub const PARKED: &str = "projection_events_parked_total";
 /// Counter: parked events applied once the gap closed.
 pub const UNPARKED: &str = "projection_events_unparked_total";
-/// Gauge: messages between the stored offset and the partition's last stable offset.
+/// Gauge: messages (a count, not a time) between the stored offset and the partition's last
+/// stable offset.
 pub const LAG: &str = "projection_consumer_lag";
 /// Histogram: seconds to apply and commit one batch.
 pub const BATCH_SECONDS: &str = "projection_batch_apply_seconds";
@@ -38,20 +43,46 @@ pub fn handle() -> PrometheusHandle {
 }
 
 fn describe() {
-    metrics::describe_counter!(APPLIED, "Events applied to the read model");
+    metrics::describe_counter!(APPLIED, Unit::Count, "Events applied to the read model");
     metrics::describe_counter!(
         DUPLICATES,
+        Unit::Count,
         "Re-delivered events skipped (version already applied)"
     );
-    metrics::describe_counter!(DEAD_LETTERED, "Messages sent to the dead-letter topic");
-    metrics::describe_counter!(PARKED, "Events parked behind a version gap");
-    metrics::describe_counter!(UNPARKED, "Parked events applied once the gap closed");
-    metrics::describe_gauge!(LAG, "Messages not yet projected, per partition");
-    metrics::describe_histogram!(BATCH_SECONDS, "Seconds to apply and commit one batch");
-    metrics::describe_counter!(BATCH_MESSAGES, "Messages processed in committed batches");
-    metrics::describe_counter!(RETRIES, "Batches retried after a transient error");
+    metrics::describe_counter!(
+        DEAD_LETTERED,
+        Unit::Count,
+        "Messages sent to the dead-letter topic, by code (snake_case)"
+    );
+    metrics::describe_counter!(PARKED, Unit::Count, "Events parked behind a version gap");
+    metrics::describe_counter!(
+        UNPARKED,
+        Unit::Count,
+        "Parked events applied once the gap closed"
+    );
+    metrics::describe_gauge!(
+        LAG,
+        Unit::Count,
+        "Messages not yet projected, per partition (last stable offset minus position)"
+    );
+    metrics::describe_histogram!(
+        BATCH_SECONDS,
+        Unit::Seconds,
+        "Seconds from a batch's first message to its commit"
+    );
+    metrics::describe_counter!(
+        BATCH_MESSAGES,
+        Unit::Count,
+        "Messages processed in committed batches (all outcomes)"
+    );
+    metrics::describe_counter!(
+        RETRIES,
+        Unit::Count,
+        "Batches retried after a transient database or Kafka error"
+    );
     metrics::describe_counter!(
         REGISTRY_RETRIES,
+        Unit::Count,
         "Decodes retried because the schema registry was unreachable"
     );
 }
@@ -99,7 +130,7 @@ pub fn record_batch_time(topic: &str, elapsed: Duration) {
 
 /// Counts one dead letter.
 pub fn record_dead_letter(topic: &str, code: &str) {
-    metrics::counter!(DEAD_LETTERED, "topic" => topic.to_owned(), "code" => code.to_owned())
+    metrics::counter!(DEAD_LETTERED, "topic" => topic.to_owned(), "code" => label_value(code))
         .increment(1);
 }
 

@@ -155,7 +155,7 @@ impl Default for Status {
 }
 
 /// The lag of one assigned partition as the last [`monitor`] round measured it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct PartitionLag {
     /// Partition of the events topic.
     pub partition: i32,

@@ -133,3 +133,45 @@ ensure_browser() {
   [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] \
     || die "chromium or chromedriver missing after installing ${missing[*]:-nothing}"
 }
+
+# promtool (Debian's prometheus package) for the tests that pipe /metrics into
+# `promtool check metrics`; they fail under CI=true without it.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" -eq 0 ] || [ "${CI:-}" = true ]; then
+    apt_install prometheus
+  else
+    warn "not installing prometheus (not root): the promtool checks of /metrics will be skipped"
+    return 0
+  fi
+  command -v promtool >/dev/null 2>&1 || die "promtool missing after installing prometheus"
+}
+
+# schemathesis (from PyPI, in a venv of its own) for scripts/api-check.
+SCHEMATHESIS_SPEC="schemathesis>=4.32,<5"
+SCHEMATHESIS_VENV="$BANK_CACHE_DIR/schemathesis-venv"
+
+# ensure_schemathesis -> 0 when $SCHEMATHESIS_VENV/bin/st works (installing it if needed), 1 when it
+# cannot be installed (no python3, venv or pip).
+ensure_schemathesis() {
+  if [ -x "$SCHEMATHESIS_VENV/bin/st" ] && "$SCHEMATHESIS_VENV/bin/st" --version >/dev/null 2>&1; then
+    return 0
+  fi
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if [ "$(id -u)" -eq 0 ]; then
+      apt_install python3 python3-venv python3-pip
+    else
+      warn "python3 with venv is needed to install schemathesis"
+      return 1
+    fi
+  fi
+  log "installing $SCHEMATHESIS_SPEC into $SCHEMATHESIS_VENV"
+  rm -rf "$SCHEMATHESIS_VENV"
+  mkdir -p "$BANK_CACHE_DIR"
+  if ! python3 -m venv "$SCHEMATHESIS_VENV" >&2 \
+      || ! "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check "$SCHEMATHESIS_SPEC" >&2; then
+    warn "installing $SCHEMATHESIS_SPEC failed"
+    rm -rf "$SCHEMATHESIS_VENV"
+    return 1
+  fi
+}

@@ -65,3 +65,36 @@ pub fn prometheus() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// A metric label value in snake_case, the one casing of label values in `/metrics`:
+/// `InsufficientFunds` → `insufficient_funds`, `accepted` stays `accepted`.
+pub fn label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 4);
+    for c in value.chars() {
+        if c.is_ascii_uppercase() {
+            if !out.is_empty() && !out.ends_with('_') {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::label_value;
+
+    #[test]
+    fn label_values_are_snake_case() {
+        assert_eq!(label_value("InsufficientFunds"), "insufficient_funds");
+        assert_eq!(label_value("VersionConflict"), "version_conflict");
+        assert_eq!(label_value("accepted"), "accepted");
+        assert_eq!(label_value("SchemaRegistry"), "schema_registry");
+        assert_eq!(label_value("already_snake"), "already_snake");
+    }
+}

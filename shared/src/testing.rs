@@ -106,3 +106,94 @@ pub fn test_settings(partitions: i32) -> crate::config::Settings {
     vars.push(("INSTANCE_ID".into(), unique_name("instance")));
     crate::config::Settings::from_vars(&vars).expect("test settings are valid")
 }
+
+/// Whether this runs under CI (`CI=true`), where a missing external checker fails the test
+/// instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Skips a test loudly because `tool` is missing, or fails it under CI (see [`in_ci`]).
+#[track_caller]
+pub fn skip_without(tool: &str, why: &str) {
+    if in_ci() {
+        panic!("{tool} is required under CI=true but is unavailable: {why}");
+    }
+    eprintln!(
+        "\n**********************************************************************\n\
+         ** SKIPPED: {tool} is unavailable ({why}).\n\
+         ** Install it (scripts/test does) to run this check; CI=true fails here.\n\
+         **********************************************************************\n"
+    );
+}
+
+/// What an external checker run said.
+#[derive(Debug)]
+pub enum ExternalCheck {
+    /// The checker could not run (not installed, cannot be installed); the reason.
+    Unavailable(String),
+    /// It ran: whether it passed, and what it printed (stdout and stderr).
+    Ran {
+        /// Exit status 0.
+        passed: bool,
+        /// Its output, for the assertion message.
+        output: String,
+    },
+}
+
+/// Runs `promtool check metrics` (Debian's `prometheus` package) on a `/metrics` exposition.
+pub async fn promtool_check_metrics(exposition: &str) -> ExternalCheck {
+    use tokio::io::AsyncWriteExt;
+    let child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => return ExternalCheck::Unavailable(format!("cannot run promtool: {e}")),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(exposition.as_bytes())
+            .await
+            .expect("write to promtool");
+    }
+    let out = child.wait_with_output().await.expect("promtool runs");
+    ExternalCheck::Ran {
+        passed: out.status.success(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Exit status of `scripts/api-check` when schemathesis cannot be installed (no python3, venv
+/// or pip): the check could not run, which is not a failure of the API.
+pub const API_CHECK_UNAVAILABLE: i32 = 3;
+
+/// Runs `scripts/api-check URL` (schemathesis against `URL/openapi.json`), its output passed
+/// through to the test's.
+pub async fn api_check(base_url: &str) -> ExternalCheck {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/api-check");
+    let status = tokio::process::Command::new(script)
+        .arg(base_url)
+        .kill_on_drop(true)
+        .status()
+        .await;
+    match status {
+        Err(e) => ExternalCheck::Unavailable(format!("cannot run {script}: {e}")),
+        Ok(s) if s.code() == Some(API_CHECK_UNAVAILABLE) => ExternalCheck::Unavailable(
+            "scripts/api-check could not install schemathesis (python3 with venv and pip needed)"
+                .into(),
+        ),
+        Ok(s) => ExternalCheck::Ran {
+            passed: s.success(),
+            output: format!("scripts/api-check {base_url} exited with {s} (output above)"),
+        },
+    }
+}

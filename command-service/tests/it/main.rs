@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod api;
 mod commands;
 mod crash;
 mod restore;

@@ -24,6 +24,7 @@ macro_rules! both_backends {
 }
 
 mod api;
+mod contract;
 mod crash;
 mod delivery;
 mod explorer;
