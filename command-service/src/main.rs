@@ -2,11 +2,6 @@
 
 use anyhow::Context;
 
-/// mimalloc: small allocations without glibc's per-chunk overhead, and freed memory (a
-/// restore's transient buffers) goes back to the system, so memory follows the live state.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() {
     shared::runtime::init_tracing();
