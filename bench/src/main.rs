@@ -12,8 +12,18 @@
 //! 4. Raw consumer: reading those events with a plain read_committed consumer — the peer of (5).
 //! 5. Projection apply: the real `projection-service` binary catching up on the same events, on
 //!    SQLite and (when `BENCH_POSTGRES_URL` is set) on PostgreSQL.
+//! 6. Latency, open loop at half the measured pipeline rate: produce → result, and produce →
+//!    visible on the projection at the command's version.
 //!
-//! Needs `KAFKA_BOOTSTRAP_SERVERS` and the release binaries (`scripts/bench` does both).
+//! Peers (see [`baselines`]): Kafka's `ProducerPerformance` with transactions as long as the
+//! commit interval, `ConsumerPerformance` read_committed, a bare upsert loop into the read
+//! model's tables, and (from `scripts/bench-peer`, if it ran) cqrs-es + postgres-es.
+//!
+//! Writes the Markdown table and `target/bench/results.json`. Needs `KAFKA_BOOTSTRAP_SERVERS`
+//! and the release binaries (`scripts/bench` does both).
+
+mod baselines;
+mod latency;
 
 use std::path::PathBuf;
 use std::process::{Child, Command as Process, Stdio};
@@ -31,7 +41,7 @@ use shared::{Command, CommandMessage, Settings};
 #[command(about = "Benchmarks the command pipeline and the projection against raw Kafka")]
 struct Args {
     /// Commands to push through the pipeline (and raw messages for the producer peer).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 500_000)]
     commands: usize,
     /// Accounts the commands are spread over.
     #[arg(long, default_value_t = 500)]
@@ -46,8 +56,21 @@ struct Args {
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: PathBuf,
     /// Accounts opened for the memory-per-aggregate measurement.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     aggregates: usize,
+    /// Seconds of open-loop load for the latency measurement.
+    #[arg(long, default_value_t = 30)]
+    latency_seconds: u64,
+    /// `COMMIT_INTERVAL_MS` of the command-service (and the raw producer's transaction length).
+    #[arg(long, default_value_t = 100)]
+    commit_interval_ms: u64,
+    /// The machine-readable figures.
+    #[arg(long, default_value = "target/bench/results.json")]
+    json: PathBuf,
+    /// A short run (under 10 minutes on 2 cores): 20000 commands, 20000 aggregates, 10 s of
+    /// latency load.
+    #[arg(long)]
+    quick: bool,
 }
 
 struct Row {
@@ -67,21 +90,56 @@ impl Row {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.quick {
+        args.commands = 20_000;
+        args.aggregates = 20_000;
+        args.latency_seconds = 10;
+    }
+    let mut json = serde_json::Map::new();
     let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
         .context("KAFKA_BOOTSTRAP_SERVERS is not set: run scripts/bench, or start scripts/kafka")?;
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let vars = vec![
-        ("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.clone()),
-        ("TOPIC_PREFIX".to_owned(), prefix.clone()),
-        ("PARTITIONS".to_owned(), args.partitions.to_string()),
-    ];
+    let vars = service_vars(&bootstrap, &prefix, &args);
     let settings = Settings::from_vars(&vars)?;
     let commands = workload(args.accounts, args.commands);
     let mut rows = Vec::new();
 
-    // 1. raw producer
-    rows.push(raw_producer(&settings, &commands).await?);
+    // 1. raw producers: rdkafka idempotent, and Kafka's own with transactions
+    let raw = raw_producer(&settings, &commands).await?;
+    let record_size = raw.count.max(1);
+    let record_size = commands.iter().map(|c| c.to_bytes().len()).sum::<usize>() / record_size;
+    rows.push(raw);
+    let tx_topic = format!("{prefix}.raw-tx");
+    ensure_topics(
+        &settings.kafka,
+        &[TopicSpec {
+            name: tx_topic.clone(),
+            partitions: args.partitions,
+            config: vec![],
+        }],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let tx_records = (args.commands * 2).max(100_000);
+    let raw_tx = baselines::producer_performance(
+        &bootstrap,
+        &tx_topic,
+        tx_records,
+        record_size,
+        args.commit_interval_ms,
+    )?;
+    json.insert("raw_producer_tx_records_per_s".into(), raw_tx.into());
+    rows.push(Row {
+        what: "Kafka ProducerPerformance, acks=all, idempotent, transactional".into(),
+        count: tx_records,
+        seconds: tx_records as f64 / raw_tx.max(1e-9),
+        note: format!(
+            "{record_size} B records, one transaction every {} ms",
+            args.commit_interval_ms
+        ),
+        ratio: None,
+    });
 
     // 2. command pipeline
     let service = Service::start(
@@ -106,14 +164,35 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .filter(|r| r.status == shared::CommandStatus::Accepted)
         .count();
+    service.stop();
+    let topics = Topics::new(&prefix);
+    let produced: usize = [
+        topics.events(),
+        topics.command_results(),
+        topics.snapshots(),
+        topics.command_checkpoints(),
+    ]
+    .iter()
+    .map(|t| count_messages(&settings, t))
+    .sum::<anyhow::Result<usize>>()?;
+    let records_per_command = produced as f64 / commands.len() as f64;
+    let commands_per_s = rest.len() as f64 / seconds.max(1e-9);
+    let ratio_commands = commands_per_s * records_per_command / raw_tx.max(1e-9);
+    json.insert("commands_per_s".into(), commands_per_s.into());
+    json.insert("records_per_command".into(), records_per_command.into());
+    json.insert("ratio_commands".into(), ratio_commands.into());
     rows.push(Row {
         what: "command pipeline (produce → command-service txn → result)".into(),
         count: rest.len(),
         seconds,
-        note: format!("{accepted} accepted, {} rejected", rest.len() - accepted),
-        ratio: None,
+        note: format!(
+            "{accepted} accepted, {} rejected; {records_per_command:.2} records produced per command",
+            rest.len() - accepted
+        ),
+        ratio: Some(format!(
+            "{ratio_commands:.2} × transactional producer (records/s)"
+        )),
     });
-    service.stop();
 
     // 3. restore as history grows: H, then 6H on the same accounts. The dedupe window is one
     // second so that only the live state is restored (the window's cost is its own row).
@@ -133,18 +212,28 @@ async fn main() -> anyhow::Result<()> {
         row_6h.seconds / row_h.seconds.max(1e-9),
         row_6h.rss_mb / row_h.rss_mb.max(1e-9)
     ));
+    json.insert(
+        "restore_events_per_s".into(),
+        (events_6h as f64 / row_6h.seconds.max(1e-9)).into(),
+    );
+    json.insert("restart_seconds_h".into(), row_h.seconds.into());
+    json.insert("restart_seconds_6h".into(), row_6h.seconds.into());
+    json.insert("rss_mb_h".into(), row_h.rss_mb.into());
+    json.insert("rss_mb_6h".into(), row_6h.rss_mb.into());
     rows.push(row_h.into_row());
     rows.push(row_6h.into_row());
     let events_total = events_6h;
-    rows.push(memory_per_aggregate(&args, &bootstrap, rss_empty).await?);
+    let (memory, per_million) = memory_per_aggregate(&args, &bootstrap, rss_empty).await?;
+    json.insert("rss_mb_per_million_aggregates".into(), per_million.into());
+    rows.push(memory);
 
-    // 4. raw consumer
-    let started = Instant::now();
-    let read = count_messages(&settings, &Topics::new(&prefix).events())?;
+    // 4. raw consumer: Kafka's own, read_committed
+    let raw_consumer = baselines::consumer_performance(&bootstrap, &topics.events(), events_total)?;
+    json.insert("raw_consumer_records_per_s".into(), raw_consumer.into());
     rows.push(Row {
-        what: "raw read_committed consumer over the events".into(),
-        count: read,
-        seconds: started.elapsed().as_secs_f64(),
+        what: "Kafka ConsumerPerformance, read_committed, over the events".into(),
+        count: events_total,
+        seconds: events_total as f64 / raw_consumer.max(1e-9),
         note: "peer of the projection rows".into(),
         ratio: None,
     });
@@ -153,11 +242,135 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(&prefix);
     std::fs::create_dir_all(&dir)?;
     let sqlite = format!("sqlite://{}", dir.join("bench.db").display());
-    rows.push(projection(&args.bin_dir, &vars, &sqlite, "SQLite", events_total).await?);
+    let mut databases = vec![("SQLite", sqlite.clone())];
     if let Ok(pg) = std::env::var("BENCH_POSTGRES_URL") {
-        let pg = fresh_database(&pg, &prefix.replace('-', "_"))?;
-        rows.push(projection(&args.bin_dir, &vars, &pg, "PostgreSQL", events_total).await?);
+        databases.push((
+            "PostgreSQL",
+            fresh_database(&pg, &prefix.replace('-', "_"))?,
+        ));
     }
+    let mut ratios = Vec::new();
+    for (label, url) in &databases {
+        let mut row = projection(&args.bin_dir, &vars, url, label, events_total).await?;
+        let raw_db_url = match *label {
+            "SQLite" => format!("sqlite://{}", dir.join("raw.db").display()),
+            _ => fresh_database(
+                &std::env::var("BENCH_POSTGRES_URL")?,
+                &format!("{}_raw", prefix.replace('-', "_")),
+            )?,
+        };
+        let raw_db = baselines::db_upserts(&raw_db_url, events_total, args.accounts).await?;
+        let ratio = row.rate() / raw_consumer.min(raw_db).max(1e-9);
+        row.ratio = Some(format!("{ratio:.2} × min(raw consumer, raw DB)"));
+        let key = label.to_lowercase();
+        json.insert(format!("projection_events_per_s_{key}"), row.rate().into());
+        json.insert(format!("raw_db_upserts_per_s_{key}"), raw_db.into());
+        json.insert(format!("ratio_projection_{key}"), ratio.into());
+        ratios.push((row.rate(), raw_db, ratio));
+        rows.push(row);
+        rows.push(Row {
+            what: format!("bare batched upsert loop into the read model, {label}"),
+            count: events_total,
+            seconds: events_total as f64 / raw_db.max(1e-9),
+            note: "an event row + an account upsert per event, 500 per transaction".into(),
+            ratio: None,
+        });
+    }
+    // The headline keys: the worse database.
+    if let Some((rate, raw_db, ratio)) = ratios.iter().copied().min_by(|a, b| a.2.total_cmp(&b.2)) {
+        json.insert("projection_events_per_s".into(), rate.into());
+        json.insert("raw_db_upserts_per_s".into(), raw_db.into());
+        json.insert("ratio_projection".into(), ratio.into());
+    }
+
+    // 6. latency at half the measured pipeline rate, open loop
+    let latency = latency_run(&args, &bootstrap, commands_per_s / 2.0, &dir).await?;
+    json.insert(
+        "e2e_command_to_result_p50_ms".into(),
+        latency.to_result.p50.into(),
+    );
+    json.insert(
+        "e2e_command_to_result_p99_ms".into(),
+        latency.to_result.p99.into(),
+    );
+    json.insert(
+        "e2e_command_to_projection_p50_ms".into(),
+        latency.to_projection.p50.into(),
+    );
+    json.insert(
+        "e2e_command_to_projection_p99_ms".into(),
+        latency.to_projection.p99.into(),
+    );
+    rows.push(Row {
+        what: "latency, open loop at half the pipeline rate: produce → result".into(),
+        count: latency.to_result.n,
+        seconds: latency.sent as f64 / latency.rate.max(1e-9),
+        note: format!(
+            "sent at {:.0}/s; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latency.rate, latency.to_result.p50, latency.to_result.p99, latency.to_result.max
+        ),
+        ratio: Some(format!("p99 {:.1} ms", latency.to_result.p99)),
+    });
+    rows.push(Row {
+        what: "latency: produce → visible on the projection (SQLite) at its version".into(),
+        count: latency.to_projection.n,
+        seconds: latency.sent as f64 / latency.rate.max(1e-9),
+        note: format!(
+            "a sample of accepted commands; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latency.to_projection.p50, latency.to_projection.p99, latency.to_projection.max
+        ),
+        ratio: Some(format!("p99 {:.1} ms", latency.to_projection.p99)),
+    });
+
+    // 7. the peer, if scripts/bench-peer ran
+    let peer_file = args
+        .json
+        .parent()
+        .map(|d| d.join("peer.json"))
+        .unwrap_or_else(|| PathBuf::from("peer.json"));
+    if let Some(peer) = std::fs::read_to_string(&peer_file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        && let Some(peer_rate) = peer["peer_commands_per_s"].as_f64()
+    {
+        json.insert("peer_commands_per_s".into(), peer_rate.into());
+        json.insert("peer".into(), peer.clone());
+        let commands = peer["commands"].as_u64().unwrap_or(0) as usize;
+        rows.push(Row {
+            what: format!(
+                "peer: {}",
+                peer["peer"].as_str().unwrap_or("cqrs-es + postgres-es")
+            ),
+            count: commands,
+            seconds: commands as f64 / peer_rate.max(1e-9),
+            note: format!(
+                "same workload shape on PostgreSQL, concurrency {}",
+                peer["concurrency"]
+            ),
+            ratio: Some(format!(
+                "bank-es pipeline = {:.1} × peer",
+                commands_per_s / peer_rate.max(1e-9)
+            )),
+        });
+    }
+
+    json.insert("kafka_version".into(), kafka_version().into());
+    json.insert(
+        "librdkafka_version".into(),
+        rdkafka::util::get_rdkafka_version().1.into(),
+    );
+    json.insert("partitions".into(), args.partitions.into());
+    json.insert("commit_interval_ms".into(), args.commit_interval_ms.into());
+    json.insert("commands".into(), args.commands.into());
+    json.insert("accounts".into(), args.accounts.into());
+    if let Some(parent) = args.json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(
+        &args.json,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )?;
+    eprintln!("figures written to {}", args.json.display());
 
     let table = render(&rows, &args);
     println!("{table}");
@@ -372,13 +585,13 @@ async fn restart(
 
 /// Opens `--aggregates` accounts on a fresh store, restarts, and reports the resident memory
 /// above an empty service's, per million aggregates.
-async fn memory_per_aggregate(args: &Args, bootstrap: &str, rss_empty: f64) -> anyhow::Result<Row> {
+async fn memory_per_aggregate(
+    args: &Args,
+    bootstrap: &str,
+    rss_empty: f64,
+) -> anyhow::Result<(Row, f64)> {
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let vars = vec![
-        ("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.to_owned()),
-        ("TOPIC_PREFIX".to_owned(), prefix),
-        ("PARTITIONS".to_owned(), args.partitions.to_string()),
-    ];
+    let vars = service_vars(bootstrap, &prefix, args);
     let settings = Settings::from_vars(&vars)?;
     let extra = [("INSTANCE_ID", "bench-mem"), ("DEDUPE_WINDOW", "1s")];
     let service = Service::start(&args.bin_dir, "command-service", &vars, &extra)?;
@@ -392,7 +605,7 @@ async fn memory_per_aggregate(args: &Args, bootstrap: &str, rss_empty: f64) -> a
     let (measured, service) = restart(&args.bin_dir, &vars, &extra, args.aggregates, "mem").await?;
     service.stop();
     let per_million = (measured.rss_mb - rss_empty).max(0.0) / args.aggregates as f64 * 1e6;
-    Ok(Row {
+    let row = Row {
         what: format!("command-service memory with {} aggregates", args.aggregates),
         count: args.aggregates,
         seconds: measured.seconds,
@@ -401,7 +614,72 @@ async fn memory_per_aggregate(args: &Args, bootstrap: &str, rss_empty: f64) -> a
             measured.rss_mb, rss_empty, per_million, measured.seconds
         ),
         ratio: Some(format!("{per_million:.0} MB / million aggregates")),
-    })
+    };
+    Ok((row, per_million))
+}
+
+/// The environment of the services for one benchmark topic prefix.
+fn service_vars(bootstrap: &str, prefix: &str, args: &Args) -> Vec<(String, String)> {
+    vec![
+        ("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.to_owned()),
+        ("TOPIC_PREFIX".to_owned(), prefix.to_owned()),
+        ("PARTITIONS".to_owned(), args.partitions.to_string()),
+        (
+            "COMMIT_INTERVAL_MS".to_owned(),
+            args.commit_interval_ms.to_string(),
+        ),
+    ]
+}
+
+/// Both services on a fresh prefix, accounts opened, then `--latency-seconds` of open-loop load
+/// at `rate`.
+async fn latency_run(
+    args: &Args,
+    bootstrap: &str,
+    rate: f64,
+    dir: &std::path::Path,
+) -> anyhow::Result<latency::Latencies> {
+    let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let vars = service_vars(bootstrap, &prefix, args);
+    let settings = Settings::from_vars(&vars)?;
+    let command = Service::start(
+        &args.bin_dir,
+        "command-service",
+        &vars,
+        &[("INSTANCE_ID", "bench-latency")],
+    )?;
+    command.wait_ready(Duration::from_secs(120)).await?;
+    let sqlite = format!("sqlite://{}", dir.join("latency.db").display());
+    let projection = Service::start(
+        &args.bin_dir,
+        "projection-service",
+        &vars,
+        &[("PROJECTION_DATABASE_URL", sqlite.as_str())],
+    )?;
+    projection.wait_ready(Duration::from_secs(120)).await?;
+    let total = (rate * args.latency_seconds as f64) as usize + args.accounts;
+    let commands = workload(args.accounts, total.max(args.accounts + 1));
+    let (opens, rest) = commands.split_at(args.accounts);
+    CommandClient::connect(&settings)
+        .await?
+        .submit_all(opens, Duration::from_secs(60), |_| {})
+        .await?;
+    let measured = latency::open_loop(&settings, rest, rate, &projection.url, 20).await?;
+    command.stop();
+    projection.stop();
+    Ok(measured)
+}
+
+/// The version of the Kafka jars `scripts/kafka` runs.
+fn kafka_version() -> String {
+    Process::new("scripts/kafka-tool")
+        .arg("org.apache.kafka.tools.TopicCommand")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A service binary as a child process on a free port.

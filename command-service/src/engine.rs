@@ -946,9 +946,14 @@ impl Engine {
 
     // ---------------------------------------------------------------- transactions
 
-    fn commit_due(&self) -> bool {
+    /// Group commit: the open transaction commits as soon as no further command is waiting
+    /// (`drained`), so an idle service answers at once and a busy one builds larger
+    /// transactions while the previous commit runs; and at the latest after
+    /// [`MAX_COMMANDS_PER_TXN`] commands or `COMMIT_INTERVAL_MS`.
+    fn commit_due(&self, drained: bool) -> bool {
         self.txn.as_ref().is_some_and(|t| {
-            t.commands >= MAX_COMMANDS_PER_TXN
+            drained
+                || t.commands >= MAX_COMMANDS_PER_TXN
                 || t.started.elapsed() >= self.settings.commit_interval
         })
     }
@@ -1202,7 +1207,15 @@ pub fn run_engine(
 
     let mut outcome = Ok(());
     while !stop.load(Ordering::SeqCst) {
-        let polled = consumer.poll(Duration::from_millis(20));
+        // With a transaction open, only what is already fetched is taken (then it commits);
+        // without one, wait a little for the next command.
+        let open = lock(&consumer.context().engine).txn.is_some();
+        let polled = consumer.poll(if open {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(20)
+        });
+        let drained = polled.is_none();
         let mut engine = lock(&consumer.context().engine);
         match polled {
             Some(Ok(msg)) => engine.on_message(&consumer, &msg),
@@ -1219,7 +1232,7 @@ pub fn run_engine(
             ));
         }
         engine.install_restores(&consumer);
-        if engine.commit_due() {
+        if engine.commit_due(drained) {
             engine.commit(&consumer);
         }
         engine.checkpoint_idle(&consumer);

@@ -1,0 +1,178 @@
+//! The peers the pipeline is measured against, on the same broker and databases: Kafka's own
+//! `ProducerPerformance` (transactional) and `ConsumerPerformance` (read_committed), and a bare
+//! batched upsert loop into the read model's schema.
+
+use std::process::Command as Process;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use projection_service::db::{Database, Tables};
+
+/// Kafka's `ProducerPerformance`: `records` of `record_size` bytes, acks=all, idempotent, in
+/// transactions of `transaction_ms`. Returns records per second.
+pub fn producer_performance(
+    bootstrap: &str,
+    topic: &str,
+    records: usize,
+    record_size: usize,
+    transaction_ms: u64,
+) -> anyhow::Result<f64> {
+    let out = kafka_tool(&[
+        "org.apache.kafka.tools.ProducerPerformance",
+        "--topic",
+        topic,
+        "--num-records",
+        &records.to_string(),
+        "--record-size",
+        &record_size.to_string(),
+        "--throughput",
+        "-1",
+        "--transaction-duration-ms",
+        &transaction_ms.to_string(),
+        "--producer-props",
+        &format!("bootstrap.servers={bootstrap}"),
+        "acks=all",
+        "enable.idempotence=true",
+        "linger.ms=5",
+    ])?;
+    // "N records sent, R records/sec (M MB/sec), …" — the last such line is the total.
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("records sent"))
+        .with_context(|| format!("no summary in ProducerPerformance output:\n{out}"))?;
+    number_before(line, "records/sec")
+}
+
+/// Kafka's `ConsumerPerformance` over `messages` messages of `topic`, read_committed. Returns
+/// messages per second (its `nMsg.sec` column).
+pub fn consumer_performance(bootstrap: &str, topic: &str, messages: usize) -> anyhow::Result<f64> {
+    let config =
+        std::env::temp_dir().join(format!("bench-consumer-{}.properties", std::process::id()));
+    std::fs::write(
+        &config,
+        "isolation.level=read_committed\nauto.offset.reset=earliest\n",
+    )?;
+    let out = kafka_tool(&[
+        "org.apache.kafka.tools.ConsumerPerformance",
+        "--bootstrap-server",
+        bootstrap,
+        "--topic",
+        topic,
+        "--messages",
+        &messages.to_string(),
+        "--consumer.config",
+        &config.display().to_string(),
+        "--timeout",
+        "60000",
+    ])?;
+    let _ = std::fs::remove_file(&config);
+    // header: start.time, end.time, data.consumed.in.MB, MB.sec, data.consumed.in.nMsg, nMsg.sec, …
+    let mut lines = out.lines().filter(|l| l.contains(','));
+    let header: Vec<&str> = lines
+        .find(|l| l.contains("nMsg.sec"))
+        .with_context(|| format!("no header in ConsumerPerformance output:\n{out}"))?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let row: Vec<&str> = lines
+        .next()
+        .context("no data row in ConsumerPerformance output")?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "nMsg.sec")
+        .context("no nMsg.sec column")?;
+    Ok(row.get(column).context("short row")?.parse()?)
+}
+
+fn kafka_tool(args: &[&str]) -> anyhow::Result<String> {
+    let out = Process::new("scripts/kafka-tool")
+        .args(args)
+        .output()
+        .context("cannot run scripts/kafka-tool (run the bench from the repository root)")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("{} failed: {text}", args[0]);
+    }
+    Ok(text)
+}
+
+fn number_before(line: &str, unit: &str) -> anyhow::Result<f64> {
+    let before = line
+        .split(unit)
+        .next()
+        .and_then(|s| s.rsplit(',').next())
+        .with_context(|| format!("no `{unit}` in `{line}`"))?;
+    Ok(before.trim().parse()?)
+}
+
+/// The read model's cost without the projection: `events` events over `accounts` accounts
+/// written the way the projection writes them (an event row and an account upsert each, plus
+/// the offsets row), 500 per transaction, into the projection's own tables. Events per second.
+pub async fn db_upserts(database_url: &str, events: usize, accounts: usize) -> anyhow::Result<f64> {
+    let db = Database::connect(database_url).await?;
+    let t = Tables::live();
+    let started = Instant::now();
+    let mut version = vec![0i64; accounts.max(1)];
+    for chunk_start in (0..events).step_by(500) {
+        let mut tx = db.pool().begin().await?;
+        for i in chunk_start..(chunk_start + 500).min(events) {
+            let account = i % accounts.max(1);
+            version[account] += 1;
+            let id = format!("acc-{account}");
+            let v = version[account];
+            let now = chrono::Utc::now();
+            let ts = now.to_rfc3339();
+            sqlx::query(&format!(
+                "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\", \
+                 timestamp_ns, data, envelope, balance_minor, status, transaction_count, \
+                 source_partition, source_offset) VALUES ($1, $2, $3, 'MoneyDeposited', $4, $5, \
+                 '{{\"amount_minor\":100}}', '{{}}', $6, 'active', $7, 0, $8)",
+                t.events
+            ))
+            .bind(&id)
+            .bind(v)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(&ts)
+            .bind(now.timestamp_nanos_opt().unwrap_or_default())
+            .bind(v * 100)
+            .bind(v)
+            .bind(i as i64)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "INSERT INTO {} (id, owner, currency, balance_minor, status, version, \
+                 transaction_count, opened_at, updated_at) VALUES ($1, 'Owner', 'EUR', $2, \
+                 'active', $3, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET \
+                 balance_minor = excluded.balance_minor, version = excluded.version, \
+                 transaction_count = excluded.transaction_count, updated_at = excluded.updated_at",
+                t.accounts
+            ))
+            .bind(&id)
+            .bind(v * 100)
+            .bind(v)
+            .bind(&ts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {} (topic, \"partition\", next_offset) VALUES ('bench', 0, $1) \
+             ON CONFLICT (topic, \"partition\") DO UPDATE SET next_offset = excluded.next_offset",
+            t.offsets
+        ))
+        .bind(chunk_start as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    let rate = events as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    db.close().await;
+    Ok(rate)
+}
