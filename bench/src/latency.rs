@@ -94,6 +94,7 @@ pub async fn open_loop(
         let projection_url = projection_url.to_owned();
         tokio::spawn(async move {
             let mut to_result = Vec::with_capacity(wanted);
+            let mut split: Vec<(f64, f64)> = Vec::new();
             let mut reads = Vec::new();
             let mut accepted = 0usize;
             let mut stream = consumer.stream();
@@ -113,6 +114,16 @@ pub async fn open_loop(
                     continue;
                 };
                 to_result.push(received.duration_since(started).as_secs_f64() * 1e3);
+                if let Some(produced_ms) = msg.timestamp().to_millis() {
+                    // Where the time goes: until the result was produced (consume + decide),
+                    // and from then until it was readable (commit + markers + fetch).
+                    let now_ms = chrono::Utc::now().timestamp_millis();
+                    let total = received.duration_since(started).as_secs_f64() * 1e3;
+                    split.push((
+                        total - (now_ms - produced_ms) as f64,
+                        (now_ms - produced_ms) as f64,
+                    ));
+                }
                 if result.status != CommandStatus::Accepted {
                     continue;
                 }
@@ -139,6 +150,12 @@ pub async fn open_loop(
                     to_projection.push(ms);
                 }
             }
+            let before = Percentiles::of(split.iter().map(|s| s.0).collect());
+            let after = Percentiles::of(split.iter().map(|s| s.1).collect());
+            eprintln!(
+                "until the result was produced: p50 {:.1} ms p99 {:.1} ms; then until readable: p50 {:.1} ms p99 {:.1} ms",
+                before.p50, before.p99, after.p50, after.p99
+            );
             (to_result, to_projection)
         })
     };

@@ -71,6 +71,9 @@ struct Args {
     /// latency load.
     #[arg(long)]
     quick: bool,
+    /// Only the latency measurement, at this rate (commands per second): for exploring.
+    #[arg(long)]
+    latency_at: Option<f64>,
 }
 
 struct Row {
@@ -100,6 +103,16 @@ async fn main() -> anyhow::Result<()> {
     let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
         .context("KAFKA_BOOTSTRAP_SERVERS is not set: run scripts/bench, or start scripts/kafka")?;
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    if let Some(rate) = args.latency_at {
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir)?;
+        let l = latency_run(&args, &bootstrap, rate, &dir).await?;
+        println!(
+            "sent at {:.0}/s: to result p50 {:.1} ms p99 {:.1} ms; to projection p50 {:.1} ms p99 {:.1} ms",
+            l.rate, l.to_result.p50, l.to_result.p99, l.to_projection.p50, l.to_projection.p99
+        );
+        return Ok(());
+    }
     let vars = service_vars(&bootstrap, &prefix, &args);
     let settings = Settings::from_vars(&vars)?;
     let commands = workload(args.accounts, args.commands);

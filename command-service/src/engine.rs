@@ -31,7 +31,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use shared::codec::EncodeError;
@@ -94,30 +94,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Records the offsets of events whose snapshot needs them (opaque token → offset, or `None`
-/// when the delivery failed) and wakes whoever waits for them.
+/// when the delivery failed). Delivery reports are served on the engine thread, by its polls
+/// of the producer (and by librdkafka's flush inside a commit).
 #[derive(Default)]
 pub struct DeliveryTracker {
     offsets: Mutex<HashMap<usize, Option<i64>>>,
-    delivered: std::sync::Condvar,
 }
 
 impl DeliveryTracker {
-    /// Waits for the delivery of the event sent with `token`; its offset, or `None` when it
-    /// failed or did not come within `timeout`.
-    fn wait_for(&self, token: usize, timeout: Duration) -> Option<i64> {
-        let deadline = Instant::now() + timeout;
-        let mut offsets = lock(&self.offsets);
-        loop {
-            if let Some(outcome) = offsets.remove(&token) {
-                return outcome;
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            offsets = self
-                .delivered
-                .wait_timeout(offsets, left)
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
-        }
+    /// The outcome of the delivery of the event sent with `token`, once it is known.
+    fn take(&self, token: usize) -> Option<Option<i64>> {
+        lock(&self.offsets).remove(&token)
     }
 }
 
@@ -136,12 +123,14 @@ impl ProducerContext for DeliveryTracker {
         };
         if token != 0 {
             lock(&self.offsets).insert(token, outcome);
-            self.delivered.notify_all();
         }
     }
 }
 
-type TxnProducer = ThreadedProducer<DeliveryTracker>;
+/// Polled by the engine thread itself: with librdkafka's own thread polling it (a
+/// `ThreadedProducer`), the flush inside `commit_transaction` waited up to that thread's 100 ms
+/// poll for the delivery reports, which made every commit's latency about 100 ms.
+type TxnProducer = BaseProducer<DeliveryTracker>;
 
 /// Consumer context: rebalance callbacks reach the engine through it.
 pub struct EngineContext {
@@ -271,6 +260,10 @@ impl Engine {
             .set("transactional.id", transactional_id(&settings))
             .set("transaction.timeout.ms", "10000")
             .set("linger.ms", "2")
+            // A transaction begun right after a commit finds the coordinator still writing the
+            // previous one's markers (CONCURRENT_TRANSACTIONS) and retries after this backoff:
+            // librdkafka's 100 ms default would be the latency floor of group commit.
+            .set("retry.backoff.ms", "5")
             .set("message.timeout.ms", "10000");
         let producer = new_producer(&producer_config)?;
         let offsets: BaseConsumer = settings
@@ -831,7 +824,7 @@ impl Engine {
         };
         let topic = self.topics.snapshots();
         for (token, partition, aggregate_id, state) in snapshots {
-            let Some(event_offset) = self.producer.context().wait_for(token, TXN_TIMEOUT) else {
+            let Some(event_offset) = self.delivery_of(token, TXN_TIMEOUT) else {
                 return Err(KafkaError::MessageProduction(
                     RDKafkaErrorCode::MessageTimedOut,
                 ));
@@ -881,6 +874,29 @@ impl Engine {
         )
     }
 
+    /// Serves delivery reports until every produced message is delivered (or `timeout`):
+    /// rdkafka's flush inside `commit_transaction` waits for them in steps of 100 ms, which
+    /// would be every commit's latency.
+    fn await_deliveries(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits for the delivery of the event sent with `token` (serving delivery reports
+    /// meanwhile); its offset, or `None` when it failed or did not come within `timeout`.
+    fn delivery_of(&self, token: usize, timeout: Duration) -> Option<i64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(outcome) = self.producer.context().take(token) {
+                return outcome;
+            }
+            deadline.checked_duration_since(Instant::now())?;
+            self.producer.poll(Duration::from_millis(5));
+        }
+    }
+
     fn send(
         &self,
         topic: &str,
@@ -902,7 +918,8 @@ impl Engine {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
-                    std::thread::sleep(Duration::from_millis(5));
+                    // Serving delivery reports makes room in the queue.
+                    self.producer.poll(Duration::from_millis(5));
                 }
                 Err((e, _)) => return Err(e),
             }
@@ -988,6 +1005,7 @@ impl Engine {
     /// `commit_transaction`, called again while it fails with a retriable error (a timeout):
     /// librdkafka resumes the commit where it was.
     fn commit_with_retries(&self) -> KafkaResult<()> {
+        self.await_deliveries(TXN_TIMEOUT);
         let mut attempt = 1;
         loop {
             match self.producer.commit_transaction(TXN_TIMEOUT) {
@@ -1217,6 +1235,7 @@ pub fn run_engine(
         });
         let drained = polled.is_none();
         let mut engine = lock(&consumer.context().engine);
+        engine.producer.poll(Duration::ZERO);
         match polled {
             Some(Ok(msg)) => engine.on_message(&consumer, &msg),
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
