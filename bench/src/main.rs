@@ -285,7 +285,7 @@ async fn main() -> anyhow::Result<()> {
             what: format!("bare batched upsert loop into the read model, {label}"),
             count: events_total,
             seconds: events_total as f64 / raw_db.max(1e-9),
-            note: "an event row + an account upsert per event, 500 per transaction".into(),
+            note: "multi-row inserts of the event rows and upserts of the accounts they touch, 500 events per transaction".into(),
             ratio: None,
         });
     }
