@@ -813,13 +813,21 @@ fn render(rows: &[Row], args: &Args) -> String {
         .map(Row::rate)
         .unwrap_or(1.0);
     let mut out = format!(
-        "# Benchmark\n\n{} on one broker (KRaft, loopback), {} partitions, {} accounts, {} commands; \
-         one run, 2 cores shared by broker, services and load generator.\n\n\
+        "# Benchmark\n\n{} on one broker (Apache Kafka {}, KRaft, loopback; librdkafka {}), {} \
+         partitions, {} accounts, {} commands, COMMIT_INTERVAL_MS={}; one run{}. Machine: {} \
+         cores ({}), {} GiB, shared by the broker, the services and the load generator.\n\n\
          | measurement | count | seconds | per second | vs peer |\n|---|---:|---:|---:|---:|\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        kafka_version(),
+        rdkafka::util::get_rdkafka_version().1,
         args.partitions,
         args.accounts,
-        args.commands
+        args.commands,
+        args.commit_interval_ms,
+        if args.quick { " (--quick)" } else { "" },
+        std::thread::available_parallelism().map_or(0, usize::from),
+        cpu_model(),
+        memory_gib(),
     );
     for r in rows {
         let ratio = if let Some(ratio) = &r.ratio {
@@ -845,4 +853,35 @@ fn render(rows: &[Row], args: &Args) -> String {
         out.push_str(&format!("- {}: {}\n", r.what, r.note));
     }
     out
+}
+
+/// The CPU model from /proc/cpuinfo.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            let line = info
+                .lines()
+                .find(|l| l.starts_with("model name"))?
+                .to_owned();
+            Some(line.split_once(':')?.1.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Total memory in GiB from /proc/meminfo.
+fn memory_gib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let kb: u64 = info
+                .lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kb / 1024 / 1024)
+        })
+        .unwrap_or(0)
 }
