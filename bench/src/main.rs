@@ -296,72 +296,18 @@ async fn main() -> anyhow::Result<()> {
         json.insert("ratio_projection".into(), ratio.into());
     }
 
-    // 6. latency at half the measured pipeline rate, open loop
-    let latency = latency_run(&args, &bootstrap, commands_per_s / 2.0, &dir).await?;
-    json.insert(
-        "e2e_command_to_result_p50_ms".into(),
-        latency.to_result.p50.into(),
-    );
-    json.insert(
-        "e2e_command_to_result_p99_ms".into(),
-        latency.to_result.p99.into(),
-    );
-    json.insert(
-        "e2e_command_to_projection_p50_ms".into(),
-        latency.to_projection.p50.into(),
-    );
-    json.insert(
-        "e2e_command_to_projection_p99_ms".into(),
-        latency.to_projection.p99.into(),
-    );
-    rows.push(Row {
-        what: "latency, open loop at half the pipeline rate: produce → result".into(),
-        count: latency.to_result.n,
-        seconds: latency.sent as f64 / latency.rate.max(1e-9),
-        note: format!(
-            "sent at {:.0}/s; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            latency.rate, latency.to_result.p50, latency.to_result.p99, latency.to_result.max
-        ),
-        ratio: Some(format!("p99 {:.1} ms", latency.to_result.p99)),
-    });
-    rows.push(Row {
-        what: "latency: produce → visible on the projection (SQLite) at its version".into(),
-        count: latency.to_projection.n,
-        seconds: latency.sent as f64 / latency.rate.max(1e-9),
-        note: format!(
-            "a sample of accepted commands; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            latency.to_projection.p50, latency.to_projection.p99, latency.to_projection.max
-        ),
-        ratio: Some(format!("p99 {:.1} ms", latency.to_projection.p99)),
-    });
-
-    // ... and at a modest fixed rate, where the floor shows.
+    // 6. latency at half the measured pipeline rate, open loop; and at a modest fixed rate,
+    // where the floor shows
+    let half = latency_run(&args, &bootstrap, commands_per_s / 2.0, &dir).await?;
+    record_latency(&mut json, &mut rows, "", "at half the pipeline rate", &half);
     let low = latency_run(&args, &bootstrap, 1000.0, &dir).await?;
-    json.insert(
-        "e2e_command_to_result_p50_ms_at_1000_per_s".into(),
-        low.to_result.p50.into(),
+    record_latency(
+        &mut json,
+        &mut rows,
+        "_at_1000_per_s",
+        "at 1000 commands/s",
+        &low,
     );
-    json.insert(
-        "e2e_command_to_result_p99_ms_at_1000_per_s".into(),
-        low.to_result.p99.into(),
-    );
-    json.insert(
-        "e2e_command_to_projection_p99_ms_at_1000_per_s".into(),
-        low.to_projection.p99.into(),
-    );
-    rows.push(Row {
-        what: "latency at 1000 commands/s: produce → result / → projection".into(),
-        count: low.to_result.n,
-        seconds: low.sent as f64 / low.rate.max(1e-9),
-        note: format!(
-            "to the result p50 {:.1} ms, p99 {:.1} ms; to the projection p50 {:.1} ms, p99 {:.1} ms",
-            low.to_result.p50, low.to_result.p99, low.to_projection.p50, low.to_projection.p99
-        ),
-        ratio: Some(format!(
-            "p99 {:.1} / {:.1} ms",
-            low.to_result.p99, low.to_projection.p99
-        )),
-    });
 
     // 7. the peer, if scripts/bench-peer ran
     let peer_file = args
@@ -709,6 +655,45 @@ async fn latency_run(
     command.stop();
     projection.stop();
     Ok(measured)
+}
+
+/// Adds a latency measurement's keys (with `suffix`) and its row.
+fn record_latency(
+    json: &mut serde_json::Map<String, serde_json::Value>,
+    rows: &mut Vec<Row>,
+    suffix: &str,
+    label: &str,
+    l: &latency::Latencies,
+) {
+    for (key, value) in [
+        ("e2e_command_to_result_p50_ms", l.to_result.p50),
+        ("e2e_command_to_result_p99_ms", l.to_result.p99),
+        ("e2e_command_to_projection_p50_ms", l.to_projection.p50),
+        ("e2e_command_to_projection_p99_ms", l.to_projection.p99),
+    ] {
+        json.insert(format!("{key}{suffix}"), value.into());
+    }
+    rows.push(Row {
+        what: format!("latency, open loop {label}: produce → result / → on the projection"),
+        count: l.to_result.n,
+        seconds: l.sent as f64 / l.rate.max(1e-9),
+        note: format!(
+            "sent at {:.0}/s; to the result p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; to the \
+             account at its version on the projection (SQLite, {} sampled) p50 {:.1} ms, p99 \
+             {:.1} ms",
+            l.rate,
+            l.to_result.p50,
+            l.to_result.p99,
+            l.to_result.max,
+            l.to_projection.n,
+            l.to_projection.p50,
+            l.to_projection.p99
+        ),
+        ratio: Some(format!(
+            "p99 {:.1} ms / {:.1} ms",
+            l.to_result.p99, l.to_projection.p99
+        )),
+    });
 }
 
 /// The version of the Kafka jars `scripts/kafka` runs.

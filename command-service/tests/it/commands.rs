@@ -448,18 +448,7 @@ async fn a_corrupt_event_store_stops_the_service_with_a_clear_error() {
     )
     .await
     .unwrap();
-    let producer = producer(&settings);
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to(&topics.events())
-                .key("acc-x")
-                .payload("not an event")
-                .partition(0),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    produce_to(&settings, &topics.events(), "acc-x", b"not an event", 0).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let outcome = tokio::time::timeout(
         Duration::from_secs(60),

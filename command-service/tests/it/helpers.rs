@@ -214,6 +214,27 @@ pub fn producer(settings: &Settings) -> FutureProducer {
         .unwrap()
 }
 
+/// Produces raw bytes to any topic's `partition`.
+pub async fn produce_to(
+    settings: &Settings,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    partition: i32,
+) {
+    producer(settings)
+        .send(
+            FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .partition(partition),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
 /// Produces raw bytes to the commands topic (on `partition`, or the key's canonical partition).
 pub async fn produce_raw(
     producer: &FutureProducer,

@@ -178,18 +178,8 @@ async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
     app.stop().await;
 
     // An unreadable snapshot: that aggregate falls back to its events, nothing crashes.
-    let producer = producer(&settings);
-    producer
-        .send(
-            FutureRecord::to(&Topics::new(&settings.topic_prefix).snapshots())
-                .key("old-1")
-                .payload("{not a snapshot")
-                .partition(0),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    let snapshots_topic = Topics::new(&settings.topic_prefix).snapshots();
+    produce_to(&settings, &snapshots_topic, "old-1", b"{not a snapshot", 0).await;
     let app = TestApp::spawn_with(settings.clone()).await;
     let ready = app.ready_json().await;
     assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
