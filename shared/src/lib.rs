@@ -8,6 +8,7 @@
 //! - [`upcast`]: schema evolution steps (v1 ↔ v2) applied by the codec.
 //! - [`money`]: exact decimal ↔ minor-unit conversion.
 //! - [`config`]: typed settings from the environment.
+//! - [`dlq`]: reading the dead-letter topic back (explorer, `bank dlq`).
 //! - [`kafka`]: topic names, the canonical partitioner, client configuration, topic creation.
 //! - [`runtime`]: tracing, shutdown signal and Prometheus recorder for the binaries.
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
@@ -16,6 +17,7 @@ pub mod bank_account;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod dlq;
 pub mod envelope;
 pub mod kafka;
 pub mod money;
