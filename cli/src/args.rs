@@ -10,9 +10,11 @@ use clap::{Args, Parser, Subcommand};
 /// `bank`: open accounts, move money and read the projection of an event-sourced bank.
 ///
 /// Commands (open, deposit, withdraw, close) are written to `<prefix>.commands` in Kafka and
-/// answered by command-service; queries (get, history, list) ask projection-service over HTTP.
+/// answered by command-service; queries (get, history, list) ask projection-service over HTTP;
+/// `watch` and `dlq` read Kafka directly.
 ///
-/// Exit status: 0 success, 1 command rejected or account unknown, 2 usage error (bad flag or
+/// Exit status: 0 success, 1 command rejected, account or dead letter unknown, or a dead letter
+/// held back, 2 usage error (bad flag or
 /// amount; nothing was sent), 3 Kafka, command-service or the projection cannot be reached.
 #[derive(Debug, Parser)]
 #[command(name = "bank", version, about, long_about)]
