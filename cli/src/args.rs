@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand};
 /// `watch` and `dlq` read Kafka directly.
 ///
 /// Exit status: 0 success, 1 command rejected, account or dead letter unknown, or a dead letter
-/// held back, 2 usage error (bad flag or
-/// amount; nothing was sent), 3 Kafka, command-service or the projection cannot be reached.
+/// held back, 2 usage error (bad flag or amount; nothing was sent), 3 Kafka, command-service or
+/// the projection cannot be reached.
 #[derive(Debug, Parser)]
 #[command(name = "bank", version, about, long_about)]
 pub struct Cli {
