@@ -123,7 +123,8 @@ impl DeadLetterQueue {
 
 /// Every [`COUNT_INTERVAL`] until `shutdown`: the number of messages in the dead-letter topic
 /// (the sum over its partitions of high minus low watermark; the producer is not transactional,
-/// so every offset is a message), stored in [`Status`] for `GET /status`.
+/// so every offset is a message), stored in [`Status`] for `GET /status` and in the
+/// `projection_dead_letters` gauge.
 pub async fn count_monitor(
     client: Arc<BaseConsumer>,
     topic: String,
@@ -147,7 +148,10 @@ pub async fn count_monitor(
         };
         match counted {
             Ok(Ok(marks)) => {
-                status.set_dead_letters(Some(marks.iter().map(|(_, low, high)| high - low).sum()));
+                let count = marks.iter().map(|(_, low, high)| high - low).sum();
+                status.set_dead_letters(Some(count));
+                let events = topic.strip_suffix(".dlq").unwrap_or(&topic);
+                crate::metrics::record_dead_letter_count(events, count);
             }
             Ok(Err(e)) => tracing::debug!(error = %e, %topic, "cannot count dead letters"),
             Err(_) => {}

@@ -17,6 +17,8 @@ pub const DEAD_LETTERED: &str = "projection_events_dead_lettered_total";
 pub const PARKED: &str = "projection_events_parked_total";
 /// Counter: parked events applied once the gap closed.
 pub const UNPARKED: &str = "projection_events_unparked_total";
+/// Gauge: messages in the dead-letter topic `<topic>.dlq` (counted every few seconds).
+pub const DEAD_LETTERS: &str = "projection_dead_letters";
 /// Gauge: messages between the stored offset and the partition's last stable offset.
 pub const LAG: &str = "projection_consumer_lag";
 /// Histogram: seconds to apply and commit one batch.
@@ -46,6 +48,7 @@ fn describe() {
     metrics::describe_counter!(DEAD_LETTERED, "Messages sent to the dead-letter topic");
     metrics::describe_counter!(PARKED, "Events parked behind a version gap");
     metrics::describe_counter!(UNPARKED, "Parked events applied once the gap closed");
+    metrics::describe_gauge!(DEAD_LETTERS, "Messages in the dead-letter topic");
     metrics::describe_gauge!(LAG, "Messages not yet projected, per partition");
     metrics::describe_histogram!(BATCH_SECONDS, "Seconds to apply and commit one batch");
     metrics::describe_counter!(BATCH_MESSAGES, "Messages processed in committed batches");
@@ -101,6 +104,11 @@ pub fn record_batch_time(topic: &str, elapsed: Duration) {
 pub fn record_dead_letter(topic: &str, code: &str) {
     metrics::counter!(DEAD_LETTERED, "topic" => topic.to_owned(), "code" => code.to_owned())
         .increment(1);
+}
+
+/// Sets the number of messages in the dead-letter topic of `topic`.
+pub fn record_dead_letter_count(topic: &str, count: i64) {
+    metrics::gauge!(DEAD_LETTERS, "topic" => topic.to_owned()).set(count as f64);
 }
 
 /// Sets a partition's lag.
