@@ -7,6 +7,7 @@
 //!   headers) and back.
 //! - [`upcast`]: schema evolution steps (v1 ↔ v2) applied by the codec.
 //! - [`money`]: exact decimal ↔ minor-unit conversion.
+//! - [`registry`]: schema registry administration (subjects, compatibility rules).
 //! - [`config`]: typed settings from the environment.
 //! - [`dlq`]: reading the dead-letter topic back (explorer, `bank dlq`).
 //! - [`kafka`]: topic names, the canonical partitioner, client configuration, topic creation.
@@ -21,6 +22,7 @@ pub mod dlq;
 pub mod envelope;
 pub mod kafka;
 pub mod money;
+pub mod registry;
 pub mod runtime;
 pub mod testing;
 pub mod upcast;
