@@ -5,5 +5,6 @@ mod helpers;
 
 mod commands;
 mod crash;
+mod interop;
 mod restore;
 mod two_instances;
