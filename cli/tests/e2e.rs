@@ -728,3 +728,79 @@ fn watch_prints_events_as_they_commit() {
     assert_eq!(event["version"], 1);
     assert_eq!(event["data"]["owner"], "Wanda");
 }
+
+/// The trace id of a message's `traceparent` header, and its span id.
+fn traceparent_of<M: rdkafka::Message>(m: &M) -> Option<(String, String)> {
+    let header = shared::codec::header_str(m.headers(), shared::trace::TRACEPARENT)?;
+    let trace = shared::trace::TraceContext::parse(header)?;
+    Some((trace.trace_id_hex(), trace.span_id_hex()))
+}
+
+/// Every message of `topic` (all 3 partitions) whose key is `key`, with its `traceparent`.
+fn traced_messages(
+    system: &Services,
+    topic: &str,
+    wanted: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> bool,
+) -> Vec<Option<(String, String)>> {
+    let settings = shared::config::KafkaSettings {
+        bootstrap_servers: system.bootstrap.clone(),
+        passthrough: Vec::new(),
+    };
+    let mut found = Vec::new();
+    shared::kafka::TopicReader::open(&settings, &unique_name("e2e-trace"), topic, &[0, 1, 2])
+        .expect("a reader")
+        .drain(|m| {
+            if wanted(m) {
+                found.push(traceparent_of(m));
+            }
+        });
+    found
+}
+
+#[test]
+fn one_trace_from_the_command_to_the_projection() {
+    use rdkafka::Message;
+
+    let system = Services::start();
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let caller_span = "00f067aa0ba902b7";
+    let output = system
+        .bank_command(&["open", "tr-1", "--owner", "Tess"])
+        .env("TRACEPARENT", format!("00-{trace_id}-{caller_span}-01"))
+        .output()
+        .expect("run bank");
+    assert!(output.status.success(), "{output:?}");
+
+    let is_tr1 = |m: &rdkafka::message::BorrowedMessage<'_>| m.key() == Some(&b"tr-1"[..]);
+    let commands = traced_messages(&system, &format!("{}.commands", system.prefix), is_tr1);
+    let events = traced_messages(&system, &format!("{}.events", system.prefix), is_tr1);
+    let results = traced_messages(
+        &system,
+        &format!("{}.command-results", system.prefix),
+        |m| {
+            m.payload()
+                .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+                .is_some_and(|r| r["aggregate_id"] == "tr-1")
+        },
+    );
+    for (what, found) in [
+        ("command", &commands),
+        ("event", &events),
+        ("result", &results),
+    ] {
+        assert_eq!(found.len(), 1, "one {what} record: {found:?}");
+        let (trace, span) = found[0]
+            .clone()
+            .unwrap_or_else(|| panic!("no traceparent on the {what}"));
+        assert_eq!(trace, trace_id, "the {what} is in the caller's trace");
+        assert_ne!(span, caller_span, "the {what} is a span of its own");
+    }
+
+    // The projection applied it in that trace, and keeps the trace id with the event's metadata.
+    system.wait_for_version("tr-1", 1);
+    let history = system.bank(&["history", "tr-1", "--json"]).expect(0).json();
+    let metadata = &history[0]["metadata"];
+    assert_eq!(metadata["trace_id"], trace_id.as_str(), "{history}");
+    assert!(metadata["correlation_id"].is_string(), "{history}");
+    assert!(metadata["causation_id"].is_string(), "{history}");
+}

@@ -12,6 +12,7 @@
 //! - [`dlq`]: reading the dead-letter topic back (explorer, `bank dlq`).
 //! - [`kafka`]: topic names, the canonical partitioner, client configuration, topic creation.
 //! - [`runtime`]: tracing, shutdown signal and Prometheus recorder for the binaries.
+//! - [`trace`]: W3C `traceparent` carried on commands, events and results.
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
 
 pub mod bank_account;
@@ -25,6 +26,7 @@ pub mod money;
 pub mod registry;
 pub mod runtime;
 pub mod testing;
+pub mod trace;
 pub mod upcast;
 
 pub use bank_account::{AccountStatus, BankAccount, Command, Event, Rejection, RejectionCode};

@@ -22,6 +22,17 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Makes `trace` the parent of `span` in exported traces (no-op unless spans are exported).
+pub fn set_parent(span: &tracing::Span, trace: &crate::trace::TraceContext) {
+    let _ = (span, trace);
+}
+
+/// The trace context of the current span when spans are exported (so that a `traceparent` sent
+/// from inside it names it as the parent); `None` otherwise.
+pub fn current_trace() -> Option<crate::trace::TraceContext> {
+    None
+}
+
 /// Resolves on the first Ctrl-C (SIGINT) or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
