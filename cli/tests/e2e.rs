@@ -90,6 +90,11 @@ struct Services {
 
 impl Services {
     fn start() -> Services {
+        Services::start_with(&[])
+    }
+
+    /// [`Services::start`] with extra environment variables for both services.
+    fn start_with(env: &[(&str, String)]) -> Services {
         let bootstrap = kafka_bootstrap();
         let build = Instant::now();
         build_services();
@@ -121,6 +126,7 @@ impl Services {
                 .env("INSTANCE_ID", unique_name("e2e-command-service"))
                 .env("RUST_LOG", "info,rdkafka=warn")
                 .env("NO_COLOR", "1")
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err)
@@ -803,4 +809,115 @@ fn one_trace_from_the_command_to_the_projection() {
     assert_eq!(metadata["trace_id"], trace_id.as_str(), "{history}");
     assert!(metadata["correlation_id"].is_string(), "{history}");
     assert!(metadata["causation_id"].is_string(), "{history}");
+}
+
+/// The (path, body) of every request a collector received.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A minimal OTLP/HTTP collector: accepts requests (keep-alive), answers 200 and keeps each
+/// request's path and body.
+fn otlp_collector() -> (String, Received) {
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
+    let url = format!("http://{}", listener.local_addr().expect("its address"));
+    let received: Received = Arc::default();
+    let store = Arc::clone(&received);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().expect("a clone");
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = request_line.split(' ').nth(1).unwrap_or("").to_owned();
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    store.lock().expect("the store").push((path, body));
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if writer.write_all(ok.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, received)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn spans_are_exported_over_otlp_in_the_commands_trace() {
+    let (endpoint, received) = otlp_collector();
+    let system = Services::start_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+    ]);
+    let trace = shared::trace::TraceContext::new_root();
+    let output = system
+        .bank_command(&["open", "otel-1", "--owner", "Olga"])
+        .env("TRACEPARENT", trace.to_header())
+        .output()
+        .expect("run bank");
+    assert!(output.status.success(), "{output:?}");
+    system.wait_for_version("otel-1", 1);
+
+    // Both services export spans of the command's trace: command-service's `command` span and
+    // the projection's `apply_event` span (raw trace id bytes and names inside the protobuf).
+    let deadline = Instant::now() + PROJECTION_DEADLINE;
+    loop {
+        let bodies = received.lock().expect("the store").clone();
+        let in_trace = |service: &str, span: &str| {
+            // A span's name is field 5 of the OTLP `Span` message: tag 0x2a, length, bytes.
+            let mut name = vec![0x2a, span.len() as u8];
+            name.extend_from_slice(span.as_bytes());
+            bodies.iter().any(|(path, body)| {
+                path == "/v1/traces"
+                    && contains(body, &trace.trace_id())
+                    && contains(body, service.as_bytes())
+                    && contains(body, &name)
+            })
+        };
+        if in_trace("command-service", "command") && in_trace("projection-service", "apply_event") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exported spans of trace {} from both services within {PROJECTION_DEADLINE:?} \
+             ({} OTLP requests: {:?})",
+            trace.trace_id_hex(),
+            bodies.len(),
+            bodies
+                .iter()
+                .map(|(p, b)| (p.clone(), b.len()))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
