@@ -130,6 +130,7 @@ async fn write_old_store(settings: &Settings, id: &str, deposits: u64) {
     }
 }
 
+
 #[tokio::test]
 async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
     let mut settings = shared::testing::test_settings(1);
