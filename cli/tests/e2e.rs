@@ -79,6 +79,20 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// `GET path` on the base URL `http://host:port`: the body, if anyone answered.
+fn http_get(base: &str, path: &str) -> Option<String> {
+    let addr = base.strip_prefix("http://")?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
 /// The two services, killed when dropped (their logs are shown if the test failed).
 struct Services {
     children: Vec<(&'static str, Child, PathBuf)>,
@@ -559,6 +573,20 @@ fn dead_letters_are_listed_and_replayed_once_their_cause_is_fixed() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(listed["code"], "UnknownFormat", "{listed}");
+    // The dashboard's dead-letter count (a gauge the projection refreshes every 2 s).
+    let gauge = format!("projection_dead_letters{{topic=\"{events}\"}} 1");
+    let deadline = Instant::now() + PROJECTION_DEADLINE;
+    loop {
+        let metrics = http_get(&system.projection_url, "/metrics").unwrap_or_default();
+        if metrics.lines().any(|l| l == gauge) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{gauge}` in /metrics:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(listed["original_topic"], events.as_str(), "{listed}");
     assert_eq!(listed["original_partition"], poison_partition, "{listed}");
     assert_eq!(listed["original_offset"], poison_offset, "{listed}");

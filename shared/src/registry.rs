@@ -93,17 +93,30 @@ impl SchemaRegistry {
         Ok(SchemaRegistry { http, url })
     }
 
-    /// Sets the compatibility level of `subject`.
+    /// Sets the compatibility level of `subject`. Two instances starting together may race to
+    /// create the rule (the loser gets a 409 from Apicurio): then the level is read back and
+    /// set once more if it is not the one wanted.
     pub async fn set_compatibility(&self, subject: &str, level: &str) -> Result<(), RegistryError> {
-        let body = json!({ "compatibility": level });
-        self.call(
-            reqwest::Method::PUT,
-            &format!("config/{subject}"),
-            Some(body),
-            subject,
-        )
-        .await
-        .map(|_| ())
+        let path = format!("config/{subject}");
+        let put = || {
+            self.call(
+                reqwest::Method::PUT,
+                &path,
+                Some(json!({ "compatibility": level })),
+                subject,
+            )
+        };
+        match put().await {
+            Ok(_) => Ok(()),
+            Err(RegistryError::Incompatible { .. }) => {
+                if self.compatibility(subject).await?.as_deref() == Some(level) {
+                    Ok(())
+                } else {
+                    put().await.map(|_| ())
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The compatibility level of `subject`.
@@ -223,6 +236,25 @@ mod tests {
             subject("bank.events", "AccountOpened", 2),
             "bank.events-BankAccount.AccountOpened.v2"
         );
+    }
+
+    #[tokio::test]
+    async fn racing_instances_both_set_the_rule() {
+        let Some(url) = crate::testing::schema_registry_url() else {
+            eprintln!("SKIPPED: SCHEMA_REGISTRY_URL is not set");
+            return;
+        };
+        // Regression: two command-service instances starting together made the registry answer
+        // 409 "rule already exists" to one of them, which stopped it as "incompatible".
+        let topic = format!("{}.events", crate::testing::unique_name("race"));
+        let (a, b, c) = tokio::join!(
+            prepare(&url, &topic),
+            prepare(&url, &topic),
+            prepare(&url, &topic)
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(a, b);
+        assert_eq!(b, c);
     }
 
     #[test]
