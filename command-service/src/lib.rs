@@ -83,9 +83,11 @@ const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Registers the current event schemas with their per-subject compatibility rule
 /// ([`shared::registry::prepare`]) before any event is written: a schema changed incompatibly
 /// stops the service here, with the registry's reason. A registry that cannot be reached is
-/// retried for a while.
+/// retried for a while; any other refusal is tried again twice (instances starting together make
+/// the registry write the same schemas concurrently) before it stops the service.
 async fn prepare_registry(url: &str, topic: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + REGISTRY_START_TIMEOUT;
+    let mut refusals = 0;
     loop {
         match shared::registry::prepare(url, topic).await {
             Ok(subjects) => {
@@ -99,6 +101,11 @@ async fn prepare_registry(url: &str, topic: &str) -> anyhow::Result<()> {
             {
                 tracing::warn!(error = %e, "schema registry not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) if refusals < 2 => {
+                refusals += 1;
+                tracing::warn!(error = %e, "schema registry refused; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(anyhow::anyhow!(e).context("cannot prepare the schema registry")),
         }
