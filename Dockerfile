@@ -19,7 +19,7 @@
 #              with the same `cargo build --release --locked` as everywhere else.
 #   runtime    debian:bookworm-slim with the shared libraries the binaries link (OpenSSL, zlib),
 #              CA certificates and curl (for compose health checks), running as a non-root user
-#              with /data as the volume for the SQLite read model.
+#              with /data for the SQLite read model (mount a volume there).
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
@@ -71,11 +71,12 @@ RUN apt-get update \
     && mkdir -p /data \
     && chown bank:bank /data
 COPY --from=builder /out/ /usr/local/bin/
-# The read model (PROJECTION_DATABASE_URL=sqlite:///data/projection.db) lives here.
-VOLUME ["/data"]
+# The read model (PROJECTION_DATABASE_URL=sqlite:///data/projection.db) lives here. No VOLUME:
+# that would give every container (the CLI's, command-service's) an anonymous volume; mount a
+# named volume at /data where it matters (compose does for projection-service). RUST_LOG is not
+# set here either: the services default to `info,rdkafka=warn` and the deployment decides.
 WORKDIR /data
 USER 10001:10001
-ENV PROJECTION_DATABASE_URL=sqlite:///data/projection.db \
-    RUST_LOG=info,rdkafka=warn
+ENV PROJECTION_DATABASE_URL=sqlite:///data/projection.db
 EXPOSE 8080 8090
 CMD ["command-service"]

@@ -10,10 +10,12 @@ use clap::{Args, Parser, Subcommand};
 /// `bank`: open accounts, move money and read the projection of an event-sourced bank.
 ///
 /// Commands (open, deposit, withdraw, close) are written to `<prefix>.commands` in Kafka and
-/// answered by command-service; queries (get, history, list) ask projection-service over HTTP.
+/// answered by command-service; queries (get, history, list) ask projection-service over HTTP;
+/// `watch` and `dlq` read Kafka directly.
 ///
-/// Exit status: 0 success, 1 command rejected or account unknown, 2 usage error (bad flag or
-/// amount; nothing was sent), 3 Kafka, command-service or the projection cannot be reached.
+/// Exit status: 0 success, 1 command rejected, account or dead letter unknown, or a dead letter
+/// held back, 2 usage error (bad flag or amount; nothing was sent), 3 Kafka, command-service or
+/// the projection cannot be reached.
 #[derive(Debug, Parser)]
 #[command(name = "bank", version, about, long_about)]
 pub struct Cli {
@@ -152,6 +154,52 @@ pub enum Action {
         #[arg(long, value_name = "PREFIX")]
         id_prefix: Option<String>,
     },
+    /// Dead letters: the events the projection could not use (`<prefix>.events.dlq`).
+    Dlq {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Print events as they commit, from now on (read_committed), until Ctrl-C.
+    Watch {
+        /// Only the events of this account.
+        account: Option<String>,
+        /// Stop after printing this many events.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        max_events: Option<u64>,
+    },
+    /// Print a shell completion script, e.g. `bank completions bash > ~/.local/share/bash-completion/completions/bank`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The subcommands of `bank dlq`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqAction {
+    /// List the dead letters, oldest first: id, reason, original partition and offset, key.
+    List,
+    /// Send dead letters back to `<prefix>.events` (same key, bytes and headers, on the key's
+    /// partition). A letter whose bytes still cannot be decoded is held back (exit 1) unless
+    /// `--force`: fix the cause first.
+    Replay {
+        /// The letter to replay, as `bank dlq list` shows it (`PARTITION:OFFSET`); repeatable.
+        #[arg(
+            long = "id",
+            value_name = "PARTITION:OFFSET",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Replay every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Replay even letters that still fail to decode.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Arguments of deposit and withdraw.
@@ -239,6 +287,41 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn completions_cover_the_new_subcommands() {
+        let mut script = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "bank",
+            &mut script,
+        );
+        let script = String::from_utf8(script).unwrap();
+        for word in ["dlq", "replay", "watch", "--max-events", "completions"] {
+            assert!(script.contains(word), "no `{word}` in the bash completions");
+        }
+    }
+
+    #[test]
+    fn replay_needs_ids_or_all_but_not_both() {
+        let err = Cli::try_parse_from(["bank", "dlq", "replay"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err =
+            Cli::try_parse_from(["bank", "dlq", "replay", "--all", "--id", "0:1"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let cli =
+            Cli::try_parse_from(["bank", "dlq", "replay", "--id", "0:1", "--id", "2:3"]).unwrap();
+        match cli.action {
+            Action::Dlq {
+                action: DlqAction::Replay { ids, all, force },
+            } => {
+                assert_eq!(ids, ["0:1", "2:3"]);
+                assert!(!all && !force);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -17,14 +17,16 @@ use crate::projection::{AccountQuery, ListQuery, Projection};
 const CURRENCY_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The settings of the shared crate, from the flags (or their environment variables) plus the
-/// `KAFKA_SECURITY_PROTOCOL` / `KAFKA_SASL_*` / `KAFKA_SSL_*` pass-through. Other variables are
-/// ignored: a service's setting (say `PARTITIONS`) that is invalid must not break the CLI.
+/// `KAFKA_SECURITY_PROTOCOL` / `KAFKA_SASL_*` / `KAFKA_SSL_*` pass-through, `SCHEMA_REGISTRY_URL`
+/// and `DEFAULT_CURRENCY` (to decode events like the services). Other variables are ignored: a service's setting (say `PARTITIONS`) that is invalid must not break the CLI.
 pub fn settings(global: &Global) -> Result<Settings, CliError> {
     let mut vars: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
             k == "KAFKA_SECURITY_PROTOCOL"
                 || k.starts_with("KAFKA_SASL_")
                 || k.starts_with("KAFKA_SSL_")
+                || k == "SCHEMA_REGISTRY_URL"
+                || k == "DEFAULT_CURRENCY"
         })
         .collect();
     vars.push((
@@ -143,7 +145,12 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Action::Load { .. } => unreachable!("load is dispatched by crate::run"),
+        Action::Load { .. }
+        | Action::Dlq { .. }
+        | Action::Watch { .. }
+        | Action::Completions { .. } => Err(CliError::Usage(
+            "internal: this subcommand is dispatched by cli::run".into(),
+        )),
     }
 }
 

@@ -7,6 +7,8 @@
 //! - [`commands`]: what each subcommand does.
 //! - [`load`]: the workload generator behind `bank load`.
 //! - [`projection`]: the projection-service client; HTTP failures → [`CliError`]s.
+//! - [`dlq`]: `bank dlq list` / `bank dlq replay`, on `<prefix>.events.dlq`.
+//! - [`watch`]: `bank watch`, events as they commit.
 //! - [`output`]: rendering for people (`--json` prints raw answers instead).
 //! - [`error`]: [`CliError`] and the exit statuses (0 ok, 1 rejected / unknown account, 2 usage,
 //!   3 unreachable).
@@ -16,10 +18,12 @@
 pub mod amount;
 pub mod args;
 pub mod commands;
+pub mod dlq;
 pub mod error;
 pub mod load;
 pub mod output;
 pub mod projection;
+pub mod watch;
 
 use std::time::Duration;
 
@@ -45,6 +49,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 id_prefix,
             )
             .await
+        }
+        args::Action::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "bank", &mut std::io::stdout());
+            Ok(())
+        }
+        args::Action::Dlq { action } => {
+            let settings = commands::settings(&cli.global)?;
+            match action {
+                args::DlqAction::List => dlq::list(&settings, cli.global.json).await,
+                args::DlqAction::Replay { ids, all, force } => {
+                    dlq::replay(&settings, &ids, all, force, cli.global.json).await
+                }
+            }
+        }
+        args::Action::Watch {
+            account,
+            max_events,
+        } => {
+            let settings = commands::settings(&cli.global)?;
+            watch::run(&settings, account.as_deref(), max_events, cli.global.json).await
         }
         action => commands::execute(&cli.global, action).await,
     }

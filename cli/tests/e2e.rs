@@ -79,6 +79,20 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// `GET path` on the base URL `http://host:port`: the body, if anyone answered.
+fn http_get(base: &str, path: &str) -> Option<String> {
+    let addr = base.strip_prefix("http://")?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
 /// The two services, killed when dropped (their logs are shown if the test failed).
 struct Services {
     children: Vec<(&'static str, Child, PathBuf)>,
@@ -90,6 +104,11 @@ struct Services {
 
 impl Services {
     fn start() -> Services {
+        Services::start_with(&[])
+    }
+
+    /// [`Services::start`] with extra environment variables for both services.
+    fn start_with(env: &[(&str, String)]) -> Services {
         let bootstrap = kafka_bootstrap();
         let build = Instant::now();
         build_services();
@@ -121,6 +140,7 @@ impl Services {
                 .env("INSTANCE_ID", unique_name("e2e-command-service"))
                 .env("RUST_LOG", "info,rdkafka=warn")
                 .env("NO_COLOR", "1")
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err)
@@ -155,18 +175,23 @@ impl Services {
         }
     }
 
-    /// Runs `bank` with this system's settings (flags given in `args` win).
-    fn bank(&self, args: &[&str]) -> Run {
-        let started = Instant::now();
-        let output = Command::new(env!("CARGO_BIN_EXE_bank"))
+    /// A `bank` process with this system's settings, not started yet.
+    fn bank_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bank"));
+        command
             .args(args)
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
             .env("TOPIC_PREFIX", &self.prefix)
             .env("PROJECTION_URL", &self.projection_url)
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run bank");
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `bank` with this system's settings (flags given in `args` win).
+    fn bank(&self, args: &[&str]) -> Run {
+        let started = Instant::now();
+        let output = self.bank_command(args).output().expect("run bank");
         let run = Run::new(args, output, started.elapsed());
         eprintln!("bank {} -> {} in {:?}", run.args, run.code, run.took);
         run
@@ -456,4 +481,471 @@ fn bad_input_is_refused_before_sending() {
     // clap's own usage errors exit 2 too.
     bank(&["open", "acc-1"]).expect(2);
     bank(&["frobnicate"]).expect(2);
+}
+
+/// A producer for the test's own records (plain, idempotent, acks=all).
+fn producer(bootstrap: &str) -> rdkafka::producer::FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("a producer")
+}
+
+/// Produces one record and returns its (partition, offset).
+fn produce(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: &[u8],
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> (i32, i64) {
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .partition(partition)
+        .key(key)
+        .payload(payload)
+        .headers(headers);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let delivered = runtime
+        .block_on(producer.send(record, Duration::from_secs(30)))
+        .unwrap_or_else(|(e, _)| panic!("cannot produce to {topic}: {e}"));
+    (delivered.partition, delivered.offset)
+}
+
+/// The headers of a message as (name, bytes) pairs, in order.
+fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(String, Option<Vec<u8>>)> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn dead_letters_are_listed_and_replayed_once_their_cause_is_fixed() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use shared::dlq::header as dlq;
+    use shared::kafka::{TopicReader, canonical_partition};
+
+    let system = Services::start();
+    let events = format!("{}.events", system.prefix);
+    let dead_letters = format!("{}.events.dlq", system.prefix);
+    let producer = producer(&system.bootstrap);
+
+    // A poison message: the projection dead-letters it (neither JSON nor the wire format).
+    let poison_partition = canonical_partition(b"poison-1", 3);
+    let (_, poison_offset) = produce(
+        &producer,
+        &events,
+        poison_partition,
+        b"poison-1",
+        b"not an event",
+        OwnedHeaders::new().insert(Header {
+            key: "event_type",
+            value: Some("AccountOpened"),
+        }),
+    );
+    let deadline = Instant::now() + PROJECTION_DEADLINE;
+    let listed = loop {
+        // Until the projection has dead-lettered it (a failed read is retried too).
+        let run = system.bank(&["dlq", "list", "--json"]);
+        let letters = match run.code {
+            0 => run.json()["dead_letters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if let Some(letter) = letters.into_iter().find(|l| l["key"] == "poison-1") {
+            break letter;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the poison message was not dead-lettered in {PROJECTION_DEADLINE:?}: {run}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(listed["code"], "UnknownFormat", "{listed}");
+    // The dashboard's dead-letter count (a gauge the projection refreshes every 2 s).
+    let gauge = format!("projection_dead_letters{{topic=\"{events}\"}} 1");
+    let deadline = Instant::now() + PROJECTION_DEADLINE;
+    loop {
+        let metrics = http_get(&system.projection_url, "/metrics").unwrap_or_default();
+        if metrics.lines().any(|l| l == gauge) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{gauge}` in /metrics:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(listed["original_topic"], events.as_str(), "{listed}");
+    assert_eq!(listed["original_partition"], poison_partition, "{listed}");
+    assert_eq!(listed["original_offset"], poison_offset, "{listed}");
+    let poison_id = listed["id"].as_str().expect("an id").to_owned();
+    let table = system.bank(&["dlq", "list"]).expect(0);
+    let row = table
+        .stdout
+        .lines()
+        .find(|l| l.contains("poison-1"))
+        .unwrap_or_else(|| panic!("no row for poison-1: {table}"));
+    assert!(row.starts_with(&poison_id), "{table}");
+    assert!(row.contains("UnknownFormat"), "{table}");
+    assert!(
+        row.contains(&format!("{poison_partition}:{poison_offset}")),
+        "{table}"
+    );
+
+    // Its cause is not fixed: replaying it is refused and nothing is sent.
+    let refused = system
+        .bank(&["dlq", "replay", "--id", &poison_id])
+        .expect(1);
+    assert!(
+        refused.stderr.contains("held back") && refused.stderr.contains("UnknownFormat"),
+        "{refused}"
+    );
+    assert!(!refused.stdout.contains("replayed"), "{refused}");
+
+    // A dead letter whose cause is gone (say, a schema since registered): a valid event, with
+    // its original headers, dead-lettered from a partition other than its key's.
+    let home = canonical_partition(b"fixed-1", 3);
+    let event = shared::EventEnvelope::new(
+        "fixed-1",
+        1,
+        &shared::Event::AccountOpened {
+            owner: "Fay".into(),
+            currency: "EUR".into(),
+            initial_balance_minor: 700,
+        },
+        chrono::Utc::now(),
+        Default::default(),
+    );
+    let bytes = serde_json::to_vec(&event).expect("json");
+    let original = shared::codec::event_headers(&event);
+    let original_pairs: Vec<(String, Option<Vec<u8>>)> = {
+        use rdkafka::message::Headers;
+        original
+            .iter()
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    };
+    let mut letter_headers = original.clone();
+    let elsewhere = ((home + 1) % 3).to_string();
+    for (key, value) in [
+        (dlq::ORIGINAL_TOPIC, events.as_str()),
+        (dlq::ORIGINAL_PARTITION, elsewhere.as_str()),
+        (dlq::ORIGINAL_OFFSET, "0"),
+        (dlq::ERROR_CODE, "SchemaRegistry"),
+        (dlq::ERROR_MESSAGE, "schema id 99: not found"),
+    ] {
+        letter_headers = letter_headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    let (p, o) = produce(
+        &producer,
+        &dead_letters,
+        0,
+        b"fixed-1",
+        &bytes,
+        letter_headers,
+    );
+    let fixed_id = format!("{p}:{o}");
+
+    // --all replays what now decodes, holds the poison back (exit 1).
+    let replay = system.bank(&["dlq", "replay", "--all"]).expect(1);
+    assert!(
+        replay.stdout.contains(&format!(
+            "replayed {fixed_id} (key fixed-1) to {events} partition {home}"
+        )),
+        "{replay}"
+    );
+    assert!(replay.stderr.contains(&poison_id), "{replay}");
+
+    // It is back on its key's partition, byte for byte, with its original headers only.
+    let settings = shared::config::KafkaSettings {
+        bootstrap_servers: system.bootstrap.clone(),
+        passthrough: Vec::new(),
+    };
+    let mut found = Vec::new();
+    TopicReader::open(&settings, &unique_name("e2e-check"), &events, &[home])
+        .expect("a reader")
+        .drain(|m| {
+            use rdkafka::Message;
+            if m.key() == Some(&b"fixed-1"[..]) {
+                found.push((m.payload().map(<[u8]>::to_vec), header_pairs(m)));
+            }
+        });
+    assert_eq!(found.len(), 1, "fixed-1 in partition {home}: {found:?}");
+    assert_eq!(found[0].0.as_deref(), Some(bytes.as_slice()));
+    assert_eq!(found[0].1, original_pairs);
+
+    // The projection takes it this time; the poison stays a dead letter and was not resent.
+    let account = system.wait_for_version("fixed-1", 1);
+    assert_eq!(account["owner"], "Fay");
+    let mut poison_copies = 0;
+    TopicReader::open(
+        &settings,
+        &unique_name("e2e-check"),
+        &events,
+        &[poison_partition],
+    )
+    .expect("a reader")
+    .drain(|m| {
+        use rdkafka::Message;
+        poison_copies += usize::from(m.key() == Some(&b"poison-1"[..]));
+    });
+    assert_eq!(poison_copies, 1, "the poison message was replayed");
+}
+
+#[test]
+fn watch_prints_events_as_they_commit() {
+    use std::io::{BufRead, BufReader};
+
+    let system = Services::start();
+    let mut watch = system
+        .bank_command(&["watch", "w-1", "--json", "--max-events", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bank watch");
+    // Wait until it listens (its first stderr line), then commit events.
+    let mut stderr = BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    stderr.read_line(&mut first).expect("read stderr");
+    assert!(first.starts_with("watching "), "bank watch said: {first}");
+    let started = Instant::now();
+    system
+        .bank(&["open", "w-other", "--owner", "Otto"])
+        .expect(0);
+    system
+        .bank(&["open", "w-1", "--owner", "Wanda", "--initial", "5"])
+        .expect(0);
+    let deadline = Instant::now() + PROJECTION_DEADLINE;
+    let status = loop {
+        if let Some(status) = watch.try_wait().expect("wait for bank watch") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("bank watch did not print w-1's event within {PROJECTION_DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("bank watch saw the event after {:?}", started.elapsed());
+    let mut out = String::new();
+    watch
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read stdout");
+    assert!(status.success(), "bank watch exited {status}: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one event expected (w-other filtered out): {out}"
+    );
+    let event: Value = serde_json::from_str(lines[0]).expect("a JSON envelope per line");
+    assert_eq!(event["aggregate_id"], "w-1");
+    assert_eq!(event["event_type"], "AccountOpened");
+    assert_eq!(event["version"], 1);
+    assert_eq!(event["data"]["owner"], "Wanda");
+}
+
+/// The trace id of a message's `traceparent` header, and its span id.
+fn traceparent_of<M: rdkafka::Message>(m: &M) -> Option<(String, String)> {
+    let header = shared::codec::header_str(m.headers(), shared::trace::TRACEPARENT)?;
+    let trace = shared::trace::TraceContext::parse(header)?;
+    Some((trace.trace_id_hex(), trace.span_id_hex()))
+}
+
+/// Every message of `topic` (all 3 partitions) whose key is `key`, with its `traceparent`.
+fn traced_messages(
+    system: &Services,
+    topic: &str,
+    wanted: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> bool,
+) -> Vec<Option<(String, String)>> {
+    let settings = shared::config::KafkaSettings {
+        bootstrap_servers: system.bootstrap.clone(),
+        passthrough: Vec::new(),
+    };
+    let mut found = Vec::new();
+    shared::kafka::TopicReader::open(&settings, &unique_name("e2e-trace"), topic, &[0, 1, 2])
+        .expect("a reader")
+        .drain(|m| {
+            if wanted(m) {
+                found.push(traceparent_of(m));
+            }
+        });
+    found
+}
+
+#[test]
+fn one_trace_from_the_command_to_the_projection() {
+    use rdkafka::Message;
+
+    let system = Services::start();
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let caller_span = "00f067aa0ba902b7";
+    let output = system
+        .bank_command(&["open", "tr-1", "--owner", "Tess"])
+        .env("TRACEPARENT", format!("00-{trace_id}-{caller_span}-01"))
+        .output()
+        .expect("run bank");
+    assert!(output.status.success(), "{output:?}");
+
+    let is_tr1 = |m: &rdkafka::message::BorrowedMessage<'_>| m.key() == Some(&b"tr-1"[..]);
+    let commands = traced_messages(&system, &format!("{}.commands", system.prefix), is_tr1);
+    let events = traced_messages(&system, &format!("{}.events", system.prefix), is_tr1);
+    let results = traced_messages(
+        &system,
+        &format!("{}.command-results", system.prefix),
+        |m| {
+            m.payload()
+                .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+                .is_some_and(|r| r["aggregate_id"] == "tr-1")
+        },
+    );
+    for (what, found) in [
+        ("command", &commands),
+        ("event", &events),
+        ("result", &results),
+    ] {
+        assert_eq!(found.len(), 1, "one {what} record: {found:?}");
+        let (trace, span) = found[0]
+            .clone()
+            .unwrap_or_else(|| panic!("no traceparent on the {what}"));
+        assert_eq!(trace, trace_id, "the {what} is in the caller's trace");
+        assert_ne!(span, caller_span, "the {what} is a span of its own");
+    }
+
+    // The projection applied it in that trace, and keeps the trace id with the event's metadata.
+    system.wait_for_version("tr-1", 1);
+    let history = system.bank(&["history", "tr-1", "--json"]).expect(0).json();
+    let metadata = &history[0]["metadata"];
+    assert_eq!(metadata["trace_id"], trace_id.as_str(), "{history}");
+    assert!(metadata["correlation_id"].is_string(), "{history}");
+    assert!(metadata["causation_id"].is_string(), "{history}");
+}
+
+/// The (path, body) of every request a collector received.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A minimal OTLP/HTTP collector: accepts requests (keep-alive), answers 200 and keeps each
+/// request's path and body.
+fn otlp_collector() -> (String, Received) {
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
+    let url = format!("http://{}", listener.local_addr().expect("its address"));
+    let received: Received = Arc::default();
+    let store = Arc::clone(&received);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().expect("a clone");
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = request_line.split(' ').nth(1).unwrap_or("").to_owned();
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    store.lock().expect("the store").push((path, body));
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if writer.write_all(ok.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, received)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn spans_are_exported_over_otlp_in_the_commands_trace() {
+    let (endpoint, received) = otlp_collector();
+    let system = Services::start_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+    ]);
+    let trace = shared::trace::TraceContext::new_root();
+    let output = system
+        .bank_command(&["open", "otel-1", "--owner", "Olga"])
+        .env("TRACEPARENT", trace.to_header())
+        .output()
+        .expect("run bank");
+    assert!(output.status.success(), "{output:?}");
+    system.wait_for_version("otel-1", 1);
+
+    // Both services export spans of the command's trace: command-service's `command` span and
+    // the projection's `apply_event` span (raw trace id bytes and names inside the protobuf).
+    let deadline = Instant::now() + PROJECTION_DEADLINE;
+    loop {
+        let bodies = received.lock().expect("the store").clone();
+        let in_trace = |service: &str, span: &str| {
+            // A span's name is field 5 of the OTLP `Span` message: tag 0x2a, length, bytes.
+            let mut name = vec![0x2a, span.len() as u8];
+            name.extend_from_slice(span.as_bytes());
+            bodies.iter().any(|(path, body)| {
+                path == "/v1/traces"
+                    && contains(body, &trace.trace_id())
+                    && contains(body, service.as_bytes())
+                    && contains(body, &name)
+            })
+        };
+        if in_trace("command-service", "command") && in_trace("projection-service", "apply_event") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exported spans of trace {} from both services within {PROJECTION_DEADLINE:?} \
+             ({} OTLP requests: {:?})",
+            trace.trace_id_hex(),
+            bodies.len(),
+            bodies
+                .iter()
+                .map(|(p, b)| (p.clone(), b.len()))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

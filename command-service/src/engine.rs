@@ -30,13 +30,14 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use shared::codec::EncodeError;
 use shared::envelope::{Checkpoint, MalformedCommand, Metadata, Snapshot};
 use shared::kafka::{Topics, canonical_partition};
+use shared::trace::{METADATA_TRACE_ID, TRACEPARENT, TraceContext};
 use shared::{
     BankAccount, CommandMessage, CommandResult, EventCodec, EventEnvelope, Rejection,
     RejectionCode, Settings,
@@ -226,6 +227,9 @@ pub struct Engine {
     committed_next: HashMap<i32, Offset>,
     txn: Option<Txn>,
     next_token: usize,
+    /// The trace of the command being processed (its record's `traceparent`): events and the
+    /// result get child spans of it.
+    trace: Option<TraceContext>,
     /// Partition → the restore that will bring its state (paused until then).
     restoring: HashMap<i32, u64>,
     restores: HashMap<u64, PendingRestore>,
@@ -284,6 +288,7 @@ impl Engine {
             committed_next: HashMap::new(),
             txn: None,
             next_token: 0,
+            trace: None,
             restoring: HashMap::new(),
             restores: HashMap::new(),
             next_restore: 0,
@@ -487,7 +492,20 @@ impl Engine {
             return;
         }
         let received = Instant::now();
-        match self.process(msg) {
+        self.trace = TraceContext::from_headers(msg.headers());
+        let span = tracing::info_span!(
+            "command",
+            partition,
+            offset = msg.offset(),
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace) = &self.trace {
+            span.record("trace_id", trace.trace_id_hex());
+            shared::runtime::set_parent(&span, trace);
+        }
+        let processed = span.in_scope(|| self.process(msg));
+        self.trace = None;
+        match processed {
             Ok(outcome) => {
                 if let Some(txn) = self.txn.as_mut() {
                     txn.next_offsets.insert(partition, msg.offset() + 1);
@@ -734,6 +752,12 @@ impl Engine {
         metadata
             .entry("correlation_id")
             .or_insert_with(|| Value::String(command.command_id.to_string()));
+        if let Some(trace) = &self.trace {
+            metadata.insert(
+                METADATA_TRACE_ID.into(),
+                Value::String(trace.trace_id_hex()),
+            );
+        }
         let now = Utc::now();
         let events_topic = self.topics.events();
         let mut envelopes = Vec::with_capacity(events.len());
@@ -778,7 +802,7 @@ impl Engine {
             } else {
                 0
             };
-            let headers = shared::codec::event_headers(&envelope);
+            let headers = self.traced(shared::codec::event_headers(&envelope));
             let sent = self.send(
                 &events_topic,
                 partition,
@@ -864,12 +888,13 @@ impl Engine {
     fn send_result(&mut self, partition: i32, result: &CommandResult) -> KafkaResult<()> {
         let topic = self.topics.command_results();
         let key = result.command_id.to_string();
+        let headers = self.trace.map(|_| self.traced(OwnedHeaders::new()));
         self.send(
             &topic,
             partition,
             key.as_bytes(),
             &result.to_bytes(),
-            None,
+            headers,
             0,
         )
     }
@@ -895,6 +920,20 @@ impl Engine {
             deadline.checked_duration_since(Instant::now())?;
             self.producer.poll(Duration::from_millis(5));
         }
+    }
+
+    /// `headers` plus a `traceparent` of a new span in the current command's trace (the current
+    /// tracing span's, when spans are exported), if the command had one.
+    fn traced(&self, headers: OwnedHeaders) -> OwnedHeaders {
+        let Some(trace) = &self.trace else {
+            return headers;
+        };
+        let child = shared::runtime::current_trace().unwrap_or_else(|| trace.child());
+        let value = child.to_header();
+        headers.insert(Header {
+            key: TRACEPARENT,
+            value: Some(value.as_str()),
+        })
     }
 
     fn send(

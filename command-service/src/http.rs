@@ -15,9 +15,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use shared::kafka::{Topics, canonical_partition};
+use shared::trace::{TRACEPARENT, TraceContext};
 use shared::{CommandMessage, CommandResult, CommandStatus, RejectionCode, Settings};
 use utoipa::{OpenApi, ToSchema};
 
@@ -349,10 +351,19 @@ pub fn result_status(result: &CommandResult) -> StatusCode {
 async fn post_command(
     State(state): State<AppState>,
     params: Result<Query<WaitParams>, QueryRejection>,
+    request_headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params?;
     let body = body?;
+    // W3C Trace Context: continue the caller's trace, or start one; the command record carries
+    // it and the response names it.
+    let trace = request_headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .map_or_else(TraceContext::new_root, |parent| parent.child());
+    let traceparent = trace.to_header();
     let command = CommandMessage::from_bytes(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "Malformed", e.reason))?;
     let wait = params
@@ -369,7 +380,11 @@ async fn post_command(
             FutureRecord::to(&topic)
                 .key(&command.aggregate_id)
                 .payload(&payload)
-                .partition(partition),
+                .partition(partition)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: TRACEPARENT,
+                    value: Some(traceparent.as_str()),
+                })),
             Duration::from_secs(5),
         )
         .await
@@ -383,7 +398,12 @@ async fn post_command(
         })?;
     let mut waiter = waiter;
     match tokio::time::timeout(wait, &mut waiter.receiver).await {
-        Ok(Ok(result)) => Ok((result_status(&result), Json(result)).into_response()),
+        Ok(Ok(result)) => Ok((
+            result_status(&result),
+            [(TRACEPARENT, traceparent)],
+            Json(result),
+        )
+            .into_response()),
         _ => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "Timeout",

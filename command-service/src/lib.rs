@@ -77,6 +77,41 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     ]
 }
 
+/// How long a registry that cannot be reached is retried at start.
+const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Registers the current event schemas with their per-subject compatibility rule
+/// ([`shared::registry::prepare`]) before any event is written: a schema changed incompatibly
+/// stops the service here, with the registry's reason. A registry that cannot be reached is
+/// retried for a while; any other refusal is tried again twice (instances starting together make
+/// the registry write the same schemas concurrently) before it stops the service.
+async fn prepare_registry(url: &str, topic: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + REGISTRY_START_TIMEOUT;
+    let mut refusals = 0;
+    loop {
+        match shared::registry::prepare(url, topic).await {
+            Ok(subjects) => {
+                for (subject, id) in &subjects {
+                    tracing::info!(%subject, id, compatibility = shared::registry::COMPATIBILITY, "event schema registered");
+                }
+                return Ok(());
+            }
+            Err(e @ shared::registry::RegistryError::Unreachable { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %e, "schema registry not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) if refusals < 2 => {
+                refusals += 1;
+                tracing::warn!(error = %e, "schema registry refused; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!(e).context("cannot prepare the schema registry")),
+        }
+    }
+}
+
 /// Runs the service until `shutdown` resolves or the engine stops on a fatal error.
 pub async fn run(
     settings: Settings,
@@ -100,6 +135,9 @@ pub async fn run(
         );
     }
     let codec = Arc::new(EventCodec::from_settings(&settings)?);
+    if let Some(url) = &settings.schema_registry_url {
+        prepare_registry(url, &Topics::new(&settings.topic_prefix).events()).await?;
+    }
     let metrics = metrics::handle();
     let status = Arc::new(engine::Status::default());
     let stop = Arc::new(AtomicBool::new(false));

@@ -5,7 +5,10 @@ use anyhow::Context;
 #[tokio::main]
 async fn main() {
     shared::runtime::init_tracing();
-    if let Err(e) = start().await {
+    let outcome = start().await;
+    // Exported spans not sent yet go out now (nothing to do unless OTLP export is on).
+    let _ = tokio::task::spawn_blocking(shared::runtime::shutdown_tracing).await;
+    if let Err(e) = outcome {
         tracing::error!("{e:#}");
         eprintln!("command-service: {e:#}");
         std::process::exit(1);

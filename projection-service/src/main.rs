@@ -27,7 +27,10 @@ enum Command {
 async fn main() {
     init_tracing();
     let cli = Cli::parse();
-    if let Err(e) = real_main(cli).await {
+    let outcome = real_main(cli).await;
+    // Exported spans not sent yet go out now (nothing to do unless OTLP export is on).
+    let _ = tokio::task::spawn_blocking(shared::runtime::shutdown_tracing).await;
+    if let Err(e) = outcome {
         tracing::error!("{e:#}");
         eprintln!("error: {e:#}");
         std::process::exit(1);

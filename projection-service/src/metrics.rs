@@ -21,6 +21,8 @@ pub const DEAD_LETTERED: &str = "projection_events_dead_lettered_total";
 pub const PARKED: &str = "projection_events_parked_total";
 /// Counter: parked events applied once the gap closed.
 pub const UNPARKED: &str = "projection_events_unparked_total";
+/// Gauge: messages in the dead-letter topic `<topic>.dlq` (counted every few seconds).
+pub const DEAD_LETTERS: &str = "projection_dead_letters";
 /// Gauge: messages (a count, not a time) between the stored offset and the partition's last
 /// stable offset.
 pub const LAG: &str = "projection_consumer_lag";
@@ -59,6 +61,11 @@ fn describe() {
         UNPARKED,
         Unit::Count,
         "Parked events applied once the gap closed"
+    );
+    metrics::describe_gauge!(
+        DEAD_LETTERS,
+        Unit::Count,
+        "Messages in the dead-letter topic (counted every few seconds)"
     );
     metrics::describe_gauge!(
         LAG,
@@ -132,6 +139,11 @@ pub fn record_batch_time(topic: &str, elapsed: Duration) {
 pub fn record_dead_letter(topic: &str, code: &str) {
     metrics::counter!(DEAD_LETTERED, "topic" => topic.to_owned(), "code" => label_value(code))
         .increment(1);
+}
+
+/// Sets the number of messages in the dead-letter topic of `topic`.
+pub fn record_dead_letter_count(topic: &str, count: i64) {
+    metrics::gauge!(DEAD_LETTERS, "topic" => topic.to_owned()).set(count as f64);
 }
 
 /// Sets a partition's lag.

@@ -453,13 +453,18 @@ impl Projector {
     }
 
     /// Decodes, retrying while the schema registry is unreachable. `None` on shutdown.
+    ///
+    /// Adds one `apply_event` span per message to `spans`: the caller keeps them open until the
+    /// batch is committed, so each covers its event's decode, apply and commit.
     async fn decode(
         &self,
         batch: Vec<RawMessage>,
+        spans: &mut Vec<tracing::Span>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<Vec<Incoming>> {
         let mut out = Vec::with_capacity(batch.len());
         for m in batch {
+            spans.push(Self::apply_span(&m));
             let mut attempt = 0;
             let decoded = loop {
                 let result = match &m.payload {
@@ -495,6 +500,22 @@ impl Projector {
         Some(out)
     }
 
+    /// The span of applying one event: a child of the trace in its `traceparent` header (the
+    /// command's), with the trace id as a field.
+    fn apply_span(m: &RawMessage) -> tracing::Span {
+        let span = tracing::info_span!(
+            "apply_event",
+            partition = m.partition,
+            offset = m.offset,
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace) = shared::trace::TraceContext::from_headers(m.headers.as_ref()) {
+            span.record("trace_id", trace.trace_id_hex());
+            shared::runtime::set_parent(&span, &trace);
+        }
+        span
+    }
+
     /// Applies one batch: plan, write with offsets, dead-letter, commit. Transient failures are
     /// retried with backoff; a moved stored offset makes the partition seek to it and its
     /// messages are dropped from the batch (they will be read again from there).
@@ -510,7 +531,8 @@ impl Projector {
             .into_iter()
             .filter(|m| self.book.stored(m.partition).is_none_or(|s| m.offset >= s))
             .collect();
-        let Some(mut messages) = self.decode(batch, shutdown).await else {
+        let mut apply_spans = Vec::with_capacity(batch.len());
+        let Some(mut messages) = self.decode(batch, &mut apply_spans, shutdown).await else {
             return Ok(BatchOutcome {
                 interrupted: true,
                 ..BatchOutcome::default()

@@ -125,19 +125,29 @@ impl CommandClient {
             .collect();
         let consumer = self.results_consumer(&wanted_partitions).await?;
         let topic = self.topics.commands();
+        // Each command starts a trace (or continues the one in `TRACEPARENT`).
+        let parent = crate::trace::TraceContext::from_env();
         let sends = commands.iter().map(|command| {
+            let trace = parent.map_or_else(crate::trace::TraceContext::new_root, |p| p.child());
             let payload = command.to_bytes();
             let partition = canonical_partition(command.aggregate_id.as_bytes(), self.partitions);
             let producer = self.producer.clone();
             let topic = topic.clone();
             let key = command.aggregate_id.clone();
             async move {
+                let traceparent = trace.to_header();
+                let headers =
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: crate::trace::TRACEPARENT,
+                        value: Some(traceparent.as_str()),
+                    });
                 producer
                     .send(
                         FutureRecord::to(&topic)
                             .key(&key)
                             .payload(&payload)
-                            .partition(partition),
+                            .partition(partition)
+                            .headers(headers),
                         Duration::from_secs(10),
                     )
                     .await

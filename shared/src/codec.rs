@@ -400,6 +400,20 @@ pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
             "required": ["amount_minor"],
             "properties": {"amount_minor": {"type": "integer", "minimum": 1}}
         }),
+        // v1: the holder was `name`, amounts were decimals in major units, no currency.
+        ("AccountOpened", 1) => json!({
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "initial_balance": {"type": ["number", "string"]}
+            }
+        }),
+        ("MoneyDeposited" | "MoneyWithdrawn", 1) => json!({
+            "type": "object",
+            "required": ["amount"],
+            "properties": {"amount": {"type": ["number", "string"]}}
+        }),
         _ => json!({"type": "object"}),
     };
     json!({

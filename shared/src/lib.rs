@@ -7,20 +7,26 @@
 //!   headers) and back.
 //! - [`upcast`]: schema evolution steps (v1 ↔ v2) applied by the codec.
 //! - [`money`]: exact decimal ↔ minor-unit conversion.
+//! - [`registry`]: schema registry administration (subjects, compatibility rules).
 //! - [`config`]: typed settings from the environment.
+//! - [`dlq`]: reading the dead-letter topic back (explorer, `bank dlq`).
 //! - [`kafka`]: topic names, the canonical partitioner, client configuration, topic creation.
 //! - [`runtime`]: tracing, shutdown signal and Prometheus recorder for the binaries.
+//! - [`trace`]: W3C `traceparent` carried on commands, events and results.
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
 
 pub mod bank_account;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod dlq;
 pub mod envelope;
 pub mod kafka;
 pub mod money;
+pub mod registry;
 pub mod runtime;
 pub mod testing;
+pub mod trace;
 pub mod upcast;
 
 pub use bank_account::{AccountStatus, BankAccount, Command, Event, Rejection, RejectionCode};

@@ -1,5 +1,6 @@
-//! Process plumbing both services share: tracing set-up, the shutdown signal (Ctrl-C or
-//! SIGTERM) and the Prometheus recorder.
+//! Process plumbing both services share: tracing set-up (logs, and OTLP span export when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set), the shutdown signal (Ctrl-C or SIGTERM) and the
+//! Prometheus recorder.
 
 use std::sync::OnceLock;
 
@@ -11,15 +12,118 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 /// dropped silently: tracing-subscriber would otherwise report it with `eprintln!`, which panics
 /// on that same broken stderr, and a panic in the middle of a shutdown leaves Kafka clients
 /// hanging in their destructors.
+///
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set (e.g. `http://127.0.0.1:4318`), spans are also
+/// exported over OTLP (HTTP/protobuf, batched; `OTEL_SERVICE_NAME` or the binary's name as the
+/// service name; the other `OTEL_*` variables of the OTLP exporter apply). Unset or empty:
+/// nothing changes.
 pub fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr)
-        .log_internal_errors(false)
+        .log_internal_errors(false);
+    let otel = otlp_tracer().map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
         .try_init();
+}
+
+/// The OTLP tracer provider, when spans are exported.
+static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+
+/// A tracer exporting over OTLP, if `OTEL_EXPORTER_OTLP_ENDPOINT` asks for it.
+fn otlp_tracer() -> Option<opentelemetry_sdk::trace::SdkTracer> {
+    use opentelemetry::trace::TracerProvider as _;
+
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok()?;
+    if endpoint.trim().is_empty() {
+        return None;
+    }
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("OTEL_EXPORTER_OTLP_ENDPOINT={endpoint}: cannot export spans: {e}");
+            return None;
+        }
+    };
+    let service = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()?
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "bank-es".to_owned());
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("bank-es");
+    let _ = PROVIDER.set(provider);
+    Some(tracer)
+}
+
+/// Sends the spans not exported yet (call before exiting); nothing when spans are not exported.
+pub fn shutdown_tracing() {
+    if let Some(provider) = PROVIDER.get() {
+        let _ = provider.shutdown();
+    }
+}
+
+/// Makes `trace` the parent of `span` in exported traces (no-op unless spans are exported).
+pub fn set_parent(span: &tracing::Span, trace: &crate::trace::TraceContext) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    if PROVIDER.get().is_none() {
+        return;
+    }
+    let remote = SpanContext::new(
+        TraceId::from_bytes(trace.trace_id()),
+        SpanId::from_bytes(trace.span_id()),
+        TraceFlags::new(trace.flags()),
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+/// The trace context of the current span when spans are exported (so that a `traceparent` sent
+/// from inside it names it as the parent); `None` otherwise.
+pub fn current_trace() -> Option<crate::trace::TraceContext> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    PROVIDER.get()?;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return None;
+    }
+    crate::trace::TraceContext::from_parts(
+        sc.trace_id().to_bytes(),
+        sc.span_id().to_bytes(),
+        sc.trace_flags().to_u8(),
+    )
 }
 
 /// Resolves on the first Ctrl-C (SIGINT) or SIGTERM.

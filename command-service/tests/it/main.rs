@@ -6,5 +6,6 @@ mod helpers;
 mod api;
 mod commands;
 mod crash;
+mod interop;
 mod restore;
 mod two_instances;

@@ -5,4 +5,5 @@ mod aggregate;
 mod codec;
 mod kafka;
 mod properties;
+mod registry;
 mod seed;

@@ -1,0 +1,334 @@
+//! `bank dlq list` and `bank dlq replay`: the dead letters of `<prefix>.events.dlq`, read with
+//! [`shared::dlq::DeadLetterReader`] (the reader behind the explorer's `GET /dead-letters`), and
+//! sent back to `<prefix>.events` exactly as they were (key, bytes, headers without the `dlq.*`
+//! ones) on the key's canonical partition.
+//!
+//! A replay first decodes each letter with the same codec as the projection: a letter that still
+//! fails is held back (unless `--force`), so a poison message is only replayed once its cause is
+//! fixed (a schema registered, a decoder upgraded). Letters refused for the projection's state
+//! (`NotApplicable`, `Unstorable`) decode fine and are sent; the projection decides again.
+//! Replaying twice is harmless: readers skip versions they already have.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use serde_json::json;
+use shared::Settings;
+use shared::dlq::{DeadLetterReader, StoredDeadLetter};
+use shared::kafka::{Topics, canonical_partition};
+use shared::{DecodeError, EventCodec};
+
+use crate::error::CliError;
+use crate::output;
+
+/// Client group id of the reader (assigned partitions only; nothing is committed).
+const GROUP_ID: &str = "bank-cli.dlq";
+/// How long a replayed message may take to be acknowledged.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `bank dlq list`.
+pub async fn list(settings: &Settings, json: bool) -> Result<(), CliError> {
+    let topic = Topics::new(&settings.topic_prefix).events_dlq();
+    let letters = read_all(settings).await?;
+    if json {
+        let views: Vec<_> = letters
+            .iter()
+            .map(|l| {
+                let mut v = serde_json::to_value(&l.view).unwrap_or_default();
+                v["id"] = json!(l.view.id());
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            output::json(&json!({ "topic": topic, "dead_letters": views }))
+        );
+    } else {
+        print!("{}", table(&topic, &letters));
+    }
+    Ok(())
+}
+
+/// The people's rendering of `bank dlq list`.
+pub fn table(topic: &str, letters: &[StoredDeadLetter]) -> String {
+    if letters.is_empty() {
+        return format!("no dead letters in {topic}\n");
+    }
+    let dash = || "-".to_owned();
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|l| {
+            let v = &l.view;
+            vec![
+                v.id(),
+                v.failed_at.clone().unwrap_or_else(dash),
+                v.code.clone().unwrap_or_else(dash),
+                match (v.original_partition, v.original_offset) {
+                    (Some(p), Some(o)) => format!("{p}:{o}"),
+                    _ => dash(),
+                },
+                v.key.clone().unwrap_or_else(dash),
+                v.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut text = output::table(
+        &["ID", "FAILED AT", "REASON", "ORIGINAL", "KEY", "MESSAGE"],
+        &[false; 6],
+        &rows,
+    );
+    text.push_str(&format!(
+        "{} dead letter(s) in {topic}; ORIGINAL is partition:offset in the events topic; \
+         replay with `bank dlq replay --id ID`\n",
+        letters.len()
+    ));
+    text
+}
+
+/// What happened to one letter in a replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replayed {
+    /// The letter's id (`partition:offset` in the dead-letter topic).
+    pub id: String,
+    /// The account (key).
+    pub key: Option<String>,
+    /// Where it went in the events topic, if it was sent.
+    pub partition: Option<i32>,
+    /// Its new offset there.
+    pub offset: Option<i64>,
+    /// Why it was held back, if it was.
+    pub held_back: Option<String>,
+}
+
+/// `bank dlq replay`.
+pub async fn replay(
+    settings: &Settings,
+    ids: &[String],
+    all: bool,
+    force: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let wanted: Vec<(i32, i64)> = ids
+        .iter()
+        .map(|id| parse_id(id))
+        .collect::<Result<_, _>>()?;
+    let topics = Topics::new(&settings.topic_prefix);
+    let letters = read_all(settings).await?;
+    let selected: Vec<&StoredDeadLetter> = if all {
+        letters.iter().collect()
+    } else {
+        let mut selected = Vec::new();
+        for (partition, offset) in &wanted {
+            let found = letters
+                .iter()
+                .find(|l| l.view.partition == *partition && l.view.offset == *offset)
+                .ok_or_else(|| {
+                    CliError::NotFound(format!(
+                        "no dead letter {partition}:{offset} in {} (see `bank dlq list`)",
+                        topics.events_dlq()
+                    ))
+                })?;
+            selected.push(found);
+        }
+        selected
+    };
+    let events = topics.events();
+    let partitions = partition_count(settings, &events).await?;
+    let codec = EventCodec::from_settings(settings)
+        .map_err(|e| CliError::Usage(format!("SCHEMA_REGISTRY_URL: {e}")))?;
+    let producer: FutureProducer = settings
+        .kafka
+        .producer_config()
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(|e| unavailable(settings, e))?;
+
+    let mut outcomes = Vec::with_capacity(selected.len());
+    for letter in selected {
+        let mut outcome = Replayed {
+            id: letter.view.id(),
+            key: letter.view.key.clone(),
+            partition: None,
+            offset: None,
+            held_back: None,
+        };
+        match still_failing(&codec, letter).await? {
+            Some(why) if !force => outcome.held_back = Some(why),
+            _ => {
+                let key = letter.key.as_deref().unwrap_or_default();
+                let partition = canonical_partition(key, partitions);
+                let mut headers = OwnedHeaders::new();
+                for (name, value) in &letter.original_headers {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: value.as_deref(),
+                    });
+                }
+                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&events)
+                    .partition(partition)
+                    .key(key)
+                    .headers(headers);
+                if let Some(payload) = &letter.payload {
+                    record = record.payload(payload.as_slice());
+                }
+                let delivered = producer
+                    .send(record, DELIVERY_TIMEOUT)
+                    .await
+                    .map_err(|(e, _)| unavailable(settings, e))?;
+                outcome.partition = Some(delivered.partition);
+                outcome.offset = Some(delivered.offset);
+            }
+        }
+        outcomes.push(outcome);
+    }
+
+    if json {
+        println!("{}", output::json(&outcomes));
+    } else if outcomes.is_empty() {
+        println!("no dead letters in {}", topics.events_dlq());
+    }
+    for o in &outcomes {
+        let key = o.key.as_deref().unwrap_or("-");
+        match (&o.held_back, o.partition, o.offset) {
+            (Some(why), _, _) => eprintln!("held back {} (key {key}): {why}", o.id),
+            (None, Some(p), Some(off)) if !json => {
+                println!(
+                    "replayed {} (key {key}) to {events} partition {p} offset {off}",
+                    o.id
+                );
+            }
+            _ => {}
+        }
+    }
+    let held: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.held_back.is_some())
+        .map(|o| o.id.as_str())
+        .collect();
+    if held.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::HeldBack(format!(
+            "{} dead letter(s) still fail and were not replayed ({}): fix the cause, or pass \
+             --force",
+            held.len(),
+            held.join(", ")
+        )))
+    }
+}
+
+/// Why this letter would be dead-lettered again, if it would: no key, or bytes the codec cannot
+/// decode (or whose account is not the key). A registry that cannot be reached is an error.
+async fn still_failing(
+    codec: &EventCodec,
+    letter: &StoredDeadLetter,
+) -> Result<Option<String>, CliError> {
+    let Some(key) = letter.key.as_deref().filter(|k| !k.is_empty()) else {
+        return Ok(Some("it has no key, so it has no partition".into()));
+    };
+    let Some(payload) = letter.payload.as_deref() else {
+        return Ok(Some(
+            DecodeError::Empty.code().to_owned() + ": empty message",
+        ));
+    };
+    match codec.decode(payload).await {
+        Ok(envelope) if envelope.aggregate_id.as_bytes() == key => Ok(None),
+        Ok(envelope) => Ok(Some(format!(
+            "its key is not its account ({})",
+            envelope.aggregate_id
+        ))),
+        Err(e) if e.is_retriable() => Err(CliError::Unavailable(format!(
+            "cannot check dead letter {}: {e}",
+            letter.view.id()
+        ))),
+        Err(e) => Ok(Some(format!("{}: {e}", e.code()))),
+    }
+}
+
+/// `PARTITION:OFFSET`.
+fn parse_id(id: &str) -> Result<(i32, i64), CliError> {
+    id.split_once(':')
+        .and_then(|(p, o)| Some((p.trim().parse().ok()?, o.trim().parse().ok()?)))
+        .filter(|(p, o)| *p >= 0 && *o >= 0)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--id `{id}` is not PARTITION:OFFSET like `0:12` (see `bank dlq list`)"
+            ))
+        })
+}
+
+async fn read_all(settings: &Settings) -> Result<Vec<StoredDeadLetter>, CliError> {
+    let reader = DeadLetterReader::new(
+        settings.kafka.clone(),
+        Topics::new(&settings.topic_prefix).events_dlq(),
+    )
+    .with_group_id(GROUP_ID);
+    tokio::task::spawn_blocking(move || reader.all())
+        .await
+        .map_err(|e| CliError::Unavailable(format!("reading the dead letters failed: {e}")))?
+        .map_err(|e| unavailable(settings, e))
+}
+
+/// The partition count of `topic`; an error when it does not exist.
+pub async fn partition_count(settings: &Settings, topic: &str) -> Result<i32, CliError> {
+    let client: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .create()
+        .map_err(|e| unavailable(settings, e))?;
+    let name = topic.to_owned();
+    let metadata = tokio::task::spawn_blocking(move || {
+        client.fetch_metadata(Some(&name), Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| CliError::Unavailable(format!("reading Kafka metadata failed: {e}")))?
+    .map_err(|e| unavailable(settings, e))?;
+    let count = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len());
+    match i32::try_from(count) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(CliError::Unavailable(format!(
+            "topic {topic} does not exist at {}: is command-service running with this \
+             TOPIC_PREFIX?",
+            settings.kafka.bootstrap_servers
+        ))),
+    }
+}
+
+/// A Kafka failure: exit 3, naming the broker.
+pub fn unavailable(settings: &Settings, e: rdkafka::error::KafkaError) -> CliError {
+    CliError::Unavailable(format!(
+        "cannot reach Kafka at {}: {e}",
+        settings.kafka.bootstrap_servers
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_partition_colon_offset() {
+        assert_eq!(parse_id("0:12").unwrap(), (0, 12));
+        assert_eq!(parse_id(" 2 : 3 ").unwrap(), (2, 3));
+        for bad in ["", "3", "a:1", "1:-1", "-1:0", "1:2:3"] {
+            let err = parse_id(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_empty_topic_says_so() {
+        assert_eq!(
+            table("t.events.dlq", &[]),
+            "no dead letters in t.events.dlq\n"
+        );
+    }
+}
