@@ -232,6 +232,8 @@ pub struct Engine {
     trace: Option<TraceContext>,
     /// Partition → the restore that will bring its state (paused until then).
     restoring: HashMap<i32, u64>,
+    /// Restoring partitions of which a message was fetched (and ignored) before the pause.
+    skipped_while_restoring: HashSet<i32>,
     restores: HashMap<u64, PendingRestore>,
     next_restore: u64,
     restore_done: (mpsc::Sender<RestoreDone>, mpsc::Receiver<RestoreDone>),
@@ -290,6 +292,7 @@ impl Engine {
             next_token: 0,
             trace: None,
             restoring: HashMap::new(),
+            skipped_while_restoring: HashSet::new(),
             restores: HashMap::new(),
             next_restore: 0,
             restore_done: mpsc::channel(),
@@ -395,12 +398,23 @@ impl Engine {
                     Some(Offset::Offset(o)) => Offset::Offset(*o),
                     _ => Offset::Beginning,
                 };
-                // Whatever was fetched before the pause is fetched again from here.
-                if let Err(e) = consumer.seek(&commands, p, offset, Duration::from_secs(10)) {
-                    self.fail(format!(
-                        "cannot seek partition {p} to its committed offset {offset:?}: {e}"
-                    ));
-                    return;
+                // Whatever was fetched before the pause is fetched again from here. A partition
+                // whose fetching has not started yet (its committed offset still being looked
+                // up: __STATE) starts there by itself, and nothing of it was skipped.
+                let skipped = self.skipped_while_restoring.remove(&p);
+                match consumer.seek(&commands, p, offset, Duration::from_secs(10)) {
+                    Ok(()) => {}
+                    Err(KafkaError::Seek(reason))
+                        if !skipped && reason == RDKafkaErrorCode::State.to_string() =>
+                    {
+                        tracing::debug!(partition = p, "not fetching yet; no seek needed");
+                    }
+                    Err(e) => {
+                        self.fail(format!(
+                            "cannot seek partition {p} to its committed offset {offset:?}: {e}"
+                        ));
+                        return;
+                    }
                 }
                 self.committed_next.insert(p, offset);
                 self.partitions.insert(p, state);
@@ -443,6 +457,7 @@ impl Engine {
             self.partitions.remove(p);
             self.committed_next.remove(p);
             self.restoring.remove(p);
+            self.skipped_while_restoring.remove(p);
         }
         // A restore none of whose partitions is still wanted can stop.
         let restoring = &self.restoring;
@@ -486,6 +501,10 @@ impl Engine {
         let partition = msg.partition();
         if !self.partitions.contains_key(&partition) {
             tracing::debug!(partition, "message for a partition not owned; ignored");
+            if self.restoring.contains_key(&partition) {
+                // Fetched before the pause: the restore's end must seek back over it.
+                self.skipped_while_restoring.insert(partition);
+            }
             return;
         }
         if self.txn.is_none() && !self.begin(consumer) {
