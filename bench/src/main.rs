@@ -67,7 +67,7 @@ struct Args {
     /// The machine-readable figures.
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
-    /// A short run (under 10 minutes on 2 cores): 50000 commands, 20000 aggregates, 10 s of
+    /// A short run (under 10 minutes on 2 cores): 50000 commands, 100000 aggregates, 10 s of
     /// latency load.
     #[arg(long)]
     quick: bool,
@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if args.quick {
         args.commands = 50_000;
-        args.aggregates = 20_000;
+        args.aggregates = 100_000;
         args.latency_seconds = 10;
     }
     let mut json = serde_json::Map::new();
