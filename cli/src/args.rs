@@ -2,7 +2,7 @@
 //! ([`Global`]: where Kafka and the projection are, output format, timeouts) and one
 //! [`Action`] per subcommand.
 //!
-//! Every connection setting can also come from the environment variables of DESIGN.md
+//! Every connection setting can also come from the environment variables of docs/contract.md
 //! (`KAFKA_BOOTSTRAP_SERVERS`, `TOPIC_PREFIX`, `PROJECTION_URL`); a flag wins over the variable.
 
 use clap::{Args, Parser, Subcommand};

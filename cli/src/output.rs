@@ -13,7 +13,7 @@ use shared::{CommandResult, CommandStatus, Event, EventEnvelope};
 
 use crate::error::CliError;
 
-/// The account object of `GET /accounts/{id}` (DESIGN.md).
+/// The account object of `GET /accounts/{id}` (docs/contract.md).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Account {
     /// Account id.

@@ -1,4 +1,4 @@
-//! `command-service`: configured by the environment (see DESIGN.md), no arguments.
+//! `command-service`: configured by the environment (see docs/contract.md), no arguments.
 
 use anyhow::Context;
 

@@ -1,5 +1,5 @@
 //! `projection-service`: runs the projection and its query API, configured by the environment
-//! (DESIGN.md); `projection-service rebuild` replays the event topic into fresh tables and swaps
+//! (docs/contract.md); `projection-service rebuild` replays the event topic into fresh tables and swaps
 //! them in.
 
 use anyhow::Context;

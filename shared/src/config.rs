@@ -1,4 +1,4 @@
-//! Typed configuration from the environment variables of the wire contract (DESIGN.md), with a
+//! Typed configuration from the environment variables of the wire contract (docs/contract.md), with a
 //! clear error naming the variable for every bad value.
 
 use std::net::SocketAddr;

@@ -1,5 +1,5 @@
 //! The messages of the wire contract as Rust types: the command message, the command result and
-//! the event envelope. Their JSON shapes are fixed by DESIGN.md; how they become bytes (plain JSON
+//! the event envelope. Their JSON shapes are fixed by docs/contract.md; how they become bytes (plain JSON
 //! or the Confluent wire format) is the codec's business.
 
 use chrono::{DateTime, Utc};
