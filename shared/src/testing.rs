@@ -3,6 +3,13 @@
 
 use crate::bank_account::{BankAccount, Command, Event, RejectionCode};
 
+/// The seed-era v1 events (one JSON envelope per line), as the first producers wrote them: the
+/// fixture every crate's upcasting tests read.
+pub const SEED_V1_EVENTS: &str = include_str!("../tests/data/seed-v1-events.jsonl");
+
+/// The account states folding [`SEED_V1_EVENTS`] must give, by account id.
+pub const SEED_V1_EXPECTED: &str = include_str!("../tests/data/seed-v1-expected.json");
+
 /// Starts a scenario from the account's past events.
 pub fn given(events: impl IntoIterator<Item = Event>) -> Given {
     let history: Vec<Event> = events.into_iter().collect();

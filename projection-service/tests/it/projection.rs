@@ -31,7 +31,7 @@ async fn seed_fixture_and_its_v2_twins_give_the_expected_read_model(backend: Bac
     let plain = EventCodec::json("USD");
     let codec = writer_codec();
 
-    let lines: Vec<&str> = include_str!("../../../shared/tests/data/seed-v1-events.jsonl")
+    let lines: Vec<&str> = shared::testing::SEED_V1_EVENTS
         .lines()
         .filter(|l| !l.trim().is_empty())
         .collect();
@@ -51,10 +51,8 @@ async fn seed_fixture_and_its_v2_twins_give_the_expected_read_model(backend: Bac
         writer.envelope(&codec, &twin).await;
     }
 
-    let expected: BTreeMap<String, Value> = serde_json::from_str(include_str!(
-        "../../../shared/tests/data/seed-v1-expected.json"
-    ))
-    .expect("expected states");
+    let expected: BTreeMap<String, Value> =
+        serde_json::from_str(shared::testing::SEED_V1_EXPECTED).expect("expected states");
     for (id, want) in &expected {
         let version = want["version"].as_u64().expect("version");
         let got = app.wait_version(id, version).await;

@@ -9,7 +9,7 @@ use shared::{BankAccount, EventCodec};
 fn seed_v1_events_fold_to_the_expected_states() {
     let codec = EventCodec::json("USD");
     let mut accounts: BTreeMap<String, BankAccount> = BTreeMap::new();
-    let lines = include_str!("../data/seed-v1-events.jsonl");
+    let lines = shared::testing::SEED_V1_EVENTS;
     let mut count = 0;
     for line in lines.lines().filter(|l| !l.trim().is_empty()) {
         let envelope = codec
@@ -30,7 +30,7 @@ fn seed_v1_events_fold_to_the_expected_states() {
     assert_eq!(count, 53);
 
     let expected: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(include_str!("../data/seed-v1-expected.json")).unwrap();
+        serde_json::from_str(shared::testing::SEED_V1_EXPECTED).unwrap();
     assert_eq!(
         accounts.keys().collect::<Vec<_>>(),
         expected.keys().collect::<Vec<_>>()
