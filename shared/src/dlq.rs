@@ -242,9 +242,9 @@ fn dead_letter<M: Message>(m: &M) -> StoredDeadLetter {
     }
 }
 
-fn view<M: Message>(m: &M) -> DeadLetterView {
-    let headers: BTreeMap<String, String> = m
-        .headers()
+/// A message's headers as text (values lossy UTF-8), by name.
+pub fn headers_as_text<M: Message>(m: &M) -> BTreeMap<String, String> {
+    m.headers()
         .map(|h| {
             h.iter()
                 .map(|h| {
@@ -255,7 +255,11 @@ fn view<M: Message>(m: &M) -> DeadLetterView {
                 })
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn view<M: Message>(m: &M) -> DeadLetterView {
+    let headers = headers_as_text(m);
     let text = |name: &str| headers.get(name).cloned();
     let payload = m.payload();
     DeadLetterView {

@@ -12,7 +12,7 @@ use projection_service::ServiceError;
 use projection_service::db::Database;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
@@ -625,23 +625,10 @@ pub async fn read_dead_letters(settings: &Settings, count: usize) -> Vec<DeadLet
             .await
             .unwrap_or_else(|_| panic!("only {} of {count} dead letters arrived", out.len()))
             .expect("dlq message");
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         out.push(DeadLetterSeen {
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
-            headers,
+            headers: shared::dlq::headers_as_text(&m),
         });
     }
     out
