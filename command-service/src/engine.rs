@@ -398,23 +398,16 @@ impl Engine {
                     Some(Offset::Offset(o)) => Offset::Offset(*o),
                     _ => Offset::Beginning,
                 };
-                // Whatever was fetched before the pause is fetched again from here. A partition
-                // whose fetching has not started yet (its committed offset still being looked
-                // up: __STATE) starts there by itself, and nothing of it was skipped.
-                let skipped = self.skipped_while_restoring.remove(&p);
-                match consumer.seek(&commands, p, offset, Duration::from_secs(10)) {
-                    Ok(()) => {}
-                    Err(KafkaError::Seek(reason))
-                        if !skipped && reason == RDKafkaErrorCode::State.to_string() =>
-                    {
-                        tracing::debug!(partition = p, "not fetching yet; no seek needed");
-                    }
-                    Err(e) => {
-                        self.fail(format!(
-                            "cannot seek partition {p} to its committed offset {offset:?}: {e}"
-                        ));
-                        return;
-                    }
+                // Nothing of the partition delivered: the consumer starts it at the committed
+                // offset by itself. A message fetched (and ignored) before the pause took effect
+                // moved the position past it: seek back.
+                if self.skipped_while_restoring.remove(&p)
+                    && let Err(e) = consumer.seek(&commands, p, offset, Duration::from_secs(10))
+                {
+                    self.fail(format!(
+                        "cannot seek partition {p} to its committed offset {offset:?}: {e}"
+                    ));
+                    return;
                 }
                 self.committed_next.insert(p, offset);
                 self.partitions.insert(p, state);
@@ -490,6 +483,11 @@ impl Engine {
         self.status.set_partitions(owned);
         let ready = self.assigned && self.restoring.is_empty() && self.fatal.is_none();
         self.status.ready.store(ready, Ordering::SeqCst);
+        self.update_memory_gauges();
+    }
+
+    /// The gauges of what the owned partitions hold in memory.
+    fn update_memory_gauges(&self) {
         let aggregates = self.partitions.values().map(|s| s.accounts.len()).sum();
         let dedupe = self.partitions.values().map(|s| s.dedupe.len()).sum();
         m::set_memory(aggregates, dedupe);
@@ -1111,7 +1109,7 @@ impl Engine {
         for (outcome, received) in txn.outcomes {
             m::command(outcome, received.elapsed());
         }
-        self.update_status();
+        self.update_memory_gauges();
     }
 
     /// Drops the open transaction (aborted, or lost to a fatal error): its overlay goes, and
