@@ -42,6 +42,8 @@ pub struct AppState {
     pub waiters: ResultWaiters,
     /// Engine status for `/ready`.
     pub status: Arc<Status>,
+    /// The service's stop signal; its failure is the engine's fatal error.
+    pub shutdown: shared::shutdown::Shutdown,
     /// Metrics renderer.
     pub metrics: PrometheusHandle,
 }
@@ -440,7 +442,7 @@ async fn ready(State(state): State<AppState>) -> Response {
         .lock()
         .map(|p| p.clone())
         .unwrap_or_default();
-    let fatal = state.status.fatal.lock().ok().and_then(|f| f.clone());
+    let fatal = state.shutdown.failure();
     let restores = state
         .status
         .restores

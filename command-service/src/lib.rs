@@ -21,11 +21,11 @@ pub mod state;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use shared::kafka::{TopicSpec, Topics, check_copartitioned, ensure_topics};
+use shared::shutdown::Shutdown;
 use shared::{EventCodec, Settings};
 use tokio::net::TcpListener;
 
@@ -140,39 +140,13 @@ pub async fn run(
     }
     let metrics = metrics::handle();
     let status = Arc::new(engine::Status::default());
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Shutdown::new();
 
     let waiters = results::ResultWaiters::default();
     let listener_task = waiters
         .start(&settings)
         .context("cannot start the result listener")?;
-
-    let engine_thread = {
-        let (settings, codec, status, stop) = (
-            Arc::clone(&settings),
-            Arc::clone(&codec),
-            Arc::clone(&status),
-            Arc::clone(&stop),
-        );
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name("command-engine".into())
-            .spawn(move || {
-                // However the engine ends (an error at start, a panic), the service must learn
-                // it: the HTTP side watches `status.fatal` and stops.
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine::run_engine(settings, codec, runtime, Arc::clone(&status), stop)
-                }))
-                .unwrap_or_else(|_| Err("the command engine panicked".to_owned()));
-                if let Err(reason) = &outcome
-                    && let Ok(mut fatal) = status.fatal.lock()
-                {
-                    fatal.get_or_insert_with(|| reason.clone());
-                }
-                outcome
-            })
-            .context("cannot start the engine thread")?
-    };
+    let engine_thread = start_engine(&settings, &codec, &status, &stop)?;
 
     let producer = settings
         .kafka
@@ -187,39 +161,64 @@ pub async fn run(
         producer,
         waiters,
         status: Arc::clone(&status),
+        shutdown: stop.clone(),
         metrics,
     };
     tracing::info!(addr = %listener.local_addr()?, "command-service listening");
 
-    // Stop on the caller's signal or when the engine dies.
-    let engine_done = {
-        let status = Arc::clone(&status);
+    // Stop on the caller's signal or when the engine fails.
+    let stopping = {
+        let stop = stop.clone();
         async move {
-            loop {
-                if status.fatal.lock().map(|f| f.is_some()).unwrap_or(true) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::select! {
+                _ = shutdown => stop.trigger(),
+                _ = stop.wait() => {},
             }
-        }
-    };
-    let stopping = async move {
-        tokio::select! {
-            _ = shutdown => {},
-            _ = engine_done => {},
         }
     };
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(stopping)
         .await?;
 
-    stop.store(true, Ordering::SeqCst);
+    stop.trigger();
     listener_task.abort();
-    let outcome = tokio::task::spawn_blocking(move || engine_thread.join())
+    tokio::task::spawn_blocking(move || engine_thread.join())
         .await
         .context("engine thread join")?
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
-    outcome.map_err(|reason| anyhow::anyhow!(reason))?;
+    if let Some(reason) = stop.failure() {
+        anyhow::bail!(reason);
+    }
     tracing::info!("command-service stopped");
     Ok(())
+}
+
+/// Starts the engine on a thread of its own. However it ends (an error at start, a fatal error,
+/// a panic), `stop` is failed with the reason, which stops the HTTP side too.
+fn start_engine(
+    settings: &Arc<Settings>,
+    codec: &Arc<EventCodec>,
+    status: &Arc<engine::Status>,
+    stop: &Shutdown,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let (settings, codec, status, stop) = (
+        Arc::clone(settings),
+        Arc::clone(codec),
+        Arc::clone(status),
+        stop.clone(),
+    );
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("command-engine".into())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine::run_engine(settings, codec, runtime, status, stop.clone())
+            }));
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => stop.fail(e.to_string()),
+                Err(_) => stop.fail("the command engine panicked"),
+            }
+        })
+        .context("cannot start the engine thread")
 }

@@ -14,11 +14,16 @@
 //! fails the proof, has no checkpoint (a store written before checkpoints existed) or has an
 //! unreadable snapshot or checkpoint is replayed from its first event instead, still skipping
 //! the decoding of events a snapshot covers, and then checkpointed at the first chance.
+//!
+//! An event that cannot be folded (garbage, an upcast that fails, a version gap in a complete
+//! read) quarantines its aggregate instead of failing the restore: commands on it are answered
+//! `AggregateUnavailable`, every other aggregate is served. The checkpoint carries the list.
+//! An event on another partition than its aggregate's is ignored (counted and logged).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::Offset;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -36,19 +41,6 @@ pub enum RestoreError {
     /// Shutdown (or a revocation) began during the restore.
     #[error("interrupted")]
     Interrupted,
-    /// The event store holds an event this service cannot fold: serving commands on top of
-    /// it would append versions that already exist. Someone must look at the topic.
-    #[error("event at {topic} partition {partition} offset {offset}: {reason}")]
-    Corrupt {
-        /// The events topic.
-        topic: String,
-        /// Its partition.
-        partition: i32,
-        /// The event's offset.
-        offset: i64,
-        /// What is wrong.
-        reason: String,
-    },
     /// Kafka failed while reading.
     #[error("reading {topic}: {source}")]
     Kafka {
@@ -101,65 +93,25 @@ pub fn restore(
     let mut snapshots = reader.snapshots(snapshot_reader)?;
     restored.stats.snapshots = snapshots.read;
 
-    // The tails: from each partition's checkpoint, or from the beginning without a usable one.
-    let starts: HashMap<i32, Option<&Checkpoint>> = partitions
-        .iter()
-        .map(|p| {
-            let usable = checkpoints
-                .get(p)
-                .filter(|_| !snapshots.unreadable_in.contains(p));
-            (*p, usable)
-        })
-        .collect();
-    let mut states: HashMap<i32, PartitionState> = partitions
-        .iter()
-        .map(|p| (*p, snapshots.seed(*p)))
-        .collect();
-    let tail_starts: Vec<(i32, Offset)> = starts
-        .iter()
-        .map(|(p, c)| {
-            (
-                *p,
-                c.map_or(Offset::Beginning, |c| Offset::Offset(c.next_event_offset)),
-            )
-        })
-        .collect();
-    let tails = reader.fold_events(codec, &tail_starts, &mut states, false)?;
+    let starts = usable_checkpoints(partitions, &checkpoints, &snapshots);
+    let mut states = seed_states(&starts, &mut snapshots);
+    let tails = reader.fold_events(codec, &tail_starts(&starts), &mut states)?;
     restored.stats.events += tails.values().map(|t| t.events).sum::<usize>();
 
-    // The proof: a checkpointed partition whose tail has a gap, or whose snapshots miss an
-    // aggregate the checkpoint counted, is replayed from its first event. Its state so far is a
-    // valid start for that: every aggregate in it is a prefix of its history, and the replay
-    // only applies versions beyond it.
-    let mut replay = Vec::new();
-    for (p, checkpoint) in &starts {
-        let Some(checkpoint) = checkpoint else {
-            replay_needed(&mut restored.stats, *p, "no usable checkpoint");
-            continue;
-        };
-        let tail = &tails[p];
-        let existed = states[p].aggregates().saturating_sub(tail.opened);
-        let reason = match &tail.gap {
-            Some(gap) => Some(gap.clone()),
-            None if existed != checkpoint.aggregates => Some(format!(
-                "the checkpoint counts {} aggregates but {existed} have snapshots",
-                checkpoint.aggregates
-            )),
-            None => None,
-        };
-        if let Some(reason) = reason {
-            tracing::error!(partition = p, %reason, "checkpoint incomplete; replaying the partition");
-            m::restore_unreadable("checkpoint");
-            replay.push(*p);
-        }
+    for (p, reason) in incomplete(&starts, &tails, &states) {
+        replay_needed(&mut restored.stats, p, &reason);
     }
+    let replay: Vec<(i32, Offset)> = restored
+        .stats
+        .replayed
+        .iter()
+        .filter(|p| starts.get(*p).is_some_and(Option::is_some))
+        .map(|p| (*p, Offset::Beginning))
+        .collect();
     if !replay.is_empty() {
-        for p in &replay {
-            replay_needed(&mut restored.stats, *p, "checkpoint incomplete");
-        }
-        let from_start: Vec<(i32, Offset)> =
-            replay.iter().map(|p| (*p, Offset::Beginning)).collect();
-        let replays = reader.fold_events(codec, &from_start, &mut states, true)?;
+        // The state so far is a valid start: every aggregate in it is a prefix of its history,
+        // and the replay only applies versions beyond it.
+        let replays = reader.fold_events(codec, &replay, &mut states)?;
         restored.stats.events += replays.values().map(|t| t.events).sum::<usize>();
     }
     for p in &restored.stats.replayed {
@@ -171,6 +123,90 @@ pub fn restore(
     restored.stats.results = reader.results(result_reader, &mut states)?;
     restored.states = states;
     Ok(restored)
+}
+
+/// Each partition's checkpoint, if it can be used (none when a snapshot of the partition is
+/// unreadable: the partition is replayed).
+fn usable_checkpoints<'c>(
+    partitions: &[i32],
+    checkpoints: &'c HashMap<i32, Checkpoint>,
+    snapshots: &Snapshots,
+) -> HashMap<i32, Option<&'c Checkpoint>> {
+    partitions
+        .iter()
+        .map(|p| {
+            let usable = checkpoints
+                .get(p)
+                .filter(|_| !snapshots.unreadable_in.contains(p));
+            (*p, usable)
+        })
+        .collect()
+}
+
+/// Each partition's state as its snapshots and checkpoint hold it: the aggregates, the
+/// quarantined ones and the clock floor.
+fn seed_states(
+    starts: &HashMap<i32, Option<&Checkpoint>>,
+    snapshots: &mut Snapshots,
+) -> HashMap<i32, PartitionState> {
+    starts
+        .iter()
+        .map(|(p, checkpoint)| {
+            let mut state = snapshots.seed(*p);
+            if let Some(c) = checkpoint {
+                for q in &c.quarantined {
+                    state.quarantine(&q.aggregate_id, q.offset, q.reason.clone());
+                }
+                // Older checkpoints lack the floor; their time is after every event they cover.
+                state.saw_event_at(c.last_event_at.unwrap_or(c.taken_at));
+            }
+            (*p, state)
+        })
+        .collect()
+}
+
+/// Where each partition's events are read from: its checkpoint's offset, or the beginning.
+fn tail_starts(starts: &HashMap<i32, Option<&Checkpoint>>) -> Vec<(i32, Offset)> {
+    starts
+        .iter()
+        .map(|(p, c)| {
+            (
+                *p,
+                c.map_or(Offset::Beginning, |c| Offset::Offset(c.next_event_offset)),
+            )
+        })
+        .collect()
+}
+
+/// The proof: the partitions (with why) whose restore is not complete. One without a
+/// checkpoint was read from its beginning already; a checkpointed one whose tail has a gap,
+/// or whose snapshots miss an aggregate the checkpoint counted, must be replayed.
+fn incomplete(
+    starts: &HashMap<i32, Option<&Checkpoint>>,
+    tails: &HashMap<i32, Tail>,
+    states: &HashMap<i32, PartitionState>,
+) -> Vec<(i32, String)> {
+    let mut incomplete = Vec::new();
+    for (p, checkpoint) in starts {
+        let Some(checkpoint) = checkpoint else {
+            incomplete.push((*p, "no usable checkpoint".to_owned()));
+            continue;
+        };
+        let tail = &tails[p];
+        let existed = states[p].aggregates().saturating_sub(tail.opened);
+        let reason = match &tail.gap {
+            Some(gap) => gap.clone(),
+            None if existed != checkpoint.aggregates => format!(
+                "the checkpoint counts {} aggregates but {existed} have snapshots",
+                checkpoint.aggregates
+            ),
+            None => continue,
+        };
+        tracing::error!(partition = p, %reason, "checkpoint incomplete; replaying the partition");
+        m::restore_unreadable("checkpoint");
+        incomplete.push((*p, reason));
+    }
+    incomplete
 }
 
 fn replay_needed(stats: &mut RestoreStats, partition: i32, why: &str) {
@@ -208,10 +244,54 @@ impl Snapshots {
 #[derive(Debug, Default)]
 struct Tail {
     events: usize,
+    /// Read from the partition's first event: nothing comes before it.
+    complete_read: bool,
     /// Aggregates whose first event (version 1) is in the tail: they did not exist before it.
     opened: u64,
-    /// The first version gap, if any.
+    /// The first version gap of a tail read from a checkpoint, if any.
     gap: Option<String>,
+}
+
+impl Tail {
+    /// Folds one event, quarantining its aggregate when it cannot be read.
+    fn fold(
+        &mut self,
+        codec: &EventCodec,
+        state: &mut PartitionState,
+        msg: &BorrowedMessage<'_>,
+        partitions: i32,
+    ) {
+        match fold_event(codec, state, msg, partitions) {
+            Folded::Covered { first } | Folded::Applied { first } => {
+                self.opened += u64::from(first);
+            }
+            Folded::Skipped => {}
+            Folded::Gap { reason, .. } if !self.complete_read => self.gap = Some(reason),
+            Folded::Gap {
+                aggregate_id,
+                reason,
+            } => {
+                m::restore_unreadable("event");
+                state.quarantine(&aggregate_id, msg.offset(), reason);
+            }
+            Folded::Unreadable {
+                aggregate_id: Some(aggregate_id),
+                reason,
+            } => {
+                m::restore_unreadable("event");
+                state.quarantine(&aggregate_id, msg.offset(), reason);
+            }
+            Folded::Unreadable {
+                aggregate_id: None,
+                reason,
+            } => {
+                // No aggregate to set aside: if one of its events is lost with it, the version
+                // gap that follows quarantines that aggregate.
+                m::restore_unreadable("event");
+                tracing::error!(partition = msg.partition(), offset = msg.offset(), %reason, "unreadable event without an aggregate id ignored");
+            }
+        }
+    }
 }
 
 /// What one event did to the state.
@@ -220,8 +300,18 @@ enum Folded {
     Covered { first: bool },
     /// Applied to its aggregate.
     Applied { first: bool },
+    /// Not folded: its aggregate is quarantined, or it is not this partition's.
+    Skipped,
     /// Its version does not follow the aggregate's.
-    Gap(String),
+    Gap {
+        aggregate_id: String,
+        reason: String,
+    },
+    /// It cannot be read (garbage, an upcast that fails, data that does not fit its type).
+    Unreadable {
+        aggregate_id: Option<String>,
+        reason: String,
+    },
 }
 
 /// Readers of the partitions' topics, sharing one restore group name and the stop flag.
@@ -345,20 +435,27 @@ impl<'a> Reader<'a> {
         Ok(snapshots)
     }
 
-    /// Folds the events from `starts` into `states`. With `final_read`, a gap is a corrupt
-    /// store; otherwise it is reported in the partition's [`Tail`] (the caller replays).
+    /// Folds the events from `starts` into `states`. A partition read from its beginning is
+    /// read in full: a version gap there quarantines the aggregate. A partition read from a
+    /// checkpoint reports its first gap in its [`Tail`] (the caller replays it).
     fn fold_events(
         &self,
         codec: &EventCodec,
         starts: &[(i32, Offset)],
         states: &mut HashMap<i32, PartitionState>,
-        final_read: bool,
     ) -> Result<HashMap<i32, Tail>, RestoreError> {
-        let mut tails: HashMap<i32, Tail> =
-            starts.iter().map(|(p, _)| (*p, Tail::default())).collect();
-        let topic = self.topics.events();
-        let mut corrupt: Option<RestoreError> = None;
-        let reader = self.open(&topic, starts)?;
+        let mut tails: HashMap<i32, Tail> = starts
+            .iter()
+            .map(|(p, start)| {
+                let tail = Tail {
+                    complete_read: *start == Offset::Beginning,
+                    ..Tail::default()
+                };
+                (*p, tail)
+            })
+            .collect();
+        let partitions = self.settings.partitions;
+        let reader = self.open(&self.topics.events(), starts)?;
         self.drain(reader, |msg| {
             let partition = msg.partition();
             let (Some(state), Some(tail)) = (states.get_mut(&partition), tails.get_mut(&partition))
@@ -366,28 +463,12 @@ impl<'a> Reader<'a> {
                 return;
             };
             tail.events += 1;
-            if tail.gap.is_some() || corrupt.is_some() {
-                return;
-            }
-            match fold_event(codec, state, msg) {
-                Ok(Folded::Covered { first }) => tail.opened += u64::from(first),
-                Ok(Folded::Applied { first }) => tail.opened += u64::from(first),
-                Ok(Folded::Gap(reason)) if !final_read => tail.gap = Some(reason),
-                Ok(Folded::Gap(reason)) | Err(reason) => {
-                    corrupt = Some(RestoreError::Corrupt {
-                        topic: topic.clone(),
-                        partition,
-                        offset: msg.offset(),
-                        reason,
-                    });
-                }
+            if tail.gap.is_none() {
+                tail.fold(codec, state, msg, partitions);
             }
         })?;
         m::restored_events(tails.values().map(|t| t.events).sum());
-        match corrupt {
-            Some(error) => Err(error),
-            None => Ok(tails),
-        }
+        Ok(tails)
     }
 
     /// A reader of the command results decided within the dedupe window.
@@ -416,7 +497,8 @@ impl<'a> Reader<'a> {
             read += 1;
             let at_ms = msg.timestamp().to_millis().unwrap_or(now_ms);
             match msg.payload().map(serde_json::from_slice::<CommandResult>) {
-                Some(Ok(result)) if at_ms >= since_ms => {
+                // A non-final answer (`AggregateUnavailable`) is decided afresh.
+                Some(Ok(result)) if at_ms >= since_ms && result.is_final() => {
                     if let Some(state) = states.get_mut(&msg.partition()) {
                         state.dedupe.insert(result.command_id, at_ms, result);
                     }
@@ -440,37 +522,81 @@ fn fold_event(
     codec: &EventCodec,
     state: &mut PartitionState,
     msg: &BorrowedMessage<'_>,
-) -> Result<Folded, String> {
+    partitions: i32,
+) -> Folded {
     let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
+    if let Some(id) = key {
+        if canonical_partition(id.as_bytes(), partitions) != msg.partition() {
+            tracing::error!(
+                partition = msg.partition(),
+                offset = msg.offset(),
+                aggregate_id = id,
+                "event on another partition than its aggregate's ignored"
+            );
+            m::restore_unreadable("misplaced_event");
+            return Folded::Skipped;
+        }
+        if state.quarantined.contains_key(id) {
+            return Folded::Skipped;
+        }
+    }
+    if let Some(at) = msg
+        .timestamp()
+        .to_millis()
+        .and_then(DateTime::from_timestamp_millis)
+    {
+        state.saw_event_at(at);
+    }
     let header_version: Option<u64> =
         header_str(msg.headers(), header::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
     if let (Some(id), Some(version)) = (key, header_version)
         && state.accounts.get(id).is_some_and(|a| a.version >= version)
     {
-        return Ok(Folded::Covered {
+        return Folded::Covered {
             first: version == 1,
-        });
+        };
     }
-    let envelope = codec
-        .decode_json(msg.payload().unwrap_or_default())
-        .map_err(|e| e.to_string())?;
+    let unreadable = |reason: String| Folded::Unreadable {
+        aggregate_id: key.map(str::to_owned),
+        reason,
+    };
+    let envelope = match codec.decode_json(msg.payload().unwrap_or_default()) {
+        Ok(envelope) => envelope,
+        Err(e) => return unreadable(e.to_string()),
+    };
+    if key.is_some_and(|k| k != envelope.aggregate_id) {
+        return unreadable(format!(
+            "the record's key differs from its aggregate id {}",
+            envelope.aggregate_id
+        ));
+    }
+    if state.quarantined.contains_key(&envelope.aggregate_id) {
+        return Folded::Skipped;
+    }
+    state.saw_event_at(envelope.timestamp);
     let account = state
         .accounts
         .entry(envelope.aggregate_id.clone())
         .or_default();
     let first = envelope.version == 1;
     if envelope.version <= account.version {
-        return Ok(Folded::Covered { first });
+        return Folded::Covered { first };
     }
     if envelope.version > account.version + 1 {
-        return Ok(Folded::Gap(format!(
-            "version gap: {} version {} follows version {}",
-            envelope.aggregate_id, envelope.version, account.version
-        )));
+        return Folded::Gap {
+            reason: format!(
+                "version gap: {} version {} follows version {}",
+                envelope.aggregate_id, envelope.version, account.version
+            ),
+            aggregate_id: envelope.aggregate_id,
+        };
     }
-    let event = envelope.event().map_err(|e| e.to_string())?;
+    let event = match envelope.event() {
+        Ok(event) => event,
+        Err(e) => return unreadable(e.to_string()),
+    };
     account.apply(&event);
     state.events_since_checkpoint += 1;
     state.dirty.insert(envelope.aggregate_id);
-    Ok(Folded::Applied { first })
+    Folded::Applied { first }
 }

@@ -6,6 +6,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use shared::envelope::Quarantined;
 use shared::{BankAccount, CommandResult};
 use uuid::Uuid;
 
@@ -31,6 +33,12 @@ pub struct PartitionState {
     /// No checkpoint covers this state (a store from before checkpoints, or one a restore could
     /// not use): write one at the first chance.
     pub needs_checkpoint: bool,
+    /// Aggregates whose stored events could not be read, by id: commands on them are answered
+    /// `AggregateUnavailable`, everything else on the partition is served.
+    pub quarantined: HashMap<String, Quarantined>,
+    /// The latest event timestamp on the partition: new events are never stamped earlier, so
+    /// `as_of` can only return states that existed, whatever the clocks of past writers said.
+    pub last_event_at: Option<DateTime<Utc>>,
 }
 
 impl Default for PartitionState {
@@ -42,6 +50,8 @@ impl Default for PartitionState {
             events_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             needs_checkpoint: false,
+            quarantined: HashMap::new(),
+            last_event_at: None,
         }
     }
 }
@@ -59,10 +69,45 @@ impl PartitionState {
         )
     }
 
-    /// Aggregates that exist (have at least one event).
+    /// Aggregates that exist (have at least one event) and are not quarantined: the count a
+    /// checkpoint records and a restore proves.
     pub fn aggregates(&self) -> u64 {
-        self.accounts.values().filter(|a| a.version > 0).count() as u64
+        self.accounts
+            .iter()
+            .filter(|(id, a)| a.version > 0 && !self.quarantined.contains_key(*id))
+            .count() as u64
     }
+
+    /// Sets an aggregate aside (the first unreadable record of it is the one reported).
+    pub fn quarantine(&mut self, aggregate_id: &str, offset: i64, reason: String) {
+        if !self.quarantined.contains_key(aggregate_id) {
+            tracing::error!(aggregate_id, offset, %reason, "unreadable event: the aggregate is unavailable until the record is repaired");
+            self.quarantined.insert(
+                aggregate_id.to_owned(),
+                Quarantined {
+                    aggregate_id: aggregate_id.to_owned(),
+                    offset,
+                    reason,
+                },
+            );
+        }
+    }
+
+    /// Records an event's timestamp in the partition's clock floor.
+    pub fn saw_event_at(&mut self, at: DateTime<Utc>) {
+        self.last_event_at = self.last_event_at.max(Some(at));
+    }
+}
+
+/// The timestamp of a new event: now, but never earlier than the partition's latest event.
+pub fn event_time(now: DateTime<Utc>, floor: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    floor.map_or(now, |floor| now.max(floor))
+}
+
+/// The snapshot policy: an aggregate reaching a multiple of `every` versions gets a snapshot
+/// in the same transaction (besides the checkpoints' snapshots).
+pub fn snapshot_due(version: u64, every: u64) -> bool {
+    every > 0 && version.is_multiple_of(every)
 }
 
 /// The pure checkpoint policy of [`PartitionState::checkpoint_due`].
@@ -139,8 +184,19 @@ impl Dedupe {
 pub struct Overlay {
     /// Aggregates changed in the transaction (their new state).
     pub accounts: HashMap<String, BankAccount>,
-    /// Results decided in the transaction, with their partition.
-    pub results: HashMap<Uuid, (i32, CommandResult)>,
+    /// Results decided in the transaction.
+    pub results: HashMap<Uuid, Decided>,
+    /// The latest event timestamp per partition written in the transaction.
+    pub last_event_at: HashMap<i32, DateTime<Utc>>,
+}
+
+/// A command's result decided in the open transaction, and the partition it belongs to.
+#[derive(Debug)]
+pub struct Decided {
+    /// The command's partition.
+    pub partition: i32,
+    /// Its result.
+    pub result: CommandResult,
 }
 
 impl Overlay {
@@ -160,9 +216,14 @@ impl Overlay {
                 state.accounts.insert(id, account);
             }
         }
-        for (command_id, (partition, result)) in self.results {
+        for (command_id, decided) in self.results {
+            if let Some(state) = partitions.get_mut(&decided.partition) {
+                state.dedupe.insert(command_id, now_ms, decided.result);
+            }
+        }
+        for (partition, at) in self.last_event_at {
             if let Some(state) = partitions.get_mut(&partition) {
-                state.dedupe.insert(command_id, now_ms, result);
+                state.saw_event_at(at);
             }
         }
     }
@@ -188,6 +249,23 @@ mod tests {
             !checkpoint_due(false, 0, false, minute * 10, 10),
             "nothing changed: nothing to checkpoint"
         );
+    }
+
+    #[test]
+    fn snapshot_policy() {
+        assert!(snapshot_due(100, 100));
+        assert!(snapshot_due(200, 100));
+        assert!(!snapshot_due(101, 100));
+        assert!(!snapshot_due(0, 0), "SNAPSHOT_EVERY=0 never snapshots");
+    }
+
+    #[test]
+    fn event_time_never_goes_back() {
+        let now = Utc::now();
+        let ahead = now + chrono::Duration::hours(1);
+        assert_eq!(event_time(now, None), now);
+        assert_eq!(event_time(now, Some(ahead)), ahead);
+        assert_eq!(event_time(ahead, Some(now)), ahead);
     }
 
     #[test]

@@ -215,7 +215,13 @@ impl EventCodec {
                     .encoder
                     .encode(&value, strategy)
                     .await
-                    .map_err(registry_encode_error)
+                    .map_err(|e| {
+                        // The client caches a refusal as final; the writer retries every
+                        // registry failure (a restarted registry answers 404 for a while), so
+                        // the retry must ask again.
+                        registry.encoder.remove_errors_from_cache();
+                        registry_encode_error(e)
+                    })
             }
         }
     }

@@ -207,6 +207,12 @@ impl CommandResult {
         self.error.as_ref().map(|e| e.code)
     }
 
+    /// Whether this is the command's final answer (remembered for the dedupe window): every
+    /// result but a rejection whose code is not final ([`RejectionCode::is_final`]).
+    pub fn is_final(&self) -> bool {
+        self.rejection_code().is_none_or(RejectionCode::is_final)
+    }
+
     /// JSON bytes of the result.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
@@ -308,4 +314,24 @@ pub struct Checkpoint {
     pub aggregates: u64,
     /// When the checkpoint was taken.
     pub taken_at: DateTime<Utc>,
+    /// The latest event timestamp of the partition then: the next event is never stamped
+    /// earlier, whatever the writer's clock says (absent in checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_at: Option<DateTime<Utc>>,
+    /// Aggregates whose stored events could not be read: they have no snapshot, are not counted
+    /// in `aggregates`, and stay unavailable after a restore from this checkpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// An aggregate set aside because one of its stored events cannot be read: commands on it are
+/// answered `AggregateUnavailable` until the record is repaired and the partition restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// The aggregate.
+    pub aggregate_id: String,
+    /// Offset of the first unreadable record of it on the events partition.
+    pub offset: i64,
+    /// What is wrong with that record.
+    pub reason: String,
 }

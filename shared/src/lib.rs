@@ -25,6 +25,7 @@ pub mod kafka;
 pub mod money;
 pub mod registry;
 pub mod runtime;
+pub mod shutdown;
 pub mod testing;
 pub mod trace;
 pub mod upcast;

@@ -437,9 +437,18 @@ async fn a_command_whose_event_cannot_be_written_is_rejected_and_the_stream_goes
     app.stop().await;
 }
 
+/// An id whose canonical partition is `partition` (of `partitions`), starting with `prefix`.
+fn id_on(prefix: &str, partition: i32, partitions: i32) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| canonical_partition(id.as_bytes(), partitions) == partition)
+        .unwrap()
+}
+
 #[tokio::test]
-async fn a_corrupt_event_store_stops_the_service_with_a_clear_error() {
-    let settings = shared::testing::test_settings(1);
+async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() {
+    let mut settings = shared::testing::test_settings(2);
+    settings.commit_interval = Duration::from_millis(20);
     let topics = Topics::new(&settings.topic_prefix);
     shared::kafka::ensure_topics(
         &settings.kafka,
@@ -448,17 +457,73 @@ async fn a_corrupt_event_store_stops_the_service_with_a_clear_error() {
     )
     .await
     .unwrap();
-    produce_to(&settings, &topics.events(), "acc-x", b"not an event", 0).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(60),
-        command_service::run(settings.clone(), listener, std::future::pending()),
+    let garbage = id_on("garbage", 0, 2);
+    let legacy = id_on("legacy", 0, 2);
+    let neighbour = id_on("neighbour", 0, 2);
+    let stray = id_on("stray", 1, 2);
+    // Garbage bytes; a v1 event whose amount cannot be upcast (three decimals); a valid event
+    // of an aggregate of partition 1 written to partition 0.
+    produce_to(&settings, &topics.events(), &garbage, b"not an event", 0).await;
+    let bad_v1 = json!({"id": "a6a3a450-6513-270e-269e-0d37f2a74de4", "aggregate_id": legacy,
+        "aggregate_type": "BankAccount", "event_type": "AccountOpened",
+        "data": {"name": "Alice", "initial_balance": 50.555}, "metadata": {},
+        "version": 1, "timestamp": "2025-03-01T00:01:00"});
+    produce_to(
+        &settings,
+        &topics.events(),
+        &legacy,
+        bad_v1.to_string().as_bytes(),
+        0,
     )
-    .await
-    .expect("the service stops by itself");
-    let message = format!("{:#}", outcome.unwrap_err());
-    assert!(
-        message.contains("restore failed") && message.contains("offset 0"),
-        "{message}"
+    .await;
+    let misplaced = json!({"id": "1600a35a-0999-50d8-36f6-75cc81e74ef5", "aggregate_id": stray,
+        "aggregate_type": "BankAccount", "event_type": "AccountOpened",
+        "data": {"name": "Stray", "initial_balance": 1}, "metadata": {},
+        "version": 1, "timestamp": "2025-03-01T00:01:00"});
+    produce_to(
+        &settings,
+        &topics.events(),
+        &stray,
+        misplaced.to_string().as_bytes(),
+        0,
+    )
+    .await;
+
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let deposit = cmd(&garbage, Command::Deposit { amount_minor: 5 });
+    for (command, offset) in [(&deposit, 0), (&open(&legacy, "Again", 0), 1)] {
+        let (s, body) = app.send(command).await;
+        assert_eq!(s, 422, "{body}");
+        assert_eq!(body["error"]["code"], "AggregateUnavailable", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("offset {offset}")), "{message}");
+    }
+    let (s, body) = app.send(&open(&neighbour, "Bea", 10)).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(1)), "{body}");
+    let (s, body) = app.send(&open(&stray, "Stray", 10)).await;
+    assert_eq!(
+        (s, body["version"].as_u64()),
+        (200, Some(1)),
+        "the misplaced record is not the aggregate's: {body}"
     );
+    assert_eq!(
+        app.ready_json().await["restores"]["quarantined_aggregates"],
+        2
+    );
+    app.stop().await;
+
+    // The quarantine survives a restart from the checkpoint written at shutdown, and a
+    // command answered `AggregateUnavailable` is not remembered as decided.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    assert_eq!(app.ready_json().await["restores"]["replayed_partitions"], 0);
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("AggregateUnavailable"))
+    );
+    let (s, _) = app
+        .send(&cmd(&neighbour, Command::Deposit { amount_minor: 1 }))
+        .await;
+    assert_eq!(s, 200);
+    app.stop().await;
 }

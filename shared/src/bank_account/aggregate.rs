@@ -50,6 +50,25 @@ fn reject<T>(code: RejectionCode, message: impl Into<String>) -> Result<T, Rejec
 }
 
 impl BankAccount {
+    /// Decides a command sent with an optional `expected_version` (optimistic concurrency):
+    /// a version conflict when the account is elsewhere, otherwise [`BankAccount::handle`].
+    pub fn decide(
+        &self,
+        expected_version: Option<u64>,
+        command: &Command,
+    ) -> Result<Vec<Event>, Rejection> {
+        match expected_version {
+            Some(expected) if expected != self.version => reject(
+                RejectionCode::VersionConflict,
+                format!(
+                    "expected version {expected}, but the account is at version {}",
+                    self.version
+                ),
+            ),
+            _ => self.handle(command),
+        }
+    }
+
     /// Decides what a command means for this account: the events to append, or why not.
     /// Never changes the state.
     pub fn handle(&self, command: &Command) -> Result<Vec<Event>, Rejection> {

@@ -127,6 +127,10 @@ pub enum RejectionCode {
     VersionConflict,
     /// The command could not be read (bad JSON, unknown type, missing or invalid fields).
     Malformed,
+    /// The aggregate's stored events cannot be read right now (an unreadable event on its
+    /// partition): nothing is decided on it until an operator repairs the store. Not final:
+    /// the same command id is decided afresh when sent again.
+    AggregateUnavailable,
 }
 
 impl RejectionCode {
@@ -141,7 +145,14 @@ impl RejectionCode {
             RejectionCode::NonZeroBalance => "NonZeroBalance",
             RejectionCode::VersionConflict => "VersionConflict",
             RejectionCode::Malformed => "Malformed",
+            RejectionCode::AggregateUnavailable => "AggregateUnavailable",
         }
+    }
+
+    /// Whether the rejection is the command's final answer, remembered for the dedupe window.
+    /// [`RejectionCode::AggregateUnavailable`] is not: the command was never decided.
+    pub fn is_final(self) -> bool {
+        !matches!(self, RejectionCode::AggregateUnavailable)
     }
 }
 

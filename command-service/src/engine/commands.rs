@@ -1,0 +1,390 @@
+//! One command inside the open transaction: route it to its canonical partition, answer a
+//! duplicate with its original result, let the aggregate decide, produce its events (and a
+//! snapshot when one is due) and its result.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use serde_json::Value;
+use shared::envelope::{MalformedCommand, Metadata};
+use shared::kafka::canonical_partition;
+use shared::trace::{METADATA_TRACE_ID, TraceContext};
+use shared::{
+    BankAccount, CommandMessage, CommandResult, Event, EventEnvelope, Rejection, RejectionCode,
+};
+use uuid::Uuid;
+
+use super::{DeliveryToken, DueSnapshot, Engine, EngineConsumer, Processed, TxnError};
+use crate::state::{Decided, event_time, snapshot_due};
+
+/// Why a command's events could not be produced.
+enum AppendError {
+    /// Redoing the transaction cannot help (the record is larger than Kafka takes): the
+    /// command is rejected with this reason.
+    Unwritable(String),
+    /// Abort and redo.
+    Txn(TxnError),
+}
+
+impl<E: Into<TxnError>> From<E> for AppendError {
+    fn from(e: E) -> Self {
+        AppendError::Txn(e.into())
+    }
+}
+
+/// A decided command: its result and the outcome label of the metrics.
+struct Decision {
+    result: CommandResult,
+    outcome: &'static str,
+}
+
+impl Decision {
+    fn rejected(command_id: Uuid, aggregate_id: &str, rejection: Rejection) -> Self {
+        Decision {
+            outcome: rejection.code.as_str(),
+            result: CommandResult::rejected(command_id, aggregate_id, rejection),
+        }
+    }
+}
+
+impl Engine {
+    pub(super) fn on_message(&mut self, consumer: &EngineConsumer, msg: &BorrowedMessage<'_>) {
+        let partition = msg.partition();
+        if !self.partitions.contains_key(&partition) {
+            tracing::debug!(partition, "message for a partition not owned; ignored");
+            if self.restoring.contains_key(&partition) {
+                // Fetched before the pause: the restore's end must seek back over it.
+                self.skipped_while_restoring.insert(partition);
+            }
+            return;
+        }
+        if self.txn.is_none() && !self.begin(consumer) {
+            return;
+        }
+        let received = Instant::now();
+        self.trace = TraceContext::from_headers(msg.headers());
+        let span = tracing::info_span!(
+            "command",
+            partition,
+            offset = msg.offset(),
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace) = &self.trace {
+            span.record("trace_id", trace.trace_id_hex());
+            shared::runtime::set_parent(&span, trace);
+        }
+        let processed = span.in_scope(|| self.process(msg));
+        self.trace = None;
+        match processed {
+            Ok(outcome) => {
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.next_offsets.insert(partition, msg.offset() + 1);
+                    txn.commands += 1;
+                    txn.outcomes.push(Processed { outcome, received });
+                }
+            }
+            Err(e) => self.on_txn_error(consumer, e),
+        }
+    }
+
+    /// Handles one command inside the open transaction; returns its outcome label.
+    fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<&'static str, TxnError> {
+        let partition = msg.partition();
+        let parsed = CommandMessage::from_bytes(msg.payload().unwrap_or_default());
+        if let Some(canonical) = self.misrouted(msg, &parsed) {
+            self.forward(msg, canonical)?;
+            return Ok("forwarded");
+        }
+        let command = match parsed {
+            Ok(command) => command,
+            Err(malformed) => return self.malformed(partition, malformed),
+        };
+        if let Some(previous) = self.result_of(partition, command.command_id) {
+            tracing::info!(command_id = %command.command_id, "duplicate command: original result sent again");
+            self.send_result(partition, &previous)?;
+            return Ok("duplicate");
+        }
+        let decision = self.decide(partition, &command)?;
+        self.send_result(partition, &decision.result)?;
+        self.remember(partition, decision.result);
+        Ok(decision.outcome)
+    }
+
+    /// The canonical partition of a command that arrived on another one (its aggregate id, or
+    /// for an unreadable command its key, decides).
+    fn misrouted(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        parsed: &Result<CommandMessage, MalformedCommand>,
+    ) -> Option<i32> {
+        let routing_key: &[u8] = match parsed {
+            Ok(c) => c.aggregate_id.as_bytes(),
+            Err(m) => m
+                .aggregate_id
+                .as_ref()
+                .map(|a| a.as_bytes())
+                .or(msg.key())?,
+        };
+        let canonical = canonical_partition(routing_key, self.settings.partitions);
+        (canonical != msg.partition()).then_some(canonical)
+    }
+
+    /// What the aggregate makes of the command; its events are produced when accepted.
+    fn decide(&mut self, partition: i32, command: &CommandMessage) -> Result<Decision, TxnError> {
+        let (id, aggregate_id) = (command.command_id, command.aggregate_id.as_str());
+        if let Some(rejection) = self.unavailable(partition, aggregate_id) {
+            return Ok(Decision::rejected(id, aggregate_id, rejection));
+        }
+        let state = self.account(partition, aggregate_id);
+        let events = match state.decide(command.expected_version, &command.command) {
+            Ok(events) => events,
+            Err(rejection) => return Ok(Decision::rejected(id, aggregate_id, rejection)),
+        };
+        match self.append(partition, command, state, &events) {
+            Ok(envelopes) => Ok(Decision {
+                result: CommandResult::accepted(id, aggregate_id, &envelopes),
+                outcome: "accepted",
+            }),
+            Err(AppendError::Unwritable(reason)) => {
+                tracing::warn!(command_id = %id, %reason, "command's event cannot be written");
+                let rejection = Rejection::new(RejectionCode::Malformed, reason);
+                Ok(Decision::rejected(id, aggregate_id, rejection))
+            }
+            Err(AppendError::Txn(e)) => Err(e),
+        }
+    }
+
+    /// The rejection for a command on a quarantined aggregate (one whose stored events cannot
+    /// be read), if it is one.
+    fn unavailable(&self, partition: i32, aggregate_id: &str) -> Option<Rejection> {
+        let quarantined = self
+            .partitions
+            .get(&partition)?
+            .quarantined
+            .get(aggregate_id)?;
+        Some(Rejection::new(
+            RejectionCode::AggregateUnavailable,
+            format!(
+                "{aggregate_id} cannot be served: its event at {} partition {partition} offset {} \
+                 is unreadable ({}); repair the record and restart the command-service",
+                self.topics.events(),
+                quarantined.offset,
+                quarantined.reason
+            ),
+        ))
+    }
+
+    fn malformed(
+        &mut self,
+        partition: i32,
+        malformed: MalformedCommand,
+    ) -> Result<&'static str, TxnError> {
+        let Some(command_id) = malformed.command_id else {
+            tracing::warn!(partition, reason = %malformed.reason, "unreadable command without a command_id; skipped");
+            return Ok("unreadable");
+        };
+        if let Some(previous) = self.result_of(partition, command_id) {
+            self.send_result(partition, &previous)?;
+            return Ok("duplicate");
+        }
+        tracing::warn!(partition, %command_id, reason = %malformed.reason, "malformed command");
+        let aggregate_id = malformed.aggregate_id.clone().unwrap_or_default();
+        let rejection = Rejection::new(RejectionCode::Malformed, malformed.reason);
+        let decision = Decision::rejected(command_id, &aggregate_id, rejection);
+        self.send_result(partition, &decision.result)?;
+        self.remember(partition, decision.result);
+        Ok(decision.outcome)
+    }
+
+    /// Produces the events of an accepted command (and a snapshot when one is due) and records
+    /// the new state in the overlay.
+    fn append(
+        &mut self,
+        partition: i32,
+        command: &CommandMessage,
+        mut state: BankAccount,
+        events: &[Event],
+    ) -> Result<Vec<EventEnvelope>, AppendError> {
+        let metadata = self.event_metadata(command);
+        let at = event_time(Utc::now(), self.clock_floor(partition));
+        let mut envelopes = Vec::with_capacity(events.len());
+        let mut snapshot = None;
+        for event in events {
+            state.apply(event);
+            let envelope = EventEnvelope::new(
+                &command.aggregate_id,
+                state.version,
+                event,
+                at,
+                metadata.clone(),
+            );
+            let token = snapshot_due(state.version, self.settings.snapshot_every).then(|| {
+                let token = self.new_token();
+                snapshot = Some((token, state.clone()));
+                token
+            });
+            let first = envelopes.is_empty();
+            self.produce_event(partition, &envelope, token, first)?;
+            envelopes.push(envelope);
+        }
+        if let Some(txn) = self.txn.as_mut() {
+            if let Some((token, state)) = snapshot {
+                txn.snapshots.push(DueSnapshot {
+                    token,
+                    partition,
+                    aggregate_id: command.aggregate_id.clone(),
+                    state,
+                });
+            }
+            txn.overlay.last_event_at.insert(partition, at);
+            txn.overlay
+                .accounts
+                .insert(command.aggregate_id.clone(), state);
+        }
+        Ok(envelopes)
+    }
+
+    /// The metadata of a command's events: the command's own, plus causation, correlation and
+    /// trace ids.
+    fn event_metadata(&self, command: &CommandMessage) -> Metadata {
+        let mut metadata: Metadata = command.metadata.clone();
+        let command_id = Value::String(command.command_id.to_string());
+        metadata.insert("causation_id".into(), command_id.clone());
+        metadata.entry("correlation_id").or_insert(command_id);
+        if let Some(trace) = &self.trace {
+            metadata.insert(
+                METADATA_TRACE_ID.into(),
+                Value::String(trace.trace_id_hex()),
+            );
+        }
+        metadata
+    }
+
+    /// The latest event timestamp of the partition, the open transaction's included.
+    fn clock_floor(&self, partition: i32) -> Option<chrono::DateTime<Utc>> {
+        let committed = self
+            .partitions
+            .get(&partition)
+            .and_then(|s| s.last_event_at);
+        let open = self
+            .txn
+            .as_ref()
+            .and_then(|t| t.overlay.last_event_at.get(&partition).copied());
+        committed.max(open)
+    }
+
+    /// Encodes and sends one event. A record larger than Kafka takes is [`AppendError::Unwritable`]
+    /// when it is the command's first event (nothing of the command was produced yet).
+    fn produce_event(
+        &mut self,
+        partition: i32,
+        envelope: &EventEnvelope,
+        token: Option<DeliveryToken>,
+        first: bool,
+    ) -> Result<(), AppendError> {
+        let topic = self.topics.events();
+        let bytes = self
+            .runtime
+            .block_on(self.codec.encode(&topic, envelope))
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "event encoding failed; the transaction is redone"),
+            )?;
+        let headers = self.traced(shared::codec::event_headers(envelope));
+        let record = super::transactions::Record {
+            topic: &topic,
+            partition,
+            key: envelope.aggregate_id.as_bytes(),
+            payload: &bytes,
+            headers: Some(headers),
+            timestamp_ms: Some(envelope.timestamp.timestamp_millis()),
+        };
+        match self.send(record, token) {
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) if first => {
+                Err(AppendError::Unwritable(format!(
+                    "the event ({} bytes) is larger than Kafka accepts",
+                    bytes.len()
+                )))
+            }
+            other => Ok(other?),
+        }
+    }
+
+    fn new_token(&mut self) -> DeliveryToken {
+        self.next_token += 1;
+        DeliveryToken(self.next_token)
+    }
+
+    fn forward(&mut self, msg: &BorrowedMessage<'_>, canonical: i32) -> Result<(), TxnError> {
+        tracing::debug!(
+            from = msg.partition(),
+            to = canonical,
+            "command forwarded to its canonical partition"
+        );
+        let topic = self.topics.commands();
+        let record = super::transactions::Record {
+            topic: &topic,
+            partition: canonical,
+            key: msg.key().unwrap_or_default(),
+            payload: msg.payload().unwrap_or_default(),
+            headers: msg.headers().map(|h| h.detach()),
+            timestamp_ms: None,
+        };
+        Ok(self.send(record, None)?)
+    }
+
+    fn send_result(&mut self, partition: i32, result: &CommandResult) -> Result<(), TxnError> {
+        let topic = self.topics.command_results();
+        let key = result.command_id.to_string();
+        let payload = result.to_bytes();
+        let record = super::transactions::Record {
+            topic: &topic,
+            partition,
+            key: key.as_bytes(),
+            payload: &payload,
+            headers: self.trace.map(|_| self.traced(OwnedHeaders::new())),
+            timestamp_ms: None,
+        };
+        Ok(self.send(record, None)?)
+    }
+
+    fn result_of(&self, partition: i32, command_id: Uuid) -> Option<CommandResult> {
+        self.txn
+            .as_ref()
+            .and_then(|t| t.overlay.results.get(&command_id).map(|d| d.result.clone()))
+            .or_else(|| {
+                self.partitions
+                    .get(&partition)?
+                    .dedupe
+                    .get(&command_id)
+                    .cloned()
+            })
+    }
+
+    fn account(&self, partition: i32, aggregate_id: &str) -> BankAccount {
+        self.txn
+            .as_ref()
+            .and_then(|t| t.overlay.accounts.get(aggregate_id).cloned())
+            .or_else(|| {
+                self.partitions
+                    .get(&partition)?
+                    .accounts
+                    .get(aggregate_id)
+                    .cloned()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Keeps a final result for the dedupe window (a non-final one, `AggregateUnavailable`, is
+    /// decided afresh when the command comes again).
+    fn remember(&mut self, partition: i32, result: CommandResult) {
+        if let Some(txn) = self.txn.as_mut()
+            && result.is_final()
+        {
+            txn.overlay
+                .results
+                .insert(result.command_id, Decided { partition, result });
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! The writer: one consumer-group member on `<prefix>.commands` and one transactional producer,
+//! on a dedicated thread (librdkafka's transaction calls block).
+//!
+//! Per command ([`commands`]): forward it if it is not on its aggregate's canonical partition;
+//! answer a duplicate with its original result; let the aggregate decide (expected version
+//! included); produce events, snapshot and result. Many commands share one transaction
+//! ([`transactions`]), which also carries the consumed offsets (KIP-447:
+//! `send_offsets_to_transaction` with the consumer's group metadata), so events, results and
+//! progress commit or vanish together. A transaction opens with the partition checkpoints that
+//! are due ([`checkpoints`], read back by [`crate::restore`]).
+//!
+//! State changes of the open transaction live in an [`Overlay`] and reach the partition state
+//! only after the commit: an abort drops them and seeks the consumer back to the committed
+//! offsets. The group uses the cooperative-sticky assignor and static membership
+//! (`group.instance.id` = `INSTANCE_ID`): a rebalance moves only the partitions that change
+//! owner, and a restarted instance gets its partitions back without waiting for its old session
+//! to expire. Rebalance callbacks ([`rebalance`]) run on this thread inside `poll`: a
+//! revocation commits (or aborts) the open transaction and drops the revoked partitions' state;
+//! an assignment pauses the new partitions and restores them on a thread of their own, so the
+//! poll loop goes on serving the others and never outstays `max.poll.interval.ms`; a finished
+//! restore resumes them.
+//!
+//! The engine stops through the service's [`Shutdown`]: gracefully when it is triggered, or by
+//! failing it with the reason (a fenced producer or consumer, a transaction whose outcome cannot
+//! be learned, a failed seek).
+
+mod checkpoints;
+mod commands;
+mod rebalance;
+mod transactions;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use shared::codec::EncodeError;
+use shared::kafka::Topics;
+use shared::shutdown::Shutdown;
+use shared::trace::TraceContext;
+use shared::{BankAccount, EventCodec, Settings};
+
+use crate::metrics as m;
+use crate::restore;
+use crate::state::{Overlay, PartitionState};
+
+/// Commands per transaction at most; the transaction also commits every `COMMIT_INTERVAL_MS`.
+const MAX_COMMANDS_PER_TXN: usize = 1000;
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the HTTP side can see of the engine (the fatal reason, if any, is the [`Shutdown`]'s).
+#[derive(Debug, Default)]
+pub struct Status {
+    /// An assignment was received and every assigned partition is restored (possibly none).
+    pub ready: AtomicBool,
+    /// The partitions currently owned.
+    pub partitions: Mutex<Vec<i32>>,
+    /// What the restores of this instance read, in total (shown by `/ready`).
+    pub restores: Mutex<RestoreTotals>,
+}
+
+/// What an instance's restores read since it started: the figures that show whether restores
+/// follow the live state or the history.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RestoreTotals {
+    /// Partitions restored (a partition kept across a rebalance is not restored again).
+    pub partitions: u64,
+    /// Snapshots read.
+    pub snapshots: u64,
+    /// Events read (checkpoint tails, and full replays).
+    pub events: u64,
+    /// Command results of the dedupe window read.
+    pub results: u64,
+    /// Partitions that had to be replayed from their first event (no usable checkpoint).
+    pub replayed_partitions: u64,
+    /// Aggregates set aside because a stored event of theirs cannot be read.
+    #[serde(default)]
+    pub quarantined_aggregates: u64,
+    /// Duration of the last restore.
+    pub last_seconds: f64,
+}
+
+impl Status {
+    fn set_partitions(&self, partitions: Vec<i32>) {
+        m::set_owned_partitions(partitions.len());
+        *lock(&self.partitions) = partitions;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why the engine stopped, or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A Kafka client could not be created or set up.
+    #[error("cannot start the {what}: {source}")]
+    Start {
+        /// Which client.
+        what: &'static str,
+        /// What librdkafka said.
+        source: KafkaError,
+    },
+    /// The engine stopped on a fatal error (the reason is also the [`Shutdown`]'s).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Why the open transaction must be aborted and its commands redone.
+#[derive(Debug, thiserror::Error)]
+enum TxnError {
+    /// Kafka refused or failed a produce, an offset send, a commit.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// An event could not be encoded (the schema registry failed or refused).
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// Between rebalances there is no group generation: nothing can be committed.
+    #[error("not in a consumer group generation")]
+    NoGeneration,
+    /// The event a snapshot covers was not delivered in time, so its offset is unknown.
+    #[error("the event a snapshot covers was not delivered")]
+    SnapshotEventUndelivered,
+}
+
+/// Identifies a produced event whose offset is wanted (for its snapshot). Records nobody waits
+/// for go out with [`UNTRACKED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct DeliveryToken(usize);
+
+/// The opaque of records whose delivery nobody waits for.
+const UNTRACKED: usize = 0;
+
+/// Records the offsets of events whose snapshot needs them (token → offset, or `None` when the
+/// delivery failed). Delivery reports are served on the engine thread, by its polls of the
+/// producer.
+#[derive(Default)]
+pub struct DeliveryTracker {
+    offsets: Mutex<HashMap<usize, Option<i64>>>,
+}
+
+impl DeliveryTracker {
+    /// The outcome of the delivery of the event sent with `token`, once it is known.
+    fn take(&self, token: DeliveryToken) -> Option<Option<i64>> {
+        lock(&self.offsets).remove(&token.0)
+    }
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
+        let outcome = match result {
+            Ok(msg) => Some(msg.offset()),
+            Err((e, msg)) => {
+                tracing::warn!(topic = msg.topic(), partition = msg.partition(), error = %e, "delivery failed; the transaction will abort");
+                None
+            }
+        };
+        if token != UNTRACKED {
+            lock(&self.offsets).insert(token, outcome);
+        }
+    }
+}
+
+/// Polled by the engine thread itself: with librdkafka's own thread polling it (a
+/// `ThreadedProducer`), the flush inside `commit_transaction` waited up to that thread's 100 ms
+/// poll for the delivery reports, which made every commit's latency about 100 ms.
+type TxnProducer = BaseProducer<DeliveryTracker>;
+
+/// Consumer context: rebalance callbacks reach the engine through it.
+pub struct EngineContext {
+    engine: Mutex<Engine>,
+}
+
+impl ClientContext for EngineContext {}
+
+impl ConsumerContext for EngineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            lock(&self.engine).on_revoke(consumer, &partitions);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                lock(&self.engine).on_assign(consumer, &partitions);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+type EngineConsumer = BaseConsumer<EngineContext>;
+
+/// The open transaction.
+struct Txn {
+    started: Instant,
+    commands: usize,
+    /// Per partition of the commands topic, the offset after the last command processed.
+    next_offsets: HashMap<i32, i64>,
+    overlay: Overlay,
+    /// Per command processed: its outcome label and when it was received (for the metrics).
+    outcomes: Vec<Processed>,
+    /// Snapshots due in this transaction, written just before it commits, when the offsets of
+    /// the events they cover are known.
+    snapshots: Vec<DueSnapshot>,
+    /// Checkpoints written at the start of this transaction, with what they took from their
+    /// partition's state, given back if the transaction aborts.
+    checkpoints: Vec<TakenCheckpoint>,
+}
+
+impl Txn {
+    fn new() -> Self {
+        Txn {
+            started: Instant::now(),
+            commands: 0,
+            next_offsets: HashMap::new(),
+            overlay: Overlay::default(),
+            outcomes: Vec::new(),
+            snapshots: Vec::new(),
+            checkpoints: Vec::new(),
+        }
+    }
+}
+
+/// A command processed in the open transaction, for the metrics once it commits.
+struct Processed {
+    outcome: &'static str,
+    received: Instant,
+}
+
+/// A snapshot due in the open transaction: the aggregate's state after the event sent with
+/// `token`, whose offset the snapshot records.
+struct DueSnapshot {
+    token: DeliveryToken,
+    partition: i32,
+    aggregate_id: String,
+    state: BankAccount,
+}
+
+/// A checkpoint in an open transaction: the partition's checkpoint bookkeeping it reset.
+struct TakenCheckpoint {
+    partition: i32,
+    dirty: HashSet<String>,
+    events_since: u64,
+    needed: bool,
+}
+
+/// A restore running on its own thread for some newly assigned partitions.
+struct PendingRestore {
+    partitions: Vec<i32>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// What a restore thread sends back.
+struct RestoreDone {
+    id: u64,
+    started: Instant,
+    outcome: Result<RestoredPartitions, restore::RestoreError>,
+}
+
+/// A finished restore: where the partitions' commands resume, and their state.
+struct RestoredPartitions {
+    committed: HashMap<i32, Offset>,
+    restored: restore::Restored,
+}
+
+/// The command processor. Lives inside the consumer's context, driven by [`run_engine`].
+pub struct Engine {
+    settings: Arc<Settings>,
+    topics: Topics,
+    codec: Arc<EventCodec>,
+    runtime: tokio::runtime::Handle,
+    producer_config: ClientConfig,
+    producer: TxnProducer,
+    /// Asks for the events partitions' high watermarks (read_uncommitted: the end of everything
+    /// written, where a read_committed client would get the last stable offset, which lags
+    /// until a commit's markers are written).
+    offsets: BaseConsumer,
+    partitions: HashMap<i32, PartitionState>,
+    committed_next: HashMap<i32, Offset>,
+    txn: Option<Txn>,
+    next_token: usize,
+    /// The trace of the command being processed (its record's `traceparent`): events and the
+    /// result get child spans of it.
+    trace: Option<TraceContext>,
+    /// Partition → the restore that will bring its state (paused until then).
+    restoring: HashMap<i32, u64>,
+    /// Restoring partitions of which a message was fetched (and ignored) before the pause.
+    skipped_while_restoring: HashSet<i32>,
+    restores: HashMap<u64, PendingRestore>,
+    next_restore: u64,
+    restore_done: (mpsc::Sender<RestoreDone>, mpsc::Receiver<RestoreDone>),
+    /// An assignment (possibly empty) was received: readiness needs one.
+    assigned: bool,
+    /// Set when a checkpoint was postponed: no idle checkpoint before then.
+    checkpoint_retry_at: Option<Instant>,
+    /// Consecutive aborted transactions: the pause before a redo grows with them.
+    aborts_in_a_row: u32,
+    status: Arc<Status>,
+    shutdown: Shutdown,
+}
+
+fn new_producer(config: &ClientConfig) -> KafkaResult<TxnProducer> {
+    let producer: TxnProducer = config.create_with_context(DeliveryTracker::default())?;
+    producer.init_transactions(TXN_TIMEOUT)?;
+    Ok(producer)
+}
+
+impl Engine {
+    fn new(
+        settings: Arc<Settings>,
+        codec: Arc<EventCodec>,
+        runtime: tokio::runtime::Handle,
+        status: Arc<Status>,
+        shutdown: Shutdown,
+    ) -> Result<Self, EngineError> {
+        let mut producer_config = settings.kafka.producer_config();
+        producer_config
+            .set("transactional.id", transactional_id(&settings))
+            .set("transaction.timeout.ms", "10000")
+            .set("linger.ms", "2")
+            // A transaction begun right after a commit finds the coordinator still writing the
+            // previous one's markers (CONCURRENT_TRANSACTIONS) and retries after this backoff:
+            // librdkafka's 100 ms default would be the latency floor of group commit.
+            .set("retry.backoff.ms", "5")
+            .set("message.timeout.ms", "10000");
+        let producer = new_producer(&producer_config).map_err(|source| EngineError::Start {
+            what: "transactional producer",
+            source,
+        })?;
+        let offsets: BaseConsumer = settings
+            .kafka
+            .client_config()
+            .set("group.id", group_id(&settings))
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .map_err(|source| EngineError::Start {
+                what: "offsets client",
+                source,
+            })?;
+        Ok(Engine {
+            topics: Topics::new(&settings.topic_prefix),
+            settings,
+            codec,
+            runtime,
+            producer_config,
+            producer,
+            offsets,
+            partitions: HashMap::new(),
+            committed_next: HashMap::new(),
+            txn: None,
+            next_token: UNTRACKED,
+            trace: None,
+            restoring: HashMap::new(),
+            skipped_while_restoring: HashSet::new(),
+            restores: HashMap::new(),
+            next_restore: 0,
+            restore_done: mpsc::channel(),
+            assigned: false,
+            checkpoint_retry_at: None,
+            aborts_in_a_row: 0,
+            status,
+            shutdown,
+        })
+    }
+
+    /// Readiness (an assignment received, nothing being restored), owned partitions and the
+    /// memory gauges.
+    fn update_status(&self) {
+        let mut owned: Vec<i32> = self.partitions.keys().copied().collect();
+        owned.sort_unstable();
+        self.status.set_partitions(owned);
+        let ready = self.assigned && self.restoring.is_empty() && !self.shutdown.is_triggered();
+        self.status.ready.store(ready, Ordering::SeqCst);
+        self.update_memory_gauges();
+    }
+
+    /// The gauges of what the owned partitions hold in memory.
+    fn update_memory_gauges(&self) {
+        let aggregates = self.partitions.values().map(|s| s.accounts.len()).sum();
+        let dedupe = self.partitions.values().map(|s| s.dedupe.len()).sum();
+        m::set_memory(aggregates, dedupe);
+    }
+
+    /// Stops the engine (and the service) for `reason`.
+    fn fail(&mut self, reason: String) {
+        tracing::error!(%reason, "command engine stops");
+        self.status.ready.store(false, Ordering::SeqCst);
+        self.shutdown.fail(reason);
+    }
+
+    /// Whether the engine stopped on a fatal error.
+    fn failed(&self) -> bool {
+        self.shutdown.failure().is_some()
+    }
+}
+
+/// `<prefix>.command-service.<INSTANCE_ID>`: stable per instance, so a restart fences its
+/// predecessor and aborts its open transaction at once.
+pub fn transactional_id(settings: &Settings) -> String {
+    format!(
+        "{}.command-service.{}",
+        settings.topic_prefix, settings.instance_id
+    )
+}
+
+/// Runs the engine on the current (dedicated) thread until `shutdown` is triggered; fails
+/// `shutdown` (and returns the reason) on a fatal error.
+pub fn run_engine(
+    settings: Arc<Settings>,
+    codec: Arc<EventCodec>,
+    runtime: tokio::runtime::Handle,
+    status: Arc<Status>,
+    shutdown: Shutdown,
+) -> Result<(), EngineError> {
+    let engine = Engine::new(
+        Arc::clone(&settings),
+        codec,
+        runtime,
+        Arc::clone(&status),
+        shutdown.clone(),
+    )?;
+    let consumer = subscribe(&settings, engine)?;
+    while !shutdown.is_triggered() {
+        poll_once(&consumer, &settings);
+    }
+    leave(&consumer, &status);
+    match shutdown.failure() {
+        Some(reason) => Err(EngineError::Fatal(reason)),
+        None => Ok(()),
+    }
+}
+
+/// The group member on `<prefix>.commands`, with the engine in its context.
+fn subscribe(settings: &Settings, engine: Engine) -> Result<EngineConsumer, EngineError> {
+    let start = |source| EngineError::Start {
+        what: "consumer",
+        source,
+    };
+    let consumer: EngineConsumer = settings
+        .kafka
+        .client_config()
+        .set("group.id", group_id(settings))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // Incremental rebalancing: partitions that stay keep their state.
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Static membership: a restarted instance takes its partitions back at once.
+        .set("group.instance.id", &settings.instance_id)
+        // Restores run off the poll loop; a commit can take three 30 s attempts.
+        .set("max.poll.interval.ms", "300000")
+        .create_with_context(EngineContext {
+            engine: Mutex::new(engine),
+        })
+        .map_err(start)?;
+    let commands = Topics::new(&settings.topic_prefix).commands();
+    consumer.subscribe(&[&commands]).map_err(start)?;
+    tracing::info!(transactional_id = %transactional_id(settings), topic = %commands, "command engine started");
+    Ok(consumer)
+}
+
+/// One turn of the loop: take a command (or wait a little for one), serve delivery reports,
+/// install finished restores, commit when due, checkpoint when idle.
+fn poll_once(consumer: &EngineConsumer, settings: &Settings) {
+    // With a transaction open, only what is already fetched is taken (then it commits);
+    // without one, wait a little for the next command.
+    let open = lock(&consumer.context().engine).txn.is_some();
+    let polled = consumer.poll(if open {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(20)
+    });
+    let drained = polled.is_none();
+    let mut engine = lock(&consumer.context().engine);
+    engine.producer.poll(Duration::ZERO);
+    match polled {
+        Some(Ok(msg)) => engine.on_message(consumer, &msg),
+        Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+        None => {}
+    }
+    // Fatal client errors arrive as error events, not from poll: e.g. another member joined
+    // with the same group.instance.id (INSTANCE_ID) and fenced this one.
+    if let Some((code, reason)) = consumer.client().fatal_error() {
+        engine.fail(format!(
+            "fatal consumer error {code:?}: {reason} (is another instance running with \
+             INSTANCE_ID={}?)",
+            settings.instance_id
+        ));
+        return;
+    }
+    engine.install_restores(consumer);
+    if engine.commit_due(drained) {
+        engine.commit(consumer);
+    }
+    engine.checkpoint_idle(consumer);
+}
+
+/// Leaves the group: the open transaction commits (unless the engine failed), a checkpoint of
+/// whatever changed is written so that the next start reads a short tail, and the revocation
+/// callback is served.
+fn leave(consumer: &EngineConsumer, status: &Status) {
+    {
+        let mut engine = lock(&consumer.context().engine);
+        engine.cancel_restores();
+        if !engine.failed() {
+            engine.commit(consumer);
+            engine.checkpoint_idle(consumer);
+        }
+    }
+    tracing::info!("command engine leaving the group");
+    consumer.unsubscribe();
+    let _ = consumer.poll(Duration::from_millis(100));
+    status.ready.store(false, Ordering::SeqCst);
+}
+
+/// The committed offsets of `partitions` of `<prefix>.commands`, read as the group's
+/// (read_committed: this waits for offsets a previous owner left pending in an unfinished
+/// transaction, KIP-447, so the restore that follows sees everything they cover). Without them
+/// neither the restore nor a later rewind would be sound: retried, then an error.
+fn committed_offsets(
+    settings: &Settings,
+    partitions: &[i32],
+    cancel: &AtomicBool,
+) -> Result<HashMap<i32, Offset>, restore::RestoreError> {
+    let commands = Topics::new(&settings.topic_prefix).commands();
+    let kafka_error = |source| restore::RestoreError::Kafka {
+        topic: commands.clone(),
+        source,
+    };
+    let consumer: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .set("group.id", group_id(settings))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(kafka_error)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&commands, *p);
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(30)) {
+            Ok(c) if c.elements().iter().all(|e| e.error().is_ok()) => {
+                return Ok(c
+                    .elements()
+                    .iter()
+                    .map(|e| (e.partition(), e.offset()))
+                    .collect());
+            }
+            Ok(c) => tracing::warn!(attempt, offsets = ?c, "committed offsets not stable yet"),
+            Err(e) if attempt >= 4 => return Err(kafka_error(e)),
+            Err(e) => tracing::warn!(attempt, error = %e, "cannot read committed offsets"),
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(restore::RestoreError::Interrupted);
+        }
+        if attempt >= 4 {
+            return Err(kafka_error(KafkaError::OffsetFetch(
+                RDKafkaErrorCode::UnstableOffsetCommit,
+            )));
+        }
+    }
+}
+
+/// `<prefix>.command-service`: the consumer group of all instances.
+fn group_id(settings: &Settings) -> String {
+    format!("{}.command-service", settings.topic_prefix)
+}

@@ -1,0 +1,504 @@
+//! The transaction around many commands: begin, produce, commit with the consumed offsets;
+//! on failure abort and rewind, or stop when the outcome cannot be learned or the producer is
+//! fenced (redoing then could append a command's events twice, or fence the live instance).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use shared::envelope::Snapshot;
+use shared::kafka::canonical_partition;
+use shared::trace::TRACEPARENT;
+
+use super::{
+    DeliveryToken, Engine, EngineConsumer, MAX_COMMANDS_PER_TXN, TXN_TIMEOUT, TxnError, UNTRACKED,
+    new_producer,
+};
+use crate::metrics as m;
+
+/// One record to produce in the open transaction.
+pub(super) struct Record<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub key: &'a [u8],
+    pub payload: &'a [u8],
+    pub headers: Option<OwnedHeaders>,
+    /// The record's timestamp (events carry their envelope's); `None`: the producer's clock.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// What became of a transaction whose commit or abort did not complete, learned from the
+/// group's committed offsets once a new producer finished it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Its offsets are the group's: it committed; keep its changes.
+    Committed,
+    /// The group is still where the transaction started: it aborted; redo its commands.
+    Aborted,
+    /// The offsets could not be read (or are beyond the transaction's): neither redoing nor
+    /// keeping is safe.
+    Unknown(String),
+}
+
+/// Reads a committed-offsets lookup against the transaction's offsets (`next` per partition of
+/// `topic`). A transaction that carried no offsets (only checkpoints) counts as aborted: redoing
+/// it rewrites compacted records, which is harmless.
+pub(crate) fn outcome_of(
+    topic: &str,
+    next: &HashMap<i32, i64>,
+    lookup: KafkaResult<TopicPartitionList>,
+) -> Outcome {
+    if next.is_empty() {
+        return Outcome::Aborted;
+    }
+    let committed = match lookup {
+        Ok(committed) => committed,
+        Err(e) => return Outcome::Unknown(format!("cannot read the committed offsets: {e}")),
+    };
+    let mut all_ours = true;
+    for (p, next) in next {
+        let entry = committed.find_partition(topic, *p);
+        let offset = match entry.as_ref().map(|e| (e.error(), e.offset())) {
+            Some((Ok(()), Offset::Offset(o))) => Some(o),
+            Some((Ok(()), Offset::Invalid)) => None,
+            other => return Outcome::Unknown(format!("partition {p}: {other:?}")),
+        };
+        match offset {
+            Some(o) if o == *next => {}
+            Some(o) if o > *next => {
+                return Outcome::Unknown(format!(
+                    "partition {p} was committed to {o}, beyond this transaction's {next}"
+                ));
+            }
+            _ => all_ours = false,
+        }
+    }
+    if all_ours {
+        Outcome::Committed
+    } else {
+        Outcome::Aborted
+    }
+}
+
+impl Engine {
+    /// Begins a transaction and writes the checkpoints that are due into it; false (and the
+    /// error handled) when that failed.
+    pub(super) fn begin(&mut self, consumer: &EngineConsumer) -> bool {
+        if let Err(e) = self.producer.begin_transaction() {
+            self.on_txn_error(consumer, e.into());
+            return false;
+        }
+        self.txn = Some(super::Txn::new());
+        if let Err(e) = self.write_checkpoints() {
+            self.on_txn_error(consumer, e);
+            return false;
+        }
+        true
+    }
+
+    /// Group commit: the open transaction commits as soon as no further command is waiting
+    /// (`drained`), so an idle service answers at once and a busy one builds larger
+    /// transactions while the previous commit runs; and at the latest after
+    /// [`MAX_COMMANDS_PER_TXN`] commands or `COMMIT_INTERVAL_MS`.
+    pub(super) fn commit_due(&self, drained: bool) -> bool {
+        self.txn.as_ref().is_some_and(|t| {
+            drained
+                || t.commands >= MAX_COMMANDS_PER_TXN
+                || t.started.elapsed() >= self.settings.commit_interval
+        })
+    }
+
+    /// Commits the open transaction with its offsets; on failure aborts and rewinds.
+    pub(super) fn commit(&mut self, consumer: &EngineConsumer) {
+        let Some(txn) = self.txn.as_ref() else { return };
+        let commands = self.topics.commands();
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &txn.next_offsets {
+            if let Err(e) = tpl.add_partition_offset(&commands, *p, Offset::Offset(*next)) {
+                tracing::error!(error = %e, "bad offset");
+            }
+        }
+        let result = match consumer.group_metadata() {
+            Some(cgm) => self.write_snapshots().and_then(|()| {
+                self.producer
+                    .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
+                    .and_then(|()| self.commit_with_retries())
+                    .map_err(TxnError::from)
+            }),
+            None => Err(TxnError::NoGeneration),
+        };
+        match result {
+            Ok(()) => self.committed(),
+            Err(e) => self.on_txn_error(consumer, e),
+        }
+    }
+
+    /// `commit_transaction`, called again while it fails with a retriable error (a timeout):
+    /// librdkafka resumes the commit where it was.
+    fn commit_with_retries(&self) -> KafkaResult<()> {
+        self.await_deliveries(TXN_TIMEOUT);
+        let mut attempt = 1;
+        loop {
+            match self.producer.commit_transaction(TXN_TIMEOUT) {
+                Err(KafkaError::Transaction(e))
+                    if attempt < 3
+                        && e.is_retriable()
+                        && !e.is_fatal()
+                        && !e.txn_requires_abort() =>
+                {
+                    tracing::warn!(error = %e, attempt, "commit did not complete; retrying");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The open transaction is committed: its overlay becomes the partitions' state.
+    fn committed(&mut self) {
+        let Some(txn) = self.txn.take() else { return };
+        self.aborts_in_a_row = 0;
+        let n = self.settings.partitions;
+        let now_ms = Utc::now().timestamp_millis();
+        if !txn.checkpoints.is_empty() {
+            let snapshots = txn.checkpoints.iter().map(|c| c.dirty.len()).sum();
+            m::checkpoints(txn.checkpoints.len(), snapshots);
+            for taken in &txn.checkpoints {
+                if let Some(state) = self.partitions.get_mut(&taken.partition) {
+                    state.last_checkpoint = Instant::now();
+                }
+            }
+        }
+        txn.overlay.merge_into(
+            &mut self.partitions,
+            |id| canonical_partition(id.as_bytes(), n),
+            now_ms,
+        );
+        let window_ms = i64::try_from(self.settings.dedupe_window.as_millis()).unwrap_or(i64::MAX);
+        for state in self.partitions.values_mut() {
+            state.dedupe.expire(now_ms.saturating_sub(window_ms));
+        }
+        for (p, next) in txn.next_offsets {
+            self.committed_next.insert(p, Offset::Offset(next));
+        }
+        m::transaction("committed");
+        for processed in txn.outcomes {
+            m::command(processed.outcome, processed.received.elapsed());
+        }
+        self.update_memory_gauges();
+    }
+
+    /// Drops the open transaction (aborted, or lost to a fatal error): its overlay goes, and
+    /// what its checkpoints took from the partitions comes back, so the next one covers it.
+    fn drop_txn(&mut self) {
+        let Some(txn) = self.txn.take() else { return };
+        for taken in txn.checkpoints {
+            if let Some(state) = self.partitions.get_mut(&taken.partition) {
+                state.dirty.extend(taken.dirty);
+                state.events_since_checkpoint += taken.events_since;
+                state.needs_checkpoint |= taken.needed;
+            }
+        }
+    }
+
+    /// After an indefinite failure and a new producer (whose `init_transactions` finished the
+    /// old transaction one way or the other): what became of it. The lookup is retried for a
+    /// while before the outcome is called unknown.
+    fn txn_outcome(&self, consumer: &EngineConsumer) -> Outcome {
+        let Some(txn) = self.txn.as_ref() else {
+            return Outcome::Aborted;
+        };
+        let commands = self.topics.commands();
+        let mut tpl = TopicPartitionList::new();
+        for p in txn.next_offsets.keys() {
+            tpl.add_partition(&commands, *p);
+        }
+        let mut attempt = 1;
+        loop {
+            let lookup = consumer.committed_offsets(tpl.clone(), TXN_TIMEOUT);
+            match outcome_of(&commands, &txn.next_offsets, lookup) {
+                Outcome::Unknown(why) if attempt < 5 && !self.shutdown.is_triggered() => {
+                    tracing::warn!(attempt, %why, "the outcome of the timed-out transaction is not known yet; asking again");
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// The reason to stop when the producer can no longer be used by this instance: fenced by
+    /// another producer with the same `transactional.id` (`INSTANCE_ID`), or otherwise in a
+    /// fatal state. Re-creating it would fence the live instance in turn.
+    fn producer_unusable(&self, error: &TxnError) -> Option<String> {
+        let fenced = matches!(
+            error,
+            TxnError::Kafka(e) if matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
+            )
+        ) || matches!(error, TxnError::Kafka(KafkaError::Transaction(e)) if e.is_fatal());
+        let fatal = self.producer.client().fatal_error();
+        if !fenced && fatal.is_none() {
+            return None;
+        }
+        let detail = fatal.map_or_else(
+            || error.to_string(),
+            |(code, reason)| format!("{code:?}: {reason}"),
+        );
+        Some(format!(
+            "the transactional producer was fenced or failed fatally ({detail}); is another \
+             instance running with INSTANCE_ID={}?",
+            self.settings.instance_id
+        ))
+    }
+
+    /// Abortable errors abort and rewind; a timed-out (indefinite) commit or abort re-creates
+    /// the producer, whose `init_transactions` fences and finishes what the old one left open,
+    /// and the committed offsets then say whether it committed; a fenced producer, or an
+    /// outcome that cannot be learned, stops the engine.
+    pub(super) fn on_txn_error(&mut self, consumer: &EngineConsumer, error: TxnError) {
+        if let Some(reason) = self.producer_unusable(&error) {
+            self.drop_txn();
+            self.fail(reason);
+            return;
+        }
+        let indefinite =
+            matches!(&error, TxnError::Kafka(KafkaError::Transaction(e)) if e.is_retriable());
+        tracing::warn!(error = %error, indefinite, "transaction failed; aborting and rewinding");
+        let aborted = if indefinite {
+            Err(error)
+        } else {
+            self.producer
+                .abort_transaction(TXN_TIMEOUT)
+                .map_err(TxnError::from)
+        };
+        if let Err(error) = aborted {
+            if let Some(reason) = self.producer_unusable(&error) {
+                self.drop_txn();
+                self.fail(reason);
+                return;
+            }
+            match new_producer(&self.producer_config) {
+                Ok(p) => self.producer = p,
+                Err(e) => {
+                    self.drop_txn();
+                    self.fail(format!("cannot re-create the transactional producer: {e}"));
+                    return;
+                }
+            }
+            match self.txn_outcome(consumer) {
+                Outcome::Committed => {
+                    tracing::warn!("the timed-out transaction did commit; keeping its changes");
+                    self.committed();
+                    return;
+                }
+                Outcome::Aborted => {}
+                Outcome::Unknown(why) => {
+                    self.drop_txn();
+                    self.fail(format!(
+                        "the outcome of a timed-out transaction cannot be learned ({why}); \
+                         stopping rather than risk appending its commands' events twice"
+                    ));
+                    return;
+                }
+            }
+        }
+        m::transaction("aborted");
+        self.drop_txn();
+        self.rewind(consumer);
+    }
+
+    /// Seeks every owned partition back to its committed offset, after a pause that grows with
+    /// consecutive aborts (whatever failed, the registry or a broker, gets a moment).
+    fn rewind(&mut self, consumer: &EngineConsumer) {
+        self.aborts_in_a_row = self.aborts_in_a_row.saturating_add(1);
+        let exponent = self.aborts_in_a_row.min(6) - 1;
+        std::thread::sleep(Duration::from_millis(200 << exponent));
+        let commands = self.topics.commands();
+        let mut failed = None;
+        for p in self.partitions.keys() {
+            let offset = match self.committed_next.get(p) {
+                Some(Offset::Offset(o)) => Offset::Offset(*o),
+                _ => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(&commands, *p, offset, Duration::from_secs(10)) {
+                // Going on would commit offsets past commands never processed.
+                failed = Some(format!("cannot seek partition {p} back to {offset:?}: {e}"));
+                break;
+            }
+        }
+        if let Some(reason) = failed {
+            self.fail(reason);
+        }
+    }
+
+    /// Writes the transaction's due snapshots, each with the offset of the event it covers
+    /// (delivered by now, or soon: waiting here is on our own delivery reports, not a flush).
+    fn write_snapshots(&mut self) -> Result<(), TxnError> {
+        let Some(snapshots) = self.txn.as_mut().map(|t| std::mem::take(&mut t.snapshots)) else {
+            return Ok(());
+        };
+        let topic = self.topics.snapshots();
+        for due in snapshots {
+            let event_offset = self
+                .delivery_of(due.token, TXN_TIMEOUT)
+                .ok_or(TxnError::SnapshotEventUndelivered)?;
+            let snapshot = Snapshot {
+                aggregate_id: due.aggregate_id,
+                version: due.state.version,
+                event_offset,
+                state: due.state,
+                taken_at: Utc::now(),
+            };
+            let payload = serde_json::to_vec(&snapshot).unwrap_or_default();
+            let record = Record {
+                topic: &topic,
+                partition: due.partition,
+                key: snapshot.aggregate_id.as_bytes(),
+                payload: &payload,
+                headers: None,
+                timestamp_ms: None,
+            };
+            self.send(record, None)?;
+            tracing::debug!(aggregate_id = %snapshot.aggregate_id, version = snapshot.version, event_offset, "snapshot written");
+        }
+        Ok(())
+    }
+
+    /// Serves delivery reports until every produced message is delivered (or `timeout`):
+    /// rdkafka's flush inside `commit_transaction` waits for them in steps of 100 ms, which
+    /// would be every commit's latency.
+    fn await_deliveries(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits for the delivery of the event sent with `token` (serving delivery reports
+    /// meanwhile); its offset, or `None` when it failed or did not come within `timeout`.
+    fn delivery_of(&self, token: DeliveryToken, timeout: Duration) -> Option<i64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(outcome) = self.producer.context().take(token) {
+                return outcome;
+            }
+            deadline.checked_duration_since(Instant::now())?;
+            self.producer.poll(Duration::from_millis(5));
+        }
+    }
+
+    /// `headers` plus a `traceparent` of a new span in the current command's trace (the current
+    /// tracing span's, when spans are exported), if the command had one.
+    pub(super) fn traced(&self, headers: OwnedHeaders) -> OwnedHeaders {
+        let Some(trace) = &self.trace else {
+            return headers;
+        };
+        let child = shared::runtime::current_trace().unwrap_or_else(|| trace.child());
+        let value = child.to_header();
+        headers.insert(Header {
+            key: TRACEPARENT,
+            value: Some(value.as_str()),
+        })
+    }
+
+    /// Produces `record` in the open transaction; `token` asks for its delivery offset.
+    pub(super) fn send(&self, record: Record<'_>, token: Option<DeliveryToken>) -> KafkaResult<()> {
+        let opaque = token.map_or(UNTRACKED, |t| t.0);
+        let mut base = BaseRecord::with_opaque_to(record.topic, opaque)
+            .partition(record.partition)
+            .key(record.key)
+            .payload(record.payload);
+        if let Some(h) = record.headers {
+            base = base.headers(h);
+        }
+        if let Some(ms) = record.timestamp_ms {
+            base = base.timestamp(ms);
+        }
+        loop {
+            match self.producer.send(base) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    base = back;
+                    // Serving delivery reports makes room in the queue.
+                    self.producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(entries: &[(i32, Offset)]) -> KafkaResult<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in entries {
+            tpl.add_partition_offset("c", *p, *o).unwrap();
+        }
+        Ok(tpl)
+    }
+
+    #[test]
+    fn an_unreadable_outcome_is_unknown_never_aborted() {
+        let next = HashMap::from([(0, 10), (1, 5)]);
+        let failed = Err(KafkaError::OffsetFetch(RDKafkaErrorCode::RequestTimedOut));
+        assert!(matches!(
+            outcome_of("c", &next, failed),
+            Outcome::Unknown(_)
+        ));
+        assert_eq!(
+            outcome_of(
+                "c",
+                &next,
+                lookup(&[(0, Offset::Offset(10)), (1, Offset::Offset(5))])
+            ),
+            Outcome::Committed
+        );
+        assert_eq!(
+            outcome_of(
+                "c",
+                &next,
+                lookup(&[(0, Offset::Offset(7)), (1, Offset::Offset(5))])
+            ),
+            Outcome::Aborted
+        );
+        assert_eq!(
+            outcome_of(
+                "c",
+                &next,
+                lookup(&[(0, Offset::Invalid), (1, Offset::Invalid)])
+            ),
+            Outcome::Aborted,
+            "no offsets committed at all: the first transaction aborted"
+        );
+        assert!(matches!(
+            outcome_of(
+                "c",
+                &next,
+                lookup(&[(0, Offset::Offset(12)), (1, Offset::Offset(5))])
+            ),
+            Outcome::Unknown(_)
+        ));
+        assert!(
+            matches!(
+                outcome_of("c", &next, lookup(&[(0, Offset::Offset(10))])),
+                Outcome::Unknown(_)
+            ),
+            "a partition missing from the answer"
+        );
+        assert_eq!(
+            outcome_of("c", &HashMap::new(), Err(KafkaError::Canceled)),
+            Outcome::Aborted,
+            "a checkpoint-only transaction is redone harmlessly"
+        );
+    }
+}
