@@ -6,6 +6,7 @@ mod helpers;
 mod api;
 mod commands;
 mod crash;
+mod faults;
 mod interop;
 mod restore;
 mod two_instances;
