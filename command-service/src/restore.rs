@@ -33,7 +33,7 @@ use shared::kafka::{TopicReader, Topics, canonical_partition};
 use shared::{BankAccount, CommandResult, EventCodec, Settings};
 
 use crate::metrics as m;
-use crate::state::PartitionState;
+use crate::state::{PartitionState, ResultRef};
 
 /// Why a partition could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -500,7 +500,8 @@ impl<'a> Reader<'a> {
                 // A non-final answer (`AggregateUnavailable`) is decided afresh.
                 Some(Ok(result)) if at_ms >= since_ms && result.is_final() => {
                     if let Some(state) = states.get_mut(&msg.partition()) {
-                        state.dedupe.insert(result.command_id, at_ms, result);
+                        let at = ResultRef::At(msg.offset());
+                        state.dedupe.insert(result.command_id, at_ms, at);
                     }
                 }
                 Some(Ok(_)) => {}

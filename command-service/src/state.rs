@@ -121,28 +121,40 @@ pub fn checkpoint_due(
     uncovered || events_since >= every || (dirty && since_last >= CHECKPOINT_INTERVAL)
 }
 
-/// Command results remembered for the dedupe window, oldest first out.
+/// Command results remembered for the dedupe window, oldest first out. A result is kept as the
+/// offset of its record on the partition's `<prefix>.command-results` (read back for the rare
+/// duplicate), so an entry costs tens of bytes however large the result: the window holds every
+/// command of `DEDUPE_WINDOW`, which outgrows the aggregates on a busy system.
 #[derive(Debug, Default)]
 pub struct Dedupe {
     entries: HashMap<Uuid, Remembered>,
     order: VecDeque<(i64, Uuid)>,
 }
 
+/// Where a remembered result is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultRef {
+    /// At this offset of the partition of `<prefix>.command-results`.
+    At(i64),
+    /// Held in memory (its offset was not reported; rare).
+    Held(Box<CommandResult>),
+}
+
 #[derive(Debug)]
 struct Remembered {
     /// When the result was first decided (ms since the epoch).
     at_ms: i64,
-    result: CommandResult,
+    result: ResultRef,
 }
 
 impl Dedupe {
-    /// The remembered result of `command_id`.
-    pub fn get(&self, command_id: &Uuid) -> Option<&CommandResult> {
+    /// Where the remembered result of `command_id` is.
+    pub fn get(&self, command_id: &Uuid) -> Option<&ResultRef> {
         self.entries.get(command_id).map(|r| &r.result)
     }
 
     /// Remembers a result decided at `at_ms`; the first one decided for a command id stays.
-    pub fn insert(&mut self, command_id: Uuid, at_ms: i64, result: CommandResult) {
+    pub fn insert(&mut self, command_id: Uuid, at_ms: i64, result: ResultRef) {
         if self.entries.contains_key(&command_id) {
             return;
         }
@@ -197,15 +209,19 @@ pub struct Decided {
     pub partition: i32,
     /// Its result.
     pub result: CommandResult,
+    /// The delivery token of its record, whose offset the dedupe window keeps.
+    pub delivery: usize,
 }
 
 impl Overlay {
     /// Moves the overlay's changes into the committed partition states (decided at `now_ms`),
-    /// marking the changed aggregates for the next checkpoint.
+    /// marking the changed aggregates for the next checkpoint. `offset_of` gives a result
+    /// record's offset from its delivery token.
     pub fn merge_into(
         self,
         partitions: &mut HashMap<i32, PartitionState>,
         partition_of: impl Fn(&str) -> i32,
+        mut offset_of: impl FnMut(usize) -> Option<i64>,
         now_ms: i64,
     ) {
         for (id, account) in self.accounts {
@@ -218,7 +234,11 @@ impl Overlay {
         }
         for (command_id, decided) in self.results {
             if let Some(state) = partitions.get_mut(&decided.partition) {
-                state.dedupe.insert(command_id, now_ms, decided.result);
+                let result = match offset_of(decided.delivery) {
+                    Some(offset) => ResultRef::At(offset),
+                    None => ResultRef::Held(Box::new(decided.result)),
+                };
+                state.dedupe.insert(command_id, now_ms, result);
             }
         }
         for (partition, at) in self.last_event_at {
@@ -272,11 +292,11 @@ mod tests {
     fn dedupe_forgets_oldest_first_and_keeps_the_first_result() {
         let mut d = Dedupe::default();
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        d.insert(a, 100, result(a));
-        d.insert(b, 200, result(b));
-        d.insert(a, 300, result(Uuid::nil()));
-        d.insert(c, 300, result(c));
-        assert_eq!(d.get(&a).unwrap().command_id, a, "first result stays");
+        d.insert(a, 100, ResultRef::At(1));
+        d.insert(b, 200, ResultRef::Held(Box::new(result(b))));
+        d.insert(a, 300, ResultRef::At(99));
+        d.insert(c, 300, ResultRef::At(3));
+        assert_eq!(d.get(&a), Some(&ResultRef::At(1)), "first result stays");
         assert_eq!(d.expire(200), 1);
         assert!(d.get(&a).is_none());
         assert!(d.get(&b).is_some());

@@ -2,11 +2,13 @@
 //! duplicate with its original result, let the aggregate decide, produce its events (and a
 //! snapshot when one is due) and its result.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use shared::envelope::{MalformedCommand, Metadata};
 use shared::kafka::canonical_partition;
@@ -17,7 +19,7 @@ use shared::{
 use uuid::Uuid;
 
 use super::{DeliveryToken, DueSnapshot, Engine, EngineConsumer, Processed, TxnError};
-use crate::state::{Decided, event_time, snapshot_due};
+use crate::state::{Decided, ResultRef, event_time, snapshot_due};
 
 /// Why a command's events could not be produced.
 enum AppendError {
@@ -101,14 +103,13 @@ impl Engine {
             Ok(command) => command,
             Err(malformed) => return self.malformed(partition, malformed),
         };
-        if let Some(previous) = self.result_of(partition, command.command_id) {
+        if let Some(previous) = self.result_of(partition, command.command_id)? {
             tracing::info!(command_id = %command.command_id, "duplicate command: original result sent again");
-            self.send_result(partition, &previous)?;
+            self.send_result(partition, &previous, None)?;
             return Ok("duplicate");
         }
         let decision = self.decide(partition, &command)?;
-        self.send_result(partition, &decision.result)?;
-        self.remember(partition, decision.result);
+        self.answer(partition, decision.result)?;
         Ok(decision.outcome)
     }
 
@@ -185,16 +186,15 @@ impl Engine {
             tracing::warn!(partition, reason = %malformed.reason, "unreadable command without a command_id; skipped");
             return Ok("unreadable");
         };
-        if let Some(previous) = self.result_of(partition, command_id) {
-            self.send_result(partition, &previous)?;
+        if let Some(previous) = self.result_of(partition, command_id)? {
+            self.send_result(partition, &previous, None)?;
             return Ok("duplicate");
         }
         tracing::warn!(partition, %command_id, reason = %malformed.reason, "malformed command");
         let aggregate_id = malformed.aggregate_id.clone().unwrap_or_default();
         let rejection = Rejection::new(RejectionCode::Malformed, malformed.reason);
         let decision = Decision::rejected(command_id, &aggregate_id, rejection);
-        self.send_result(partition, &decision.result)?;
-        self.remember(partition, decision.result);
+        self.answer(partition, decision.result)?;
         Ok(decision.outcome)
     }
 
@@ -334,7 +334,35 @@ impl Engine {
         Ok(self.send(record, None)?)
     }
 
-    fn send_result(&mut self, partition: i32, result: &CommandResult) -> Result<(), TxnError> {
+    /// Sends a newly decided result and, when it is final, remembers it for the dedupe window
+    /// (a non-final one, `AggregateUnavailable`, is decided afresh when the command comes
+    /// again).
+    fn answer(&mut self, partition: i32, result: CommandResult) -> Result<(), TxnError> {
+        if !result.is_final() {
+            return self.send_result(partition, &result, None);
+        }
+        let token = self.new_token();
+        self.send_result(partition, &result, Some(token))?;
+        if let Some(txn) = self.txn.as_mut() {
+            let decided = Decided {
+                partition,
+                result,
+                delivery: token.0,
+            };
+            txn.overlay
+                .results
+                .insert(decided.result.command_id, decided);
+        }
+        Ok(())
+    }
+
+    /// Sends a result; `token` asks for its record's offset.
+    fn send_result(
+        &mut self,
+        partition: i32,
+        result: &CommandResult,
+        token: Option<DeliveryToken>,
+    ) -> Result<(), TxnError> {
         let topic = self.topics.command_results();
         let key = result.command_id.to_string();
         let payload = result.to_bytes();
@@ -346,20 +374,71 @@ impl Engine {
             headers: self.trace.map(|_| self.traced(OwnedHeaders::new())),
             timestamp_ms: None,
         };
-        Ok(self.send(record, None)?)
+        Ok(self.send(record, token)?)
     }
 
-    fn result_of(&self, partition: i32, command_id: Uuid) -> Option<CommandResult> {
-        self.txn
+    /// The result already decided for `command_id`, if any: from the open transaction, or
+    /// read back from the results topic where the dedupe window points.
+    fn result_of(
+        &self,
+        partition: i32,
+        command_id: Uuid,
+    ) -> Result<Option<CommandResult>, TxnError> {
+        if let Some(decided) = self
+            .txn
             .as_ref()
-            .and_then(|t| t.overlay.results.get(&command_id).map(|d| d.result.clone()))
-            .or_else(|| {
-                self.partitions
-                    .get(&partition)?
-                    .dedupe
-                    .get(&command_id)
-                    .cloned()
-            })
+            .and_then(|t| t.overlay.results.get(&command_id))
+        {
+            return Ok(Some(decided.result.clone()));
+        }
+        let remembered = self
+            .partitions
+            .get(&partition)
+            .and_then(|s| s.dedupe.get(&command_id));
+        match remembered {
+            None => Ok(None),
+            Some(ResultRef::Held(result)) => Ok(Some((**result).clone())),
+            Some(ResultRef::At(offset)) => {
+                self.read_result(partition, *offset, command_id).map(Some)
+            }
+        }
+    }
+
+    /// Reads the result at `offset` of the results partition (the rare duplicate's path).
+    fn read_result(
+        &self,
+        partition: i32,
+        offset: i64,
+        command_id: Uuid,
+    ) -> Result<CommandResult, TxnError> {
+        let topic = self.topics.command_results();
+        let unreadable = |reason: String| TxnError::ResultUnreadable {
+            topic: topic.clone(),
+            partition,
+            offset,
+            reason,
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
+            .and_then(|()| self.results.assign(&tpl))
+            .map_err(|e| unreadable(e.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.results.poll(Duration::from_millis(100)) {
+                Some(Ok(msg)) if msg.offset() == offset => {
+                    let result: CommandResult =
+                        serde_json::from_slice(msg.payload().unwrap_or_default())
+                            .map_err(|e| unreadable(e.to_string()))?;
+                    if result.command_id != command_id {
+                        return Err(unreadable(format!("it answers {}", result.command_id)));
+                    }
+                    return Ok(result);
+                }
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => return Err(unreadable(e.to_string())),
+            }
+        }
+        Err(unreadable("not fetched within 10 s".into()))
     }
 
     fn account(&self, partition: i32, aggregate_id: &str) -> BankAccount {
@@ -374,17 +453,5 @@ impl Engine {
                     .cloned()
             })
             .unwrap_or_default()
-    }
-
-    /// Keeps a final result for the dedupe window (a non-final one, `AggregateUnavailable`, is
-    /// decided afresh when the command comes again).
-    fn remember(&mut self, partition: i32, result: CommandResult) {
-        if let Some(txn) = self.txn.as_mut()
-            && result.is_final()
-        {
-            txn.overlay
-                .results
-                .insert(result.command_id, Decided { partition, result });
-        }
     }
 }

@@ -130,9 +130,19 @@ enum TxnError {
     /// The event a snapshot covers was not delivered in time, so its offset is unknown.
     #[error("the event a snapshot covers was not delivered")]
     SnapshotEventUndelivered,
+    /// A duplicate's original result could not be read back from the results topic.
+    #[error(
+        "cannot read the original result at {topic} partition {partition} offset {offset}: {reason}"
+    )]
+    ResultUnreadable {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        reason: String,
+    },
 }
 
-/// Identifies a produced event whose offset is wanted (for its snapshot). Records nobody waits
+/// Identifies a produced record whose offset is wanted. Records nobody waits
 /// for go out with [`UNTRACKED`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct DeliveryToken(usize);
@@ -140,8 +150,8 @@ struct DeliveryToken(usize);
 /// The opaque of records whose delivery nobody waits for.
 const UNTRACKED: usize = 0;
 
-/// Records the offsets of events whose snapshot needs them (token → offset, or `None` when the
-/// delivery failed). Delivery reports are served on the engine thread, by its polls of the
+/// Records the offsets of records whose offset is wanted (token → offset, or `None` when the
+/// delivery failed): events a snapshot covers, and results the dedupe window points at. Delivery reports are served on the engine thread, by its polls of the
 /// producer.
 #[derive(Default)]
 pub struct DeliveryTracker {
@@ -149,9 +159,14 @@ pub struct DeliveryTracker {
 }
 
 impl DeliveryTracker {
-    /// The outcome of the delivery of the event sent with `token`, once it is known.
+    /// The outcome of the delivery of the record sent with `token`, once it is known.
     fn take(&self, token: DeliveryToken) -> Option<Option<i64>> {
         lock(&self.offsets).remove(&token.0)
+    }
+
+    /// Forgets every outcome (the transaction they belonged to is gone).
+    fn clear(&self) {
+        lock(&self.offsets).clear();
     }
 }
 
@@ -293,6 +308,8 @@ pub struct Engine {
     /// written, where a read_committed client would get the last stable offset, which lags
     /// until a commit's markers are written).
     offsets: BaseConsumer,
+    /// Reads a duplicate's original result back from `<prefix>.command-results`.
+    results: BaseConsumer,
     partitions: HashMap<i32, PartitionState>,
     committed_next: HashMap<i32, Offset>,
     txn: Option<Txn>,
@@ -355,8 +372,21 @@ impl Engine {
                 what: "offsets client",
                 source,
             })?;
+        let results: BaseConsumer = settings
+            .kafka
+            .client_config()
+            .set("group.id", group_id(&settings))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .map_err(|source| EngineError::Start {
+                what: "results reader",
+                source,
+            })?;
         Ok(Engine {
             topics: Topics::new(&settings.topic_prefix),
+            results,
             settings,
             codec,
             runtime,

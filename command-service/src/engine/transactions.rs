@@ -174,11 +174,14 @@ impl Engine {
                 }
             }
         }
+        let tracker = self.producer.context();
         txn.overlay.merge_into(
             &mut self.partitions,
             |id| canonical_partition(id.as_bytes(), n),
+            |token| tracker.take(DeliveryToken(token)).flatten(),
             now_ms,
         );
+        tracker.clear();
         let window_ms = i64::try_from(self.settings.dedupe_window.as_millis()).unwrap_or(i64::MAX);
         for state in self.partitions.values_mut() {
             state.dedupe.expire(now_ms.saturating_sub(window_ms));
@@ -196,6 +199,7 @@ impl Engine {
     /// Drops the open transaction (aborted, or lost to a fatal error): its overlay goes, and
     /// what its checkpoints took from the partitions comes back, so the next one covers it.
     fn drop_txn(&mut self) {
+        self.producer.context().clear();
         let Some(txn) = self.txn.take() else { return };
         for taken in txn.checkpoints {
             if let Some(state) = self.partitions.get_mut(&taken.partition) {
