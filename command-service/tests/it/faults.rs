@@ -1,7 +1,9 @@
 //! Faults other than a crash: a producer fenced by another with the same `INSTANCE_ID`, and a
 //! past writer whose clock ran ahead.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -97,5 +99,101 @@ async fn events_are_never_stamped_before_the_previous_event_of_their_partition()
         stamped >= ahead,
         "version 3 at {stamped} is earlier than version 2 at {ahead}"
     );
+    app.stop().await;
+}
+
+/// A schema registry in front of the real one that answers 404 to everything while `refusing`.
+struct FlakyRegistry {
+    url: String,
+    refusing: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+}
+
+impl FlakyRegistry {
+    async fn start(upstream: String) -> FlakyRegistry {
+        let refusing = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (Arc::clone(&refusing), Arc::clone(&refused));
+        let client = reqwest::Client::new();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (flag, count, client, upstream) = (
+                flag.clone(),
+                count.clone(),
+                client.clone(),
+                upstream.clone(),
+            );
+            async move {
+                if flag.load(Ordering::SeqCst) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let body = r#"{"error_code":40401,"message":"Subject not found"}"#;
+                    return (axum::http::StatusCode::NOT_FOUND, body.to_owned());
+                }
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+                let answer = client
+                    .request(parts.method, format!("{upstream}{}", parts.uri))
+                    .header("content-type", "application/vnd.schemaregistry.v1+json")
+                    .body(bytes)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = axum::http::StatusCode::from_u16(answer.status().as_u16()).unwrap();
+                (status, answer.text().await.unwrap())
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FlakyRegistry {
+            url,
+            refusing,
+            refused,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_registry_refusing_for_a_while_delays_commands_but_never_rejects_them() {
+    let Some(upstream) = shared::testing::schema_registry_url() else {
+        eprintln!("SCHEMA_REGISTRY_URL is not set: the registry path is not exercised");
+        return;
+    };
+    let registry = FlakyRegistry::start(upstream).await;
+    let mut settings = shared::testing::test_settings(1);
+    settings.schema_registry_url = Some(registry.url.clone());
+    settings.commit_interval = Duration::from_millis(20);
+    let app = TestApp::spawn_with(settings.clone()).await;
+
+    // A restarted registry with in-memory storage answers 404 until the schemas are back.
+    registry.refusing.store(true, Ordering::SeqCst);
+    let open = open("flaky-1", "Fay", 10);
+    let answer = {
+        let (http, url, body) = (
+            app.http.clone(),
+            app.url.clone(),
+            open.to_json().to_string(),
+        );
+        tokio::spawn(async move { post(&http, &url, body).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while registry.refused.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the engine never asked the registry"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    registry.refusing.store(false, Ordering::SeqCst);
+    let (status, body) = answer.await.unwrap();
+    assert_eq!(
+        (status, body["status"].as_str(), body["version"].as_u64()),
+        (200, Some("accepted"), Some(1)),
+        "a registry refusal is not the command's fault: {body}"
+    );
+    let results: Vec<_> = read_results(&settings)
+        .into_iter()
+        .filter(|r| r.command_id == open.command_id)
+        .collect();
+    assert_eq!(results.len(), 1, "one answer, never a remembered rejection");
     app.stop().await;
 }
