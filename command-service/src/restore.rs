@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 
 use chrono::{DateTime, Utc};
+use compact_str::CompactString;
 use rdkafka::Offset;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -33,7 +34,7 @@ use shared::kafka::{TopicReader, Topics, canonical_partition};
 use shared::{BankAccount, CommandResult, EventCodec, Settings};
 
 use crate::metrics as m;
-use crate::state::{PartitionState, ResultRef};
+use crate::state::{PartitionState, ResultRef, StoredAccount};
 
 /// Why a partition could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +225,7 @@ fn replay_needed(stats: &mut RestoreStats, partition: i32, why: &str) {
 /// partition (a snapshot is written to its aggregate's partition).
 #[derive(Default)]
 struct Snapshots {
-    latest: HashMap<i32, HashMap<String, BankAccount>>,
+    latest: HashMap<i32, HashMap<CompactString, StoredAccount>>,
     /// Partitions with an unreadable snapshot: their aggregates fall back to the events.
     unreadable_in: HashSet<i32>,
     read: usize,
@@ -413,10 +414,10 @@ impl<'a> Reader<'a> {
                 }
                 Some(Ok(s))
                     if latest
-                        .get(&s.aggregate_id)
+                        .get(s.aggregate_id.as_str())
                         .is_none_or(|old| old.version < s.version) =>
                 {
-                    latest.insert(s.aggregate_id, s.state);
+                    latest.insert(s.aggregate_id.into(), StoredAccount::from(&s.state));
                 }
                 // Older than one already read.
                 Some(Ok(_)) => {}
@@ -425,7 +426,7 @@ impl<'a> Reader<'a> {
                     tracing::error!(partition = msg.partition(), offset = msg.offset(), aggregate_id = ?key, error = %e, "unreadable snapshot ignored; the aggregate is restored from its events");
                     m::restore_unreadable("snapshot");
                     if let Some(key) = key {
-                        latest.remove(&key);
+                        latest.remove(key.as_str());
                     }
                     snapshots.unreadable_in.insert(msg.partition());
                 }
@@ -577,7 +578,7 @@ fn fold_event(
     state.saw_event_at(envelope.timestamp);
     let account = state
         .accounts
-        .entry(envelope.aggregate_id.clone())
+        .entry(CompactString::from(envelope.aggregate_id.as_str()))
         .or_default();
     let first = envelope.version == 1;
     if envelope.version <= account.version {
@@ -596,8 +597,12 @@ fn fold_event(
         Ok(event) => event,
         Err(e) => return unreadable(e.to_string()),
     };
-    account.apply(&event);
     state.events_since_checkpoint += 1;
-    state.dirty.insert(envelope.aggregate_id);
+    let mut folded = BankAccount::from(&*account);
+    folded.apply(&event);
+    *account = StoredAccount::from(&folded);
+    state
+        .dirty
+        .insert(CompactString::from(envelope.aggregate_id));
     Folded::Applied { first }
 }

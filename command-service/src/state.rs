@@ -7,8 +7,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use compact_str::CompactString;
 use shared::envelope::Quarantined;
-use shared::{BankAccount, CommandResult};
+use shared::{AccountStatus, BankAccount, CommandResult};
 use uuid::Uuid;
 
 /// A partition with changed aggregates gets a checkpoint at least this often, so that an idle
@@ -20,12 +21,12 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct PartitionState {
     /// Folded state of every aggregate living on the partition.
-    pub accounts: HashMap<String, BankAccount>,
+    pub accounts: HashMap<CompactString, StoredAccount>,
     /// Results of the commands processed within the dedupe window, so a retried command gets
     /// its original answer and appends nothing.
     pub dedupe: Dedupe,
     /// Aggregates changed since the partition's last checkpoint: the next one snapshots them.
-    pub dirty: HashSet<String>,
+    pub dirty: HashSet<CompactString>,
     /// Events appended since the last checkpoint (the restore tail it would leave).
     pub events_since_checkpoint: u64,
     /// When the last checkpoint committed (or the partition was restored).
@@ -74,7 +75,7 @@ impl PartitionState {
     pub fn aggregates(&self) -> u64 {
         self.accounts
             .iter()
-            .filter(|(id, a)| a.version > 0 && !self.quarantined.contains_key(*id))
+            .filter(|(id, a)| a.version > 0 && !self.quarantined.contains_key(id.as_str()))
             .count() as u64
     }
 
@@ -96,6 +97,47 @@ impl PartitionState {
     /// Records an event's timestamp in the partition's clock floor.
     pub fn saw_event_at(&mut self, at: DateTime<Utc>) {
         self.last_event_at = self.last_event_at.max(Some(at));
+    }
+}
+
+/// An aggregate's state as the writer keeps it for every aggregate it owns: a [`BankAccount`]
+/// whose text fields are stored inline when they fit in 24 bytes (every currency, most owners),
+/// so an aggregate costs no heap allocation besides its map entry. Converted to a
+/// [`BankAccount`] to decide or fold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredAccount {
+    /// Events applied.
+    pub version: u64,
+    status: AccountStatus,
+    owner: CompactString,
+    currency: CompactString,
+    balance_minor: i64,
+    transaction_count: u64,
+}
+
+impl From<&BankAccount> for StoredAccount {
+    fn from(a: &BankAccount) -> Self {
+        StoredAccount {
+            version: a.version,
+            status: a.status,
+            owner: CompactString::from(a.owner.as_str()),
+            currency: CompactString::from(a.currency.as_str()),
+            balance_minor: a.balance_minor,
+            transaction_count: a.transaction_count,
+        }
+    }
+}
+
+impl From<&StoredAccount> for BankAccount {
+    fn from(a: &StoredAccount) -> Self {
+        BankAccount {
+            version: a.version,
+            status: a.status,
+            owner: a.owner.to_string(),
+            currency: a.currency.to_string(),
+            balance_minor: a.balance_minor,
+            transaction_count: a.transaction_count,
+        }
     }
 }
 
@@ -226,10 +268,11 @@ impl Overlay {
     ) {
         for (id, account) in self.accounts {
             if let Some(state) = partitions.get_mut(&partition_of(&id)) {
-                let before = state.accounts.get(&id).map_or(0, |a| a.version);
+                let before = state.accounts.get(id.as_str()).map_or(0, |a| a.version);
                 state.events_since_checkpoint += account.version.saturating_sub(before);
+                let id = CompactString::from(id);
                 state.dirty.insert(id.clone());
-                state.accounts.insert(id, account);
+                state.accounts.insert(id, StoredAccount::from(&account));
             }
         }
         for (command_id, decided) in self.results {

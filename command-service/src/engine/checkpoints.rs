@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rdkafka::consumer::Consumer;
+use shared::BankAccount;
 use shared::envelope::{Checkpoint, Snapshot};
 
 use super::transactions::Record;
@@ -89,17 +90,17 @@ impl Engine {
         let snapshots = taken
             .dirty
             .iter()
-            .filter(|id| !state.quarantined.contains_key(*id))
+            .filter(|id| !state.quarantined.contains_key(id.as_str()))
             .filter_map(|id| {
                 let account = state.accounts.get(id)?;
                 let snapshot = Snapshot {
-                    aggregate_id: id.clone(),
+                    aggregate_id: id.to_string(),
                     version: account.version,
                     event_offset: end - 1,
-                    state: account.clone(),
+                    state: BankAccount::from(account),
                     taken_at: now,
                 };
-                Some((id.clone(), serde_json::to_vec(&snapshot).ok()?))
+                Some((id.to_string(), serde_json::to_vec(&snapshot).ok()?))
             })
             .collect();
         let checkpoint = Checkpoint {

@@ -450,7 +450,7 @@ impl Engine {
                     .get(&partition)?
                     .accounts
                     .get(aggregate_id)
-                    .cloned()
+                    .map(BankAccount::from)
             })
             .unwrap_or_default()
     }

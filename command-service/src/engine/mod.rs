@@ -272,7 +272,7 @@ struct DueSnapshot {
 /// A checkpoint in an open transaction: the partition's checkpoint bookkeeping it reset.
 struct TakenCheckpoint {
     partition: i32,
-    dirty: HashSet<String>,
+    dirty: HashSet<compact_str::CompactString>,
     events_since: u64,
     needed: bool,
 }
