@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod codec;
+mod decoders;
 mod kafka;
 mod properties;
 mod registry;
