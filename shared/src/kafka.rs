@@ -391,7 +391,8 @@ pub async fn verify_topics(
     }
 }
 
-/// The effective configs of the topics in `counts`, from the broker.
+/// The effective configs of the topics in `counts`, from the broker: one request per topic,
+/// so that every answer is certainly the topic's (they are few, and this runs once at start).
 async fn describe_topics(
     settings: &KafkaSettings,
     counts: &[(String, i32)],
@@ -402,35 +403,34 @@ async fn describe_topics(
     };
     let admin: AdminClient<DefaultClientContext> =
         settings.client_config().create().map_err(kafka_err)?;
-    let specifiers: Vec<ResourceSpecifier<'_>> = counts
-        .iter()
-        .map(|(name, _)| ResourceSpecifier::Topic(name))
-        .collect();
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
-    let described = admin
-        .describe_configs(&specifiers, &options)
-        .await
-        .map_err(kafka_err)?;
-    counts
-        .iter()
-        .zip(described)
-        .map(|((name, partitions), result)| {
-            let resource = result.map_err(|code| TopicError::Describe {
-                topic: name.clone(),
-                code,
-            })?;
-            let configs = resource
-                .entries
-                .into_iter()
-                .filter_map(|e| Some((e.name, e.value?)))
-                .collect();
-            Ok(FoundTopic {
-                name: name.clone(),
-                partitions: *partitions,
-                configs,
-            })
-        })
-        .collect()
+    let mut found = Vec::with_capacity(counts.len());
+    for (name, partitions) in counts {
+        let described = admin
+            .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
+            .await
+            .map_err(kafka_err)?;
+        let describe_err = |code| TopicError::Describe {
+            topic: name.clone(),
+            code,
+        };
+        let resource = described
+            .into_iter()
+            .next()
+            .ok_or(describe_err(RDKafkaErrorCode::UnknownTopicOrPartition))?
+            .map_err(describe_err)?;
+        let configs = resource
+            .entries
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        found.push(FoundTopic {
+            name: name.clone(),
+            partitions: *partitions,
+            configs,
+        });
+    }
+    Ok(found)
 }
 
 /// Reads partitions of a topic from the beginning to their end, read_committed: for restoring
