@@ -2,6 +2,7 @@
 //! `ProducerPerformance` (transactional) and `ConsumerPerformance` (read_committed), and a bare
 //! batched upsert loop into the read model's schema.
 
+use std::collections::BTreeMap;
 use std::process::Command as Process;
 use std::time::Instant;
 
@@ -126,123 +127,177 @@ pub async fn db_upserts(database_url: &str, events: usize, accounts: usize) -> a
     let started = Instant::now();
     let mut version = vec![0i64; accounts];
     for chunk_start in (0..events).step_by(BATCH) {
-        let chunk = chunk_start..(chunk_start + BATCH).min(events);
-        let now = chrono::Utc::now();
-        let ts = now.to_rfc3339();
-        let ts_ns = now.timestamp_nanos_opt().unwrap_or_default();
-        let mut rows = Vec::with_capacity(chunk.len());
-        let mut last: std::collections::BTreeMap<usize, i64> = Default::default();
-        for i in chunk.clone() {
-            let account = i % accounts;
-            version[account] += 1;
-            rows.push((account, version[account], i as i64));
-            last.insert(account, version[account]);
-        }
+        let batch = Batch::new(chunk_start..(chunk_start + BATCH).min(events), &mut version);
         let mut tx = db.pool().begin().await?;
         if db.backend() == Backend::Sqlite {
-            // In-process SQLite is fastest with one small prepared statement per row.
-            for (account, v, offset) in &rows {
-                sqlx::query(&format!(
-                    "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\", \
-                     timestamp_ns, data, envelope, balance_minor, status, transaction_count, \
-                     source_partition, source_offset) VALUES ($1, $2, $3, 'MoneyDeposited', $4, \
-                     $5, '{{\"amount_minor\":100}}', '{{}}', $6, 'active', $7, 0, $8)",
-                    t.events
-                ))
-                .bind(format!("acc-{account}"))
-                .bind(*v)
-                .bind(uuid::Uuid::new_v4().to_string())
-                .bind(ts.clone())
-                .bind(ts_ns)
-                .bind(*v * 100)
-                .bind(*v)
-                .bind(*offset)
-                .execute(&mut *tx)
-                .await?;
-            }
-            for (account, v) in &last {
-                sqlx::query(&format!(
-                    "INSERT INTO {} (id, owner, currency, balance_minor, status, version, \
-                     transaction_count, opened_at, updated_at) VALUES ($1, 'Owner', 'EUR', $2, \
-                     'active', $3, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET \
-                     balance_minor = excluded.balance_minor, version = excluded.version, \
-                     transaction_count = excluded.transaction_count, updated_at = excluded.updated_at",
-                    t.accounts
-                ))
-                .bind(format!("acc-{account}"))
-                .bind(*v * 100)
-                .bind(*v)
-                .bind(ts.clone())
-                .execute(&mut *tx)
-                .await?;
-            }
-            offsets_row(&mut tx, &t, chunk.end).await?;
-            tx.commit().await?;
-            continue;
+            write_row_by_row(&mut tx, &t, &batch).await?;
+        } else {
+            write_multi_row(&mut tx, &t, &batch).await?;
         }
-        let placeholders = |n: usize, width: usize| -> String {
-            (0..n)
-                .map(|r| {
-                    let cols: Vec<String> =
-                        (1..=width).map(|c| format!("${}", r * width + c)).collect();
-                    format!("({})", cols.join(", "))
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let sql = format!(
-            "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\", \
-             timestamp_ns, data, envelope, balance_minor, status, transaction_count, \
-             source_partition, source_offset) VALUES {}",
-            t.events,
-            placeholders(rows.len(), 13)
-        );
-        let mut query = sqlx::query(&sql);
-        for (account, v, offset) in &rows {
-            query = query
-                .bind(format!("acc-{account}"))
-                .bind(*v)
-                .bind(uuid::Uuid::new_v4().to_string())
-                .bind("MoneyDeposited")
-                .bind(ts.clone())
-                .bind(ts_ns)
-                .bind("{\"amount_minor\":100}")
-                .bind("{}")
-                .bind(*v * 100)
-                .bind("active")
-                .bind(*v)
-                .bind(0i64)
-                .bind(*offset);
-        }
-        query.execute(&mut *tx).await?;
-        let sql = format!(
-            "INSERT INTO {} (id, owner, currency, balance_minor, status, version, \
-             transaction_count, opened_at, updated_at) VALUES {} ON CONFLICT (id) DO UPDATE SET \
-             balance_minor = excluded.balance_minor, version = excluded.version, \
-             transaction_count = excluded.transaction_count, updated_at = excluded.updated_at",
-            t.accounts,
-            placeholders(last.len(), 9)
-        );
-        let mut query = sqlx::query(&sql);
-        for (account, v) in &last {
-            query = query
-                .bind(format!("acc-{account}"))
-                .bind("Owner")
-                .bind("EUR")
-                .bind(*v * 100)
-                .bind("active")
-                .bind(*v)
-                .bind(*v)
-                .bind(ts.clone())
-                .bind(ts.clone());
-        }
-        query.execute(&mut *tx).await?;
-        offsets_row(&mut tx, &t, chunk.end).await?;
+        offsets_row(&mut tx, &t, batch.next_offset).await?;
         tx.commit().await?;
     }
     let rate = events as f64 / started.elapsed().as_secs_f64().max(1e-9);
     db.close().await;
     Ok(rate)
+}
+
+/// One generated event: the `version`-th deposit of account `acc-<account>`, at `offset`.
+struct EventRow {
+    account: usize,
+    version: i64,
+    offset: i64,
+}
+
+/// One transaction's worth of generated events.
+struct Batch {
+    rows: Vec<EventRow>,
+    /// The last version of every account the batch touches.
+    last: BTreeMap<usize, i64>,
+    /// The batch's time, as RFC 3339 and as nanoseconds since the epoch.
+    ts: String,
+    ts_ns: i64,
+    /// The offset after the batch (what the offsets row stores).
+    next_offset: usize,
+}
+
+impl Batch {
+    /// The events at offsets `chunk`, spread round-robin over the accounts of `version` (each
+    /// account's last version, advanced here).
+    fn new(chunk: std::ops::Range<usize>, version: &mut [i64]) -> Batch {
+        let now = chrono::Utc::now();
+        let mut rows = Vec::with_capacity(chunk.len());
+        let mut last = BTreeMap::new();
+        for i in chunk.clone() {
+            let account = i % version.len();
+            version[account] += 1;
+            rows.push(EventRow {
+                account,
+                version: version[account],
+                offset: i as i64,
+            });
+            last.insert(account, version[account]);
+        }
+        Batch {
+            rows,
+            last,
+            ts: now.to_rfc3339(),
+            ts_ns: now.timestamp_nanos_opt().unwrap_or_default(),
+            next_offset: chunk.end,
+        }
+    }
+}
+
+/// The batch as one small prepared statement per row: the fastest way for in-process SQLite.
+async fn write_row_by_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    t: &Tables,
+    batch: &Batch,
+) -> anyhow::Result<()> {
+    for row in &batch.rows {
+        sqlx::query(&format!(
+            "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\", \
+             timestamp_ns, data, envelope, balance_minor, status, transaction_count, \
+             source_partition, source_offset) VALUES ($1, $2, $3, 'MoneyDeposited', $4, \
+             $5, '{{\"amount_minor\":100}}', '{{}}', $6, 'active', $7, 0, $8)",
+            t.events
+        ))
+        .bind(format!("acc-{}", row.account))
+        .bind(row.version)
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(batch.ts.clone())
+        .bind(batch.ts_ns)
+        .bind(row.version * 100)
+        .bind(row.version)
+        .bind(row.offset)
+        .execute(&mut **tx)
+        .await?;
+    }
+    for (account, v) in &batch.last {
+        sqlx::query(&format!(
+            "INSERT INTO {} (id, owner, currency, balance_minor, status, version, \
+             transaction_count, opened_at, updated_at) VALUES ($1, 'Owner', 'EUR', $2, \
+             'active', $3, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET \
+             balance_minor = excluded.balance_minor, version = excluded.version, \
+             transaction_count = excluded.transaction_count, updated_at = excluded.updated_at",
+            t.accounts
+        ))
+        .bind(format!("acc-{account}"))
+        .bind(*v * 100)
+        .bind(*v)
+        .bind(batch.ts.clone())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The batch as two multi-row statements (events, then accounts): the fastest way for
+/// PostgreSQL.
+async fn write_multi_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    t: &Tables,
+    batch: &Batch,
+) -> anyhow::Result<()> {
+    let sql = format!(
+        "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\", \
+         timestamp_ns, data, envelope, balance_minor, status, transaction_count, \
+         source_partition, source_offset) VALUES {}",
+        t.events,
+        placeholders(batch.rows.len(), 13)
+    );
+    let mut query = sqlx::query(&sql);
+    for row in &batch.rows {
+        query = query
+            .bind(format!("acc-{}", row.account))
+            .bind(row.version)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind("MoneyDeposited")
+            .bind(batch.ts.clone())
+            .bind(batch.ts_ns)
+            .bind("{\"amount_minor\":100}")
+            .bind("{}")
+            .bind(row.version * 100)
+            .bind("active")
+            .bind(row.version)
+            .bind(0i64)
+            .bind(row.offset);
+    }
+    query.execute(&mut **tx).await?;
+    let sql = format!(
+        "INSERT INTO {} (id, owner, currency, balance_minor, status, version, \
+         transaction_count, opened_at, updated_at) VALUES {} ON CONFLICT (id) DO UPDATE SET \
+         balance_minor = excluded.balance_minor, version = excluded.version, \
+         transaction_count = excluded.transaction_count, updated_at = excluded.updated_at",
+        t.accounts,
+        placeholders(batch.last.len(), 9)
+    );
+    let mut query = sqlx::query(&sql);
+    for (account, v) in &batch.last {
+        query = query
+            .bind(format!("acc-{account}"))
+            .bind("Owner")
+            .bind("EUR")
+            .bind(*v * 100)
+            .bind("active")
+            .bind(*v)
+            .bind(*v)
+            .bind(batch.ts.clone())
+            .bind(batch.ts.clone());
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// `($1, …, $width), ($width+1, …)`: `n` rows of numbered placeholders.
+fn placeholders(n: usize, width: usize) -> String {
+    (0..n)
+        .map(|r| {
+            let cols: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
+            format!("({})", cols.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn offsets_row(
@@ -259,4 +314,72 @@ async fn offsets_row(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rows the bare upsert loop leaves: every event, every account at its last version
+    /// and the offsets row after the last event.
+    async fn written(url: &str) -> (i64, i64, i64, i64) {
+        let db = Database::connect(url).await.unwrap();
+        let t = Tables::live();
+        let count = |sql: String| {
+            let pool = db.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(&sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        let events = count(format!("SELECT COUNT(*) FROM {}", t.events)).await;
+        let accounts = count(format!("SELECT COUNT(*) FROM {}", t.accounts)).await;
+        let top = count(format!("SELECT MAX(version) FROM {}", t.accounts)).await;
+        let next = count(format!("SELECT MAX(next_offset) FROM {}", t.offsets)).await;
+        db.close().await;
+        (events, accounts, top, next)
+    }
+
+    #[tokio::test]
+    async fn db_upserts_writes_every_event_and_account_on_sqlite() {
+        let dir = std::env::temp_dir().join(format!("bench-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("raw.db").display());
+        // 1234 events over 7 accounts: three batches, the last one short; account 0 gets
+        // offsets 0, 7, … 1232, so 177 versions.
+        let rate = db_upserts(&url, 1234, 7).await.unwrap();
+        assert!(rate > 0.0);
+        assert_eq!(written(&url).await, (1234, 7, 177, 1234));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn db_upserts_writes_every_event_and_account_on_postgres() {
+        let Ok(base) = std::env::var("TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "TEST_POSTGRES_URL is not set under CI=true"
+            );
+            eprintln!("SKIPPED: TEST_POSTGRES_URL is not set (scripts/test starts PostgreSQL)");
+            return;
+        };
+        let name = format!("bench_test_{}", uuid::Uuid::new_v4().simple());
+        let psql = |sql: &str| {
+            let status = Process::new("psql")
+                .arg(&base)
+                .arg("-qc")
+                .arg(sql)
+                .status()
+                .expect("psql runs");
+            assert!(status.success(), "{sql}");
+        };
+        psql(&format!("CREATE DATABASE {name}"));
+        let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+        let rate = db_upserts(&url, 1234, 7).await.unwrap();
+        assert!(rate > 0.0);
+        assert_eq!(written(&url).await, (1234, 7, 177, 1234));
+        psql(&format!("DROP DATABASE {name} WITH (FORCE)"));
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use shared::kafka::{Topics, canonical_partition};
@@ -59,6 +59,9 @@ impl Percentiles {
     }
 }
 
+/// When each command was produced, shared by the sender and the result listener.
+type SentAt = Arc<Mutex<HashMap<Uuid, Instant>>>;
+
 /// Sends `commands` at `rate` per second and measures; `projection_url` gets every
 /// `sample_every`-th accepted command's `min_version` read.
 pub async fn open_loop(
@@ -68,8 +71,32 @@ pub async fn open_loop(
     projection_url: &str,
     sample_every: usize,
 ) -> anyhow::Result<Latencies> {
-    let topics = Topics::new(&settings.topic_prefix);
-    let results_topic = topics.command_results();
+    let consumer = results_consumer_at_the_end(settings)?;
+    let sent_at: SentAt = Arc::default();
+    let listener = Listener {
+        sent_at: Arc::clone(&sent_at),
+        http: reqwest::Client::new(),
+        projection_url: projection_url.to_owned(),
+        sample_every,
+        to_result: Vec::with_capacity(commands.len()),
+        split: Vec::new(),
+        reads: Vec::new(),
+        accepted: 0,
+    };
+    let listener = tokio::spawn(listener.run(consumer, commands.len()));
+    let sent_seconds = send_on_schedule(settings, commands, rate, &sent_at).await?;
+    let (to_result, to_projection) = listener.await.context("result listener")?;
+    Ok(Latencies {
+        sent: commands.len(),
+        rate: commands.len() as f64 / sent_seconds.max(1e-9),
+        to_result: Percentiles::of(to_result),
+        to_projection: Percentiles::of(to_projection),
+    })
+}
+
+/// A consumer of every partition of the results topic from its current end.
+fn results_consumer_at_the_end(settings: &Settings) -> anyhow::Result<StreamConsumer> {
+    let results_topic = Topics::new(&settings.topic_prefix).command_results();
     let consumer: StreamConsumer = settings
         .kafka
         .client_config()
@@ -84,88 +111,23 @@ pub async fn open_loop(
         tpl.add_partition_offset(&results_topic, p, Offset::Offset(high))?;
     }
     consumer.assign(&tpl)?;
-    let sent_at: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
-    let wanted = commands.len();
-    // Results as they arrive; for every `sample_every`-th accepted one, a projection read at its
-    // version starts at once (it answers when the projection has applied it).
-    let listener = {
-        let sent_at = Arc::clone(&sent_at);
-        let http = reqwest::Client::new();
-        let projection_url = projection_url.to_owned();
-        tokio::spawn(async move {
-            let mut to_result = Vec::with_capacity(wanted);
-            let mut split: Vec<(f64, f64)> = Vec::new();
-            let mut reads = Vec::new();
-            let mut accepted = 0usize;
-            let mut stream = consumer.stream();
-            while to_result.len() < wanted {
-                let Ok(Some(Ok(msg))) =
-                    tokio::time::timeout(Duration::from_secs(30), stream.next()).await
-                else {
-                    break;
-                };
-                let received = Instant::now();
-                let Some(Ok(result)) = msg.payload().map(serde_json::from_slice::<CommandResult>)
-                else {
-                    continue;
-                };
-                let Ok(Some(started)) = sent_at.lock().map(|m| m.get(&result.command_id).copied())
-                else {
-                    continue;
-                };
-                to_result.push(received.duration_since(started).as_secs_f64() * 1e3);
-                if let Some(produced_ms) = msg.timestamp().to_millis() {
-                    // Where the time goes: until the result was produced (consume + decide),
-                    // and from then until it was readable (commit + markers + fetch).
-                    let now_ms = chrono::Utc::now().timestamp_millis();
-                    let total = received.duration_since(started).as_secs_f64() * 1e3;
-                    split.push((
-                        total - (now_ms - produced_ms) as f64,
-                        (now_ms - produced_ms) as f64,
-                    ));
-                }
-                if result.status != CommandStatus::Accepted {
-                    continue;
-                }
-                accepted += 1;
-                if let (0, Some(version)) = (accepted % sample_every, result.version) {
-                    let url = format!(
-                        "{projection_url}/accounts/{}?min_version={version}&timeout_ms=10000",
-                        result.aggregate_id
-                    );
-                    let http = http.clone();
-                    reads.push(tokio::spawn(async move {
-                        let ok = http
-                            .get(url)
-                            .send()
-                            .await
-                            .is_ok_and(|r| r.status().is_success());
-                        ok.then(|| started.elapsed().as_secs_f64() * 1e3)
-                    }));
-                }
-            }
-            let mut to_projection = Vec::new();
-            for read in reads {
-                if let Ok(Some(ms)) = read.await {
-                    to_projection.push(ms);
-                }
-            }
-            let before = Percentiles::of(split.iter().map(|s| s.0).collect());
-            let after = Percentiles::of(split.iter().map(|s| s.1).collect());
-            eprintln!(
-                "until the result was produced: p50 {:.1} ms p99 {:.1} ms; then until readable: p50 {:.1} ms p99 {:.1} ms",
-                before.p50, before.p99, after.p50, after.p99
-            );
-            (to_result, to_projection)
-        })
-    };
+    Ok(consumer)
+}
 
+/// Produces `commands` on a fixed schedule (`rate` per second, whatever the answers), noting
+/// each one's send time in `sent_at`; returns the seconds the sending took.
+async fn send_on_schedule(
+    settings: &Settings,
+    commands: &[CommandMessage],
+    rate: f64,
+    sent_at: &SentAt,
+) -> anyhow::Result<f64> {
     let producer: FutureProducer = settings
         .kafka
         .producer_config()
         .set("linger.ms", "0")
         .create()?;
-    let commands_topic = topics.commands();
+    let commands_topic = Topics::new(&settings.topic_prefix).commands();
     let started = Instant::now();
     let mut sends = futures::stream::FuturesUnordered::new();
     for (i, command) in commands.iter().enumerate() {
@@ -203,12 +165,104 @@ pub async fn open_loop(
     while let Some(r) = sends.next().await {
         r?;
     }
-    let sent_seconds = started.elapsed().as_secs_f64();
-    let (to_result, to_projection) = listener.await.context("result listener")?;
-    Ok(Latencies {
-        sent: commands.len(),
-        rate: commands.len() as f64 / sent_seconds.max(1e-9),
-        to_result: Percentiles::of(to_result),
-        to_projection: Percentiles::of(to_projection),
-    })
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Where one result's time went, in milliseconds: until the result was produced (consume +
+/// decide), and from then until it was readable (commit + markers + fetch).
+struct TimeSplit {
+    until_produced: f64,
+    until_readable: f64,
+}
+
+/// Reads results as they arrive; for every `sample_every`-th accepted one, a projection read
+/// at its version starts at once (it answers when the projection has applied it).
+struct Listener {
+    sent_at: SentAt,
+    http: reqwest::Client,
+    projection_url: String,
+    sample_every: usize,
+    /// Milliseconds from produce to result readable, per command.
+    to_result: Vec<f64>,
+    split: Vec<TimeSplit>,
+    /// The sampled projection reads: milliseconds from produce to visible, if they answered.
+    reads: Vec<tokio::task::JoinHandle<Option<f64>>>,
+    accepted: usize,
+}
+
+impl Listener {
+    /// Listens until `wanted` results came (or none for 30 s); returns the milliseconds to
+    /// the result and to the projection.
+    async fn run(mut self, consumer: StreamConsumer, wanted: usize) -> (Vec<f64>, Vec<f64>) {
+        let mut stream = consumer.stream();
+        while self.to_result.len() < wanted {
+            let Ok(Some(Ok(msg))) =
+                tokio::time::timeout(Duration::from_secs(30), stream.next()).await
+            else {
+                break;
+            };
+            self.record(&msg, Instant::now());
+        }
+        let mut to_projection = Vec::new();
+        for read in self.reads {
+            if let Ok(Some(ms)) = read.await {
+                to_projection.push(ms);
+            }
+        }
+        let before = Percentiles::of(self.split.iter().map(|s| s.until_produced).collect());
+        let after = Percentiles::of(self.split.iter().map(|s| s.until_readable).collect());
+        eprintln!(
+            "until the result was produced: p50 {:.1} ms p99 {:.1} ms; then until readable: p50 {:.1} ms p99 {:.1} ms",
+            before.p50, before.p99, after.p50, after.p99
+        );
+        (self.to_result, to_projection)
+    }
+
+    /// Records one result message `received` at that instant, if it answers one of ours.
+    fn record(&mut self, msg: &BorrowedMessage<'_>, received: Instant) {
+        let Some(Ok(result)) = msg.payload().map(serde_json::from_slice::<CommandResult>) else {
+            return;
+        };
+        let Ok(Some(started)) = self
+            .sent_at
+            .lock()
+            .map(|m| m.get(&result.command_id).copied())
+        else {
+            return;
+        };
+        let total = received.duration_since(started).as_secs_f64() * 1e3;
+        self.to_result.push(total);
+        if let Some(produced_ms) = msg.timestamp().to_millis() {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let until_readable = (now_ms - produced_ms) as f64;
+            self.split.push(TimeSplit {
+                until_produced: total - until_readable,
+                until_readable,
+            });
+        }
+        if result.status != CommandStatus::Accepted {
+            return;
+        }
+        self.accepted += 1;
+        if let (0, Some(version)) = (self.accepted % self.sample_every, result.version) {
+            self.sample_projection(&result.aggregate_id, version, started);
+        }
+    }
+
+    /// Starts a read of the account at `version` on the projection, timed from `started`.
+    fn sample_projection(&mut self, account: &str, version: u64, started: Instant) {
+        let url = format!(
+            "{}/accounts/{account}?min_version={version}&timeout_ms=10000",
+            self.projection_url
+        );
+        let http = self.http.clone();
+        self.reads.push(tokio::spawn(async move {
+            let ok = http
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            ok.then(|| started.elapsed().as_secs_f64() * 1e3)
+        }));
+    }
 }

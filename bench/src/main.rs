@@ -91,239 +91,375 @@ impl Row {
     }
 }
 
+/// The figures of one run: the Markdown table's rows and the machine-readable JSON.
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    json: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    /// Records one machine-readable figure.
+    fn figure(&mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) {
+        self.json.insert(key.into(), value.into());
+    }
+}
+
+/// What every step of a run needs: the arguments, the broker, the run's topic prefix and the
+/// services' environment for it.
+struct Bench {
+    args: Args,
+    bootstrap: String,
+    prefix: String,
+    vars: Vec<(String, String)>,
+    settings: Settings,
+    /// Scratch files of the run (the SQLite read models).
+    dir: PathBuf,
+}
+
+/// What the command pipeline step leaves to the later ones.
+struct Pipeline {
+    client: CommandClient,
+    /// Commands after the opens, measured.
+    ops: usize,
+    commands_per_s: f64,
+    /// Resident memory of a command-service with nothing to restore.
+    rss_empty: f64,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = Args::parse();
-    if args.quick {
-        args.commands = 50_000;
-        args.aggregates = 100_000;
-        args.latency_seconds = 10;
+    let bench = Bench::new(Args::parse())?;
+    if let Some(rate) = bench.args.latency_at {
+        return bench.latency_only(rate).await;
     }
-    let mut json = serde_json::Map::new();
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
-        .context("KAFKA_BOOTSTRAP_SERVERS is not set: run scripts/bench, or start scripts/kafka")?;
-    let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    if let Some(rate) = args.latency_at {
+    let mut report = Report::default();
+    let commands = workload(bench.args.accounts, bench.args.commands);
+    let raw_tx = bench.raw_producers(&mut report, &commands).await?;
+    let pipeline = bench
+        .command_pipeline(&mut report, &commands, raw_tx)
+        .await?;
+    let events_total = bench.restores(&mut report, &pipeline).await?;
+    let raw_consumer = bench.raw_consumer(&mut report, events_total)?;
+    bench
+        .projections(&mut report, events_total, raw_consumer)
+        .await?;
+    bench
+        .latencies(&mut report, pipeline.commands_per_s)
+        .await?;
+    bench.peer(&mut report, pipeline.commands_per_s);
+    bench.write(report)
+}
+
+impl Bench {
+    fn new(mut args: Args) -> anyhow::Result<Bench> {
+        if args.quick {
+            args.commands = 50_000;
+            args.aggregates = 100_000;
+            args.latency_seconds = 10;
+        }
+        let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS").context(
+            "KAFKA_BOOTSTRAP_SERVERS is not set: run scripts/bench, or start scripts/kafka",
+        )?;
+        let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let vars = service_vars(&bootstrap, &prefix, &args);
+        let settings = Settings::from_vars(&vars)?;
         let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir)?;
-        let l = latency_run(&args, &bootstrap, rate, &dir).await?;
+        Ok(Bench {
+            args,
+            bootstrap,
+            prefix,
+            vars,
+            settings,
+            dir,
+        })
+    }
+
+    /// `--latency-at RATE`: only the latency measurement, printed.
+    async fn latency_only(&self, rate: f64) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let l = latency_run(&self.args, &self.bootstrap, rate, &self.dir).await?;
         println!(
             "sent at {:.0}/s: to result p50 {:.1} ms p99 {:.1} ms; to projection p50 {:.1} ms p99 {:.1} ms",
             l.rate, l.to_result.p50, l.to_result.p99, l.to_projection.p50, l.to_projection.p99
         );
-        return Ok(());
+        Ok(())
     }
-    let vars = service_vars(&bootstrap, &prefix, &args);
-    let settings = Settings::from_vars(&vars)?;
-    let commands = workload(args.accounts, args.commands);
-    let mut rows = Vec::new();
 
-    // 1. raw producers: rdkafka idempotent, and Kafka's own with transactions
-    let raw = raw_producer(&settings, &commands).await?;
-    let record_size = raw.count.max(1);
-    let record_size = commands.iter().map(|c| c.to_bytes().len()).sum::<usize>() / record_size;
-    rows.push(raw);
-    let tx_topic = format!("{prefix}.raw-tx");
-    ensure_topics(
-        &settings.kafka,
-        &[TopicSpec {
-            name: tx_topic.clone(),
-            partitions: args.partitions,
-            config: vec![],
-        }],
-        Duration::from_secs(30),
-    )
-    .await?;
-    let tx_records = (args.commands * 2).max(100_000);
-    let raw_tx = baselines::producer_performance(
-        &bootstrap,
-        &tx_topic,
-        tx_records,
-        record_size,
-        args.commit_interval_ms,
-    )?;
-    json.insert("raw_producer_tx_records_per_s".into(), raw_tx.into());
-    rows.push(Row {
-        what: "Kafka ProducerPerformance, acks=all, idempotent, transactional".into(),
-        count: tx_records,
-        seconds: tx_records as f64 / raw_tx.max(1e-9),
-        note: format!(
-            "{record_size} B records, one transaction every {} ms",
-            args.commit_interval_ms
-        ),
-        ratio: None,
-    });
+    /// Step 1: Raw producers: rdkafka idempotent, and Kafka's own with transactions. Returns the
+    /// transactional producer's records per second.
+    async fn raw_producers(
+        &self,
+        report: &mut Report,
+        commands: &[CommandMessage],
+    ) -> anyhow::Result<f64> {
+        let raw = raw_producer(&self.settings, commands).await?;
+        let record_size = raw.count.max(1);
+        let record_size = commands.iter().map(|c| c.to_bytes().len()).sum::<usize>() / record_size;
+        report.rows.push(raw);
+        let tx_topic = format!("{}.raw-tx", self.prefix);
+        ensure_topics(
+            &self.settings.kafka,
+            &[TopicSpec {
+                name: tx_topic.clone(),
+                partitions: self.args.partitions,
+                config: vec![],
+            }],
+            Duration::from_secs(30),
+        )
+        .await?;
+        let tx_records = (self.args.commands * 2).max(100_000);
+        let raw_tx = baselines::producer_performance(
+            &self.bootstrap,
+            &tx_topic,
+            tx_records,
+            record_size,
+            self.args.commit_interval_ms,
+        )?;
+        report.figure("raw_producer_tx_records_per_s", raw_tx);
+        report.rows.push(Row {
+            what: "Kafka ProducerPerformance, acks=all, idempotent, transactional".into(),
+            count: tx_records,
+            seconds: tx_records as f64 / raw_tx.max(1e-9),
+            note: format!(
+                "{record_size} B records, one transaction every {} ms",
+                self.args.commit_interval_ms
+            ),
+            ratio: None,
+        });
+        Ok(raw_tx)
+    }
 
-    // 2. command pipeline
-    let service = Service::start(
-        &args.bin_dir,
-        "command-service",
-        &vars,
-        &[("INSTANCE_ID", "bench-1")],
-    )?;
-    service.wait_ready(Duration::from_secs(120)).await?;
-    let rss_empty = service.rss_mb();
-    let client = CommandClient::connect(&settings).await?;
-    let (opens, rest) = commands.split_at(args.accounts);
-    client
-        .submit_all(opens, Duration::from_secs(60), |_| {})
-        .await?;
-    let started = Instant::now();
-    let results = client
-        .submit_all(rest, Duration::from_secs(60), |_| {})
-        .await?;
-    let seconds = started.elapsed().as_secs_f64();
-    let accepted = results
+    /// Step 2: The command pipeline: the commands through the real command-service, compared with
+    /// the transactional producer's `raw_tx` records per second.
+    async fn command_pipeline(
+        &self,
+        report: &mut Report,
+        commands: &[CommandMessage],
+        raw_tx: f64,
+    ) -> anyhow::Result<Pipeline> {
+        let service = Service::start(
+            &self.args.bin_dir,
+            "command-service",
+            &self.vars,
+            &[("INSTANCE_ID", "bench-1")],
+        )?;
+        service.wait_ready(Duration::from_secs(120)).await?;
+        let rss_empty = service.rss_mb();
+        let client = CommandClient::connect(&self.settings).await?;
+        let (opens, rest) = commands.split_at(self.args.accounts);
+        client
+            .submit_all(opens, Duration::from_secs(60), |_| {})
+            .await?;
+        let started = Instant::now();
+        let results = client
+            .submit_all(rest, Duration::from_secs(60), |_| {})
+            .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let accepted = results
+            .iter()
+            .filter(|r| r.status == shared::CommandStatus::Accepted)
+            .count();
+        service.stop();
+        let topics = Topics::new(&self.prefix);
+        let produced: usize = [
+            topics.events(),
+            topics.command_results(),
+            topics.snapshots(),
+            topics.command_checkpoints(),
+        ]
         .iter()
-        .filter(|r| r.status == shared::CommandStatus::Accepted)
-        .count();
-    service.stop();
-    let topics = Topics::new(&prefix);
-    let produced: usize = [
-        topics.events(),
-        topics.command_results(),
-        topics.snapshots(),
-        topics.command_checkpoints(),
-    ]
-    .iter()
-    .map(|t| count_messages(&settings, t))
-    .sum::<anyhow::Result<usize>>()?;
-    let records_per_command = produced as f64 / commands.len() as f64;
-    let commands_per_s = rest.len() as f64 / seconds.max(1e-9);
-    let ratio_commands = commands_per_s * records_per_command / raw_tx.max(1e-9);
-    json.insert("commands_per_s".into(), commands_per_s.into());
-    json.insert("records_per_command".into(), records_per_command.into());
-    json.insert("ratio_commands".into(), ratio_commands.into());
-    rows.push(Row {
-        what: "command pipeline (produce → command-service txn → result)".into(),
-        count: rest.len(),
-        seconds,
-        note: format!(
-            "{accepted} accepted, {} rejected; {records_per_command:.2} records produced per command",
-            rest.len() - accepted
-        ),
-        ratio: Some(format!(
-            "{ratio_commands:.2} × transactional producer (records/s)"
-        )),
-    });
-
-    // 3. restore as history grows: H, then 6H on the same accounts. The dedupe window is one
-    // second so that only the live state is restored (the window's cost is its own row).
-    let live_only: Vec<(&str, &str)> = vec![("INSTANCE_ID", "bench-1"), ("DEDUPE_WINDOW", "1s")];
-    let events_h = count_messages(&settings, &Topics::new(&prefix).events())?;
-    let (row_h, service) = restart(&args.bin_dir, &vars, &live_only, events_h, "H").await?;
-    let more = workload(args.accounts, rest.len() * 5 + args.accounts);
-    client
-        .submit_all(&more[args.accounts..], Duration::from_secs(120), |_| {})
-        .await?;
-    service.stop();
-    let events_6h = count_messages(&settings, &Topics::new(&prefix).events())?;
-    let (mut row_6h, service) = restart(&args.bin_dir, &vars, &live_only, events_6h, "6H").await?;
-    service.stop();
-    row_6h.ratio = Some(format!(
-        "{:.2} × time, {:.2} × RSS of H",
-        row_6h.seconds / row_h.seconds.max(1e-9),
-        row_6h.rss_mb / row_h.rss_mb.max(1e-9)
-    ));
-    json.insert(
-        "restore_events_per_s".into(),
-        (events_6h as f64 / row_6h.seconds.max(1e-9)).into(),
-    );
-    json.insert("restart_seconds_h".into(), row_h.seconds.into());
-    json.insert("restart_seconds_6h".into(), row_6h.seconds.into());
-    json.insert("rss_mb_h".into(), row_h.rss_mb.into());
-    json.insert("rss_mb_6h".into(), row_6h.rss_mb.into());
-    rows.push(row_h.into_row());
-    rows.push(row_6h.into_row());
-    let events_total = events_6h;
-    let (memory, per_million) = memory_per_aggregate(&args, &bootstrap, rss_empty).await?;
-    json.insert("rss_mb_per_million_aggregates".into(), per_million.into());
-    rows.push(memory);
-
-    // 4. raw consumer: Kafka's own, read_committed
-    let raw_consumer = baselines::consumer_performance(&bootstrap, &topics.events(), events_total)?;
-    json.insert("raw_consumer_records_per_s".into(), raw_consumer.into());
-    rows.push(Row {
-        what: "Kafka ConsumerPerformance, read_committed, over the events".into(),
-        count: events_total,
-        seconds: events_total as f64 / raw_consumer.max(1e-9),
-        note: "peer of the projection rows".into(),
-        ratio: None,
-    });
-
-    // 5. projection
-    let dir = std::env::temp_dir().join(&prefix);
-    std::fs::create_dir_all(&dir)?;
-    let sqlite = format!("sqlite://{}", dir.join("bench.db").display());
-    let mut databases = vec![("SQLite", sqlite.clone())];
-    if let Ok(pg) = std::env::var("BENCH_POSTGRES_URL") {
-        databases.push((
-            "PostgreSQL",
-            fresh_database(&pg, &prefix.replace('-', "_"))?,
-        ));
+        .map(|t| count_messages(&self.settings, t))
+        .sum::<anyhow::Result<usize>>()?;
+        let records_per_command = produced as f64 / commands.len() as f64;
+        let commands_per_s = rest.len() as f64 / seconds.max(1e-9);
+        let ratio_commands = commands_per_s * records_per_command / raw_tx.max(1e-9);
+        report.figure("commands_per_s", commands_per_s);
+        report.figure("records_per_command", records_per_command);
+        report.figure("ratio_commands", ratio_commands);
+        report.rows.push(Row {
+            what: "command pipeline (produce → command-service txn → result)".into(),
+            count: rest.len(),
+            seconds,
+            note: format!(
+                "{accepted} accepted, {} rejected; {records_per_command:.2} records produced per command",
+                rest.len() - accepted
+            ),
+            ratio: Some(format!(
+                "{ratio_commands:.2} × transactional producer (records/s)"
+            )),
+        });
+        Ok(Pipeline {
+            client,
+            ops: rest.len(),
+            commands_per_s,
+            rss_empty,
+        })
     }
-    let mut ratios = Vec::new();
-    for (label, url) in &databases {
-        let mut row = projection(&args.bin_dir, &vars, url, label, events_total).await?;
-        let raw_db_url = match *label {
-            "SQLite" => format!("sqlite://{}", dir.join("raw.db").display()),
+
+    /// Step 3: Restore as history grows: H, then 6H on the same accounts. The dedupe window is one
+    /// second so that only the live state is restored (the window's cost is its own row). Then
+    /// the memory per aggregate. Returns the events written in all.
+    async fn restores(&self, report: &mut Report, pipeline: &Pipeline) -> anyhow::Result<usize> {
+        let (args, vars) = (&self.args, &self.vars);
+        let live_only: Vec<(&str, &str)> =
+            vec![("INSTANCE_ID", "bench-1"), ("DEDUPE_WINDOW", "1s")];
+        let events = Topics::new(&self.prefix).events();
+        let events_h = count_messages(&self.settings, &events)?;
+        let (row_h, service) = restart(&args.bin_dir, vars, &live_only, events_h, "H").await?;
+        let more = workload(args.accounts, pipeline.ops * 5 + args.accounts);
+        pipeline
+            .client
+            .submit_all(&more[args.accounts..], Duration::from_secs(120), |_| {})
+            .await?;
+        service.stop();
+        let events_6h = count_messages(&self.settings, &events)?;
+        let (mut row_6h, service) =
+            restart(&args.bin_dir, vars, &live_only, events_6h, "6H").await?;
+        service.stop();
+        row_6h.ratio = Some(format!(
+            "{:.2} × time, {:.2} × RSS of H",
+            row_6h.seconds / row_h.seconds.max(1e-9),
+            row_6h.rss_mb / row_h.rss_mb.max(1e-9)
+        ));
+        report.figure(
+            "restore_events_per_s",
+            events_6h as f64 / row_6h.seconds.max(1e-9),
+        );
+        report.figure("restart_seconds_h", row_h.seconds);
+        report.figure("restart_seconds_6h", row_6h.seconds);
+        report.figure("rss_mb_h", row_h.rss_mb);
+        report.figure("rss_mb_6h", row_6h.rss_mb);
+        report.rows.push(row_h.into_row());
+        report.rows.push(row_6h.into_row());
+        let (memory, per_million) =
+            memory_per_aggregate(args, &self.bootstrap, pipeline.rss_empty).await?;
+        report.figure("rss_mb_per_million_aggregates", per_million);
+        report.rows.push(memory);
+        Ok(events_6h)
+    }
+
+    /// Step 4: Raw consumer: Kafka's own, read_committed, over the events. Returns its records per
+    /// second.
+    fn raw_consumer(&self, report: &mut Report, events_total: usize) -> anyhow::Result<f64> {
+        let events = Topics::new(&self.prefix).events();
+        let raw_consumer = baselines::consumer_performance(&self.bootstrap, &events, events_total)?;
+        report.figure("raw_consumer_records_per_s", raw_consumer);
+        report.rows.push(Row {
+            what: "Kafka ConsumerPerformance, read_committed, over the events".into(),
+            count: events_total,
+            seconds: events_total as f64 / raw_consumer.max(1e-9),
+            note: "peer of the projection rows".into(),
+            ratio: None,
+        });
+        Ok(raw_consumer)
+    }
+
+    /// Step 5: The projection catching up on the events, on SQLite and (with `BENCH_POSTGRES_URL`)
+    /// PostgreSQL, each beside a bare upsert loop into the same database.
+    async fn projections(
+        &self,
+        report: &mut Report,
+        events_total: usize,
+        raw_consumer: f64,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let sqlite = format!("sqlite://{}", self.dir.join("bench.db").display());
+        let mut databases = vec![("SQLite", sqlite)];
+        if let Ok(pg) = std::env::var("BENCH_POSTGRES_URL") {
+            databases.push((
+                "PostgreSQL",
+                fresh_database(&pg, &self.prefix.replace('-', "_"))?,
+            ));
+        }
+        let mut measured = Vec::new();
+        for (label, url) in &databases {
+            measured.push(
+                self.projection_on(report, label, url, events_total, raw_consumer)
+                    .await?,
+            );
+        }
+        // The headline keys: the worse database.
+        if let Some(worst) = measured.iter().min_by(|a, b| a.ratio.total_cmp(&b.ratio)) {
+            report.figure("projection_events_per_s", worst.rate);
+            report.figure("raw_db_upserts_per_s", worst.raw_db);
+            report.figure("ratio_projection", worst.ratio);
+        }
+        Ok(())
+    }
+
+    /// One database of step 5: the projection's row and the bare upsert loop's.
+    async fn projection_on(
+        &self,
+        report: &mut Report,
+        label: &str,
+        url: &str,
+        events_total: usize,
+        raw_consumer: f64,
+    ) -> anyhow::Result<ProjectionFigures> {
+        let mut row = projection(&self.args.bin_dir, &self.vars, url, label, events_total).await?;
+        let raw_db_url = match label {
+            "SQLite" => format!("sqlite://{}", self.dir.join("raw.db").display()),
             _ => fresh_database(
                 &std::env::var("BENCH_POSTGRES_URL")?,
-                &format!("{}_raw", prefix.replace('-', "_")),
+                &format!("{}_raw", self.prefix.replace('-', "_")),
             )?,
         };
-        let raw_db = baselines::db_upserts(&raw_db_url, events_total, args.accounts).await?;
+        let raw_db = baselines::db_upserts(&raw_db_url, events_total, self.args.accounts).await?;
         let ratio = row.rate() / raw_consumer.min(raw_db).max(1e-9);
         row.ratio = Some(format!("{ratio:.2} × min(raw consumer, raw DB)"));
         let key = label.to_lowercase();
-        json.insert(format!("projection_events_per_s_{key}"), row.rate().into());
-        json.insert(format!("raw_db_upserts_per_s_{key}"), raw_db.into());
-        json.insert(format!("ratio_projection_{key}"), ratio.into());
-        ratios.push((row.rate(), raw_db, ratio));
-        rows.push(row);
-        rows.push(Row {
+        report.figure(format!("projection_events_per_s_{key}"), row.rate());
+        report.figure(format!("raw_db_upserts_per_s_{key}"), raw_db);
+        report.figure(format!("ratio_projection_{key}"), ratio);
+        let figures = ProjectionFigures {
+            rate: row.rate(),
+            raw_db,
+            ratio,
+        };
+        report.rows.push(row);
+        report.rows.push(Row {
             what: format!("bare batched upsert loop into the read model, {label}"),
             count: events_total,
             seconds: events_total as f64 / raw_db.max(1e-9),
             note: "event rows and upserts of the accounts they touch, 500 events per transaction, the faster statement shape for each database".into(),
             ratio: None,
         });
-    }
-    // The headline keys: the worse database.
-    if let Some((rate, raw_db, ratio)) = ratios.iter().copied().min_by(|a, b| a.2.total_cmp(&b.2)) {
-        json.insert("projection_events_per_s".into(), rate.into());
-        json.insert("raw_db_upserts_per_s".into(), raw_db.into());
-        json.insert("ratio_projection".into(), ratio.into());
+        Ok(figures)
     }
 
-    // 6. latency at half the measured pipeline rate, open loop; and at a modest fixed rate,
-    // where the floor shows
-    let half = latency_run(&args, &bootstrap, commands_per_s / 2.0, &dir).await?;
-    record_latency(&mut json, &mut rows, "", "at half the pipeline rate", &half);
-    let low = latency_run(&args, &bootstrap, 1000.0, &dir).await?;
-    record_latency(
-        &mut json,
-        &mut rows,
-        "_at_1000_per_s",
-        "at 1000 commands/s",
-        &low,
-    );
+    /// Step 6: Latency at half the measured pipeline rate, open loop; and at a modest fixed rate,
+    /// where the floor shows.
+    async fn latencies(&self, report: &mut Report, commands_per_s: f64) -> anyhow::Result<()> {
+        let (args, bootstrap) = (&self.args, &self.bootstrap);
+        let half = latency_run(args, bootstrap, commands_per_s / 2.0, &self.dir).await?;
+        record_latency(report, "", "at half the pipeline rate", &half);
+        let low = latency_run(args, bootstrap, 1000.0, &self.dir).await?;
+        record_latency(report, "_at_1000_per_s", "at 1000 commands/s", &low);
+        Ok(())
+    }
 
-    // 7. the peer, if scripts/bench-peer ran
-    let peer_file = args
-        .json
-        .parent()
-        .map(|d| d.join("peer.json"))
-        .unwrap_or_else(|| PathBuf::from("peer.json"));
-    if let Some(peer) = std::fs::read_to_string(&peer_file)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        && let Some(peer_rate) = peer["peer_commands_per_s"].as_f64()
-    {
-        json.insert("peer_commands_per_s".into(), peer_rate.into());
-        json.insert("peer".into(), peer.clone());
+    /// Step 7: The peer, if scripts/bench-peer ran (its figures beside ours).
+    fn peer(&self, report: &mut Report, commands_per_s: f64) {
+        let peer_file = self
+            .args
+            .json
+            .parent()
+            .map(|d| d.join("peer.json"))
+            .unwrap_or_else(|| PathBuf::from("peer.json"));
+        let Some(peer) = std::fs::read_to_string(&peer_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        else {
+            return;
+        };
+        let Some(peer_rate) = peer["peer_commands_per_s"].as_f64() else {
+            return;
+        };
+        report.figure("peer_commands_per_s", peer_rate);
+        report.figure("peer", peer.clone());
         let commands = peer["commands"].as_u64().unwrap_or(0) as usize;
-        rows.push(Row {
+        report.rows.push(Row {
             what: format!(
                 "peer: {}",
                 peer["peer"].as_str().unwrap_or("cqrs-es + postgres-es")
@@ -341,32 +477,43 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    json.insert("kafka_version".into(), kafka_version().into());
-    json.insert(
-        "librdkafka_version".into(),
-        rdkafka::util::get_rdkafka_version().1.into(),
-    );
-    json.insert("partitions".into(), args.partitions.into());
-    json.insert("commit_interval_ms".into(), args.commit_interval_ms.into());
-    json.insert("commands".into(), args.commands.into());
-    json.insert("accounts".into(), args.accounts.into());
-    if let Some(parent) = args.json.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(
-        &args.json,
-        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
-    )?;
-    eprintln!("figures written to {}", args.json.display());
+    /// Writes the JSON figures (with the run's parameters) and the Markdown table.
+    fn write(&self, mut report: Report) -> anyhow::Result<()> {
+        let args = &self.args;
+        report.figure("kafka_version", kafka_version());
+        report.figure("librdkafka_version", rdkafka::util::get_rdkafka_version().1);
+        report.figure("partitions", args.partitions);
+        report.figure("commit_interval_ms", args.commit_interval_ms);
+        report.figure("commands", args.commands);
+        report.figure("accounts", args.accounts);
+        if let Some(parent) = args.json.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(
+            &args.json,
+            serde_json::to_string_pretty(&serde_json::Value::Object(report.json))?,
+        )?;
+        eprintln!("figures written to {}", args.json.display());
 
-    let table = render(&rows, &args);
-    println!("{table}");
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
+        let table = render(&report.rows, args);
+        println!("{table}");
+        if let Some(parent) = args.out.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&args.out, &table)?;
+        eprintln!("written to {}", args.out.display());
+        Ok(())
     }
-    std::fs::write(&args.out, &table)?;
-    eprintln!("written to {}", args.out.display());
-    Ok(())
+}
+
+/// One database's projection figures (step 5).
+struct ProjectionFigures {
+    /// Events per second the projection applied.
+    rate: f64,
+    /// Events per second of the bare upsert loop.
+    raw_db: f64,
+    /// `rate` against the slower of the raw consumer and the raw database.
+    ratio: f64,
 }
 
 /// Opens every account, then a mix of deposits (60 %) and withdrawals (40 %, some too large).
@@ -658,22 +805,16 @@ async fn latency_run(
 }
 
 /// Adds a latency measurement's keys (with `suffix`) and its row.
-fn record_latency(
-    json: &mut serde_json::Map<String, serde_json::Value>,
-    rows: &mut Vec<Row>,
-    suffix: &str,
-    label: &str,
-    l: &latency::Latencies,
-) {
+fn record_latency(report: &mut Report, suffix: &str, label: &str, l: &latency::Latencies) {
     for (key, value) in [
         ("e2e_command_to_result_p50_ms", l.to_result.p50),
         ("e2e_command_to_result_p99_ms", l.to_result.p99),
         ("e2e_command_to_projection_p50_ms", l.to_projection.p50),
         ("e2e_command_to_projection_p99_ms", l.to_projection.p99),
     ] {
-        json.insert(format!("{key}{suffix}"), value.into());
+        report.figure(format!("{key}{suffix}"), value);
     }
-    rows.push(Row {
+    report.rows.push(Row {
         what: format!("latency, open loop {label}: produce → result / → on the projection"),
         count: l.to_result.n,
         seconds: l.sent as f64 / l.rate.max(1e-9),

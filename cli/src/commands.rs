@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
 use shared::client::CommandClient;
 use shared::{Command, CommandMessage, CommandStatus, Settings};
 
@@ -52,37 +53,23 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
             initial,
             expect,
         } => {
-            check_id(&id)?;
-            if owner.trim().is_empty() {
-                return Err(CliError::Usage("--owner must not be blank".into()));
-            }
-            check_currency(&currency)?;
-            let initial_balance_minor = parse_amount(&initial, &currency, Sign::ZeroOrMore)?;
-            let command = Command::OpenAccount {
-                owner,
-                currency,
-                initial_balance_minor,
-            };
-            send(&settings, global, message(id, command, expect)).await
+            let message = open(id, owner, currency, &initial, expect)?;
+            send(&settings, global, message).await
         }
         Action::Deposit(args) => {
-            let (id, amount_minor, expect) = money(&args, &projection()?).await?;
-            let command = Command::Deposit { amount_minor };
-            send(&settings, global, message(id, command, expect)).await
+            let money = money(&args, &projection()?).await?;
+            let message = money.message(|amount_minor| Command::Deposit { amount_minor });
+            send(&settings, global, message).await
         }
         Action::Withdraw(args) => {
-            let (id, amount_minor, expect) = money(&args, &projection()?).await?;
-            let command = Command::Withdraw { amount_minor };
-            send(&settings, global, message(id, command, expect)).await
+            let money = money(&args, &projection()?).await?;
+            let message = money.message(|amount_minor| Command::Withdraw { amount_minor });
+            send(&settings, global, message).await
         }
         Action::Close { id, expect } => {
             check_id(&id)?;
-            send(
-                &settings,
-                global,
-                message(id, Command::CloseAccount, expect),
-            )
-            .await
+            let message = message(id, Command::CloseAccount, expect);
+            send(&settings, global, message).await
         }
         Action::Get {
             id,
@@ -90,37 +77,15 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
             version,
             min_version,
         } => {
-            if let Some(t) = &as_of {
-                chrono::DateTime::parse_from_rfc3339(t).map_err(|e| {
-                    CliError::Usage(format!(
-                        "--as-of `{t}` is not an RFC 3339 time like 2026-01-31T12:00:00Z: {e}"
-                    ))
-                })?;
-            }
-            if version == Some(0) || min_version == Some(0) {
-                return Err(CliError::Usage("versions start at 1".into()));
-            }
-            let query = AccountQuery {
-                as_of,
-                version,
-                min_version,
-            };
+            let query = account_query(as_of, version, min_version)?;
             let answer = projection()?.account(&id, &query).await?;
-            if global.json {
-                println!("{}", output::json(&answer));
-            } else {
-                print!("{}", output::account(&output::decode(answer)?));
-            }
-            Ok(())
+            print_answer(global, answer, |a| Ok(output::account(&output::decode(a)?)))
         }
         Action::History { id } => {
             let answer = projection()?.events(&id).await?;
-            if global.json {
-                println!("{}", output::json(&answer));
-            } else {
-                print!("{}", output::history(&output::decode::<Vec<_>>(answer)?));
-            }
-            Ok(())
+            print_answer(global, answer, |a| {
+                Ok(output::history(&output::decode::<Vec<_>>(a)?))
+            })
         }
         Action::List {
             status,
@@ -131,19 +96,17 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
             if limit == Some(0) {
                 return Err(CliError::Usage("--limit must be 1 or more".into()));
             }
+            let status = status.map(|s| s.as_str().to_owned());
             let query = ListQuery {
-                status: status.map(|s| s.as_str().to_owned()),
+                status,
                 owner,
                 limit,
                 after,
             };
             let answer = projection()?.list(&query).await?;
-            if global.json {
-                println!("{}", output::json(&answer));
-            } else {
-                print!("{}", output::account_list(&output::decode(answer)?));
-            }
-            Ok(())
+            print_answer(global, answer, |a| {
+                Ok(output::account_list(&output::decode(a)?))
+            })
         }
         Action::Load { .. }
         | Action::Dlq { .. }
@@ -152,6 +115,66 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
             "internal: this subcommand is dispatched by cli::run".into(),
         )),
     }
+}
+
+/// The `OpenAccount` message, checked locally: a non-blank id and owner, an ISO 4217 currency
+/// and an initial balance of zero or more in that currency's decimals.
+fn open(
+    id: String,
+    owner: String,
+    currency: String,
+    initial: &str,
+    expect: Expect,
+) -> Result<CommandMessage, CliError> {
+    check_id(&id)?;
+    if owner.trim().is_empty() {
+        return Err(CliError::Usage("--owner must not be blank".into()));
+    }
+    check_currency(&currency)?;
+    let initial_balance_minor = parse_amount(initial, &currency, Sign::ZeroOrMore)?;
+    let command = Command::OpenAccount {
+        owner,
+        currency,
+        initial_balance_minor,
+    };
+    Ok(message(id, command, expect))
+}
+
+/// The query of `bank get`, checked locally: an RFC 3339 time, versions from 1.
+fn account_query(
+    as_of: Option<String>,
+    version: Option<u64>,
+    min_version: Option<u64>,
+) -> Result<AccountQuery, CliError> {
+    if let Some(t) = &as_of {
+        chrono::DateTime::parse_from_rfc3339(t).map_err(|e| {
+            CliError::Usage(format!(
+                "--as-of `{t}` is not an RFC 3339 time like 2026-01-31T12:00:00Z: {e}"
+            ))
+        })?;
+    }
+    if version == Some(0) || min_version == Some(0) {
+        return Err(CliError::Usage("versions start at 1".into()));
+    }
+    Ok(AccountQuery {
+        as_of,
+        version,
+        min_version,
+    })
+}
+
+/// Prints the projection's answer: as JSON with `--json`, else as `people` renders it.
+fn print_answer(
+    global: &Global,
+    answer: Value,
+    people: impl FnOnce(Value) -> Result<String, CliError>,
+) -> Result<(), CliError> {
+    if global.json {
+        println!("{}", output::json(&answer));
+    } else {
+        print!("{}", people(answer)?);
+    }
+    Ok(())
 }
 
 /// Produces the command, waits for its result and prints it; a rejection is an error (exit 1).
@@ -201,10 +224,7 @@ fn check_id(id: &str) -> Result<(), CliError> {
 /// otherwise (projection unreachable, or the account not projected yet) 2 decimal places, with
 /// a note on stderr. Asking the projection costs one GET, and it keeps `bank deposit jpy-1 500`
 /// from meaning 5.00 yen-cents on a JPY account.
-async fn money(
-    args: &MoneyArgs,
-    projection: &Projection,
-) -> Result<(String, i64, Expect), CliError> {
+async fn money(args: &MoneyArgs, projection: &Projection) -> Result<Money, CliError> {
     check_id(&args.id)?;
     check_number(&args.amount, Sign::Positive)?;
     let currency = match &args.currency {
@@ -223,7 +243,27 @@ async fn money(
             }),
     };
     let minor = parse_amount(&args.amount, &currency, Sign::Positive)?;
-    Ok((args.id.clone(), minor, args.expect))
+    Ok(Money {
+        id: args.id.clone(),
+        amount_minor: minor,
+        expect: args.expect,
+    })
+}
+
+/// A deposit or withdrawal, checked locally.
+struct Money {
+    /// The account.
+    id: String,
+    /// More than zero, in the account's minor units.
+    amount_minor: i64,
+    expect: Expect,
+}
+
+impl Money {
+    /// The command message that moves this money (`Deposit` or `Withdraw`).
+    fn message(self, command: impl FnOnce(i64) -> Command) -> CommandMessage {
+        message(self.id, command(self.amount_minor), self.expect)
+    }
 }
 
 /// The account's currency according to the projection, or why it is not known.

@@ -103,6 +103,13 @@ pub struct Replayed {
     pub held_back: Option<String>,
 }
 
+/// A dead letter's place in the dead-letter topic: its id `PARTITION:OFFSET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LetterId {
+    partition: i32,
+    offset: i64,
+}
+
 /// `bank dlq replay`.
 pub async fn replay(
     settings: &Settings,
@@ -111,44 +118,85 @@ pub async fn replay(
     force: bool,
     json: bool,
 ) -> Result<(), CliError> {
-    let wanted: Vec<(i32, i64)> = ids
+    let wanted: Vec<LetterId> = ids
         .iter()
         .map(|id| parse_id(id))
         .collect::<Result<_, _>>()?;
     let topics = Topics::new(&settings.topic_prefix);
     let letters = read_all(settings).await?;
-    let selected: Vec<&StoredDeadLetter> = if all {
+    let selected = if all {
         letters.iter().collect()
     } else {
-        let mut selected = Vec::new();
-        for (partition, offset) in &wanted {
-            let found = letters
+        select(&letters, &wanted, &topics.events_dlq())?
+    };
+    let replayer = Replayer::new(settings, force).await?;
+    let mut outcomes = Vec::with_capacity(selected.len());
+    for letter in selected {
+        outcomes.push(replayer.replay(letter).await?);
+    }
+    report(&outcomes, json, &topics)
+}
+
+/// The letters with the `wanted` ids, in that order; an error naming the first id that is not
+/// in the dead-letter topic `dlq`.
+fn select<'a>(
+    letters: &'a [StoredDeadLetter],
+    wanted: &[LetterId],
+    dlq: &str,
+) -> Result<Vec<&'a StoredDeadLetter>, CliError> {
+    wanted
+        .iter()
+        .map(|LetterId { partition, offset }| {
+            letters
                 .iter()
                 .find(|l| l.view.partition == *partition && l.view.offset == *offset)
                 .ok_or_else(|| {
                     CliError::NotFound(format!(
-                        "no dead letter {partition}:{offset} in {} (see `bank dlq list`)",
-                        topics.events_dlq()
+                        "no dead letter {partition}:{offset} in {dlq} (see `bank dlq list`)"
                     ))
-                })?;
-            selected.push(found);
-        }
-        selected
-    };
-    let events = topics.events();
-    let partitions = partition_count(settings, &events).await?;
-    let codec = EventCodec::from_settings(settings)
-        .map_err(|e| CliError::Usage(format!("SCHEMA_REGISTRY_URL: {e}")))?;
-    let producer: FutureProducer = settings
-        .kafka
-        .producer_config()
-        .set("acks", "all")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .map_err(|e| unavailable(settings, e))?;
+                })
+        })
+        .collect()
+}
 
-    let mut outcomes = Vec::with_capacity(selected.len());
-    for letter in selected {
+/// Sends letters back to the events topic, or holds back those that would fail again.
+struct Replayer<'a> {
+    settings: &'a Settings,
+    /// `<prefix>.events`.
+    events: String,
+    /// Its partition count, for the canonical partition of each key.
+    partitions: i32,
+    codec: EventCodec,
+    producer: FutureProducer,
+    /// Send letters that still fail too.
+    force: bool,
+}
+
+impl<'a> Replayer<'a> {
+    async fn new(settings: &'a Settings, force: bool) -> Result<Replayer<'a>, CliError> {
+        let events = Topics::new(&settings.topic_prefix).events();
+        let partitions = partition_count(settings, &events).await?;
+        let codec = EventCodec::from_settings(settings)
+            .map_err(|e| CliError::Usage(format!("SCHEMA_REGISTRY_URL: {e}")))?;
+        let producer: FutureProducer = settings
+            .kafka
+            .producer_config()
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(|e| unavailable(settings, e))?;
+        Ok(Replayer {
+            settings,
+            events,
+            partitions,
+            codec,
+            producer,
+            force,
+        })
+    }
+
+    /// Replays one letter, or holds it back with the reason it would fail again.
+    async fn replay(&self, letter: &StoredDeadLetter) -> Result<Replayed, CliError> {
         let mut outcome = Replayed {
             id: letter.view.id(),
             key: letter.view.key.clone(),
@@ -156,42 +204,54 @@ pub async fn replay(
             offset: None,
             held_back: None,
         };
-        match still_failing(&codec, letter).await? {
-            Some(why) if !force => outcome.held_back = Some(why),
+        match still_failing(&self.codec, letter).await? {
+            Some(why) if !self.force => outcome.held_back = Some(why),
             _ => {
-                let key = letter.key.as_deref().unwrap_or_default();
-                let partition = canonical_partition(key, partitions);
-                let mut headers = OwnedHeaders::new();
-                for (name, value) in &letter.original_headers {
-                    headers = headers.insert(Header {
-                        key: name,
-                        value: value.as_deref(),
-                    });
-                }
-                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&events)
-                    .partition(partition)
-                    .key(key)
-                    .headers(headers);
-                if let Some(payload) = &letter.payload {
-                    record = record.payload(payload.as_slice());
-                }
-                let delivered = producer
-                    .send(record, DELIVERY_TIMEOUT)
-                    .await
-                    .map_err(|(e, _)| unavailable(settings, e))?;
-                outcome.partition = Some(delivered.partition);
-                outcome.offset = Some(delivered.offset);
+                let (partition, offset) = self.send(letter).await?;
+                outcome.partition = Some(partition);
+                outcome.offset = Some(offset);
             }
         }
-        outcomes.push(outcome);
+        Ok(outcome)
     }
 
+    /// Sends the letter's key, bytes and original headers to the key's canonical partition;
+    /// returns the partition and offset it got.
+    async fn send(&self, letter: &StoredDeadLetter) -> Result<(i32, i64), CliError> {
+        let key = letter.key.as_deref().unwrap_or_default();
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in &letter.original_headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: value.as_deref(),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.events)
+            .partition(canonical_partition(key, self.partitions))
+            .key(key)
+            .headers(headers);
+        if let Some(payload) = &letter.payload {
+            record = record.payload(payload.as_slice());
+        }
+        let delivered = self
+            .producer
+            .send(record, DELIVERY_TIMEOUT)
+            .await
+            .map_err(|(e, _)| unavailable(self.settings, e))?;
+        Ok((delivered.partition, delivered.offset))
+    }
+}
+
+/// Prints what a replay did (JSON on stdout, or a line per letter) and fails with
+/// [`CliError::HeldBack`] when any letter was held back.
+fn report(outcomes: &[Replayed], json: bool, topics: &Topics) -> Result<(), CliError> {
     if json {
         println!("{}", output::json(&outcomes));
     } else if outcomes.is_empty() {
         println!("no dead letters in {}", topics.events_dlq());
     }
-    for o in &outcomes {
+    let events = topics.events();
+    for o in outcomes {
         let key = o.key.as_deref().unwrap_or("-");
         match (&o.held_back, o.partition, o.offset) {
             (Some(why), _, _) => eprintln!("held back {} (key {key}): {why}", o.id),
@@ -250,10 +310,15 @@ async fn still_failing(
 }
 
 /// `PARTITION:OFFSET`.
-fn parse_id(id: &str) -> Result<(i32, i64), CliError> {
+fn parse_id(id: &str) -> Result<LetterId, CliError> {
     id.split_once(':')
-        .and_then(|(p, o)| Some((p.trim().parse().ok()?, o.trim().parse().ok()?)))
-        .filter(|(p, o)| *p >= 0 && *o >= 0)
+        .and_then(|(p, o)| {
+            Some(LetterId {
+                partition: p.trim().parse().ok()?,
+                offset: o.trim().parse().ok()?,
+            })
+        })
+        .filter(|id| id.partition >= 0 && id.offset >= 0)
         .ok_or_else(|| {
             CliError::Usage(format!(
                 "--id `{id}` is not PARTITION:OFFSET like `0:12` (see `bank dlq list`)"
@@ -316,8 +381,9 @@ mod tests {
 
     #[test]
     fn ids_are_partition_colon_offset() {
-        assert_eq!(parse_id("0:12").unwrap(), (0, 12));
-        assert_eq!(parse_id(" 2 : 3 ").unwrap(), (2, 3));
+        let id = |partition, offset| LetterId { partition, offset };
+        assert_eq!(parse_id("0:12").unwrap(), id(0, 12));
+        assert_eq!(parse_id(" 2 : 3 ").unwrap(), id(2, 3));
         for bad in ["", "3", "a:1", "1:-1", "-1:0", "1:2:3"] {
             let err = parse_id(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");

@@ -95,6 +95,28 @@ fn minor(major: f64, currency: &str) -> i64 {
 /// Generates the workload: `accounts` opens named `<id_prefix>-<n>`, then `ops` commands.
 pub fn plan(accounts: u32, ops: u32, seed: u64, id_prefix: &str) -> Plan {
     let mut rng = Rng::new(seed);
+    let (opens, mut sims) = open_accounts(&mut rng, accounts, id_prefix);
+    let mut closes = CloseBudget {
+        left: (accounts as usize).div_ceil(10),
+    };
+    let mut out = Vec::with_capacity(ops as usize);
+    while out.len() < ops as usize {
+        let i = pick_account(&mut rng, &sims);
+        // A close is a withdrawal and `CloseAccount`: only when both fit.
+        let room_for_two = ops as usize - out.len() >= 2;
+        next_commands(&mut rng, &mut sims[i], &mut closes, room_for_two, &mut out);
+    }
+    Plan { opens, ops: out }
+}
+
+/// How many more accounts the workload may close (about one in ten at most).
+struct CloseBudget {
+    left: usize,
+}
+
+/// One `OpenAccount` per account, with a weighted currency, a random owner and (seven times in
+/// ten) an initial balance; and the simulated accounts.
+fn open_accounts(rng: &mut Rng, accounts: u32, id_prefix: &str) -> (Vec<CommandMessage>, Vec<Sim>) {
     let mut sims: Vec<Sim> = Vec::with_capacity(accounts as usize);
     let mut opens = Vec::with_capacity(accounts as usize);
     for n in 1..=accounts {
@@ -127,63 +149,76 @@ pub fn plan(accounts: u32, ops: u32, seed: u64, id_prefix: &str) -> Plan {
             closed: false,
         });
     }
+    (opens, sims)
+}
 
-    let max_closes = (accounts as usize).div_ceil(10);
-    let mut closes = 0;
-    let mut out = Vec::with_capacity(ops as usize);
-    while out.len() < ops as usize {
-        // Mostly active accounts; a closed one only if three picks in a row hit closed ones.
-        let mut i = rng.below(sims.len());
-        for _ in 0..3 {
-            if !sims[i].closed {
-                break;
-            }
-            i = rng.below(sims.len());
+/// Mostly active accounts; a closed one only if three picks in a row hit closed ones.
+fn pick_account(rng: &mut Rng, sims: &[Sim]) -> usize {
+    let mut i = rng.below(sims.len());
+    for _ in 0..3 {
+        if !sims[i].closed {
+            break;
         }
-        let s = &mut sims[i];
-        let roll = rng.unit();
-        let command = if s.closed {
-            Command::Deposit {
-                amount_minor: minor(rng.log_uniform(5.0, 300.0), s.currency),
-            }
-        } else if roll < 0.02 {
-            // An overdraft attempt: rejected with InsufficientFunds.
-            Command::Withdraw {
-                amount_minor: s.balance + minor(rng.log_uniform(1.0, 500.0), s.currency),
-            }
-        } else if roll < 0.03 && closes < max_closes && ops as usize - out.len() >= 2 {
-            closes += 1;
-            if s.balance > 0 {
-                out.push(CommandMessage::new(
-                    s.id.clone(),
-                    Command::Withdraw {
-                        amount_minor: s.balance,
-                    },
-                ));
-                s.balance = 0;
-            }
-            s.closed = true;
-            Command::CloseAccount
-        } else {
-            let withdraw = minor(rng.log_uniform(1.0, 400.0), s.currency);
-            if roll < 0.55 || withdraw > s.balance {
-                let amount_minor = if rng.unit() < 0.1 {
-                    minor(rng.log_uniform(1500.0, 5000.0), s.currency) // salary
-                } else {
-                    minor(rng.log_uniform(5.0, 300.0), s.currency)
-                };
-                s.balance += amount_minor;
-                Command::Deposit { amount_minor }
-            } else {
-                s.balance -= withdraw;
-                Command::Withdraw {
-                    amount_minor: withdraw,
-                }
-            }
-        };
-        out.push(CommandMessage::new(s.id.clone(), command));
+        i = rng.below(sims.len());
     }
-    Plan { opens, ops: out }
+    i
+}
+
+/// Appends the next command on account `s` to `out` (two when it empties and closes it),
+/// updating the simulated balance.
+fn next_commands(
+    rng: &mut Rng,
+    s: &mut Sim,
+    closes: &mut CloseBudget,
+    room_for_two: bool,
+    out: &mut Vec<CommandMessage>,
+) {
+    let roll = rng.unit();
+    let command = if s.closed {
+        // Rejected with AccountClosed.
+        Command::Deposit {
+            amount_minor: minor(rng.log_uniform(5.0, 300.0), s.currency),
+        }
+    } else if roll < 0.02 {
+        // An overdraft attempt: rejected with InsufficientFunds.
+        Command::Withdraw {
+            amount_minor: s.balance + minor(rng.log_uniform(1.0, 500.0), s.currency),
+        }
+    } else if roll < 0.03 && closes.left > 0 && room_for_two {
+        closes.left -= 1;
+        if s.balance > 0 {
+            let amount_minor = std::mem::take(&mut s.balance);
+            out.push(CommandMessage::new(
+                s.id.clone(),
+                Command::Withdraw { amount_minor },
+            ));
+        }
+        s.closed = true;
+        Command::CloseAccount
+    } else {
+        everyday(rng, s, roll)
+    };
+    out.push(CommandMessage::new(s.id.clone(), command));
+}
+
+/// A deposit (mostly small, one in ten salary-sized) or a withdrawal the balance covers;
+/// `roll` below 0.55 always deposits.
+fn everyday(rng: &mut Rng, s: &mut Sim, roll: f64) -> Command {
+    let withdraw = minor(rng.log_uniform(1.0, 400.0), s.currency);
+    if roll < 0.55 || withdraw > s.balance {
+        let amount_minor = if rng.unit() < 0.1 {
+            minor(rng.log_uniform(1500.0, 5000.0), s.currency) // salary
+        } else {
+            minor(rng.log_uniform(5.0, 300.0), s.currency)
+        };
+        s.balance += amount_minor;
+        Command::Deposit { amount_minor }
+    } else {
+        s.balance -= withdraw;
+        Command::Withdraw {
+            amount_minor: withdraw,
+        }
+    }
 }
 
 /// What a run did.

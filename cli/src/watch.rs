@@ -7,7 +7,7 @@
 
 use chrono::SecondsFormat;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use shared::dlq::watermarks;
 use shared::kafka::Topics;
@@ -31,31 +31,9 @@ pub async fn run(
     crate::dlq::partition_count(settings, &topic).await?;
     let codec = EventCodec::from_settings(settings)
         .map_err(|e| CliError::Usage(format!("SCHEMA_REGISTRY_URL: {e}")))?;
-    let consumer: StreamConsumer = settings
-        .kafka
-        .client_config()
-        .set("group.id", GROUP_ID)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .map_err(|e| unavailable(settings, e))?;
-    // Explicit end offsets (not `Offset::End`, resolved lazily): an event committed after the
-    // `watching` line is printed is never missed.
-    let marks = tokio::task::block_in_place(|| watermarks(&consumer, &topic))
-        .map_err(|e| unavailable(settings, e))?;
-    let mut tpl = TopicPartitionList::new();
-    for (partition, _, high) in &marks {
-        tpl.add_partition_offset(&topic, *partition, Offset::Offset(*high))
-            .map_err(|e| unavailable(settings, e))?;
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| unavailable(settings, e))?;
+    let (consumer, partitions) = consumer_at_the_end(settings, &topic)?;
     eprintln!(
-        "watching {topic} ({} partitions){} from now on; Ctrl-C to stop",
-        marks.len(),
+        "watching {topic} ({partitions} partitions){} from now on; Ctrl-C to stop",
         account.map(|a| format!(" for {a}")).unwrap_or_default()
     );
 
@@ -67,39 +45,79 @@ pub async fn run(
             _ = &mut interrupted => break,
             message = consumer.recv() => message,
         };
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("warning: {e} (still watching)");
-                continue;
-            }
-        };
-        if let Some(wanted) = account
-            && message.key() != Some(wanted.as_bytes())
-        {
-            continue;
-        }
-        let (partition, offset) = (message.partition(), message.offset());
-        let Some(payload) = message.payload() else {
-            eprintln!("warning: {partition}:{offset} has no value");
-            continue;
-        };
-        match codec.decode(payload).await {
-            Ok(envelope) => {
-                if json {
-                    println!("{}", serde_json::to_string(&envelope).unwrap_or_default());
-                } else {
-                    println!("{}", line(&envelope, partition, offset));
+        match message {
+            Ok(message) if wanted(&message, account) => {
+                if print_event(&codec, &message, json).await {
+                    printed += 1;
                 }
-                printed += 1;
             }
-            Err(e) => eprintln!(
-                "warning: {partition}:{offset} cannot be decoded ({}): {e}",
-                e.code()
-            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: {e} (still watching)"),
         }
     }
     Ok(())
+}
+
+/// A consumer of every partition of `topic`, each from its current end, and the number of
+/// partitions. Explicit end offsets (not `Offset::End`, resolved lazily): an event committed
+/// after the `watching` line is printed is never missed.
+fn consumer_at_the_end(
+    settings: &Settings,
+    topic: &str,
+) -> Result<(StreamConsumer, usize), CliError> {
+    let consumer: StreamConsumer = settings
+        .kafka
+        .client_config()
+        .set("group.id", GROUP_ID)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .map_err(|e| unavailable(settings, e))?;
+    let marks = tokio::task::block_in_place(|| watermarks(&consumer, topic))
+        .map_err(|e| unavailable(settings, e))?;
+    let mut tpl = TopicPartitionList::new();
+    for (partition, _, high) in &marks {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*high))
+            .map_err(|e| unavailable(settings, e))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| unavailable(settings, e))?;
+    Ok((consumer, marks.len()))
+}
+
+/// Whether the message is of the watched account (all are when none is given).
+fn wanted(message: &BorrowedMessage<'_>, account: Option<&str>) -> bool {
+    account.is_none_or(|wanted| message.key() == Some(wanted.as_bytes()))
+}
+
+/// Prints the event in the message (a line, or JSON); a message that has no value or cannot be
+/// decoded is a warning on stderr. Returns whether an event was printed.
+async fn print_event(codec: &EventCodec, message: &BorrowedMessage<'_>, json: bool) -> bool {
+    let (partition, offset) = (message.partition(), message.offset());
+    let Some(payload) = message.payload() else {
+        eprintln!("warning: {partition}:{offset} has no value");
+        return false;
+    };
+    match codec.decode(payload).await {
+        Ok(envelope) => {
+            if json {
+                println!("{}", serde_json::to_string(&envelope).unwrap_or_default());
+            } else {
+                println!("{}", line(&envelope, partition, offset));
+            }
+            true
+        }
+        Err(e) => {
+            eprintln!(
+                "warning: {partition}:{offset} cannot be decoded ({}): {e}",
+                e.code()
+            );
+            false
+        }
+    }
 }
 
 /// One event for people.

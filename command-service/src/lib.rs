@@ -127,6 +127,7 @@ pub async fn run(
     .await
     .context("cannot create or inspect the topics")?;
     let partitions = check_copartitioned(&counts)?;
+    shared::kafka::verify_topics(&settings.kafka, &settings.topic_prefix, &counts).await?;
     if partitions != settings.partitions {
         anyhow::bail!(
             "the topics have {partitions} partitions but PARTITIONS={}; set PARTITIONS={partitions} \

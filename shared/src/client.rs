@@ -39,6 +39,9 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+/// How many commands [`CommandClient::submit_all`] has Kafka take at once.
+const MAX_SENDS_IN_FLIGHT: usize = 1000;
+
 /// Produces commands and waits for their results.
 pub struct CommandClient {
     settings: Settings,
@@ -113,19 +116,25 @@ impl CommandClient {
         &self,
         commands: &[CommandMessage],
         timeout: Duration,
-        mut on_result: impl FnMut(&CommandResult),
+        on_result: impl FnMut(&CommandResult),
     ) -> Result<Vec<CommandResult>, ClientError> {
-        let unreachable = |source| ClientError::Unreachable {
-            bootstrap: self.settings.kafka.bootstrap_servers.clone(),
-            source,
-        };
         let wanted_partitions: HashSet<i32> = commands
             .iter()
             .map(|c| canonical_partition(c.aggregate_id.as_bytes(), self.partitions))
             .collect();
+        // Positioned before anything is sent, so no result can be missed.
         let consumer = self.results_consumer(&wanted_partitions).await?;
+        self.send_all(commands).await?;
+        let pending: HashSet<Uuid> = commands.iter().map(|c| c.command_id).collect();
+        self.await_results(&consumer, pending, timeout, on_result)
+            .await
+    }
+
+    /// Produces `commands` to their canonical partitions, each with a `traceparent` header
+    /// that starts a trace (or continues the one in `TRACEPARENT`); returns once Kafka has
+    /// taken them all.
+    async fn send_all(&self, commands: &[CommandMessage]) -> Result<(), ClientError> {
         let topic = self.topics.commands();
-        // Each command starts a trace (or continues the one in `TRACEPARENT`).
         let parent = crate::trace::TraceContext::from_env();
         let sends = commands.iter().map(|command| {
             let trace = parent.map_or_else(crate::trace::TraceContext::new_root, |p| p.child());
@@ -154,36 +163,53 @@ impl CommandClient {
                     .map_err(|(e, _)| e)
             }
         });
-        let mut pending: HashSet<Uuid> = commands.iter().map(|c| c.command_id).collect();
-        let mut sent = futures::stream::iter(sends).buffer_unordered(1000);
+        let mut sent = futures::stream::iter(sends).buffer_unordered(MAX_SENDS_IN_FLIGHT);
         while let Some(sent) = sent.next().await {
-            sent.map_err(unreachable)?;
+            sent.map_err(|e| self.unreachable(e))?;
         }
-        let mut results = Vec::with_capacity(commands.len());
+        Ok(())
+    }
+
+    /// Reads results until every command id in `pending` has one; gives up when `timeout`
+    /// passes without one arriving.
+    async fn await_results(
+        &self,
+        consumer: &StreamConsumer,
+        mut pending: HashSet<Uuid>,
+        timeout: Duration,
+        mut on_result: impl FnMut(&CommandResult),
+    ) -> Result<Vec<CommandResult>, ClientError> {
+        let mut results = Vec::with_capacity(pending.len());
         let mut last_progress = Instant::now();
         while !pending.is_empty() {
             let left = timeout.saturating_sub(last_progress.elapsed());
             if left.is_zero() {
                 return Err(ClientError::Timeout(timeout));
             }
-            match tokio::time::timeout(left, consumer.recv()).await {
+            let msg = match tokio::time::timeout(left, consumer.recv()).await {
                 Err(_) => return Err(ClientError::Timeout(timeout)),
-                Ok(Err(e)) => return Err(unreachable(e)),
-                Ok(Ok(msg)) => {
-                    let Some(Ok(result)) =
-                        msg.payload().map(serde_json::from_slice::<CommandResult>)
-                    else {
-                        continue;
-                    };
-                    if pending.remove(&result.command_id) {
-                        last_progress = Instant::now();
-                        on_result(&result);
-                        results.push(result);
-                    }
-                }
+                Ok(Err(e)) => return Err(self.unreachable(e)),
+                Ok(Ok(msg)) => msg,
+            };
+            // Results of other clients' commands, or unreadable ones, are not ours to wait for.
+            let Some(Ok(result)) = msg.payload().map(serde_json::from_slice::<CommandResult>)
+            else {
+                continue;
+            };
+            if pending.remove(&result.command_id) {
+                last_progress = Instant::now();
+                on_result(&result);
+                results.push(result);
             }
         }
         Ok(results)
+    }
+
+    fn unreachable(&self, source: KafkaError) -> ClientError {
+        ClientError::Unreachable {
+            bootstrap: self.settings.kafka.bootstrap_servers.clone(),
+            source,
+        }
     }
 
     /// A consumer of the results partitions, positioned at their current ends (before the
@@ -192,10 +218,7 @@ impl CommandClient {
         &self,
         partitions: &HashSet<i32>,
     ) -> Result<Arc<StreamConsumer>, ClientError> {
-        let unreachable = |source| ClientError::Unreachable {
-            bootstrap: self.settings.kafka.bootstrap_servers.clone(),
-            source,
-        };
+        let unreachable = |source| self.unreachable(source);
         let consumer: StreamConsumer = self
             .settings
             .kafka

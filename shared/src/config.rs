@@ -71,49 +71,89 @@ impl Settings {
 
     /// Reads settings from `(name, value)` pairs (the environment, or a test's own list).
     pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
-        let get = |name: &str| {
-            vars.iter()
-                .rev()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
+        let v = Vars(vars);
+        let kafka = KafkaSettings {
+            bootstrap_servers: v.text("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"),
+            passthrough: v.kafka_passthrough(),
         };
-        let text =
-            |name: &'static str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
-        let parsed = |name: &'static str, default: &str| -> Result<(String, String), ConfigError> {
-            Ok((name.to_owned(), text(name, default)))
-        };
-        let addr = |name: &'static str, default: &str| -> Result<SocketAddr, ConfigError> {
-            let (_, v) = parsed(name, default)?;
-            v.parse()
-                .map_err(|_| invalid(name, &v, "expected an address like 127.0.0.1:8080"))
-        };
-        let positive = |name: &'static str, default: &str| -> Result<u64, ConfigError> {
-            let v = text(name, default);
-            match v.parse::<u64>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(invalid(
-                    name,
-                    &v,
-                    "expected a whole number greater than zero",
-                )),
-            }
-        };
+        let topic_prefix = v.topic_prefix()?;
+        let partitions = v.partitions()?;
+        let schema_registry_url = v.schema_registry_url()?;
+        let projection_database_url = v.database_url()?;
+        let default_currency = v.currency("DEFAULT_CURRENCY", "USD")?;
+        let instance_id = v.get("INSTANCE_ID").unwrap_or_else(default_instance_id);
+        let projection_url = v.http_url("PROJECTION_URL", "http://127.0.0.1:8090")?;
+        Ok(Settings {
+            kafka,
+            topic_prefix,
+            partitions,
+            schema_registry_url,
+            projection_database_url,
+            command_http_addr: v.addr("COMMAND_HTTP_ADDR", "127.0.0.1:8080")?,
+            projection_http_addr: v.addr("PROJECTION_HTTP_ADDR", "127.0.0.1:8090")?,
+            default_currency,
+            instance_id,
+            commit_interval: Duration::from_millis(v.positive("COMMIT_INTERVAL_MS", "100")?),
+            snapshot_every: v.positive("SNAPSHOT_EVERY", "100")?,
+            checkpoint_every: v.positive("CHECKPOINT_EVERY", "10000")?,
+            dedupe_window: v.window("DEDUPE_WINDOW", "7d")?,
+            projection_url,
+        })
+    }
+}
 
-        let window = |name: &'static str, default: &str| -> Result<Duration, ConfigError> {
-            let v = text(name, default);
-            match humantime::parse_duration(&v) {
-                Ok(d) if d >= Duration::from_secs(1) => Ok(d),
-                _ => Err(invalid(
-                    name,
-                    &v,
-                    "expected a duration of at least 1s, like 7d, 12h or 30m",
-                )),
-            }
-        };
+/// The `(name, value)` pairs settings are read from, with one reader per kind of value; each
+/// error names its variable.
+struct Vars<'a>(&'a [(String, String)]);
 
-        let bootstrap_servers = text("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092");
-        let passthrough = vars
+impl Vars<'_> {
+    /// The trimmed value of `name` (the last one wins), `None` when unset or blank.
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn text(&self, name: &str, default: &str) -> String {
+        self.get(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn addr(&self, name: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {
+        let v = self.text(name, default);
+        v.parse()
+            .map_err(|_| invalid(name, &v, "expected an address like 127.0.0.1:8080"))
+    }
+
+    fn positive(&self, name: &'static str, default: &str) -> Result<u64, ConfigError> {
+        let v = self.text(name, default);
+        match v.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(invalid(
+                name,
+                &v,
+                "expected a whole number greater than zero",
+            )),
+        }
+    }
+
+    fn window(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let v = self.text(name, default);
+        match humantime::parse_duration(&v) {
+            Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+            _ => Err(invalid(
+                name,
+                &v,
+                "expected a duration of at least 1s, like 7d, 12h or 30m",
+            )),
+        }
+    }
+
+    /// `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*` and `KAFKA_SSL_*` as librdkafka properties.
+    fn kafka_passthrough(&self) -> Vec<(String, String)> {
+        self.0
             .iter()
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix("KAFKA_")?;
@@ -122,29 +162,34 @@ impl Settings {
                     || rest.starts_with("SSL_");
                 wanted.then(|| (rest.to_ascii_lowercase().replace('_', "."), v.clone()))
             })
-            .collect();
+            .collect()
+    }
 
-        let topic_prefix = text("TOPIC_PREFIX", "bank");
-        if !topic_prefix
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            || topic_prefix.len() > 200
-        {
+    fn topic_prefix(&self) -> Result<String, ConfigError> {
+        let prefix = self.text("TOPIC_PREFIX", "bank");
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        if !prefix.chars().all(allowed) || prefix.len() > 200 {
             return Err(invalid(
                 "TOPIC_PREFIX",
-                &topic_prefix,
+                &prefix,
                 "use letters, digits, '.', '_' and '-'",
             ));
         }
-        let partitions = positive("PARTITIONS", "6")?;
-        let partitions = i32::try_from(partitions)
+        Ok(prefix)
+    }
+
+    fn partitions(&self) -> Result<i32, ConfigError> {
+        let partitions = self.positive("PARTITIONS", "6")?;
+        i32::try_from(partitions)
             .ok()
             .filter(|p| *p <= 10_000)
-            .ok_or_else(|| invalid("PARTITIONS", &partitions.to_string(), "at most 10000"))?;
+            .ok_or_else(|| invalid("PARTITIONS", &partitions.to_string(), "at most 10000"))
+    }
 
-        let schema_registry_url = get("SCHEMA_REGISTRY_URL");
-        if let Some(url) = &schema_registry_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
+    fn schema_registry_url(&self) -> Result<Option<String>, ConfigError> {
+        let url = self.get("SCHEMA_REGISTRY_URL");
+        if let Some(url) = &url
+            && !is_http(url)
         {
             return Err(invalid(
                 "SCHEMA_REGISTRY_URL",
@@ -152,56 +197,43 @@ impl Settings {
                 "expected an http:// or https:// URL",
             ));
         }
-        let projection_database_url = text("PROJECTION_DATABASE_URL", "sqlite://projection.db");
+        Ok(url)
+    }
+
+    fn database_url(&self) -> Result<String, ConfigError> {
+        let url = self.text("PROJECTION_DATABASE_URL", "sqlite://projection.db");
         if !["sqlite:", "postgres://", "postgresql://"]
             .iter()
-            .any(|p| projection_database_url.starts_with(p))
+            .any(|p| url.starts_with(p))
         {
             return Err(invalid(
                 "PROJECTION_DATABASE_URL",
-                &projection_database_url,
+                &url,
                 "expected sqlite://FILE or postgres://USER@HOST/DB",
             ));
         }
-        let default_currency = text("DEFAULT_CURRENCY", "USD");
-        if default_currency.len() != 3 || !default_currency.bytes().all(|b| b.is_ascii_uppercase())
-        {
-            return Err(invalid(
-                "DEFAULT_CURRENCY",
-                &default_currency,
-                "expected an ISO 4217 code like USD",
-            ));
-        }
-        let instance_id = get("INSTANCE_ID").unwrap_or_else(default_instance_id);
-        let projection_url = text("PROJECTION_URL", "http://127.0.0.1:8090");
-        if !(projection_url.starts_with("http://") || projection_url.starts_with("https://")) {
-            return Err(invalid(
-                "PROJECTION_URL",
-                &projection_url,
-                "expected an http:// URL",
-            ));
-        }
-
-        Ok(Settings {
-            kafka: KafkaSettings {
-                bootstrap_servers,
-                passthrough,
-            },
-            topic_prefix,
-            partitions,
-            schema_registry_url,
-            projection_database_url,
-            command_http_addr: addr("COMMAND_HTTP_ADDR", "127.0.0.1:8080")?,
-            projection_http_addr: addr("PROJECTION_HTTP_ADDR", "127.0.0.1:8090")?,
-            default_currency,
-            instance_id,
-            commit_interval: Duration::from_millis(positive("COMMIT_INTERVAL_MS", "100")?),
-            snapshot_every: positive("SNAPSHOT_EVERY", "100")?,
-            checkpoint_every: positive("CHECKPOINT_EVERY", "10000")?,
-            dedupe_window: window("DEDUPE_WINDOW", "7d")?,
-            projection_url,
-        })
+        Ok(url)
     }
+
+    fn currency(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let code = self.text(name, default);
+        if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(invalid(name, &code, "expected an ISO 4217 code like USD"));
+        }
+        Ok(code)
+    }
+
+    fn http_url(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let url = self.text(name, default);
+        if !is_http(&url) {
+            return Err(invalid(name, &url, "expected an http:// URL"));
+        }
+        Ok(url)
+    }
+}
+
+fn is_http(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
 }
 
 fn invalid(var: &'static str, value: &str, reason: &str) -> ConfigError {

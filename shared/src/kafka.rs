@@ -1,10 +1,12 @@
 //! Kafka plumbing shared by the services and the CLI: topic names, the canonical partitioner,
-//! client configuration built in one place, and topic creation / co-partitioning checks.
+//! client configuration built in one place, topic creation, and the checks that existing topics
+//! are co-partitioned and configured as the contract requires ([`verify_topics`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -125,6 +127,42 @@ pub enum TopicError {
          partition count; recreate them or set PARTITIONS to match the existing topics"
     )]
     NotCoPartitioned(String),
+    /// The broker would not describe a topic's configs.
+    #[error("cannot describe the configs of topic {topic}: {code}")]
+    Describe {
+        /// The topic.
+        topic: String,
+        /// Kafka's error code.
+        code: RDKafkaErrorCode,
+    },
+    /// Existing topics have settings the contract forbids; nothing was changed.
+    #[error("{}", misconfigured_message(bootstrap, mismatches))]
+    Misconfigured {
+        /// The brokers, for the fix commands.
+        bootstrap: String,
+        /// Every setting that differs.
+        mismatches: Vec<TopicMismatch>,
+    },
+}
+
+fn misconfigured_message(bootstrap: &str, mismatches: &[TopicMismatch]) -> String {
+    let lines: Vec<String> = mismatches
+        .iter()
+        .map(|m| {
+            format!(
+                "topic {}: {} is {}, required {}; fix: {}",
+                m.topic,
+                m.setting,
+                m.found,
+                m.required,
+                m.fix(bootstrap)
+            )
+        })
+        .collect();
+    format!(
+        "existing topics do not match the contract (docs/contract.md), refusing to start:\n- {}",
+        lines.join("\n- ")
+    )
 }
 
 /// Creates the missing topics (existing ones are left alone) and waits until all of them are
@@ -213,6 +251,186 @@ pub fn check_copartitioned(counts: &[(String, i32)]) -> Result<i32, TopicError> 
         let listed: Vec<String> = counts.iter().map(|(t, n)| format!("{t} has {n}")).collect();
         Err(TopicError::NotCoPartitioned(listed.join(", ")))
     }
+}
+
+/// The settings the contract requires of the topics of one prefix, so that a topic created by
+/// hand (or by an older version) cannot silently lose events or snapshots.
+impl Topics {
+    /// The topics that must have the same partition count: an aggregate lives on the same
+    /// partition number of each.
+    pub fn copartitioned(&self) -> [String; 5] {
+        [
+            self.commands(),
+            self.events(),
+            self.snapshots(),
+            self.command_results(),
+            self.command_checkpoints(),
+        ]
+    }
+
+    /// The configs the contract requires of topic `name` (`config`, value); none for a topic
+    /// it says nothing about. The events topic is the store: never compacted, never expired.
+    /// Snapshots and checkpoints are compacted (one per key is all a restore reads).
+    pub fn required_configs(&self, name: &str) -> &'static [(&'static str, &'static str)] {
+        if name == self.events() {
+            &[
+                ("cleanup.policy", "delete"),
+                ("retention.ms", "-1"),
+                ("retention.bytes", "-1"),
+            ]
+        } else if name == self.snapshots() || name == self.command_checkpoints() {
+            &[("cleanup.policy", "compact")]
+        } else {
+            &[]
+        }
+    }
+}
+
+/// An existing topic as the broker describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundTopic {
+    /// Its name.
+    pub name: String,
+    /// Its partition count.
+    pub partitions: i32,
+    /// Its effective configs (topic overrides and broker defaults), by name.
+    pub configs: HashMap<String, String>,
+}
+
+/// One setting of an existing topic that is not what the contract requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMismatch {
+    /// The topic.
+    pub topic: String,
+    /// `partitions`, or the name of a topic config.
+    pub setting: String,
+    /// The value the topic has (`(unset)` when the broker reports none).
+    pub found: String,
+    /// The value it must have.
+    pub required: String,
+}
+
+impl TopicMismatch {
+    /// The command that fixes it, for the operator.
+    pub fn fix(&self, bootstrap: &str) -> String {
+        if self.setting == PARTITIONS_SETTING {
+            format!(
+                "a topic's partition count cannot shrink, and growing one that holds data moves \
+                 its keys to other partitions: recreate the co-partitioned topics with {} \
+                 partitions, or if {} is still empty, `kafka-topics.sh --bootstrap-server \
+                 {bootstrap} --alter --topic {} --partitions {}`",
+                self.required, self.topic, self.topic, self.required
+            )
+        } else {
+            format!(
+                "`kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics \
+                 --entity-name {} --add-config {}={}`",
+                self.topic, self.setting, self.required
+            )
+        }
+    }
+}
+
+/// The pseudo-setting a partition-count mismatch is reported under.
+const PARTITIONS_SETTING: &str = "partitions";
+
+/// Compares existing topics with the contract: the co-partitioned topics among `found` must all
+/// have the partition count of the first of them, and every topic the configs
+/// [`Topics::required_configs`] names. Returns every difference, in the order of `found`.
+pub fn topic_mismatches(topics: &Topics, found: &[FoundTopic]) -> Vec<TopicMismatch> {
+    let copartitioned = topics.copartitioned();
+    let required_partitions = found
+        .iter()
+        .find(|t| copartitioned.contains(&t.name))
+        .map(|t| t.partitions);
+    let mut mismatches = Vec::new();
+    for topic in found {
+        if let Some(required) = required_partitions
+            && copartitioned.contains(&topic.name)
+            && topic.partitions != required
+        {
+            mismatches.push(TopicMismatch {
+                topic: topic.name.clone(),
+                setting: PARTITIONS_SETTING.into(),
+                found: topic.partitions.to_string(),
+                required: required.to_string(),
+            });
+        }
+        for (setting, required) in topics.required_configs(&topic.name) {
+            let found = topic.configs.get(*setting).map(String::as_str);
+            if found != Some(*required) {
+                mismatches.push(TopicMismatch {
+                    topic: topic.name.clone(),
+                    setting: (*setting).into(),
+                    found: found.unwrap_or("(unset)").into(),
+                    required: (*required).into(),
+                });
+            }
+        }
+    }
+    mismatches
+}
+
+/// Refuses topics of `prefix` that exist with settings the contract forbids (see
+/// [`topic_mismatches`]); `counts` are the topics' partition counts as [`ensure_topics`] returns
+/// them. Call it at start, after [`ensure_topics`], before anything is read or written.
+pub async fn verify_topics(
+    settings: &KafkaSettings,
+    prefix: &str,
+    counts: &[(String, i32)],
+) -> Result<(), TopicError> {
+    let found = describe_topics(settings, counts).await?;
+    let mismatches = topic_mismatches(&Topics::new(prefix), &found);
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(TopicError::Misconfigured {
+            bootstrap: settings.bootstrap_servers.clone(),
+            mismatches,
+        })
+    }
+}
+
+/// The effective configs of the topics in `counts`, from the broker: one request per topic,
+/// so that every answer is certainly the topic's (they are few, and this runs once at start).
+async fn describe_topics(
+    settings: &KafkaSettings,
+    counts: &[(String, i32)],
+) -> Result<Vec<FoundTopic>, TopicError> {
+    let kafka_err = |source| TopicError::Kafka {
+        bootstrap: settings.bootstrap_servers.clone(),
+        source,
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        settings.client_config().create().map_err(kafka_err)?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let mut found = Vec::with_capacity(counts.len());
+    for (name, partitions) in counts {
+        let described = admin
+            .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
+            .await
+            .map_err(kafka_err)?;
+        let describe_err = |code| TopicError::Describe {
+            topic: name.clone(),
+            code,
+        };
+        let resource = described
+            .into_iter()
+            .next()
+            .ok_or(describe_err(RDKafkaErrorCode::UnknownTopicOrPartition))?
+            .map_err(describe_err)?;
+        let configs = resource
+            .entries
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        found.push(FoundTopic {
+            name: name.clone(),
+            partitions: *partitions,
+            configs,
+        });
+    }
+    Ok(found)
 }
 
 /// Reads partitions of a topic from the beginning to their end, read_committed: for restoring
@@ -386,6 +604,86 @@ mod tests {
         let p = canonical_partition(b"acc-1", 6);
         assert!((0..6).contains(&p));
         assert_eq!(p, canonical_partition(b"acc-1", 6));
+    }
+
+    fn found(name: &str, partitions: i32, configs: &[(&str, &str)]) -> FoundTopic {
+        FoundTopic {
+            name: name.into(),
+            partitions,
+            configs: configs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        }
+    }
+
+    const GOOD_EVENTS: [(&str, &str); 3] = [
+        ("cleanup.policy", "delete"),
+        ("retention.ms", "-1"),
+        ("retention.bytes", "-1"),
+    ];
+
+    #[test]
+    fn topics_as_the_contract_says_have_no_mismatch() {
+        let t = Topics::new("p");
+        let compact = [("cleanup.policy", "compact"), ("retention.ms", "604800000")];
+        let found = [
+            found("p.commands", 6, &[("cleanup.policy", "delete")]),
+            found("p.events", 6, &GOOD_EVENTS),
+            found("p.snapshots", 6, &compact),
+            found("p.command-checkpoints", 6, &compact),
+            found("p.command-results", 6, &[("retention.ms", "604800000")]),
+            // not co-partitioned, no required config
+            found("p.events.dlq", 3, &[]),
+        ];
+        assert_eq!(topic_mismatches(&t, &found), vec![]);
+    }
+
+    #[test]
+    fn every_difference_is_named_with_found_and_required_values() {
+        let t = Topics::new("p");
+        let found = [
+            found("p.commands", 6, &[]),
+            found(
+                "p.events",
+                4,
+                &[("cleanup.policy", "compact"), ("retention.ms", "604800000")],
+            ),
+            found("p.snapshots", 6, &[("cleanup.policy", "compact,delete")]),
+        ];
+        let mismatch = |topic: &str, setting: &str, found: &str, required: &str| TopicMismatch {
+            topic: topic.into(),
+            setting: setting.into(),
+            found: found.into(),
+            required: required.into(),
+        };
+        assert_eq!(
+            topic_mismatches(&t, &found),
+            vec![
+                mismatch("p.events", "partitions", "4", "6"),
+                mismatch("p.events", "cleanup.policy", "compact", "delete"),
+                mismatch("p.events", "retention.ms", "604800000", "-1"),
+                mismatch("p.events", "retention.bytes", "(unset)", "-1"),
+                mismatch("p.snapshots", "cleanup.policy", "compact,delete", "compact"),
+            ]
+        );
+        let message = TopicError::Misconfigured {
+            bootstrap: "k:9092".into(),
+            mismatches: topic_mismatches(&t, &found),
+        }
+        .to_string();
+        assert!(
+            message.contains(
+                "topic p.events: retention.ms is 604800000, required -1; fix: \
+                 `kafka-configs.sh --bootstrap-server k:9092 --alter --entity-type topics \
+                 --entity-name p.events --add-config retention.ms=-1`"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("topic p.events: partitions is 4, required 6; fix:"),
+            "{message}"
+        );
     }
 
     #[test]

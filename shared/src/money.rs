@@ -33,64 +33,120 @@ pub fn minor_digits(currency: &str) -> u32 {
     }
 }
 
+/// Exponents beyond this size decide nothing more: any non-zero amount with one is out of
+/// range (or too precise), so larger ones are clamped to it before any arithmetic.
+const EXPONENT_CLAMP: i128 = 1 << 40;
+
 /// Parses decimal text in major units into minor units with `digits` decimal places, exactly.
 ///
 /// Accepts the JSON number grammar plus a leading `+`: an optional sign, digits, an optional
 /// fraction and an optional exponent. Trailing zeros beyond `digits` are fine (`1.500` with two
-/// digits is 150); any non-zero digit beyond them is [`AmountError::TooPrecise`].
+/// digits is 150); any non-zero digit beyond them is [`AmountError::TooPrecise`], and anything
+/// that does not fit in an `i64` of minor units is [`AmountError::Overflow`]. Time is linear in
+/// the length of the text and nothing is allocated for the digits, whatever the exponent
+/// (`1e999999999999` is an overflow, `1e-999999999999` too precise, both at once).
 pub fn parse_minor(text: &str, digits: u32) -> Result<i64, AmountError> {
-    let bad = || AmountError::NotANumber(text.to_owned());
-    let s = text.trim();
-    let (negative, s) = match s.as_bytes().first() {
+    let decimal = Decimal::parse(text).ok_or_else(|| AmountError::NotANumber(text.to_owned()))?;
+    match decimal.to_minor(digits) {
+        Ok(minor) => Ok(minor),
+        Err(Inexact::TooPrecise) => too_precise(text, digits),
+        Err(Inexact::Overflow) => Err(AmountError::Overflow(text.to_owned())),
+    }
+}
+
+/// Decimal text split into its parts, borrowed from the text: `±int.frac × 10^exponent`.
+struct Decimal<'a> {
+    negative: bool,
+    int: &'a [u8],
+    frac: &'a [u8],
+    /// Clamped to ±[`EXPONENT_CLAMP`].
+    exponent: i128,
+}
+
+/// Why a well-formed decimal is not a whole number of minor units.
+enum Inexact {
+    TooPrecise,
+    Overflow,
+}
+
+impl<'a> Decimal<'a> {
+    fn parse(text: &'a str) -> Option<Self> {
+        let s = text.trim();
+        let (negative, s) = match s.as_bytes().first() {
+            Some(b'-') => (true, &s[1..]),
+            Some(b'+') => (false, &s[1..]),
+            _ => (false, s),
+        };
+        let (mantissa, exponent) = match s.find(['e', 'E']) {
+            Some(i) => (&s[..i], parse_exponent(&s[i + 1..])?),
+            None => (s, 0),
+        };
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+        if int.is_empty() && frac.is_empty() || !all_digits(int) || !all_digits(frac) {
+            return None;
+        }
+        Some(Decimal {
+            negative,
+            int: int.as_bytes(),
+            frac: frac.as_bytes(),
+            exponent,
+        })
+    }
+
+    /// The `i`-th digit of `int` followed by `frac`, zero beyond them.
+    fn digit(&self, i: usize) -> u8 {
+        let d = match i.checked_sub(self.int.len()) {
+            None => self.int[i],
+            Some(j) => self.frac.get(j).copied().unwrap_or(b'0'),
+        };
+        d - b'0'
+    }
+
+    fn to_minor(&self, digits: u32) -> Result<i64, Inexact> {
+        let len = self.int.len() + self.frac.len();
+        let Some(first) = (0..len).find(|&i| self.digit(i) != 0) else {
+            return Ok(0);
+        };
+        let last = (0..len)
+            .rev()
+            .find(|&i| self.digit(i) != 0)
+            .unwrap_or(first);
+        // The minor units are the digits before position `point`; every digit from `point` on
+        // must be zero.
+        let point = self.int.len() as i128 + self.exponent + i128::from(digits);
+        if (last as i128) >= point {
+            return Err(Inexact::TooPrecise);
+        }
+        // u64 holds any 19 digits; more cannot fit an i64.
+        if point - first as i128 > 19 {
+            return Err(Inexact::Overflow);
+        }
+        let point = point as usize; // first < point <= first + 19
+        let magnitude = (first..point).fold(0u64, |m, i| m * 10 + u64::from(self.digit(i)));
+        let signed = if self.negative {
+            -i128::from(magnitude)
+        } else {
+            i128::from(magnitude)
+        };
+        i64::try_from(signed).map_err(|_| Inexact::Overflow)
+    }
+}
+
+/// An exponent: an optional sign and at least one digit, clamped to ±[`EXPONENT_CLAMP`].
+fn parse_exponent(s: &str) -> Option<i128> {
+    let (negative, digits) = match s.as_bytes().first() {
         Some(b'-') => (true, &s[1..]),
         Some(b'+') => (false, &s[1..]),
         _ => (false, s),
     };
-    let (mantissa, exponent) = match s.find(['e', 'E']) {
-        Some(i) => {
-            let exp: i64 = s[i + 1..].parse().map_err(|_| bad())?;
-            (&s[..i], exp)
-        }
-        None => (s, 0),
-    };
-    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-    if int_part.is_empty() && frac_part.is_empty()
-        || !all_digits(int_part)
-        || !all_digits(frac_part)
-    {
-        return Err(bad());
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    // value = 0.<digits of int_part frac_part> shifted: integer digits string with the decimal
-    // point after `point` digits.
-    let all: String = format!("{int_part}{frac_part}");
-    let point = int_part.len() as i64 + exponent + i64::from(digits);
-    // Minor units = the digits before position `point`; everything after must be zero.
-    if point < 0 {
-        return if all.bytes().all(|b| b == b'0') {
-            Ok(0)
-        } else {
-            too_precise(text, digits)
-        };
-    }
-    let point = usize::try_from(point).map_err(|_| AmountError::Overflow(text.to_owned()))?;
-    let (whole, rest) = if point >= all.len() {
-        (all.clone() + &"0".repeat(point - all.len()), "")
-    } else {
-        (all[..point].to_owned(), &all[point..])
-    };
-    if rest.bytes().any(|b| b != b'0') {
-        return too_precise(text, digits);
-    }
-    let whole = whole.trim_start_matches('0');
-    let magnitude: i64 = if whole.is_empty() {
-        0
-    } else {
-        whole
-            .parse()
-            .map_err(|_| AmountError::Overflow(text.to_owned()))?
-    };
-    Ok(if negative { -magnitude } else { magnitude })
+    let magnitude = digits.bytes().fold(0i128, |m, b| {
+        (m * 10 + i128::from(b - b'0')).min(EXPONENT_CLAMP)
+    });
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 fn too_precise(text: &str, digits: u32) -> Result<i64, AmountError> {
@@ -173,6 +229,67 @@ mod tests {
             parse_minor("1e30", 2),
             Err(AmountError::Overflow(_))
         ));
+    }
+
+    // Regression (issue 9, defect 5): `1e999999999999` made the parser build a string of a
+    // trillion zeros and abort the process; a huge negative exponent did the same arithmetic.
+    #[test]
+    fn huge_exponents_are_errors_without_allocating() {
+        for text in [
+            "1e999999999999",
+            "1E+999999999999",
+            "-7e99999999999999999999999",
+        ] {
+            assert_eq!(
+                parse_minor(text, 2),
+                Err(AmountError::Overflow(text.into()))
+            );
+        }
+        for text in ["1e-999999999999", "5e-99999999999999999999999"] {
+            assert_eq!(parse_minor(text, 2), too_precise(text, 2));
+        }
+        assert_eq!(parse_minor("0e999999999999", 2), Ok(0));
+        assert_eq!(parse_minor("0e-999999999999", 2), Ok(0));
+    }
+
+    #[test]
+    fn ten_thousand_digit_mantissas_are_decided_exactly() {
+        let ones = "1".repeat(10_000);
+        assert!(matches!(
+            parse_minor(&ones, 2),
+            Err(AmountError::Overflow(_))
+        ));
+        let tiny = format!("0.{}1", "0".repeat(10_000));
+        assert!(matches!(
+            parse_minor(&tiny, 2),
+            Err(AmountError::TooPrecise { .. })
+        ));
+        let padded = format!("{}12.50{}", "0".repeat(10_000), "0".repeat(10_000));
+        assert_eq!(parse_minor(&padded, 2), Ok(1250));
+        let shifted = format!("1{}e-10000", "0".repeat(10_000));
+        assert_eq!(parse_minor(&shifted, 2), Ok(100));
+    }
+
+    #[test]
+    fn the_edges_of_i64_minor_units() {
+        assert_eq!(parse_minor("92233720368547758.07", 2), Ok(i64::MAX));
+        assert_eq!(parse_minor("-92233720368547758.08", 2), Ok(i64::MIN));
+        assert_eq!(parse_minor("9223372036854775807", 0), Ok(i64::MAX));
+        for text in [
+            "92233720368547758.08",
+            "-92233720368547758.09",
+            "99999999999999999.99",
+        ] {
+            assert_eq!(
+                parse_minor(text, 2),
+                Err(AmountError::Overflow(text.into()))
+            );
+        }
+        assert_eq!(
+            parse_minor("9223372036854775808", 0),
+            Err(AmountError::Overflow("9223372036854775808".into()))
+        );
+        assert_eq!(parse_minor("92233720368547758.06", 2), Ok(i64::MAX - 1));
     }
 
     #[test]

@@ -54,6 +54,14 @@ pub enum UpcastError {
         /// What is wrong with it.
         source: AmountError,
     },
+    /// A v1 amount below zero: v1 events never carried one, so it is poison, not a withdrawal.
+    #[error("field `{field}`: `{text}` is negative")]
+    NegativeAmount {
+        /// Which data field.
+        field: &'static str,
+        /// The amount as written.
+        text: String,
+    },
     /// The envelope or data lacks something a step needs.
     #[error("{0}")]
     Invalid(String),
@@ -237,7 +245,8 @@ fn data_mut(env: &mut Map<String, Value>) -> Result<&mut Map<String, Value>, Upc
         .ok_or_else(|| UpcastError::Invalid("data is not an object".into()))
 }
 
-/// Reads a decimal amount in major units from a JSON number (or numeric string), exactly.
+/// Reads a decimal amount in major units from a JSON number (or numeric string), exactly. It
+/// must fit an `i64` of minor units and must not be negative.
 fn major_to_minor(
     data: &Map<String, Value>,
     field: &'static str,
@@ -253,8 +262,12 @@ fn major_to_minor(
             )));
         }
     };
-    parse_minor(&text, minor_digits(currency))
-        .map_err(|source| UpcastError::Amount { field, source })
+    let minor = parse_minor(&text, minor_digits(currency))
+        .map_err(|source| UpcastError::Amount { field, source })?;
+    if minor < 0 {
+        return Err(UpcastError::NegativeAmount { field, text });
+    }
+    Ok(minor)
 }
 
 /// Writes minor units as a JSON number in major units ("50.5" stays exact, as text).
@@ -404,6 +417,44 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    // Regression (issue 9, defect 5): a v1 amount of `1e999999999999` aborted both services
+    // on every start; a negative one was upcast into a negative deposit or opening balance.
+    #[test]
+    fn v1_amounts_that_are_no_i64_of_minor_units_or_negative_are_errors() {
+        let u = Upcasters::standard();
+        let max = "92233720368547758.07";
+        let above = "92233720368547758.08";
+        let huge_mantissa = "9".repeat(10_000);
+        for (event_type, field, text) in [
+            ("MoneyDeposited", "amount", "1e999999999999"),
+            ("MoneyDeposited", "amount", "1e-999999999999"),
+            ("MoneyWithdrawn", "amount", huge_mantissa.as_str()),
+            ("MoneyDeposited", "amount", above),
+            ("MoneyDeposited", "amount", "-5.00"),
+            ("MoneyWithdrawn", "amount", "-0.01"),
+            ("AccountOpened", "initial_balance", "-5.00"),
+            ("AccountOpened", "initial_balance", "1e999999999999"),
+        ] {
+            let data = format!(r#"{{"name":"A","{field}":{text}}}"#);
+            let err = u.upcast(v1(event_type, &data), &ctx()).unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    UpcastError::Amount { field: f, .. } | UpcastError::NegativeAmount { field: f, .. }
+                        if *f == field
+                ),
+                "{event_type} {text}: {err}"
+            );
+        }
+        let up = u
+            .upcast(
+                v1("MoneyDeposited", &format!(r#"{{"amount":{max}}}"#)),
+                &ctx(),
+            )
+            .unwrap();
+        assert_eq!(up["data"], json!({"amount_minor": i64::MAX}));
     }
 
     #[test]

@@ -118,3 +118,31 @@ fn schemas_exist_for_every_current_event_type() {
         assert_eq!(schema["properties"]["schema_version"]["const"], 2);
     }
 }
+
+// Regression (issue 9, defect 5): these v1 amounts aborted the process (a trillion-zero string)
+// or were upcast into negative money; each is now poison with the stable code `UpcastFailed`,
+// which the projection dead-letters.
+#[tokio::test]
+async fn v1_amounts_out_of_range_or_negative_are_upcast_failures() {
+    let codec = EventCodec::json("USD");
+    let huge_mantissa = "1".repeat(10_000);
+    for amount in [
+        "1e999999999999",
+        "1e-999999999999",
+        huge_mantissa.as_str(),
+        "92233720368547758.08",
+        "-5.00",
+    ] {
+        let bytes = format!(
+            r#"{{"id":"0b6f1c6e-8a43-4a8e-9a39-3c1f0f0c9d11","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"MoneyDeposited","version":2,"timestamp":"2025-03-01T00:01:00","data":{{"amount":{amount}}}}}"#
+        );
+        let err = codec.decode(bytes.as_bytes()).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            "UpcastFailed",
+            "{}: {err}",
+            &amount[..amount.len().min(20)]
+        );
+        assert!(!err.is_retriable());
+    }
+}
