@@ -47,7 +47,10 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
         TopicSpec {
             name: topics.events(),
             partitions: n,
-            config: vec![("retention.ms", "-1".into())],
+            config: vec![
+                ("retention.ms", "-1".into()),
+                ("retention.bytes", "-1".into()),
+            ],
         },
         // Compacted, with segments rolled hourly so that compaction keeps up: a restore reads
         // about one snapshot per live aggregate.

@@ -101,9 +101,25 @@ impl Event {
                 reason: e.to_string(),
             })
         }
+        // The rules never produce these; an event that carries one was not written by them and
+        // would corrupt a balance if folded.
+        let out_of_range = |what: &str, value: i64| EventDataError::InvalidData {
+            event_type: event_type.to_owned(),
+            reason: format!("{what} {value} is out of range"),
+        };
+        let positive = |amount: Amount| match amount.amount_minor {
+            a if a > 0 => Ok(a),
+            a => Err(out_of_range("amount_minor", a)),
+        };
         Ok(match event_type {
             "AccountOpened" => {
                 let o: Opened = parse(event_type, data)?;
+                if o.initial_balance_minor < 0 {
+                    return Err(out_of_range(
+                        "initial_balance_minor",
+                        o.initial_balance_minor,
+                    ));
+                }
                 Event::AccountOpened {
                     owner: o.owner,
                     currency: o.currency,
@@ -111,10 +127,10 @@ impl Event {
                 }
             }
             "MoneyDeposited" => Event::MoneyDeposited {
-                amount_minor: parse::<Amount>(event_type, data)?.amount_minor,
+                amount_minor: positive(parse(event_type, data)?)?,
             },
             "MoneyWithdrawn" => Event::MoneyWithdrawn {
-                amount_minor: parse::<Amount>(event_type, data)?.amount_minor,
+                amount_minor: positive(parse(event_type, data)?)?,
             },
             "AccountClosed" => Event::AccountClosed,
             other => return Err(EventDataError::UnknownType(other.to_owned())),

@@ -48,6 +48,9 @@ async fn refuses_unreadable_bytes_precisely() {
         (b"{\"event_id\": 1}", "UpcastFailed"),
         (br#"{"event_id":"0b6f1c6e-8a43-4a8e-9a39-3c1f0f0c9d11","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"Frobnicated","schema_version":2,"version":1,"timestamp":"2026-01-01T00:00:00Z","data":{}}"#, "UnknownEventType"),
         (br#"{"event_id":"0b6f1c6e-8a43-4a8e-9a39-3c1f0f0c9d11","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"MoneyDeposited","schema_version":2,"version":1,"timestamp":"2026-01-01T00:00:00Z","data":{"amount_minor":"ten"}}"#, "InvalidEventData"),
+        (br#"{"event_id":"0b6f1c6e-8a43-4a8e-9a39-3c1f0f0c9d11","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"MoneyDeposited","schema_version":2,"version":2,"timestamp":"2026-01-01T00:00:00Z","data":{"amount_minor":-500}}"#, "InvalidEventData"),
+        (br#"{"event_id":"0b6f1c6e-8a43-4a8e-9a39-3c1f0f0c9d11","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"MoneyWithdrawn","schema_version":2,"version":2,"timestamp":"2026-01-01T00:00:00Z","data":{"amount_minor":0}}"#, "InvalidEventData"),
+        (br#"{"event_id":"0b6f1c6e-8a43-4a8e-9a39-3c1f0f0c9d11","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"AccountOpened","schema_version":2,"version":1,"timestamp":"2026-01-01T00:00:00Z","data":{"owner":"o","currency":"EUR","initial_balance_minor":-1}}"#, "InvalidEventData"),
         (br#"{"event_id":"nope","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"AccountClosed","schema_version":2,"version":1,"timestamp":"2026-01-01T00:00:00Z","data":{}}"#, "InvalidEnvelope"),
         (br#"{"event_id":"0b6f1c6e-8a43-4a8e-9a39-3c1f0f0c9d11","aggregate_id":"a","aggregate_type":"BankAccount","event_type":"AccountClosed","schema_version":2,"version":0,"timestamp":"2026-01-01T00:00:00Z","data":{}}"#, "InvalidEnvelope"),
     ];
