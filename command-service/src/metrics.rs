@@ -15,6 +15,8 @@ pub const COMMANDS: &str = "commands_total";
 pub const COMMAND_PROCESSING: &str = "command_processing_seconds";
 /// Counter: transactions, by `result`.
 pub const TRANSACTIONS: &str = "transactions_total";
+/// Histogram: seconds a transaction's commit took (snapshots, offsets, commit), by `phase`.
+pub const COMMIT_PHASE: &str = "transaction_commit_phase_seconds";
 /// Histogram: seconds to restore newly assigned partitions.
 pub const RESTORE: &str = "restore_seconds";
 /// Gauge: partitions this instance owns.
@@ -58,6 +60,11 @@ fn describe() {
         TRANSACTIONS,
         Unit::Count,
         "Kafka transactions, by result (committed, aborted)"
+    );
+    metrics::describe_histogram!(
+        COMMIT_PHASE,
+        Unit::Seconds,
+        "Seconds each phase of a transaction took (checkpoints: writing the due checkpoints when it begins; snapshots: waiting for the offsets of snapshotted events; offsets: send_offsets_to_transaction; commit: delivery and commit_transaction)"
     );
     metrics::describe_histogram!(
         RESTORE,
@@ -109,6 +116,12 @@ pub fn command(outcome: &'static str, latency: Duration) {
 /// Counts a transaction by result (`committed` or `aborted`).
 pub fn transaction(result: &'static str) {
     metrics::counter!(TRANSACTIONS, "result" => result).increment(1);
+}
+
+/// Observes how long a phase of a transaction took (`checkpoints`, `snapshots`, `offsets`,
+/// `commit`).
+pub fn commit_phase(phase: &'static str, elapsed: Duration) {
+    metrics::histogram!(COMMIT_PHASE, "phase" => phase).record(elapsed.as_secs_f64());
 }
 
 /// Observes how long restoring newly assigned partitions took.

@@ -85,6 +85,23 @@ pub(crate) fn outcome_of(
     }
 }
 
+/// Runs a phase of a commit, observing its duration (and logging a slow one: the commit
+/// latency is every command's latency).
+fn timed<T>(phase: &'static str, run: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let outcome = run();
+    let elapsed = started.elapsed();
+    m::commit_phase(phase, elapsed);
+    if elapsed >= Duration::from_millis(100) {
+        tracing::warn!(
+            phase,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "slow commit phase"
+        );
+    }
+    outcome
+}
+
 impl Engine {
     /// Begins a transaction and writes the checkpoints that are due into it; false (and the
     /// error handled) when that failed.
@@ -94,7 +111,7 @@ impl Engine {
             return false;
         }
         self.txn = Some(super::Txn::new());
-        if let Err(e) = self.write_checkpoints() {
+        if let Err(e) = timed("checkpoints", || self.write_checkpoints()) {
             self.on_txn_error(consumer, e);
             return false;
         }
@@ -124,11 +141,12 @@ impl Engine {
             }
         }
         let result = match consumer.group_metadata() {
-            Some(cgm) => self.write_snapshots().and_then(|()| {
-                self.producer
-                    .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
-                    .and_then(|()| self.commit_with_retries())
-                    .map_err(TxnError::from)
+            Some(cgm) => timed("snapshots", || self.write_snapshots()).and_then(|()| {
+                timed("offsets", || {
+                    self.producer
+                        .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
+                })?;
+                Ok(timed("commit", || self.commit_with_retries())?)
             }),
             None => Err(TxnError::NoGeneration),
         };
