@@ -28,6 +28,8 @@ pub(crate) struct Tally {
     pub(crate) poison_unhandled: usize,
     /// Services that exited on their own (not killed by the suite, not a fenced zombie).
     pub(crate) crashes: usize,
+    /// Faults after which no command was answered for [`crate::STALL_LIMIT`].
+    pub(crate) stalls: usize,
     /// What went wrong, for people (the first few of each kind).
     pub(crate) notes: Vec<String>,
 }
@@ -43,6 +45,7 @@ impl Tally {
         self.read_model_diffs += other.read_model_diffs;
         self.poison_unhandled += other.poison_unhandled;
         self.crashes += other.crashes;
+        self.stalls += other.stalls;
         self.notes.extend(other.notes.iter().cloned());
     }
 
@@ -55,6 +58,7 @@ impl Tally {
             && self.read_model_diffs == 0
             && self.poison_unhandled == 0
             && self.crashes == 0
+            && self.stalls == 0
     }
 
     fn note(&mut self, note: String) {

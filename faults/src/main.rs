@@ -125,6 +125,10 @@ const LONG_ONLY: &[&str] = &["rebuild-under-load"];
 
 const PARTITIONS: i32 = 3;
 
+/// How long the load may go unanswered after a fault before the run counts a stall (a restart
+/// with its restore, a session and a transaction time-out fit well within it).
+pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(90);
+
 /// One run in progress.
 struct Run<'a> {
     cluster: &'a Cluster,
@@ -158,7 +162,7 @@ impl Run<'_> {
     /// Waits until `n` more commands are answered: the system makes progress after a fault.
     async fn wait_progress(&mut self, n: usize, after: &str) {
         let start = self.answered();
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + STALL_LIMIT;
         while self.answered() < start + n {
             if let Err(e) = self.supervise() {
                 self.tally
@@ -166,8 +170,10 @@ impl Run<'_> {
                     .push(format!("restarting a crashed service failed: {e:#}"));
             }
             if Instant::now() > deadline {
-                let note = format!("no progress within 120 s after {after}");
-                log(&note);
+                let note =
+                    format!("STALL: no {n} commands answered within {STALL_LIMIT:?} after {after}");
+                log(format!("    {note}"));
+                self.tally.stalls += 1;
                 self.tally.notes.push(note);
                 return;
             }
@@ -598,7 +604,7 @@ fn summary(runs: usize, faults: usize, t: &Tally) -> String {
     format!(
         "{runs} runs, {faults} faults, {} commands: lost {}, duplicated {}, version gaps {}, \
          missing results {}, read model {} replay; wrong answers {}, poison not dead-lettered {}, \
-         crashed services {}",
+         crashed services {}, stalls {}",
         t.commands,
         t.lost,
         t.duplicated,
@@ -607,7 +613,8 @@ fn summary(runs: usize, faults: usize, t: &Tally) -> String {
         if t.read_model_diffs == 0 { "==" } else { "!=" },
         t.wrong_answers,
         t.poison_unhandled,
-        t.crashes
+        t.crashes,
+        t.stalls
     )
 }
 
