@@ -172,6 +172,63 @@ pub(crate) struct Service {
     child: Child,
 }
 
+/// A helper service of the suite's own, managed by one of the scripts (`postgres`, `registry`)
+/// with its own port and directory.
+pub(crate) struct Helper {
+    script: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Helper {
+    /// `scripts/<name>` with `env` (ports, directories).
+    pub(crate) fn new(scripts: &Path, name: &str, env: &[(&str, String)]) -> Self {
+        Helper {
+            script: scripts.join(name),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        }
+    }
+
+    async fn run(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.script)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running {}", self.script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} {} failed: {}",
+                self.script.display(),
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// Starts it (`fresh`: on empty data); returns the address it prints.
+    pub(crate) async fn start(&self, fresh: bool) -> Result<String> {
+        if fresh {
+            self.run(&["start", "--fresh"]).await
+        } else {
+            self.run(&["start"]).await
+        }
+    }
+
+    /// Stops it.
+    pub(crate) async fn stop(&self) -> Result<()> {
+        self.run(&["stop"]).await.map(drop)
+    }
+}
+
 /// How to start services for one run: the binaries, the broker, the topic prefix, a directory
 /// for logs and the SQLite read model.
 #[derive(Clone)]
@@ -181,12 +238,18 @@ pub(crate) struct Launcher {
     pub(crate) bootstrap: String,
     pub(crate) prefix: String,
     pub(crate) partitions: i32,
+    /// The read model's database; `None`: a SQLite file of the run.
+    pub(crate) postgres_url: Option<String>,
+    /// The schema registry; `None`: plain JSON events.
+    pub(crate) registry_url: Option<String>,
 }
 
 impl Launcher {
-    /// The read model's database URL (one SQLite file per run).
+    /// The read model's database URL (one SQLite file per run, or the suite's PostgreSQL).
     pub(crate) fn database_url(&self) -> String {
-        format!("sqlite://{}", self.dir.join("read-model.db").display())
+        self.postgres_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.dir.join("read-model.db").display()))
     }
 
     fn base(&self, binary: &str, log_name: &str) -> Result<Command> {
@@ -207,7 +270,10 @@ impl Launcher {
             .env("TOPIC_PREFIX", &self.prefix)
             .env("PARTITIONS", self.partitions.to_string())
             // Set and empty: plain JSON events, no registry.
-            .env("SCHEMA_REGISTRY_URL", "")
+            .env(
+                "SCHEMA_REGISTRY_URL",
+                self.registry_url.as_deref().unwrap_or_default(),
+            )
             .env("RUST_LOG", "info")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())

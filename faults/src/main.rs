@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::check::Tally;
 use crate::driver::{Driver, Sent};
-use crate::infra::{Cluster, Launcher, Service, signal};
+use crate::infra::{Cluster, Helper, Launcher, Service, signal};
 use crate::model::Outcome;
 
 /// Command-line options of the suite.
@@ -50,6 +50,12 @@ struct Args {
     /// First controller port of the suite's own cluster.
     #[arg(long, env = "FAULTS_CONTROLLER_PORT", default_value_t = 19192)]
     controller_port: u16,
+    /// Port of the suite's own PostgreSQL (the postgres-outage scenario).
+    #[arg(long, env = "FAULTS_PG_PORT", default_value_t = 15433)]
+    pg_port: u16,
+    /// Port of the suite's own schema registry (the registry-outage scenario).
+    #[arg(long, env = "FAULTS_REGISTRY_PORT", default_value_t = 18081)]
+    registry_port: u16,
     /// Where the service binaries are (default: beside this one).
     #[arg(long, env = "FAULTS_BIN_DIR")]
     bin_dir: Option<PathBuf>,
@@ -74,6 +80,8 @@ enum Fault {
     StopTakeoverOtherId,
     StopTakeoverSameId,
     RebuildUnderLoad,
+    PostgresStopStart,
+    RegistryStopStart,
 }
 
 /// A run: a fresh topic prefix and services, a load, and faults in order.
@@ -81,6 +89,10 @@ struct Scenario {
     name: &'static str,
     brokers: usize,
     faults: &'static [Fault],
+    /// The read model on the suite's own PostgreSQL (else SQLite).
+    postgres: bool,
+    /// Events in the Confluent wire format through the suite's own registry (else plain JSON).
+    registry: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -94,21 +106,43 @@ const SCENARIOS: &[Scenario] = &[
             Fault::KillProjection,
             Fault::KillCommandService,
         ],
+        postgres: false,
+        registry: false,
     },
     Scenario {
         name: "broker-kill",
         brokers: 1,
         faults: &[Fault::KillBroker],
+        postgres: false,
+        registry: false,
     },
     Scenario {
         name: "stop-takeover",
         brokers: 1,
         faults: &[Fault::StopTakeoverOtherId, Fault::StopTakeoverSameId],
+        postgres: false,
+        registry: false,
     },
     Scenario {
         name: "rebuild-under-load",
         brokers: 1,
         faults: &[Fault::RebuildUnderLoad],
+        postgres: false,
+        registry: false,
+    },
+    Scenario {
+        name: "postgres-outage",
+        brokers: 1,
+        faults: &[Fault::PostgresStopStart, Fault::KillProjection],
+        postgres: true,
+        registry: false,
+    },
+    Scenario {
+        name: "registry-outage",
+        brokers: 1,
+        faults: &[Fault::RegistryStopStart, Fault::KillCommandService],
+        postgres: false,
+        registry: true,
     },
     Scenario {
         name: "cluster-leader-and-coordinator",
@@ -117,11 +151,13 @@ const SCENARIOS: &[Scenario] = &[
             Fault::KillPartitionLeader,
             Fault::KillTransactionCoordinator,
         ],
+        postgres: false,
+        registry: false,
     },
 ];
 
 /// Scenarios the short profile leaves to the long one.
-const LONG_ONLY: &[&str] = &["rebuild-under-load"];
+const LONG_ONLY: &[&str] = &["rebuild-under-load", "registry-outage"];
 
 const PARTITIONS: i32 = 3;
 
@@ -141,6 +177,8 @@ struct Run<'a> {
     instances: usize,
     faults: usize,
     poison_events_sent: usize,
+    postgres: Option<Helper>,
+    registry: Option<Helper>,
     tally: Tally,
 }
 
@@ -322,6 +360,24 @@ impl Run<'_> {
                 old.kill().await?;
                 self.wait_progress(10, "the fenced twin's end").await;
             }
+            Fault::PostgresStopStart => {
+                let postgres = self
+                    .postgres
+                    .as_ref()
+                    .context("no PostgreSQL in this run")?;
+                postgres.stop().await?;
+                // The outage: the projection's batches fail meanwhile and must be retried.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                postgres.start(false).await?;
+                self.wait_progress(20, "a PostgreSQL stop/start").await;
+            }
+            Fault::RegistryStopStart => {
+                let registry = self.registry.as_ref().context("no registry in this run")?;
+                registry.stop().await?;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                registry.start(false).await?;
+                self.wait_progress(20, "a registry stop/start").await;
+            }
             Fault::RebuildUnderLoad => {
                 let mut rebuild = self.launcher.rebuild("rebuild")?;
                 let status = tokio::time::timeout(Duration::from_secs(180), rebuild.wait())
@@ -469,20 +525,60 @@ impl Run<'_> {
 async fn run_scenario(
     scenario: &Scenario,
     cluster: &Cluster,
-    bin_dir: &std::path::Path,
-    work: &std::path::Path,
+    args: &Args,
+    paths: &Paths,
     seed: u64,
-    quick: bool,
 ) -> Result<(Tally, usize)> {
+    let quick = args.quick;
     let prefix = format!("faults-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let dir = paths
+        .work
+        .join("runs")
+        .join(format!("{}-{prefix}", scenario.name));
+    let postgres = scenario.postgres.then(|| {
+        Helper::new(
+            &paths.scripts,
+            "postgres",
+            &[
+                ("PG_PORT", args.pg_port.to_string()),
+                (
+                    "BANK_PG_DIR",
+                    paths.work.join("postgres").display().to_string(),
+                ),
+            ],
+        )
+    });
+    let postgres_url = match &postgres {
+        Some(pg) => Some(pg.start(true).await?),
+        None => None,
+    };
+    let registry = scenario.registry.then(|| {
+        Helper::new(
+            &paths.scripts,
+            "registry",
+            &[
+                ("REGISTRY_PORT", args.registry_port.to_string()),
+                ("REGISTRY_KAFKA", cluster.bootstrap.clone()),
+                (
+                    "BANK_STATE_DIR",
+                    dir.join("registry-state").display().to_string(),
+                ),
+                ("REGISTRY_TOPIC", format!("{prefix}.registry-journal")),
+            ],
+        )
+    });
+    let registry_url = match &registry {
+        Some(r) => Some(r.start(false).await?),
+        None => None,
+    };
     let launcher = Launcher {
-        bin_dir: bin_dir.to_owned(),
-        dir: work
-            .join("runs")
-            .join(format!("{}-{prefix}", scenario.name)),
+        bin_dir: paths.bin_dir.clone(),
+        dir,
         bootstrap: cluster.bootstrap.clone(),
         prefix: prefix.clone(),
         partitions: PARTITIONS,
+        postgres_url,
+        registry_url,
     };
     log(format!(
         "run {} (prefix {prefix}, logs in {})",
@@ -526,6 +622,8 @@ async fn run_scenario(
         instances: 0,
         faults: 0,
         poison_events_sent: 0,
+        postgres,
+        registry,
         tally: Tally::default(),
     };
     run.wait_progress(40, "the start").await;
@@ -587,6 +685,11 @@ async fn run_scenario(
         service.kill().await?;
     }
     run.projection.kill().await?;
+    for helper in [&run.registry, &run.postgres].into_iter().flatten() {
+        if let Err(e) = helper.stop().await {
+            log(format!("stopping a helper failed: {e:#}"));
+        }
+    }
     log(format!(
         "  {}: {} commands, {} faults, {}",
         scenario.name,
@@ -598,6 +701,13 @@ async fn run_scenario(
         log(format!("    {note}"));
     }
     Ok((tally, run.faults))
+}
+
+/// Where things are.
+struct Paths {
+    bin_dir: PathBuf,
+    work: PathBuf,
+    scripts: PathBuf,
 }
 
 fn summary(runs: usize, faults: usize, t: &Tally) -> String {
@@ -656,6 +766,11 @@ async fn suite(args: &Args) -> Result<bool> {
         bin_dir.display(),
         work.display()
     ));
+    let paths = Paths {
+        bin_dir: bin_dir.clone(),
+        work: work.clone(),
+        scripts: scripts.clone(),
+    };
     let chosen: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| !(args.quick && LONG_ONLY.contains(&s.name)))
@@ -693,10 +808,9 @@ async fn suite(args: &Args) -> Result<bool> {
                 match run_scenario(
                     scenario,
                     &cluster,
-                    &bin_dir,
-                    &work,
+                    args,
+                    &paths,
                     seed.wrapping_add(round as u64),
-                    args.quick,
                 )
                 .await
                 {
