@@ -1,0 +1,837 @@
+//! `faults`: the fault-injection suite. It starts a Kafka cluster of its own (one node, then
+//! three), runs the real `command-service` and `projection-service` binaries on it, drives a
+//! load of commands whose every answer an independent reference model predicts, injects faults
+//! (SIGKILL of each service, broker kills, partition-leader and transaction-coordinator kills,
+//! SIGSTOP with a takeover by another instance, poison on the commands and events topics, a
+//! rebuild under load) and checks that nothing was lost, duplicated or answered wrongly. Every
+//! invocation ends with one summary line; the exit status is 0 only if every count is zero.
+//!
+//! `scripts/faults` builds the binaries and runs this; `--quick` is the short profile that the
+//! test target runs.
+
+mod check;
+mod driver;
+mod infra;
+mod model;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use shared::config::{KafkaSettings, Settings};
+use uuid::Uuid;
+
+use crate::check::Tally;
+use crate::driver::{Driver, Sent};
+use crate::infra::{Cluster, Helper, Launcher, Service, signal};
+use crate::model::Outcome;
+
+/// Command-line options of the suite.
+#[derive(Parser, Debug)]
+#[command(about = "Fault-injection suite for bank-es (see README, \"Fault tests\")")]
+struct Args {
+    /// The short profile (a few minutes; what the test target runs).
+    #[arg(long)]
+    quick: bool,
+    /// How many times each scenario runs (default: 1 with --quick, 3 otherwise).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Only the scenarios whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// First broker port of the suite's own cluster (node i listens on PORT+i-1).
+    #[arg(long, env = "FAULTS_KAFKA_PORT", default_value_t = 19092)]
+    kafka_port: u16,
+    /// First controller port of the suite's own cluster.
+    #[arg(long, env = "FAULTS_CONTROLLER_PORT", default_value_t = 19192)]
+    controller_port: u16,
+    /// Port of the suite's own PostgreSQL (the postgres-outage scenario).
+    #[arg(long, env = "FAULTS_PG_PORT", default_value_t = 15433)]
+    pg_port: u16,
+    /// Port of the suite's own schema registry (the registry-outage scenario).
+    #[arg(long, env = "FAULTS_REGISTRY_PORT", default_value_t = 18081)]
+    registry_port: u16,
+    /// Where the service binaries are (default: beside this one).
+    #[arg(long, env = "FAULTS_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Working directory for the cluster's state, logs and read models (default: <target>/faults).
+    #[arg(long, env = "FAULTS_DIR")]
+    dir: Option<PathBuf>,
+    /// Seed of the load (default: random; printed, so that a run can be repeated).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// A fault the suite injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    KillCommandService,
+    KillProjection,
+    PoisonCommands,
+    PoisonEvents,
+    KillBroker,
+    KillPartitionLeader,
+    KillTransactionCoordinator,
+    StopTakeoverOtherId,
+    StopTakeoverSameId,
+    RebuildUnderLoad,
+    PostgresStopStart,
+    RegistryStopStart,
+}
+
+/// A run: a fresh topic prefix and services, a load, and faults in order.
+struct Scenario {
+    name: &'static str,
+    brokers: usize,
+    faults: &'static [Fault],
+    /// The read model on the suite's own PostgreSQL (else SQLite).
+    postgres: bool,
+    /// Events in the Confluent wire format through the suite's own registry (else plain JSON).
+    registry: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "service-kills-and-poison",
+        brokers: 1,
+        faults: &[
+            Fault::KillCommandService,
+            Fault::PoisonCommands,
+            Fault::PoisonEvents,
+            Fault::KillProjection,
+            Fault::KillCommandService,
+        ],
+        postgres: false,
+        registry: false,
+    },
+    Scenario {
+        name: "broker-kill",
+        brokers: 1,
+        faults: &[Fault::KillBroker],
+        postgres: false,
+        registry: false,
+    },
+    Scenario {
+        name: "stop-takeover",
+        brokers: 1,
+        faults: &[Fault::StopTakeoverOtherId, Fault::StopTakeoverSameId],
+        postgres: false,
+        registry: false,
+    },
+    Scenario {
+        name: "rebuild-under-load",
+        brokers: 1,
+        faults: &[Fault::RebuildUnderLoad],
+        postgres: false,
+        registry: false,
+    },
+    Scenario {
+        name: "postgres-outage",
+        brokers: 1,
+        faults: &[Fault::PostgresStopStart, Fault::KillProjection],
+        postgres: true,
+        registry: false,
+    },
+    Scenario {
+        name: "registry-outage",
+        brokers: 1,
+        faults: &[Fault::RegistryStopStart, Fault::KillCommandService],
+        postgres: false,
+        registry: true,
+    },
+    Scenario {
+        name: "cluster-leader-and-coordinator",
+        brokers: 3,
+        faults: &[
+            Fault::KillPartitionLeader,
+            Fault::KillTransactionCoordinator,
+        ],
+        postgres: false,
+        registry: false,
+    },
+];
+
+/// Scenarios the short profile leaves to the long one.
+const LONG_ONLY: &[&str] = &["rebuild-under-load", "registry-outage"];
+
+const PARTITIONS: i32 = 3;
+
+/// How long the load may go unanswered after a fault before the run counts a stall (a restart
+/// with its restore, a session and a transaction time-out fit well within it).
+pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(90);
+
+/// One run in progress.
+struct Run<'a> {
+    cluster: &'a Cluster,
+    launcher: Launcher,
+    kafka: KafkaSettings,
+    http: reqwest::Client,
+    driver: Arc<Driver>,
+    commands: Vec<Service>,
+    projection: Service,
+    instances: usize,
+    faults: usize,
+    poison_events_sent: usize,
+    postgres: Option<Helper>,
+    registry: Option<Helper>,
+    tally: Tally,
+}
+
+fn kafka_settings(bootstrap: &str) -> Result<KafkaSettings> {
+    let vars = vec![("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.to_owned())];
+    Ok(Settings::from_vars(&vars)?.kafka)
+}
+
+fn log(message: impl AsRef<str>) {
+    eprintln!("[faults] {}", message.as_ref());
+}
+
+impl Run<'_> {
+    /// Commands answered so far.
+    fn answered(&self) -> usize {
+        self.driver.answers.all.lock().unwrap().len()
+    }
+
+    /// Waits until `n` more commands are answered: the system makes progress after a fault.
+    async fn wait_progress(&mut self, n: usize, after: &str) {
+        let start = self.answered();
+        let deadline = Instant::now() + STALL_LIMIT;
+        while self.answered() < start + n {
+            if let Err(e) = self.supervise() {
+                self.tally
+                    .notes
+                    .push(format!("restarting a crashed service failed: {e:#}"));
+            }
+            if Instant::now() > deadline {
+                let note =
+                    format!("STALL: no {n} commands answered within {STALL_LIMIT:?} after {after}");
+                log(format!("    {note}"));
+                self.tally.stalls += 1;
+                self.tally.notes.push(note);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Restarts a service that exited on its own, as an orchestrator would, and counts the
+    /// crash: the run fails, and the checks still see what the restart recovers.
+    fn supervise(&mut self) -> Result<()> {
+        for i in 0..self.commands.len() {
+            let service = &mut self.commands[i];
+            if service.may_exit {
+                continue;
+            }
+            if let Some(status) = service.exited() {
+                let note = format!(
+                    "CRASH: {} (INSTANCE_ID {}) exited with {status}; its last words: {} (log: {})",
+                    service.name,
+                    service.instance_id,
+                    service.last_words(),
+                    service.log_path().display()
+                );
+                log(format!("    {note}"));
+                self.tally.crashes += 1;
+                self.tally.notes.push(note);
+                let (id, name) = (service.instance_id.clone(), format!("{}-s", service.name));
+                self.commands[i] = self.launcher.command_service(&id, &name)?;
+            }
+        }
+        if let Some(status) = self.projection.exited() {
+            let note = format!(
+                "CRASH: {} exited with {status}; its last words: {} (log: {})",
+                self.projection.name,
+                self.projection.last_words(),
+                self.projection.log_path().display()
+            );
+            log(format!("    {note}"));
+            self.tally.crashes += 1;
+            self.tally.notes.push(note);
+            let name = format!("{}-s", self.projection.name);
+            self.projection = self.launcher.projection_service(&name)?;
+        }
+        Ok(())
+    }
+
+    fn next_instance_id(&mut self) -> String {
+        self.instances += 1;
+        format!("{}-{}", self.launcher.prefix, self.instances)
+    }
+
+    async fn inject(&mut self, fault: Fault) -> Result<()> {
+        log(format!("  fault: {fault:?}"));
+        self.faults += 1;
+        let ready = Duration::from_secs(120);
+        match fault {
+            Fault::KillCommandService => {
+                let old = self.commands.remove(0);
+                let id = old.instance_id.clone();
+                let mut old = old;
+                old.kill().await?;
+                let mut new = self
+                    .launcher
+                    .command_service(&id, &format!("{}-r", old.name))?;
+                new.wait_ready(&self.http, None, ready).await?;
+                self.commands.insert(0, new);
+                self.wait_progress(20, "a command-service SIGKILL").await;
+            }
+            Fault::KillProjection => {
+                self.projection.kill().await?;
+                let mut new = self
+                    .launcher
+                    .projection_service(&format!("{}-r", self.projection.name))?;
+                new.wait_ready(&self.http, None, ready).await?;
+                self.projection = new;
+                self.wait_progress(20, "a projection-service SIGKILL").await;
+            }
+            Fault::PoisonCommands => self.poison_commands().await?,
+            Fault::PoisonEvents => self.poison_events().await?,
+            Fault::KillBroker => {
+                self.cluster.kill(1).await?;
+                // The outage itself: the load keeps sending into a dead broker for a moment.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                self.cluster.restart_missing().await?;
+                self.wait_progress(20, "a broker SIGKILL").await;
+            }
+            Fault::KillPartitionLeader => {
+                let node = self.leader_of(&self.driver.topics().commands(), 0)?;
+                log(format!("    leader of commands partition 0 is node {node}"));
+                self.cluster.kill(node).await?;
+                self.wait_progress(20, "a partition leader SIGKILL").await;
+                self.cluster.restart_missing().await?;
+                self.wait_progress(20, "the leader's restart").await;
+            }
+            Fault::KillTransactionCoordinator => {
+                let txn = format!(
+                    "{}.command-service.{}",
+                    self.launcher.prefix, self.commands[0].instance_id
+                );
+                let node = self.coordinator_of(&txn).await?;
+                log(format!(
+                    "    transaction coordinator of {txn} is node {node}"
+                ));
+                self.cluster.kill(node).await?;
+                self.wait_progress(20, "a transaction coordinator SIGKILL")
+                    .await;
+                self.cluster.restart_missing().await?;
+                self.wait_progress(20, "the coordinator's restart").await;
+            }
+            Fault::StopTakeoverOtherId => {
+                // The stopped instance keeps its partitions for its session (10 s) and its open
+                // transaction for the transaction time-out (10 s); then another takes over.
+                let stopped = self.commands[0].pid()?;
+                signal(stopped, "STOP").await?;
+                let id = self.next_instance_id();
+                let mut other = self.launcher.command_service(&id, &format!("cmd-{id}"))?;
+                let taken = other
+                    .wait_ready(&self.http, Some(PARTITIONS as usize), ready)
+                    .await;
+                // Resume the stopped one whatever happened (it must not stay frozen). It lost its
+                // partitions and its transaction: it may rejoin, or stop as fenced.
+                signal(stopped, "CONT").await?;
+                self.commands[0].may_exit = true;
+                taken?;
+                self.commands.push(other);
+                self.wait_progress(20, "a takeover by another INSTANCE_ID")
+                    .await;
+            }
+            Fault::StopTakeoverSameId => {
+                let mut old = self.commands.remove(0);
+                let stopped = old.pid()?;
+                signal(stopped, "STOP").await?;
+                let mut twin = self
+                    .launcher
+                    .command_service(&old.instance_id, &format!("{}-twin", old.name))?;
+                let ready_twin = twin.wait_ready(&self.http, None, ready).await;
+                signal(stopped, "CONT").await?;
+                ready_twin?;
+                self.commands.insert(0, twin);
+                self.wait_progress(20, "a takeover by the same INSTANCE_ID")
+                    .await;
+                // The resumed one is fenced; whatever it does, it goes now.
+                if old.exited().is_none() {
+                    log("    the resumed twin still runs after the takeover; killing it");
+                }
+                old.kill().await?;
+                self.wait_progress(10, "the fenced twin's end").await;
+            }
+            Fault::PostgresStopStart => {
+                let postgres = self
+                    .postgres
+                    .as_ref()
+                    .context("no PostgreSQL in this run")?;
+                postgres.stop().await?;
+                // The outage: the projection's batches fail meanwhile and must be retried.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                postgres.start(false).await?;
+                self.wait_progress(20, "a PostgreSQL stop/start").await;
+            }
+            Fault::RegistryStopStart => {
+                let registry = self.registry.as_ref().context("no registry in this run")?;
+                registry.stop().await?;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                registry.start(false).await?;
+                self.wait_progress(20, "a registry stop/start").await;
+            }
+            Fault::RebuildUnderLoad => {
+                let mut rebuild = self.launcher.rebuild("rebuild")?;
+                let status = tokio::time::timeout(Duration::from_secs(180), rebuild.wait())
+                    .await
+                    .context("rebuild did not finish within 180 s")??;
+                if !status.success() {
+                    self.tally.wrong_answers += 1;
+                    self.tally
+                        .notes
+                        .push(format!("projection-service rebuild exited with {status}"));
+                }
+                self.wait_progress(20, "a rebuild").await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The node leading `topic`'s `partition`.
+    fn leader_of(&self, topic: &str, partition: i32) -> Result<usize> {
+        let consumer: BaseConsumer = self.kafka.client_config().create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let leader = metadata
+            .topics()
+            .first()
+            .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+            .map(|p| p.leader())
+            .context("no metadata for the partition")?;
+        usize::try_from(leader).context("the partition has no leader")
+    }
+
+    /// The node coordinating transactional id `txn` (Kafka's own TransactionsCommand says).
+    async fn coordinator_of(&self, txn: &str) -> Result<usize> {
+        let out = self
+            .cluster
+            .tool(&[
+                "org.apache.kafka.tools.TransactionsCommand",
+                "--bootstrap-server",
+                &self.cluster.bootstrap,
+                "describe",
+                "--transactional-id",
+                txn,
+            ])
+            .await?;
+        let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+        let head: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let values: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let column = head
+            .iter()
+            .position(|h| *h == "CoordinatorId")
+            .with_context(|| format!("no CoordinatorId in {out:?}"))?;
+        values
+            .get(column)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no coordinator in {out:?}"))
+    }
+
+    /// Poison on the commands topic: bytes that are not JSON, JSON that is not a command
+    /// (nothing to answer), and commands with an id but an unknown type or no account (answered
+    /// `Malformed`). The stream must go on; the answerable ones are in the ledger.
+    async fn poison_commands(&mut self) -> Result<()> {
+        let topic = self.driver.topics().commands();
+        self.driver
+            .produce_raw(&topic, "poison-a", b"\xff\xfe not json")
+            .await?;
+        self.driver
+            .produce_raw(&topic, "poison-b", b"[1,2,3]")
+            .await?;
+        self.driver.produce_raw(&topic, "poison-c", b"").await?;
+        let unknown_type = Uuid::new_v4();
+        let no_account = Uuid::new_v4();
+        let answerable = [
+            (
+                unknown_type,
+                "poison-d",
+                serde_json::json!({"command_id": unknown_type, "aggregate_id": "poison-d",
+                    "type": "Explode", "payload": {}}),
+            ),
+            (
+                no_account,
+                "poison-e",
+                serde_json::json!({"command_id": no_account, "type": "Deposit",
+                    "payload": {"amount_minor": 1}}),
+            ),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (id, key, body) in answerable {
+            let answer = self.driver.expect(id);
+            self.driver
+                .produce_raw(&topic, key, body.to_string().as_bytes())
+                .await?;
+            let got =
+                tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), answer)
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            self.driver.ledger.lock().unwrap().push(Sent {
+                command_id: id,
+                account: key.to_owned(),
+                expected: Outcome::Rejected {
+                    code: "Malformed".into(),
+                },
+                answer: got,
+            });
+        }
+        self.wait_progress(20, "poison on the commands topic").await;
+        Ok(())
+    }
+
+    /// Poison on the events topic: not JSON, an envelope of an unknown event type, and a
+    /// Confluent wire-format frame that is cut short. Each must be dead-lettered by the
+    /// projection (checked at the end) and no service may stop.
+    async fn poison_events(&mut self) -> Result<()> {
+        let topic = self.driver.topics().events();
+        let poison: [(&str, Vec<u8>); 3] = [
+            ("poison-x", b"{not json".to_vec()),
+            (
+                "poison-y",
+                serde_json::json!({"event_id": Uuid::new_v4(), "aggregate_id": "poison-y",
+                    "aggregate_type": "BankAccount", "aggregate_version": 1,
+                    "event_type": "AccountExploded", "schema_version": 2,
+                    "timestamp": "2026-01-01T00:00:00Z", "data": {}, "metadata": {}})
+                .to_string()
+                .into_bytes(),
+            ),
+            ("poison-z", vec![0, 0, 0]),
+        ];
+        for (key, bytes) in &poison {
+            self.driver.produce_raw(&topic, key, bytes).await?;
+        }
+        self.poison_events_sent += poison.len();
+        self.wait_progress(20, "poison on the events topic").await;
+        Ok(())
+    }
+}
+
+/// Runs one scenario on `cluster`; returns its tally and the number of faults injected.
+async fn run_scenario(
+    scenario: &Scenario,
+    cluster: &Cluster,
+    args: &Args,
+    paths: &Paths,
+    seed: u64,
+) -> Result<(Tally, usize)> {
+    let quick = args.quick;
+    let prefix = format!("faults-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let dir = paths
+        .work
+        .join("runs")
+        .join(format!("{}-{prefix}", scenario.name));
+    let postgres = scenario.postgres.then(|| {
+        Helper::new(
+            &paths.scripts,
+            "postgres",
+            &[
+                ("PG_PORT", args.pg_port.to_string()),
+                (
+                    "BANK_PG_DIR",
+                    paths.work.join("postgres").display().to_string(),
+                ),
+            ],
+        )
+    });
+    let postgres_url = match &postgres {
+        Some(pg) => Some(pg.start(true).await?),
+        None => None,
+    };
+    let registry = scenario.registry.then(|| {
+        Helper::new(
+            &paths.scripts,
+            "registry",
+            &[
+                ("REGISTRY_PORT", args.registry_port.to_string()),
+                ("REGISTRY_KAFKA", cluster.bootstrap.clone()),
+                (
+                    "BANK_STATE_DIR",
+                    dir.join("registry-state").display().to_string(),
+                ),
+                ("REGISTRY_TOPIC", format!("{prefix}.registry-journal")),
+            ],
+        )
+    });
+    let registry_url = match &registry {
+        Some(r) => Some(r.start(false).await?),
+        None => None,
+    };
+    let launcher = Launcher {
+        bin_dir: paths.bin_dir.clone(),
+        dir,
+        bootstrap: cluster.bootstrap.clone(),
+        prefix: prefix.clone(),
+        partitions: PARTITIONS,
+        postgres_url,
+        registry_url,
+    };
+    log(format!(
+        "run {} (prefix {prefix}, logs in {})",
+        scenario.name,
+        launcher.dir.display()
+    ));
+    let kafka = kafka_settings(&cluster.bootstrap)?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let ready = Duration::from_secs(120);
+    let mut first = launcher.command_service(&format!("{prefix}-0"), "cmd-0")?;
+    first.wait_ready(&http, None, ready).await?;
+    let mut projection = launcher.projection_service("projection")?;
+    projection.wait_ready(&http, None, ready).await?;
+    let driver = Driver::start(&kafka, &prefix, PARTITIONS).await?;
+
+    let (accounts, min_ops) = if quick { (16, 6) } else { (40, 10) };
+    let deadline = Instant::now() + Duration::from_secs(if quick { 300 } else { 900 });
+    let tasks: Vec<_> = (0..accounts)
+        .map(|i| {
+            let id = format!("acc-{prefix}-{i}");
+            let task = driver.clone().account_task(
+                id.clone(),
+                seed ^ (i as u64).wrapping_mul(0x9e37_79b9),
+                min_ops,
+                deadline,
+            );
+            (id, tokio::spawn(task))
+        })
+        .collect();
+
+    let mut run = Run {
+        cluster,
+        launcher,
+        kafka: kafka.clone(),
+        http: http.clone(),
+        driver: driver.clone(),
+        commands: vec![first],
+        projection,
+        instances: 0,
+        faults: 0,
+        poison_events_sent: 0,
+        postgres,
+        registry,
+        tally: Tally::default(),
+    };
+    run.wait_progress(40, "the start").await;
+    let mut failure = None;
+    for fault in scenario.faults {
+        if let Err(e) = run.inject(*fault).await {
+            failure = Some(format!("injecting {fault:?} failed: {e:#}"));
+            break;
+        }
+    }
+    // Wind down: every account finishes its command in flight; one without an answer within
+    // 90 s is a missing result.
+    *driver.give_up_at.lock().unwrap() = Some(Instant::now() + Duration::from_secs(90));
+    driver.stop.store(true, Ordering::SeqCst);
+    while !tasks.iter().all(|(_, t)| t.is_finished()) {
+        run.supervise()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.supervise()?;
+    let mut finals = BTreeMap::new();
+    for (id, task) in tasks {
+        finals.insert(id, task.await?);
+    }
+    let mut tally = check::check_run(
+        &driver,
+        &kafka,
+        PARTITIONS,
+        &finals,
+        &run.projection.base_url,
+        &http,
+    )
+    .await?;
+    if run.poison_events_sent > 0 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let codes = loop {
+            let codes = check::dead_letter_codes(&driver, &kafka, PARTITIONS).await?;
+            if codes.len() >= run.poison_events_sent || Instant::now() > deadline {
+                break codes;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        log(format!("    dead letters from the events topic: {codes:?}"));
+        if codes.len() != run.poison_events_sent || codes.iter().any(String::is_empty) {
+            tally.poison_unhandled += run.poison_events_sent.abs_diff(codes.len()).max(1);
+            tally.notes.push(format!(
+                "{} poison events sent, {} dead-lettered with codes {codes:?}",
+                run.poison_events_sent,
+                codes.len()
+            ));
+        }
+    }
+    run.supervise()?;
+    tally.add(&run.tally);
+    if let Some(failure) = failure {
+        tally.wrong_answers += 1;
+        tally.notes.push(failure);
+    }
+    for service in run.commands.iter_mut() {
+        service.kill().await?;
+    }
+    run.projection.kill().await?;
+    for helper in [&run.registry, &run.postgres].into_iter().flatten() {
+        if let Err(e) = helper.stop().await {
+            log(format!("stopping a helper failed: {e:#}"));
+        }
+    }
+    log(format!(
+        "  {}: {} commands, {} faults, {}",
+        scenario.name,
+        tally.commands,
+        run.faults,
+        if tally.ok() { "ok" } else { "FAILED" }
+    ));
+    for note in &tally.notes {
+        log(format!("    {note}"));
+    }
+    Ok((tally, run.faults))
+}
+
+/// Where things are.
+struct Paths {
+    bin_dir: PathBuf,
+    work: PathBuf,
+    scripts: PathBuf,
+}
+
+fn summary(runs: usize, faults: usize, t: &Tally) -> String {
+    format!(
+        "{runs} runs, {faults} faults, {} commands: lost {}, duplicated {}, version gaps {}, \
+         missing results {}, read model {} replay; wrong answers {}, poison not dead-lettered {}, \
+         crashed services {}, stalls {}",
+        t.commands,
+        t.lost,
+        t.duplicated,
+        t.version_gaps,
+        t.missing_results,
+        if t.read_model_diffs == 0 { "==" } else { "!=" },
+        t.wrong_answers,
+        t.poison_unhandled,
+        t.crashes,
+        t.stalls
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    match suite(&args).await {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("faults: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn suite(args: &Args) -> Result<bool> {
+    let exe = std::env::current_exe()?;
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => exe
+            .parent()
+            .context("no directory of the executable")?
+            .to_owned(),
+    };
+    let work = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => bin_dir
+            .parent()
+            .context("no target directory")?
+            .join("faults"),
+    };
+    let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
+    log(format!(
+        "profile {}, seed {seed}, binaries from {}, work dir {}",
+        if args.quick { "quick" } else { "full" },
+        bin_dir.display(),
+        work.display()
+    ));
+    let paths = Paths {
+        bin_dir: bin_dir.clone(),
+        work: work.clone(),
+        scripts: scripts.clone(),
+    };
+    let chosen: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| !(args.quick && LONG_ONLY.contains(&s.name)))
+        .filter(|s| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| s.name.contains(o.as_str()))
+        })
+        .collect();
+    if chosen.is_empty() {
+        bail!("no scenario matches");
+    }
+    let mut total = Tally::default();
+    let (mut runs, mut faults) = (0, 0);
+    for brokers in [1, 3] {
+        let of_size: Vec<&&Scenario> = chosen.iter().filter(|s| s.brokers == brokers).collect();
+        if of_size.is_empty() {
+            continue;
+        }
+        let cluster = Cluster::new(
+            &scripts,
+            &work.join(format!("kafka-{brokers}")),
+            args.kafka_port,
+            args.controller_port,
+            brokers,
+        );
+        log(format!(
+            "starting {brokers} broker(s) at {}",
+            cluster.bootstrap
+        ));
+        cluster.start_fresh().await?;
+        let mut outcome = Ok(());
+        for round in 0..repeat {
+            for scenario in &of_size {
+                match run_scenario(
+                    scenario,
+                    &cluster,
+                    args,
+                    &paths,
+                    seed.wrapping_add(round as u64),
+                )
+                .await
+                {
+                    Ok((tally, n)) => {
+                        runs += 1;
+                        faults += n;
+                        total.add(&tally);
+                    }
+                    Err(e) => {
+                        outcome = Err(e.context(format!("run {} failed", scenario.name)));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = cluster.stop().await {
+            log(format!("stopping the suite's Kafka failed: {e:#}"));
+        }
+        outcome?;
+    }
+    let line = summary(runs, faults, &total);
+    println!("{line}");
+    Ok(total.ok())
+}
