@@ -70,6 +70,13 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
                 ("segment.ms", "3600000".into()),
             ],
         },
+        // Who holds each INSTANCE_ID; co-partitioned only so that the partition check stays
+        // simple (a lease lives on its INSTANCE_ID's canonical partition).
+        TopicSpec {
+            name: topics.command_instances(),
+            partitions: n,
+            config: vec![("cleanup.policy", "compact".into())],
+        },
         // Co-partitioned too: results are written to the aggregate's partition, which makes a
         // partition's results readable on restore: the dedupe window, kept at least as long.
         TopicSpec {

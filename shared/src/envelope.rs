@@ -324,6 +324,19 @@ pub struct Checkpoint {
     pub quarantined: Vec<Quarantined>,
 }
 
+/// Who holds a command-service `INSTANCE_ID` (value of `<prefix>.command-instances`, key = the
+/// INSTANCE_ID, compacted): written in a transaction by every producer of the id when it is
+/// created, so the latest committed one names the process that fenced all earlier ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceLease {
+    /// The INSTANCE_ID.
+    pub instance_id: String,
+    /// The holding process (random per process start).
+    pub process: String,
+    /// When it took the id.
+    pub taken_at: DateTime<Utc>,
+}
+
 /// An aggregate set aside because one of its stored events cannot be read: commands on it are
 /// answered `AggregateUnavailable` until the record is repaired and the partition restored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

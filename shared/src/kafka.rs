@@ -49,6 +49,12 @@ impl Topics {
     pub fn command_checkpoints(&self) -> String {
         format!("{}.command-checkpoints", self.prefix)
     }
+    /// `<prefix>.command-instances`: which process holds each command-service `INSTANCE_ID`
+    /// (compacted, key = INSTANCE_ID, written transactionally by every new producer of that
+    /// id): tells a twin instance from a broker failover when Kafka reports the id fenced.
+    pub fn command_instances(&self) -> String {
+        format!("{}.command-instances", self.prefix)
+    }
     /// `<prefix>.events.dlq`: events the projection could not use, with headers saying why.
     pub fn events_dlq(&self) -> String {
         format!("{}.events.dlq", self.prefix)

@@ -43,7 +43,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use shared::codec::EncodeError;
-use shared::kafka::Topics;
+use shared::envelope::InstanceLease;
+use shared::kafka::{TopicReader, Topics, canonical_partition};
 use shared::shutdown::Shutdown;
 use shared::trace::TraceContext;
 use shared::{BankAccount, EventCodec, Settings};
@@ -54,7 +55,14 @@ use crate::state::{Overlay, PartitionState};
 
 /// Commands per transaction at most; the transaction also commits every `COMMIT_INTERVAL_MS`.
 const MAX_COMMANDS_PER_TXN: usize = 1000;
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one transactional call may block. The coordinator aborts a transaction open for
+/// longer than `transaction.timeout.ms` (10 s) anyway, so waiting longer only freezes the
+/// engine through a broker failover.
+const TXN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The group session time-out: a member not heard of for this long leaves the group.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a fenced instance waits before reading the lease of its INSTANCE_ID.
+const LEASE_GRACE: Duration = Duration::from_secs(3);
 
 /// What the HTTP side can see of the engine (the fatal reason, if any, is the [`Shutdown`]'s).
 #[derive(Debug, Default)]
@@ -194,9 +202,10 @@ impl ProducerContext for DeliveryTracker {
 /// poll for the delivery reports, which made every commit's latency about 100 ms.
 type TxnProducer = BaseProducer<DeliveryTracker>;
 
-/// Consumer context: rebalance callbacks reach the engine through it.
+/// Consumer context: rebalance callbacks reach the engine through it. The engine outlives a
+/// consumer that must be replaced (see [`run_engine`]).
 pub struct EngineContext {
-    engine: Mutex<Engine>,
+    engine: Arc<Mutex<Engine>>,
 }
 
 impl ClientContext for EngineContext {}
@@ -330,8 +339,37 @@ pub struct Engine {
     checkpoint_retry_at: Option<Instant>,
     /// Consecutive aborted transactions: the pause before a redo grows with them.
     aborts_in_a_row: u32,
+    /// Set when the producer was fenced: the loop finds out whether by a twin instance.
+    fenced: Option<String>,
+    /// This process's name in the lease of its INSTANCE_ID (`<INSTANCE_ID>.<random>`).
+    process: String,
     status: Arc<Status>,
     shutdown: Shutdown,
+}
+
+/// Commits this process's lease of its INSTANCE_ID with a new producer (whose
+/// `init_transactions` just fenced every earlier holder).
+fn take_lease(producer: &TxnProducer, settings: &Settings, process: &str) -> KafkaResult<()> {
+    let lease = InstanceLease {
+        instance_id: settings.instance_id.clone(),
+        process: process.to_owned(),
+        taken_at: chrono::Utc::now(),
+    };
+    let payload = serde_json::to_vec(&lease).unwrap_or_default();
+    let topic = Topics::new(&settings.topic_prefix).command_instances();
+    let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
+    producer.begin_transaction()?;
+    let record = rdkafka::producer::BaseRecord::with_opaque_to(&topic, UNTRACKED)
+        .partition(partition)
+        .key(settings.instance_id.as_bytes())
+        .payload(&payload);
+    producer.send(record).map_err(|(e, _)| e)?;
+    // Delivery reports are served by our polls, not by the commit's flush.
+    let deadline = Instant::now() + TXN_TIMEOUT;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        producer.poll(Duration::from_millis(1));
+    }
+    producer.commit_transaction(TXN_TIMEOUT)
 }
 
 fn new_producer(config: &ClientConfig) -> KafkaResult<TxnProducer> {
@@ -358,10 +396,17 @@ impl Engine {
             // librdkafka's 100 ms default would be the latency floor of group commit.
             .set("retry.backoff.ms", "5")
             .set("message.timeout.ms", "10000");
-        let producer = new_producer(&producer_config).map_err(|source| EngineError::Start {
-            what: "transactional producer",
-            source,
-        })?;
+        let process = format!(
+            "{}.{}",
+            settings.instance_id,
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let producer = new_producer(&producer_config)
+            .and_then(|p| take_lease(&p, &settings, &process).map(|()| p))
+            .map_err(|source| EngineError::Start {
+                what: "transactional producer",
+                source,
+            })?;
         let offsets: BaseConsumer = settings
             .kafka
             .client_config()
@@ -406,6 +451,8 @@ impl Engine {
             assigned: false,
             checkpoint_retry_at: None,
             aborts_in_a_row: 0,
+            fenced: None,
+            process,
             status,
             shutdown,
         })
@@ -436,6 +483,15 @@ impl Engine {
         self.shutdown.fail(reason);
     }
 
+    /// A new transactional producer (its `init_transactions` fences the old one); `Err` with the
+    /// reason when it cannot be created.
+    fn renew_producer(&mut self) -> Result<(), String> {
+        self.producer = new_producer(&self.producer_config)
+            .and_then(|p| take_lease(&p, &self.settings, &self.process).map(|()| p))
+            .map_err(|e| format!("cannot re-create the transactional producer: {e}"))?;
+        Ok(())
+    }
+
     /// Whether the engine stopped on a fatal error.
     fn failed(&self) -> bool {
         self.shutdown.failure().is_some()
@@ -460,16 +516,21 @@ pub fn run_engine(
     status: Arc<Status>,
     shutdown: Shutdown,
 ) -> Result<(), EngineError> {
-    let engine = Engine::new(
+    let engine = Arc::new(Mutex::new(Engine::new(
         Arc::clone(&settings),
         codec,
         runtime,
         Arc::clone(&status),
         shutdown.clone(),
-    )?;
-    let consumer = subscribe(&settings, engine)?;
+    )?));
+    let process = lock(&engine).process.clone();
+    let mut consumer = subscribe(&settings, Arc::clone(&engine), &process)?;
     while !shutdown.is_triggered() {
-        poll_once(&consumer, &settings);
+        let Some(fenced) = poll_once(&consumer) else {
+            continue;
+        };
+        drop(consumer);
+        consumer = recover_from_fencing(&settings, &engine, &process, &fenced)?;
     }
     leave(&consumer, &status);
     match shutdown.failure() {
@@ -478,8 +539,88 @@ pub fn run_engine(
     }
 }
 
+/// Kafka said another instance holds this one's INSTANCE_ID (the consumer's
+/// `group.instance.id`, the producer's `transactional.id`). A real twin is fatal: stop. But a
+/// broker restart says the same wrongly (the coordinator reloads an older member id; it aborts
+/// the transaction it timed out with a bumped epoch). Told apart by the lease: every new
+/// producer of an id commits `<prefix>.command-instances` naming its process before it joins
+/// the group. If the latest lease is still this process's, a new producer (with a new lease)
+/// and a new member take over, and the partitions are restored.
+fn recover_from_fencing(
+    settings: &Settings,
+    engine: &Arc<Mutex<Engine>>,
+    process: &str,
+    fenced: &str,
+) -> Result<EngineConsumer, EngineError> {
+    tracing::warn!(%fenced, "fenced: checking whether another instance took INSTANCE_ID={}", settings.instance_id);
+    let shutdown = {
+        let mut engine = lock(engine);
+        engine.forget_partitions();
+        engine.shutdown.clone()
+    };
+    // A twin writes its lease right after its producer fenced ours, before its consumer joins:
+    // give it that moment.
+    let deadline = Instant::now() + LEASE_GRACE;
+    while Instant::now() < deadline && !shutdown.is_triggered() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let twin = twin_holder(settings, process);
+    let mut engine_guard = lock(engine);
+    let outcome = match twin {
+        Ok(None) => engine_guard.renew_producer(),
+        Ok(Some(twin)) => Err(format!(
+            "fenced by another instance with INSTANCE_ID={} (process {twin} holds it now); \
+             stopping",
+            settings.instance_id
+        )),
+        Err(e) => Err(format!(
+            "fenced ({fenced}), and the group cannot be described to tell a twin instance \
+             from a broker failover: {e}"
+        )),
+    };
+    if let Err(reason) = outcome {
+        engine_guard.fail(reason);
+    } else {
+        tracing::warn!(
+            "no other instance holds INSTANCE_ID={}: rejoining with a new producer",
+            settings.instance_id
+        );
+    }
+    drop(engine_guard);
+    subscribe(settings, Arc::clone(engine), process)
+}
+
+/// The process that holds this INSTANCE_ID now, if it is not this one: the latest committed
+/// lease of the id.
+fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Option<String>> {
+    let topic = Topics::new(&settings.topic_prefix).command_instances();
+    let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
+    let reader = TopicReader::open_at(
+        &settings.kafka,
+        &format!("{}.lease-check", group_id(settings)),
+        &topic,
+        &[(partition, Offset::Beginning)],
+    )?;
+    let mut holder = None;
+    let read = reader.drain_until(&AtomicBool::new(false), |msg| {
+        if msg.key() == Some(settings.instance_id.as_bytes())
+            && let Some(Ok(lease)) = msg.payload().map(serde_json::from_slice::<InstanceLease>)
+        {
+            holder = Some(lease.process);
+        }
+    });
+    if !read {
+        return Err(KafkaError::Canceled);
+    }
+    Ok(holder.filter(|h| h != process))
+}
+
 /// The group member on `<prefix>.commands`, with the engine in its context.
-fn subscribe(settings: &Settings, engine: Engine) -> Result<EngineConsumer, EngineError> {
+fn subscribe(
+    settings: &Settings,
+    engine: Arc<Mutex<Engine>>,
+    process: &str,
+) -> Result<EngineConsumer, EngineError> {
     let start = |source| EngineError::Start {
         what: "consumer",
         source,
@@ -488,10 +629,14 @@ fn subscribe(settings: &Settings, engine: Engine) -> Result<EngineConsumer, Engi
         .kafka
         .client_config()
         .set("group.id", group_id(settings))
+        .set("client.id", format!("command-service.{process}"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
+        .set(
+            "session.timeout.ms",
+            SESSION_TIMEOUT.as_millis().to_string(),
+        )
         .set("heartbeat.interval.ms", "1000")
         // Incremental rebalancing: partitions that stay keep their state.
         .set("partition.assignment.strategy", "cooperative-sticky")
@@ -499,9 +644,7 @@ fn subscribe(settings: &Settings, engine: Engine) -> Result<EngineConsumer, Engi
         .set("group.instance.id", &settings.instance_id)
         // Restores run off the poll loop; a commit can take three 30 s attempts.
         .set("max.poll.interval.ms", "300000")
-        .create_with_context(EngineContext {
-            engine: Mutex::new(engine),
-        })
+        .create_with_context(EngineContext { engine })
         .map_err(start)?;
     let commands = Topics::new(&settings.topic_prefix).commands();
     consumer.subscribe(&[&commands]).map_err(start)?;
@@ -510,8 +653,9 @@ fn subscribe(settings: &Settings, engine: Engine) -> Result<EngineConsumer, Engi
 }
 
 /// One turn of the loop: take a command (or wait a little for one), serve delivery reports,
-/// install finished restores, commit when due, checkpoint when idle.
-fn poll_once(consumer: &EngineConsumer, settings: &Settings) {
+/// install finished restores, commit when due, checkpoint when idle. Returns why this instance
+/// was fenced (its consumer's fatal error, or its producer's), if it was.
+fn poll_once(consumer: &EngineConsumer) -> Option<String> {
     // With a transaction open, only what is already fetched is taken (then it commits);
     // without one, wait a little for the next command.
     let open = lock(&consumer.context().engine).txn.is_some();
@@ -531,18 +675,17 @@ fn poll_once(consumer: &EngineConsumer, settings: &Settings) {
     // Fatal client errors arrive as error events, not from poll: e.g. another member joined
     // with the same group.instance.id (INSTANCE_ID) and fenced this one.
     if let Some((code, reason)) = consumer.client().fatal_error() {
-        engine.fail(format!(
-            "fatal consumer error {code:?}: {reason} (is another instance running with \
-             INSTANCE_ID={}?)",
-            settings.instance_id
-        ));
-        return;
+        return Some(format!("{code:?}: {reason}"));
+    }
+    if let Some(reason) = engine.fenced.take() {
+        return Some(reason);
     }
     engine.install_restores(consumer);
     if engine.commit_due(drained) {
         engine.commit(consumer);
     }
     engine.checkpoint_idle(consumer);
+    None
 }
 
 /// Leaves the group: the open transaction commits (unless the engine failed), a checkpoint of

@@ -221,6 +221,19 @@ impl Engine {
         self.update_status();
     }
 
+    /// Drops every partition (the consumer is being replaced): the new consumer's assignment
+    /// restores them again.
+    pub(super) fn forget_partitions(&mut self) {
+        self.cancel_restores();
+        self.restores.clear();
+        self.restoring.clear();
+        self.skipped_while_restoring.clear();
+        self.partitions.clear();
+        self.committed_next.clear();
+        self.assigned = false;
+        self.update_status();
+    }
+
     /// Stops the restores still running (shutdown).
     pub(super) fn cancel_restores(&mut self) {
         for pending in self.restores.values() {

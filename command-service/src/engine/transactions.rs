@@ -17,8 +17,10 @@ use shared::trace::TRACEPARENT;
 
 use super::{
     DeliveryToken, Engine, EngineConsumer, MAX_COMMANDS_PER_TXN, TXN_TIMEOUT, TxnError, UNTRACKED,
-    new_producer,
 };
+
+/// How long a consumer takes at most to learn it was replaced (three heartbeats).
+const REPLACEMENT_NOTICE: Duration = Duration::from_secs(3);
 use crate::metrics as m;
 
 /// One record to produce in the open transaction.
@@ -242,7 +244,7 @@ impl Engine {
         }
         let mut attempt = 1;
         loop {
-            let lookup = consumer.committed_offsets(tpl.clone(), TXN_TIMEOUT);
+            let lookup = consumer.committed_offsets(tpl.clone(), Duration::from_secs(5));
             match outcome_of(&commands, &txn.next_offsets, lookup) {
                 Outcome::Unknown(why) if attempt < 5 && !self.shutdown.is_triggered() => {
                     tracing::warn!(attempt, %why, "the outcome of the timed-out transaction is not known yet; asking again");
@@ -274,10 +276,35 @@ impl Engine {
             |(code, reason)| format!("{code:?}: {reason}"),
         );
         Some(format!(
-            "the transactional producer was fenced or failed fatally ({detail}); is another \
-             instance running with INSTANCE_ID={}?",
-            self.settings.instance_id
+            "the transactional producer was fenced or failed fatally ({detail})"
         ))
+    }
+
+    /// Whether this instance was replaced while its transaction hung (e.g. it was stopped past
+    /// its session time-out and another took its INSTANCE_ID): the consumer learns it from its
+    /// next heartbeat, so give it a few. Re-creating the producer then would fence the live
+    /// replacement.
+    fn replaced(&self, consumer: &EngineConsumer) -> Option<String> {
+        let deadline = Instant::now() + REPLACEMENT_NOTICE;
+        loop {
+            if let Some((code, reason)) = consumer.client().fatal_error() {
+                return Some(format!(
+                    "replaced while a transaction was pending ({code:?}: {reason})"
+                ));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            // Heartbeats run on librdkafka's threads; polling here could re-enter the engine.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The producer (or the consumer) was fenced: the open transaction is lost, and the loop
+    /// finds out whether another instance holds this INSTANCE_ID ([`super::run_engine`]).
+    fn fenced(&mut self, reason: String) {
+        self.drop_txn();
+        self.fenced.get_or_insert(reason);
     }
 
     /// Abortable errors abort and rewind; a timed-out (indefinite) commit or abort re-creates
@@ -286,8 +313,7 @@ impl Engine {
     /// outcome that cannot be learned, stops the engine.
     pub(super) fn on_txn_error(&mut self, consumer: &EngineConsumer, error: TxnError) {
         if let Some(reason) = self.producer_unusable(&error) {
-            self.drop_txn();
-            self.fail(reason);
+            self.fenced(reason);
             return;
         }
         let indefinite =
@@ -302,17 +328,17 @@ impl Engine {
         };
         if let Err(error) = aborted {
             if let Some(reason) = self.producer_unusable(&error) {
+                self.fenced(reason);
+                return;
+            }
+            if let Some(reason) = self.replaced(consumer) {
+                self.fenced(reason);
+                return;
+            }
+            if let Err(reason) = self.renew_producer() {
                 self.drop_txn();
                 self.fail(reason);
                 return;
-            }
-            match new_producer(&self.producer_config) {
-                Ok(p) => self.producer = p,
-                Err(e) => {
-                    self.drop_txn();
-                    self.fail(format!("cannot re-create the transactional producer: {e}"));
-                    return;
-                }
             }
             match self.txn_outcome(consumer) {
                 Outcome::Committed => {

@@ -87,6 +87,7 @@ impl TestApp {
     }
 
     /// Waits (up to `within`) for the service to stop by itself; its outcome.
+    #[allow(dead_code)]
     pub async fn finished(mut self, within: Duration) -> anyhow::Result<()> {
         let handle = self.handle.take().expect("running");
         tokio::time::timeout(within, handle)
