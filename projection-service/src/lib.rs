@@ -135,12 +135,11 @@ pub async fn run(
     consumer.subscribe(&[&topic])?;
     let consumer = Arc::new(consumer);
     let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
-    let projector = Projector::new(
+    let projector = Projector::live(
         db.clone(),
-        Tables::live(),
         topic.clone(),
         codec.clone(),
-        Some(dlq),
+        dlq,
         book.clone(),
         status.clone(),
     );

@@ -382,7 +382,7 @@ pub struct BatchOutcome {
     pub duplicates: u64,
     /// Events parked.
     pub parked: u64,
-    /// Messages dead-lettered (or only counted as poison, without a dead-letter queue).
+    /// Messages dead-lettered.
     pub dead_lettered: u64,
     /// Messages written (all that were not stale).
     pub messages: u64,
@@ -390,13 +390,26 @@ pub struct BatchOutcome {
     pub interrupted: bool,
 }
 
+/// What a projector is for; decides what it does besides writing its tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The service's own projection: a member of the live consumer group, writing the live
+    /// tables; after each commit it also commits the offsets to Kafka so that standard tools
+    /// show the group's lag.
+    Live,
+    /// A rebuild filling fresh tables with a throwaway consumer (assigned partitions, no group
+    /// membership): nothing is ever committed to Kafka.
+    Rebuild,
+}
+
 /// Projects batches into one set of tables.
 pub struct Projector {
     db: Database,
     tables: Tables,
+    mode: Mode,
     topic: String,
     codec: Arc<EventCodec>,
-    dlq: Option<DeadLetterQueue>,
+    dlq: DeadLetterQueue,
     book: Arc<OffsetBook>,
     status: Arc<Status>,
 }
@@ -406,6 +419,7 @@ impl std::fmt::Debug for Projector {
         f.debug_struct("Projector")
             .field("topic", &self.topic)
             .field("tables", &self.tables)
+            .field("mode", &self.mode)
             .finish()
     }
 }
@@ -426,25 +440,52 @@ async fn sleep_unless_stopped(d: Duration, shutdown: &mut watch::Receiver<bool>)
 }
 
 impl Projector {
-    /// A projector writing `tables`; without a `dlq`, poison is only counted (tests use that).
-    pub fn new(
+    /// The live projection: writes the live tables, reports to `status` and commits its
+    /// offsets to Kafka too (for monitoring).
+    pub fn live(
         db: Database,
-        tables: Tables,
         topic: String,
         codec: Arc<EventCodec>,
-        dlq: Option<DeadLetterQueue>,
+        dlq: DeadLetterQueue,
         book: Arc<OffsetBook>,
         status: Arc<Status>,
     ) -> Self {
         Projector {
             db,
-            tables,
+            tables: Tables::live(),
+            mode: Mode::Live,
             topic,
             codec,
             dlq,
             book,
             status,
         }
+    }
+
+    /// A rebuild's projector: writes `tables` and commits nothing to Kafka.
+    pub fn rebuild(
+        db: Database,
+        tables: Tables,
+        topic: String,
+        codec: Arc<EventCodec>,
+        dlq: DeadLetterQueue,
+        book: Arc<OffsetBook>,
+    ) -> Self {
+        Projector {
+            db,
+            tables,
+            mode: Mode::Rebuild,
+            topic,
+            codec,
+            dlq,
+            book,
+            status: Arc::new(Status::default()),
+        }
+    }
+
+    /// What this projector is for.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// The offset book.
@@ -616,32 +657,22 @@ impl Projector {
             Err(e) => return Err(e.into()),
         }
         let dead = plan.dead_letters.len() as u64;
-        if let Some(dlq) = &self.dlq
-            && !plan.dead_letters.is_empty()
-        {
-            dlq.send_all(&plan.dead_letters)
+        if !plan.dead_letters.is_empty() {
+            self.dlq
+                .send_all(&plan.dead_letters)
                 .await
                 .map_err(Attempt::Kafka)?;
         }
         tx.commit().await.map_err(StoreError::from)?;
         for letter in &plan.dead_letters {
-            if self.dlq.is_some() {
-                tracing::warn!(
-                    partition = letter.partition,
-                    offset = letter.offset,
-                    code = %letter.code,
-                    reason = %letter.message,
-                    "event dead-lettered"
-                );
-                metrics::record_dead_letter(&self.topic, &letter.code);
-            } else {
-                tracing::debug!(
-                    partition = letter.partition,
-                    offset = letter.offset,
-                    code = %letter.code,
-                    "poison message skipped (rebuild)"
-                );
-            }
+            tracing::warn!(
+                partition = letter.partition,
+                offset = letter.offset,
+                code = %letter.code,
+                reason = %letter.message,
+                "event dead-lettered"
+            );
+            metrics::record_dead_letter(&self.topic, &letter.code);
         }
         for (p, n) in &next {
             self.book.set(*p, Some(*n));
@@ -683,7 +714,7 @@ impl Projector {
             );
         }
         // Only for monitoring tools: the database is the source of truth.
-        if self.dlq.is_some() {
+        if self.mode == Mode::Live {
             let mut tpl = TopicPartitionList::new();
             let partitions: BTreeSet<i32> = messages.iter().map(|m| m.partition).collect();
             for p in partitions {

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::db::{Database, Tables};
 use crate::dlq::DeadLetterQueue;
-use crate::projector::{Collected, OffsetBook, Projector, Status, collect};
+use crate::projector::{Collected, OffsetBook, Projector, collect};
 use crate::{ServiceError, consumer_config, ensure_projection_topics};
 
 /// How progress is shown.
@@ -67,6 +67,8 @@ pub struct RebuildReport {
     pub ends: Vec<(i32, i64)>,
     /// Wall time.
     pub elapsed: Duration,
+    /// The throwaway consumer group it read with (assigned partitions, nothing committed).
+    pub group: String,
 }
 
 impl RebuildReport {
@@ -211,14 +213,13 @@ pub async fn rebuild(
         Topics::new(&settings.topic_prefix).events_dlq(),
         topic.clone(),
     )?;
-    let projector = Projector::new(
+    let projector = Projector::rebuild(
         db.clone(),
         tables.clone(),
         topic.clone(),
         codec,
-        Some(dlq),
+        dlq,
         book.clone(),
-        Arc::new(Status::default()),
     );
     let mut reporter = Reporter::new(progress, total);
     let mut report = RebuildReport::default();
@@ -275,6 +276,7 @@ pub async fn rebuild(
     }
     db.close().await;
     report.ends = ends;
+    report.group = group;
     report.elapsed = started.elapsed();
     tracing::info!(
         messages = report.messages,
