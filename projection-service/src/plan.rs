@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::message::OwnedHeaders;
+use shared::dlq::DeadLetterCode;
 use shared::{BankAccount, DecodeError, EventEnvelope};
 
 use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, format_ts};
@@ -49,23 +50,41 @@ pub struct DeadLetter {
     pub payload: Option<Vec<u8>>,
     /// Original headers.
     pub headers: Option<OwnedHeaders>,
-    /// Stable reason code (`InvalidJson`, `UnknownEventType`, `NotApplicable`…).
-    pub code: String,
+    /// Stable reason code.
+    pub code: DeadLetterCode,
     /// Human-readable reason.
     pub message: String,
 }
 
 impl DeadLetter {
     /// A dead letter carrying a consumed message's origin and bytes unchanged.
-    fn of(msg: &Incoming, code: String, message: String) -> DeadLetter {
+    fn of(msg: &Incoming, refusal: Refusal) -> DeadLetter {
         DeadLetter {
             partition: msg.partition,
             offset: msg.offset,
             key: msg.key.clone(),
             payload: msg.payload.clone(),
             headers: msg.headers.clone(),
+            code: refusal.code,
+            message: refusal.message,
+        }
+    }
+}
+
+/// Why an event was refused: its dead-letter code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// Stable reason code.
+    pub(crate) code: DeadLetterCode,
+    /// Human-readable reason.
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    fn new(code: DeadLetterCode, message: impl Into<String>) -> Self {
+        Refusal {
             code,
-            message,
+            message: message.into(),
         }
     }
 }
@@ -126,8 +145,7 @@ pub fn plan_batch(
             Err(error) => {
                 plan.dead_letters.push(DeadLetter::of(
                     msg,
-                    error.code().to_owned(),
-                    error.to_string(),
+                    Refusal::new(error.into(), error.to_string()),
                 ));
                 continue;
             }
@@ -185,8 +203,8 @@ pub fn plan_batch(
                 plan.write.events.push(row);
                 plan.applied += 1;
             }
-            Err((code, message)) => {
-                plan.dead_letters.push(DeadLetter::of(msg, code, message));
+            Err(refusal) => {
+                plan.dead_letters.push(DeadLetter::of(msg, refusal));
                 continue;
             }
         }
@@ -201,7 +219,7 @@ pub fn plan_batch(
                     Ok(envelope) => {
                         apply_one(account, &envelope, next.row.partition, next.row.offset)
                     }
-                    Err(e) => Err(("InvalidEnvelope".to_owned(), e.to_string())),
+                    Err(e) => Err(Refusal::new(DeadLetterCode::InvalidEnvelope, e.to_string())),
                 };
                 match outcome {
                     Ok(row) => {
@@ -209,7 +227,7 @@ pub fn plan_batch(
                         plan.applied += 1;
                         plan.unparked += 1;
                     }
-                    Err((code, message)) => {
+                    Err(Refusal { code, message }) => {
                         plan.dead_letters.push(DeadLetter {
                             partition: next.row.partition,
                             offset: next.row.offset,
@@ -260,10 +278,10 @@ fn apply_one(
     envelope: &EventEnvelope,
     partition: i32,
     offset: i64,
-) -> Result<EventRow, (String, String)> {
+) -> Result<EventRow, Refusal> {
     let event = envelope
         .event()
-        .map_err(|e| ("InvalidEventData".to_owned(), e.to_string()))?;
+        .map_err(|e| Refusal::new(DeadLetterCode::InvalidEventData, e.to_string()))?;
     // Text the read model cannot index or store (PostgreSQL refuses NUL, b-tree rows are
     // bounded) is dead-lettered here rather than failing the whole batch over and over.
     let owner = match &event {
@@ -272,11 +290,11 @@ fn apply_one(
     };
     shared::bank_account::check_text("aggregate_id", &envelope.aggregate_id)
         .and_then(|()| owner.map_or(Ok(()), |o| shared::bank_account::check_text("owner", o)))
-        .map_err(|reason| ("Unstorable".to_owned(), reason))?;
+        .map_err(|reason| Refusal::new(DeadLetterCode::Unstorable, reason))?;
     account
         .state
         .check_applicable(&event)
-        .map_err(|reason| ("NotApplicable".to_owned(), reason))?;
+        .map_err(|reason| Refusal::new(DeadLetterCode::NotApplicable, reason))?;
     account.state.apply(&event);
     let ts = format_ts(&envelope.timestamp);
     if account.state.version == 1 || account.opened_at.is_empty() {
@@ -408,8 +426,11 @@ mod tests {
             HashMap::new(),
             vec![],
         );
-        let codes: Vec<&str> = plan.dead_letters.iter().map(|d| d.code.as_str()).collect();
-        assert_eq!(codes, ["Unstorable", "Unstorable"]);
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(
+            codes,
+            [DeadLetterCode::Unstorable, DeadLetterCode::Unstorable]
+        );
         assert_eq!(plan.applied, 1);
     }
 
@@ -423,8 +444,11 @@ mod tests {
             HashMap::new(),
             vec![],
         );
-        let codes: Vec<&str> = plan.dead_letters.iter().map(|d| d.code.as_str()).collect();
-        assert_eq!(codes, ["NotApplicable", "UnknownFormat"]);
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(
+            codes,
+            [DeadLetterCode::NotApplicable, DeadLetterCode::UnknownFormat]
+        );
         assert_eq!(plan.applied, 1);
         assert_eq!(plan.write.accounts.len(), 1);
         assert_eq!(plan.write.accounts[0].id, "c");

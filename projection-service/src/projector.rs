@@ -672,7 +672,7 @@ impl Projector {
                 reason = %letter.message,
                 "event dead-lettered"
             );
-            metrics::record_dead_letter(&self.topic, &letter.code);
+            metrics::record_dead_letter(&self.topic, letter.code);
         }
         for (p, n) in &next {
             self.book.set(*p, Some(*n));

@@ -14,6 +14,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::DecodeError;
+use crate::bank_account::EventDataError;
 use crate::config::KafkaSettings;
 
 /// How long reading dead letters back may go without a message before giving up.
@@ -37,6 +39,76 @@ pub mod header {
     pub const ERROR_MESSAGE: &str = "dlq.error.message";
     /// When it was dead-lettered (RFC 3339).
     pub const FAILED_AT: &str = "dlq.failed.at";
+}
+
+/// Why a message was dead-lettered: the stable code in the `dlq.error.code` header. The wire
+/// form ([`DeadLetterCode::as_str`], also the serde form) never changes; metrics use it in
+/// snake_case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+pub enum DeadLetterCode {
+    /// The message has no value.
+    Empty,
+    /// Shorter than the Confluent wire-format header.
+    Truncated,
+    /// Neither a JSON object nor the Confluent wire format.
+    UnknownFormat,
+    /// Not valid JSON.
+    InvalidJson,
+    /// The schema registry does not know the schema id.
+    SchemaRegistry,
+    /// The event could not be upcast to the current schema version.
+    UpcastFailed,
+    /// The envelope lacks or mistypes a field.
+    InvalidEnvelope,
+    /// An event type this version does not know.
+    UnknownEventType,
+    /// The data does not fit the event type.
+    InvalidEventData,
+    /// The event does not apply to the account's state.
+    NotApplicable,
+    /// A value the read model cannot store (NUL byte, oversized text).
+    Unstorable,
+}
+
+impl DeadLetterCode {
+    /// The code as it appears in `dlq.error.code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterCode::Empty => "Empty",
+            DeadLetterCode::Truncated => "Truncated",
+            DeadLetterCode::UnknownFormat => "UnknownFormat",
+            DeadLetterCode::InvalidJson => "InvalidJson",
+            DeadLetterCode::SchemaRegistry => "SchemaRegistry",
+            DeadLetterCode::UpcastFailed => "UpcastFailed",
+            DeadLetterCode::InvalidEnvelope => "InvalidEnvelope",
+            DeadLetterCode::UnknownEventType => "UnknownEventType",
+            DeadLetterCode::InvalidEventData => "InvalidEventData",
+            DeadLetterCode::NotApplicable => "NotApplicable",
+            DeadLetterCode::Unstorable => "Unstorable",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&DecodeError> for DeadLetterCode {
+    fn from(e: &DecodeError) -> Self {
+        match e {
+            DecodeError::Empty => DeadLetterCode::Empty,
+            DecodeError::Truncated(_) => DeadLetterCode::Truncated,
+            DecodeError::UnknownFormat(_) => DeadLetterCode::UnknownFormat,
+            DecodeError::NotJson(_) => DeadLetterCode::InvalidJson,
+            DecodeError::Registry { .. } => DeadLetterCode::SchemaRegistry,
+            DecodeError::Upcast(_) => DeadLetterCode::UpcastFailed,
+            DecodeError::Envelope(_) => DeadLetterCode::InvalidEnvelope,
+            DecodeError::Data(EventDataError::UnknownType(_)) => DeadLetterCode::UnknownEventType,
+            DecodeError::Data(_) => DeadLetterCode::InvalidEventData,
+        }
+    }
 }
 
 /// Per partition of `topic`: (partition, low watermark, high watermark); none when the topic
@@ -283,6 +355,30 @@ fn view<M: Message>(m: &M) -> DeadLetterView {
 mod tests {
     use super::*;
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+
+    #[test]
+    fn dead_letter_codes_are_the_decode_errors_codes() {
+        let errors = [
+            DecodeError::Empty,
+            DecodeError::Truncated(2),
+            DecodeError::UnknownFormat(b'x'),
+            DecodeError::NotJson("x".into()),
+            DecodeError::Registry {
+                schema_id: 1,
+                message: "x".into(),
+                retriable: false,
+            },
+            DecodeError::Envelope("x".into()),
+            DecodeError::Data(EventDataError::UnknownType("X".into())),
+        ];
+        for e in &errors {
+            assert_eq!(DeadLetterCode::from(e).as_str(), e.code(), "{e:?}");
+        }
+        assert_eq!(
+            serde_json::to_string(&DeadLetterCode::NotApplicable).expect("json"),
+            "\"NotApplicable\""
+        );
+    }
 
     #[test]
     fn a_dead_letter_keeps_the_original_headers_apart() {
