@@ -273,10 +273,30 @@ pub struct BatchWrite {
     pub accounts: Vec<StoredAccount>,
     /// Newly parked events.
     pub parked: Vec<ParkedRow>,
-    /// Accounts whose parked events up to this version were applied or became duplicates.
-    pub unpark: Vec<(String, u64)>,
-    /// Per partition: (expected stored offset, new next offset). `None` expects no row yet.
-    pub offsets: Vec<(i32, Option<i64>, i64)>,
+    /// Accounts whose parked events up to a version were applied or became duplicates.
+    pub unpark: Vec<Unpark>,
+    /// The offsets to compare-and-set, per partition.
+    pub offsets: Vec<OffsetAdvance>,
+}
+
+/// Parked events of an account that are resolved: every one up to `through_version` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpark {
+    /// The account.
+    pub aggregate_id: String,
+    /// Its version now; parked events at or below it are applied or duplicates.
+    pub through_version: u64,
+}
+
+/// A compare-and-set of one partition's stored next offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetAdvance {
+    /// Partition of the events topic.
+    pub partition: i32,
+    /// The stored offset this process last saw (`None`: no row yet).
+    pub expected: Option<i64>,
+    /// The new next offset.
+    pub next: i64,
 }
 
 /// An account as of some point, as the HTTP API shows it.
@@ -742,7 +762,11 @@ impl Database {
             }
             query.execute(&mut **tx).await?;
         }
-        for (id, version) in &batch.unpark {
+        for Unpark {
+            aggregate_id: id,
+            through_version: version,
+        } in &batch.unpark
+        {
             sqlx::query(&format!(
                 "DELETE FROM {} WHERE aggregate_id = $1 AND version <= $2",
                 tables.parked
@@ -752,7 +776,12 @@ impl Database {
             .execute(&mut **tx)
             .await?;
         }
-        for (partition, expected, next) in &batch.offsets {
+        for OffsetAdvance {
+            partition,
+            expected,
+            next,
+        } in &batch.offsets
+        {
             let done = match expected {
                 Some(expected) => sqlx::query(&format!(
                     "UPDATE {} SET next_offset = $1

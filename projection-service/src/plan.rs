@@ -18,7 +18,7 @@ use rdkafka::message::OwnedHeaders;
 use shared::dlq::DeadLetterCode;
 use shared::{BankAccount, DecodeError, EventEnvelope};
 
-use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, format_ts};
+use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, Unpark, format_ts};
 
 /// One consumed message after decoding.
 #[derive(Debug)]
@@ -260,7 +260,10 @@ pub fn plan_batch(
             }
         }
         if resolved_stored {
-            plan.write.unpark.push((id, version));
+            plan.write.unpark.push(Unpark {
+                aggregate_id: id,
+                through_version: version,
+            });
         }
     }
     for id in dirty {
@@ -403,7 +406,13 @@ mod tests {
         );
         assert_eq!((later.applied, later.unparked), (3, 2));
         assert_eq!(later.write.accounts[0].state.balance_minor, 116);
-        assert_eq!(later.write.unpark, vec![("a".to_string(), 4)]);
+        assert_eq!(
+            later.write.unpark,
+            vec![Unpark {
+                aggregate_id: "a".into(),
+                through_version: 4
+            }]
+        );
         assert!(later.write.parked.is_empty());
     }
 

@@ -36,10 +36,12 @@ use rdkafka::types::RDKafkaRespErr;
 use shared::EventCodec;
 use tokio::sync::watch;
 
-use crate::db::{Database, StoreError, Tables};
+use sqlx::{Any, Transaction};
+
+use crate::db::{Database, OffsetAdvance, StoreError, Tables};
 use crate::dlq::DeadLetterQueue;
 use crate::metrics;
-use crate::plan::{Incoming, plan_batch};
+use crate::plan::{DeadLetter, Incoming, Plan, plan_batch};
 
 /// Most messages per batch.
 pub const MAX_BATCH: usize = 500;
@@ -64,6 +66,15 @@ pub enum ProjectorError {
 #[derive(Debug, Default)]
 pub struct OffsetBook {
     inner: Mutex<BookInner>,
+}
+
+/// The partitions a consumer holds right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// Assigned partitions, ascending.
+    pub partitions: Vec<i32>,
+    /// Whether any assignment happened yet (before it, no lag can be measured).
+    pub assigned_once: bool,
 }
 
 #[derive(Debug, Default)]
@@ -102,12 +113,12 @@ impl OffsetBook {
     }
 
     /// Partitions currently assigned, and whether any assignment happened yet.
-    pub fn assignment(&self) -> (Vec<i32>, bool) {
+    pub fn assignment(&self) -> Assignment {
         let inner = self.lock();
-        (
-            inner.assigned.iter().copied().collect(),
-            inner.assigned_once,
-        )
+        Assignment {
+            partitions: inner.assigned.iter().copied().collect(),
+            assigned_once: inner.assigned_once,
+        }
     }
 
     fn assign(&self, partitions: &[i32]) {
@@ -307,8 +318,13 @@ impl RawMessage {
 /// What [`collect`] found.
 #[derive(Debug)]
 pub enum Collected {
-    /// Messages, and whether shutdown was requested meanwhile (process them, then stop).
-    Batch(Vec<RawMessage>, bool),
+    /// Messages to process.
+    Batch {
+        /// The messages, in arrival order.
+        messages: Vec<RawMessage>,
+        /// Shutdown was requested while gathering: process them, then stop.
+        then_stop: bool,
+    },
     /// Nothing arrived within the idle tick.
     Idle,
     /// Shutdown was requested and nothing is pending.
@@ -370,7 +386,10 @@ pub async fn collect<C: ConsumerContext + 'static>(
             }
         }
     }
-    Collected::Batch(batch, stop)
+    Collected::Batch {
+        messages: batch,
+        then_stop: stop,
+    }
 }
 
 /// What one processed batch amounted to.
@@ -400,6 +419,27 @@ pub enum Mode {
     /// A rebuild filling fresh tables with a throwaway consumer (assigned partitions, no group
     /// membership): nothing is ever committed to Kafka.
     Rebuild,
+}
+
+/// The distinct accounts a batch's decodable events touch, in first-seen order.
+fn touched_accounts(messages: &[Incoming]) -> Vec<&str> {
+    let mut seen = HashSet::new();
+    messages
+        .iter()
+        .filter_map(|m| m.decoded.as_ref().ok())
+        .map(|e| e.aggregate_id.as_str())
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+/// Per partition of the batch: the offset after its last message.
+fn next_offsets(messages: &[Incoming]) -> HashMap<i32, i64> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for m in messages {
+        let n = next.entry(m.partition).or_insert(m.offset + 1);
+        *n = (*n).max(m.offset + 1);
+    }
+    next
 }
 
 /// Projects batches into one set of tables.
@@ -621,49 +661,59 @@ impl Projector {
         messages: &[Incoming],
     ) -> Result<BatchOutcome, Attempt> {
         let mut tx = self.db.begin_write().await?;
-        let ids: Vec<&str> = {
-            let mut seen = HashSet::new();
-            messages
-                .iter()
-                .filter_map(|m| m.decoded.as_ref().ok())
-                .map(|e| e.aggregate_id.as_str())
-                .filter(|id| seen.insert(*id))
-                .collect()
-        };
-        let accounts = Database::load_accounts(&mut tx, &self.tables, &ids).await?;
-        let parked = if Database::parked_count(&mut tx, &self.tables).await? > 0 {
-            Database::load_parked(&mut tx, &self.tables, &ids).await?
-        } else {
-            Vec::new()
-        };
-        let mut plan = plan_batch(&self.topic, messages, accounts, parked);
-        let mut next: HashMap<i32, i64> = HashMap::new();
-        for m in messages {
-            let n = next.entry(m.partition).or_insert(m.offset + 1);
-            *n = (*n).max(m.offset + 1);
-        }
-        plan.write.offsets = next
-            .iter()
-            .map(|(p, n)| (*p, self.book.stored(*p), *n))
-            .collect();
+        let plan = self.plan(&mut tx, messages).await?;
         match Database::write_batch(&mut tx, &self.tables, &self.topic, &plan.write).await {
             Ok(()) => {}
             Err(StoreError::Conflict(reason)) => {
                 tx.rollback().await.map_err(StoreError::from)?;
                 tracing::warn!(%reason, "stored offsets moved; re-reading them");
-                let moved = self.resync(consumer, next.keys().copied()).await?;
+                let partitions = plan.write.offsets.iter().map(|o| o.partition);
+                let moved = self.resync(consumer, partitions).await?;
                 return Err(Attempt::Moved(moved));
             }
             Err(e) => return Err(e.into()),
         }
-        let dead = plan.dead_letters.len() as u64;
-        if !plan.dead_letters.is_empty() {
-            self.dlq
-                .send_all(&plan.dead_letters)
-                .await
-                .map_err(Attempt::Kafka)?;
-        }
+        self.deliver_dead_letters(&plan.dead_letters).await?;
         tx.commit().await.map_err(StoreError::from)?;
+        Ok(self.record_committed(&plan, messages.len()))
+    }
+
+    /// Loads what the batch touches and plans it, with the offsets to compare-and-set.
+    async fn plan(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        messages: &[Incoming],
+    ) -> Result<Plan, StoreError> {
+        let ids = touched_accounts(messages);
+        let accounts = Database::load_accounts(tx, &self.tables, &ids).await?;
+        let parked = if Database::parked_count(tx, &self.tables).await? > 0 {
+            Database::load_parked(tx, &self.tables, &ids).await?
+        } else {
+            Vec::new()
+        };
+        let mut plan = plan_batch(&self.topic, messages, accounts, parked);
+        plan.write.offsets = next_offsets(messages)
+            .into_iter()
+            .map(|(partition, next)| OffsetAdvance {
+                partition,
+                expected: self.book.stored(partition),
+                next,
+            })
+            .collect();
+        Ok(plan)
+    }
+
+    /// Sends the batch's dead letters and waits for their acknowledgement.
+    async fn deliver_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), Attempt> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        self.dlq.send_all(letters).await.map_err(Attempt::Kafka)
+    }
+
+    /// After the database commit: logs and counts the dead letters, moves the book to the new
+    /// offsets and records the batch's figures.
+    fn record_committed(&self, plan: &Plan, size: usize) -> BatchOutcome {
         for letter in &plan.dead_letters {
             tracing::warn!(
                 partition = letter.partition,
@@ -674,8 +724,8 @@ impl Projector {
             );
             metrics::record_dead_letter(&self.topic, letter.code);
         }
-        for (p, n) in &next {
-            self.book.set(*p, Some(*n));
+        for advance in &plan.write.offsets {
+            self.book.set(advance.partition, Some(advance.next));
         }
         metrics::record_batch(&metrics::BatchFigures {
             topic: &self.topic,
@@ -683,16 +733,16 @@ impl Projector {
             duplicates: plan.duplicates,
             parked: plan.parked,
             unparked: plan.unparked,
-            size: messages.len(),
+            size,
         });
-        Ok(BatchOutcome {
+        BatchOutcome {
             applied: plan.applied,
             duplicates: plan.duplicates,
             parked: plan.parked,
-            dead_lettered: dead,
-            messages: messages.len() as u64,
+            dead_lettered: plan.dead_letters.len() as u64,
+            messages: size as u64,
             interrupted: false,
-        })
+        }
     }
 
     fn after_commit<C: ConsumerContext + 'static>(
@@ -774,16 +824,19 @@ impl Projector {
             match collect(consumer, Some(&self.status), IDLE_TICK, &mut shutdown).await {
                 Collected::Shutdown => return Ok(()),
                 Collected::Idle => {
-                    let (assigned, _) = self.book.assignment();
+                    let assigned = self.book.assignment().partitions;
                     if let Err(e) = self.resync(consumer, assigned).await {
                         tracing::warn!(error = %e, "could not re-read stored offsets");
                     }
                 }
-                Collected::Batch(batch, stop) => {
-                    let outcome = self.process(consumer, batch, &mut shutdown).await;
+                Collected::Batch {
+                    messages,
+                    then_stop,
+                } => {
+                    let outcome = self.process(consumer, messages, &mut shutdown).await;
                     self.status.idle.store(true, Ordering::SeqCst);
                     let outcome = outcome?;
-                    if stop || outcome.interrupted {
+                    if then_stop || outcome.interrupted {
                         return Ok(());
                     }
                 }
@@ -833,77 +886,141 @@ pub async fn monitor(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let (partitions, assigned_once) = book.assignment();
-        if !assigned_once {
+        let assignment = book.assignment();
+        if !assignment.assigned_once {
             continue;
         }
-        let before = status.received.load(Ordering::SeqCst);
-        let idle_before = status.idle.load(Ordering::SeqCst);
-        let positions = consumer.position().ok();
-        let consistent = idle_before
-            && status.idle.load(Ordering::SeqCst)
-            && before == status.received.load(Ordering::SeqCst);
-        let query = {
-            let client = watermarks.clone();
-            let topic = topic.clone();
-            let partitions = partitions.clone();
-            tokio::task::spawn_blocking(move || {
-                partitions
-                    .iter()
-                    .map(|p| {
-                        (
-                            *p,
-                            client.fetch_watermarks(&topic, *p, Duration::from_secs(5)),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-        };
+        let positions = settled_positions(&consumer, &status);
         let marks = tokio::select! {
-            marks = query => marks,
+            marks = fetch_watermarks(watermarks.clone(), &topic, assignment.partitions) => marks,
             _ = shutdown.changed() => return,
         };
-        let Ok(marks) = marks else { continue };
-        let mut caught_up = true;
-        let mut to_commit = TopicPartitionList::new();
-        let mut lags = Vec::with_capacity(marks.len());
-        for (p, marks) in marks {
-            let Ok((low, high)) = marks else {
-                caught_up = false;
-                continue;
-            };
-            let stored = book.stored(p);
-            let position = positions
-                .as_ref()
-                .and_then(|tpl| tpl.find_partition(&topic, p))
-                .and_then(|e| e.offset().to_raw())
-                .filter(|o| *o >= 0 && consistent);
-            let effective = stored.unwrap_or(low).max(position.unwrap_or(i64::MIN));
-            let lag = (high - effective).max(0);
-            metrics::record_lag(&topic, p, lag);
-            lags.push(PartitionLag {
-                partition: p,
-                position: effective.max(low),
-                end: high,
-                lag,
-            });
-            if lag > 0 {
-                caught_up = false;
-            }
-            if position.is_some()
-                && effective > stored.unwrap_or(i64::MIN)
-                && committed.get(&p) != Some(&effective)
-            {
-                let _ = to_commit.add_partition_offset(&topic, p, Offset::Offset(effective));
-                committed.insert(p, effective);
-            }
-        }
-        status.set_lags(lags);
-        if to_commit.count() > 0 {
-            let _ = consumer.commit(&to_commit, CommitMode::Async);
-        }
-        if caught_up && !status.ready.swap(true, Ordering::SeqCst) {
+        let Some(marks) = marks else { continue };
+        let round = measure_lags(&topic, &book, positions.as_ref(), marks);
+        status.set_lags(round.lags);
+        commit_positions(&consumer, &topic, &round.ahead_of_stored, &mut committed);
+        if round.caught_up && !status.ready.swap(true, Ordering::SeqCst) {
             tracing::info!("projection caught up: ready");
         }
+    }
+}
+
+/// The consumer's positions, if they can be trusted as "everything before is committed": the
+/// loop was idle and received nothing while they were read.
+fn settled_positions<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    status: &Status,
+) -> Option<TopicPartitionList> {
+    let before = status.received.load(Ordering::SeqCst);
+    let idle_before = status.idle.load(Ordering::SeqCst);
+    let positions = consumer.position().ok();
+    let settled = idle_before
+        && status.idle.load(Ordering::SeqCst)
+        && before == status.received.load(Ordering::SeqCst);
+    positions.filter(|_| settled)
+}
+
+/// One partition's watermarks, or why they could not be read.
+struct PartitionMarks {
+    partition: i32,
+    marks: Result<Watermarks, KafkaError>,
+}
+
+/// A partition's low and high watermarks.
+#[derive(Debug, Clone, Copy)]
+struct Watermarks {
+    low: i64,
+    high: i64,
+}
+
+/// The watermarks of `partitions` (off the async threads: the queries block). `None` if the
+/// query task failed.
+async fn fetch_watermarks(
+    client: Arc<BaseConsumer>,
+    topic: &str,
+    partitions: Vec<i32>,
+) -> Option<Vec<PartitionMarks>> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        partitions
+            .into_iter()
+            .map(|partition| PartitionMarks {
+                partition,
+                marks: client
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                    .map(|(low, high)| Watermarks { low, high }),
+            })
+            .collect()
+    })
+    .await
+    .ok()
+}
+
+/// What one monitor round measured.
+struct LagRound {
+    lags: Vec<PartitionLag>,
+    /// Partitions whose consumer position is past the stored offset (transaction markers):
+    /// the position to commit to Kafka for monitoring.
+    ahead_of_stored: Vec<(i32, i64)>,
+    caught_up: bool,
+}
+
+/// The lag of each partition from its watermarks, the stored offset and the settled position.
+fn measure_lags(
+    topic: &str,
+    book: &OffsetBook,
+    positions: Option<&TopicPartitionList>,
+    marks: Vec<PartitionMarks>,
+) -> LagRound {
+    let mut round = LagRound {
+        lags: Vec::with_capacity(marks.len()),
+        ahead_of_stored: Vec::new(),
+        caught_up: true,
+    };
+    for PartitionMarks { partition, marks } in marks {
+        let Ok(Watermarks { low, high }) = marks else {
+            round.caught_up = false;
+            continue;
+        };
+        let stored = book.stored(partition);
+        let position = positions
+            .and_then(|tpl| tpl.find_partition(topic, partition))
+            .and_then(|e| e.offset().to_raw())
+            .filter(|o| *o >= 0);
+        let effective = stored.unwrap_or(low).max(position.unwrap_or(i64::MIN));
+        let lag = (high - effective).max(0);
+        metrics::record_lag(topic, partition, lag);
+        round.lags.push(PartitionLag {
+            partition,
+            position: effective.max(low),
+            end: high,
+            lag,
+        });
+        if lag > 0 {
+            round.caught_up = false;
+        }
+        if position.is_some() && effective > stored.unwrap_or(i64::MIN) {
+            round.ahead_of_stored.push((partition, effective));
+        }
+    }
+    round
+}
+
+/// Commits positions to Kafka (monitoring only), each only once.
+fn commit_positions<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+    ahead_of_stored: &[(i32, i64)],
+    committed: &mut HashMap<i32, i64>,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, position) in ahead_of_stored {
+        if committed.get(partition) != Some(position) {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*position));
+            committed.insert(*partition, *position);
+        }
+    }
+    if tpl.count() > 0 {
+        let _ = consumer.commit(&tpl, CommitMode::Async);
     }
 }

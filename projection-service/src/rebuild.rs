@@ -227,13 +227,16 @@ pub async fn rebuild(
         match collect(&consumer, None, Duration::from_millis(200), &mut stop_rx).await {
             Collected::Shutdown => return Err(ServiceError::Interrupted),
             Collected::Idle => {}
-            Collected::Batch(batch, stop) => {
-                let batch: Vec<_> = batch
+            Collected::Batch {
+                messages,
+                then_stop,
+            } => {
+                let batch: Vec<_> = messages
                     .into_iter()
                     .filter(|m| ends.get(&m.partition).is_some_and(|end| m.offset < *end))
                     .collect();
                 let outcome = projector.process(&consumer, batch, &mut stop_rx).await?;
-                if stop || outcome.interrupted {
+                if then_stop || outcome.interrupted {
                     return Err(ServiceError::Interrupted);
                 }
                 report.messages += outcome.messages;
