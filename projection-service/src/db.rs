@@ -45,12 +45,16 @@ pub enum StoreError {
     /// Anything else (a bad schema, a bug): retrying will not help.
     #[error("database error: {0}")]
     Fatal(#[source] sqlx::Error),
+    /// A stored value is out of its range (a negative version, an unknown status): the tables
+    /// were changed by something else than this service. Retrying will not help.
+    #[error("invalid stored value: {0}")]
+    Invalid(String),
 }
 
 impl StoreError {
     /// Whether trying again may succeed.
     pub fn is_retriable(&self) -> bool {
-        !matches!(self, StoreError::Fatal(_))
+        !matches!(self, StoreError::Fatal(_) | StoreError::Invalid(_))
     }
 }
 
@@ -322,6 +326,17 @@ pub struct AccountView {
     pub updated_at: String,
 }
 
+/// Row counts of the live tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowCounts {
+    /// `accounts`.
+    pub accounts: i64,
+    /// `account_events`.
+    pub events: i64,
+    /// `parked_events`.
+    pub parked: i64,
+}
+
 /// Filters and cursor of `GET /accounts`.
 #[derive(Debug, Clone, Default)]
 pub struct AccountFilter {
@@ -366,20 +381,39 @@ pub fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
     })
 }
 
-fn status_from(text: &str) -> AccountStatus {
-    match text {
-        "active" => AccountStatus::Active,
-        "closed" => AccountStatus::Closed,
-        _ => AccountStatus::New,
-    }
+/// The columns of an accounts row, in the order every query selects and inserts them.
+const ACCOUNT_COLUMNS: &str =
+    "id, owner, currency, balance_minor, status, version, transaction_count, opened_at, updated_at";
+/// How many [`ACCOUNT_COLUMNS`] there are.
+const ACCOUNT_COLUMN_COUNT: usize = 9;
+
+/// A stored status text as the domain's status; an unknown text is an error.
+fn status_from(text: &str) -> StoreResult<AccountStatus> {
+    [
+        AccountStatus::New,
+        AccountStatus::Active,
+        AccountStatus::Closed,
+    ]
+    .into_iter()
+    .find(|s| s.as_str() == text)
+    .ok_or_else(|| StoreError::Invalid(format!("unknown account status `{text}`")))
 }
 
+/// A count or version for a `BIGINT` column (saturating: no count reaches `i64::MAX`).
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
+/// A `BIGINT` column that must not be negative, read by name.
+fn get_u64(row: &AnyRow, column: &str) -> StoreResult<u64> {
+    let n: i64 = row.try_get(column)?;
+    u64::try_from(n).map_err(|_| StoreError::Invalid(format!("{column} is negative: {n}")))
+}
+
+/// A `BIGINT` partition column, read by name.
+fn get_partition(row: &AnyRow, column: &str) -> StoreResult<i32> {
+    let n: i64 = row.try_get(column)?;
+    i32::try_from(n).map_err(|_| StoreError::Invalid(format!("{column} out of range: {n}")))
 }
 
 /// `($1,$2,…),($k+1,…)` for `rows` rows of `cols` columns.
@@ -584,13 +618,8 @@ impl Database {
         .fetch_all(executor)
         .await?;
         rows.iter()
-            .map(|r| {
-                let p: i64 = r.try_get(0)?;
-                let o: i64 = r.try_get(1)?;
-                Ok((i32::try_from(p).unwrap_or(i32::MAX), o))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .map(|r| Ok((get_partition(r, "partition")?, r.try_get("next_offset")?)))
+            .collect()
     }
 
     /// The stored offsets, outside any transaction.
@@ -608,9 +637,7 @@ impl Database {
         for chunk in ids.chunks(500) {
             let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
-                        opened_at, updated_at
-                 FROM {} WHERE id IN ({})",
+                "SELECT {ACCOUNT_COLUMNS} FROM {} WHERE id IN ({})",
                 tables.accounts,
                 list.join(",")
             );
@@ -660,15 +687,15 @@ impl Database {
             }
             for row in query.fetch_all(&mut **tx).await? {
                 out.push(ParkedRow {
-                    topic: row.try_get(0)?,
-                    partition: i32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0),
-                    offset: row.try_get(2)?,
-                    aggregate_id: row.try_get(3)?,
-                    version: to_u64(row.try_get(4)?),
-                    expected_version: to_u64(row.try_get(5)?),
-                    event_id: row.try_get(6)?,
-                    reason: row.try_get(7)?,
-                    envelope: row.try_get(8)?,
+                    topic: row.try_get("topic")?,
+                    partition: get_partition(&row, "partition")?,
+                    offset: row.try_get("source_offset")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    version: get_u64(&row, "version")?,
+                    expected_version: get_u64(&row, "expected_version")?,
+                    event_id: row.try_get("event_id")?,
+                    reason: row.try_get("reason")?,
+                    envelope: row.try_get("envelope")?,
                 });
             }
         }
@@ -712,15 +739,14 @@ impl Database {
         }
         for chunk in batch.accounts.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO {} (id, owner, currency, balance_minor, status, version,
-                    transaction_count, opened_at, updated_at) VALUES {}
+                "INSERT INTO {} ({ACCOUNT_COLUMNS}) VALUES {}
                  ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,
                     currency = excluded.currency, balance_minor = excluded.balance_minor,
                     status = excluded.status, version = excluded.version,
                     transaction_count = excluded.transaction_count,
                     opened_at = excluded.opened_at, updated_at = excluded.updated_at",
                 tables.accounts,
-                placeholders(chunk.len(), 9)
+                placeholders(chunk.len(), ACCOUNT_COLUMN_COUNT)
             );
             let mut query = sqlx::query(&sql);
             for a in chunk {
@@ -842,11 +868,9 @@ impl Database {
 
     /// The current state of an account.
     pub async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
-        let row = sqlx::query(
-            "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
-                    opened_at, updated_at
-             FROM accounts WHERE id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -913,9 +937,7 @@ impl Database {
         }
         let limit = next();
         let sql = format!(
-            "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
-                    opened_at, updated_at
-             FROM accounts {} ORDER BY id LIMIT {limit}",
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts {} ORDER BY id LIMIT {limit}",
             if conditions.is_empty() {
                 String::new()
             } else {
@@ -946,8 +968,8 @@ impl Database {
         .await?)
     }
 
-    /// Row counts of the live tables: (accounts, account_events, parked_events).
-    pub async fn counts(&self) -> StoreResult<(i64, i64, i64)> {
+    /// Row counts of the live tables.
+    pub async fn counts(&self) -> StoreResult<RowCounts> {
         let count = |table: &'static str| {
             let pool = self.pool.clone();
             async move {
@@ -956,52 +978,69 @@ impl Database {
                     .await
             }
         };
-        Ok((
-            count("accounts").await?,
-            count("account_events").await?,
-            count("parked_events").await?,
-        ))
+        Ok(RowCounts {
+            accounts: count("accounts").await?,
+            events: count("account_events").await?,
+            parked: count("parked_events").await?,
+        })
     }
 }
 
-const HISTORY_SELECT: &str = "SELECT e.aggregate_id, a.owner, a.currency, e.balance_minor,
-        e.status, e.version, e.transaction_count, a.opened_at, e.\"timestamp\"
+/// An account as of one of its events, with the columns named as in [`ACCOUNT_COLUMNS`].
+const HISTORY_SELECT: &str = "SELECT e.aggregate_id AS id, a.owner AS owner,
+        a.currency AS currency, e.balance_minor AS balance_minor, e.status AS status,
+        e.version AS version, e.transaction_count AS transaction_count,
+        a.opened_at AS opened_at, e.\"timestamp\" AS updated_at
      FROM account_events e JOIN accounts a ON a.id = e.aggregate_id";
 
+/// An accounts row ([`ACCOUNT_COLUMNS`]) as the projector's state.
 fn stored_account(row: &AnyRow) -> StoreResult<StoredAccount> {
-    let status: String = row.try_get(4)?;
+    let status: String = row.try_get("status")?;
     Ok(StoredAccount {
-        id: row.try_get(0)?,
+        id: row.try_get("id")?,
         state: BankAccount {
-            owner: row.try_get(1)?,
-            currency: row.try_get(2)?,
-            balance_minor: row.try_get(3)?,
-            status: status_from(&status),
-            version: to_u64(row.try_get(5)?),
-            transaction_count: to_u64(row.try_get(6)?),
+            owner: row.try_get("owner")?,
+            currency: row.try_get("currency")?,
+            balance_minor: row.try_get("balance_minor")?,
+            status: status_from(&status)?,
+            version: get_u64(row, "version")?,
+            transaction_count: get_u64(row, "transaction_count")?,
         },
-        opened_at: row.try_get(7)?,
-        updated_at: row.try_get(8)?,
+        opened_at: row.try_get("opened_at")?,
+        updated_at: row.try_get("updated_at")?,
     })
 }
 
+/// An accounts row ([`ACCOUNT_COLUMNS`], or [`HISTORY_SELECT`]) as the API shows it.
 fn account_view(row: &AnyRow) -> StoreResult<AccountView> {
+    let status: String = row.try_get("status")?;
     Ok(AccountView {
-        id: row.try_get(0)?,
-        owner: row.try_get(1)?,
-        currency: row.try_get(2)?,
-        balance_minor: row.try_get(3)?,
-        status: row.try_get(4)?,
-        version: to_u64(row.try_get(5)?),
-        transaction_count: to_u64(row.try_get(6)?),
-        opened_at: row.try_get(7)?,
-        updated_at: row.try_get(8)?,
+        id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
+        currency: row.try_get("currency")?,
+        balance_minor: row.try_get("balance_minor")?,
+        status: status_from(&status)?.as_str().to_owned(),
+        version: get_u64(row, "version")?,
+        transaction_count: get_u64(row, "transaction_count")?,
+        opened_at: row.try_get("opened_at")?,
+        updated_at: row.try_get("updated_at")?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_values_out_of_range_are_errors() {
+        assert!(matches!(status_from("frozen"), Err(StoreError::Invalid(_))));
+        assert_eq!(status_from("closed").ok(), Some(AccountStatus::Closed));
+        assert_eq!(
+            ACCOUNT_COLUMNS.split(',').count(),
+            ACCOUNT_COLUMN_COUNT,
+            "the count follows the list"
+        );
+    }
 
     #[test]
     fn placeholders_number_every_column() {
