@@ -710,7 +710,19 @@ impl Database {
         topic: &str,
         batch: &BatchWrite,
     ) -> StoreResult<()> {
-        for chunk in batch.events.chunks(ROWS_PER_INSERT) {
+        Self::insert_events(tx, tables, &batch.events).await?;
+        Self::upsert_accounts(tx, tables, &batch.accounts).await?;
+        Self::insert_parked(tx, tables, &batch.parked).await?;
+        Self::delete_unparked(tx, tables, &batch.unpark).await?;
+        Self::advance_offsets(tx, tables, topic, &batch.offsets).await
+    }
+
+    async fn insert_events(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        events: &[EventRow],
+    ) -> StoreResult<()> {
+        for chunk in events.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\",
                     timestamp_ns, data, envelope, balance_minor, status, transaction_count,
@@ -737,7 +749,15 @@ impl Database {
             }
             query.execute(&mut **tx).await?;
         }
-        for chunk in batch.accounts.chunks(ROWS_PER_INSERT) {
+        Ok(())
+    }
+
+    async fn upsert_accounts(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        accounts: &[StoredAccount],
+    ) -> StoreResult<()> {
+        for chunk in accounts.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO {} ({ACCOUNT_COLUMNS}) VALUES {}
                  ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,
@@ -763,7 +783,15 @@ impl Database {
             }
             query.execute(&mut **tx).await?;
         }
-        for chunk in batch.parked.chunks(ROWS_PER_INSERT) {
+        Ok(())
+    }
+
+    async fn insert_parked(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        parked: &[ParkedRow],
+    ) -> StoreResult<()> {
+        for chunk in parked.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO {} (topic, \"partition\", source_offset, aggregate_id, version,
                     expected_version, event_id, reason, envelope, parked_at) VALUES {}
@@ -788,10 +816,19 @@ impl Database {
             }
             query.execute(&mut **tx).await?;
         }
+        Ok(())
+    }
+
+    /// Deletes parked events that were applied or became duplicates.
+    async fn delete_unparked(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        unpark: &[Unpark],
+    ) -> StoreResult<()> {
         for Unpark {
             aggregate_id: id,
             through_version: version,
-        } in &batch.unpark
+        } in unpark
         {
             sqlx::query(&format!(
                 "DELETE FROM {} WHERE aggregate_id = $1 AND version <= $2",
@@ -802,11 +839,21 @@ impl Database {
             .execute(&mut **tx)
             .await?;
         }
+        Ok(())
+    }
+
+    /// Compare-and-sets each partition's next offset.
+    async fn advance_offsets(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        topic: &str,
+        offsets: &[OffsetAdvance],
+    ) -> StoreResult<()> {
         for OffsetAdvance {
             partition,
             expected,
             next,
-        } in &batch.offsets
+        } in offsets
         {
             let done = match expected {
                 Some(expected) => sqlx::query(&format!(

@@ -128,12 +128,7 @@ pub async fn run(
     let book = Arc::new(OffsetBook::new(db.offsets(&Tables::live(), &topic).await?));
     let status = Arc::new(Status::default());
     let metrics_handle = metrics::handle();
-
-    let consumer: StreamConsumer<ProjectionContext> =
-        consumer_config(&settings, &group_id(&settings))
-            .create_with_context(ProjectionContext::new(topic.clone(), book.clone()))?;
-    consumer.subscribe(&[&topic])?;
-    let consumer = Arc::new(consumer);
+    let consumer = subscribe(&settings, &topic, &book)?;
     let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
     let projector = Projector::live(
         db.clone(),
@@ -143,16 +138,7 @@ pub async fn run(
         book.clone(),
         status.clone(),
     );
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    {
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
-    }
+    let (stop_tx, stop_rx) = stop_channel(shutdown);
     let app = http::router(http::AppState {
         db: db.clone(),
         status: status.clone(),
@@ -163,21 +149,8 @@ pub async fn run(
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %topic, database = %redact(&settings.projection_database_url), "projection-service started");
-    let mut http_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
-    let watermarks: Arc<BaseConsumer> = Arc::new(
-        settings
-            .kafka
-            .client_config()
-            .create()
-            .map_err(ServiceError::Kafka)?,
-    );
+    let server = spawn_server(listener, app, stop_rx.clone());
+    let watermarks: Arc<BaseConsumer> = Arc::new(settings.kafka.client_config().create()?);
     let dead_letter_count = tokio::spawn(dlq::count_monitor(
         watermarks.clone(),
         topics.events_dlq(),
@@ -212,6 +185,50 @@ pub async fn run(
         Ok(r) => r.map_err(ServiceError::Http),
         Err(join) => Err(ServiceError::Http(std::io::Error::other(join))),
     }
+}
+
+/// The live consumer, a member of [`group_id`], subscribed to `topic`; its partitions are
+/// assigned at the offsets in `book`.
+fn subscribe(
+    settings: &Settings,
+    topic: &str,
+    book: &Arc<OffsetBook>,
+) -> Result<Arc<StreamConsumer<ProjectionContext>>, ServiceError> {
+    let consumer: StreamConsumer<ProjectionContext> =
+        consumer_config(settings, &group_id(settings))
+            .create_with_context(ProjectionContext::new(topic.to_owned(), book.clone()))?;
+    consumer.subscribe(&[topic])?;
+    Ok(Arc::new(consumer))
+}
+
+/// A stop signal every task watches: set when `shutdown` resolves, or by whoever holds the
+/// sender.
+fn stop_channel(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (Arc<watch::Sender<bool>>, watch::Receiver<bool>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_shutdown = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = on_shutdown.send(true);
+    });
+    (stop_tx, stop_rx)
+}
+
+/// Serves `app` on `listener` until the stop signal, then drains.
+fn spawn_server(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    })
 }
 
 /// The URL without its password, for logs.

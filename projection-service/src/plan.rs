@@ -121,158 +121,198 @@ struct Pending {
 pub fn plan_batch(
     topic: &str,
     messages: &[Incoming],
-    mut accounts: HashMap<String, StoredAccount>,
+    accounts: HashMap<String, StoredAccount>,
     parked: Vec<ParkedRow>,
 ) -> Plan {
-    let mut plan = Plan::default();
-    let mut pending: HashMap<String, BTreeMap<u64, Pending>> = HashMap::new();
-    for row in parked {
-        pending
-            .entry(row.aggregate_id.clone())
-            .or_default()
-            .entry(row.version)
-            .or_insert(Pending {
-                row,
-                stored: true,
-                refused: false,
-            });
-    }
-    let mut dirty: Vec<String> = Vec::new();
-
+    let mut planner = Planner::new(topic, accounts, parked);
     for msg in messages {
+        planner.take(msg);
+    }
+    planner.finish()
+}
+
+/// The state of planning one batch, message by message.
+struct Planner<'a> {
+    topic: &'a str,
+    plan: Plan,
+    accounts: HashMap<String, StoredAccount>,
+    /// Parked events per account by version: stored ones and those parked in this batch.
+    pending: HashMap<String, BTreeMap<u64, Pending>>,
+    /// Accounts changed by the batch, in first-changed order.
+    dirty: Vec<String>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        topic: &'a str,
+        accounts: HashMap<String, StoredAccount>,
+        parked: Vec<ParkedRow>,
+    ) -> Self {
+        let mut pending: HashMap<String, BTreeMap<u64, Pending>> = HashMap::new();
+        for row in parked {
+            pending
+                .entry(row.aggregate_id.clone())
+                .or_default()
+                .entry(row.version)
+                .or_insert(Pending {
+                    row,
+                    stored: true,
+                    refused: false,
+                });
+        }
+        Planner {
+            topic,
+            plan: Plan::default(),
+            accounts,
+            pending,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Decides one message: dead-letter, duplicate, park or apply (then unpark what follows).
+    fn take(&mut self, msg: &Incoming) {
         let envelope = match &msg.decoded {
             Ok(envelope) => envelope,
             Err(error) => {
-                plan.dead_letters.push(DeadLetter::of(
-                    msg,
-                    Refusal::new(error.into(), error.to_string()),
-                ));
-                continue;
+                let refusal = Refusal::new(error.into(), error.to_string());
+                self.plan.dead_letters.push(DeadLetter::of(msg, refusal));
+                return;
             }
         };
         let id = envelope.aggregate_id.clone();
-        let account = accounts.entry(id.clone()).or_insert_with(|| StoredAccount {
-            id: id.clone(),
-            state: BankAccount::default(),
-            opened_at: String::new(),
-            updated_at: String::new(),
-        });
+        let account = self
+            .accounts
+            .entry(id.clone())
+            .or_insert_with(|| StoredAccount {
+                id: id.clone(),
+                state: BankAccount::default(),
+                opened_at: String::new(),
+                updated_at: String::new(),
+            });
         let stored = account.state.version;
         if envelope.version <= stored {
-            plan.duplicates += 1;
-            continue;
+            self.plan.duplicates += 1;
+            return;
         }
         if envelope.version > stored + 1 {
-            tracing::error!(
-                aggregate_id = %id,
-                version = envelope.version,
-                expected = stored + 1,
-                partition = msg.partition,
-                offset = msg.offset,
-                "version gap: event parked, not applied"
-            );
-            plan.parked += 1;
-            let row = ParkedRow {
-                topic: topic.to_owned(),
-                partition: msg.partition,
-                offset: msg.offset,
-                aggregate_id: id.clone(),
-                version: envelope.version,
-                expected_version: stored + 1,
-                event_id: envelope.event_id.to_string(),
-                reason: format!(
-                    "version gap: got {}, expected {}",
-                    envelope.version,
-                    stored + 1
-                ),
-                envelope: serde_json::to_string(envelope).unwrap_or_default(),
-            };
-            pending
-                .entry(id.clone())
-                .or_default()
-                .entry(envelope.version)
-                .or_insert(Pending {
-                    row,
-                    stored: false,
-                    refused: false,
-                });
-            continue;
+            self.park(msg, envelope, stored + 1);
+            return;
         }
         match apply_one(account, envelope, msg.partition, msg.offset) {
             Ok(row) => {
-                plan.write.events.push(row);
-                plan.applied += 1;
+                self.plan.write.events.push(row);
+                self.plan.applied += 1;
             }
             Err(refusal) => {
-                plan.dead_letters.push(DeadLetter::of(msg, refusal));
-                continue;
+                self.plan.dead_letters.push(DeadLetter::of(msg, refusal));
+                return;
             }
         }
-        // Parked events that now follow on.
-        if let Some(waiting) = pending.get_mut(&id) {
-            while let Some(next) = waiting.get_mut(&(account.state.version + 1)) {
-                if next.refused {
-                    break;
-                }
-                let envelope: Result<EventEnvelope, _> = serde_json::from_str(&next.row.envelope);
-                let outcome = match envelope {
-                    Ok(envelope) => {
-                        apply_one(account, &envelope, next.row.partition, next.row.offset)
-                    }
-                    Err(e) => Err(Refusal::new(DeadLetterCode::InvalidEnvelope, e.to_string())),
-                };
-                match outcome {
-                    Ok(row) => {
-                        plan.write.events.push(row);
-                        plan.applied += 1;
-                        plan.unparked += 1;
-                    }
-                    Err(Refusal { code, message }) => {
-                        plan.dead_letters.push(DeadLetter {
-                            partition: next.row.partition,
-                            offset: next.row.offset,
-                            key: Some(id.clone().into_bytes()),
-                            payload: Some(next.row.envelope.clone().into_bytes()),
-                            headers: None,
-                            code,
-                            message,
-                        });
-                        // Leave it parked (it is in the DLQ too) and stop the chain.
-                        next.refused = true;
-                        break;
-                    }
-                }
-            }
-        }
-        if !dirty.contains(&id) {
-            dirty.push(id);
+        self.apply_parked_followers(&id);
+        if !self.dirty.contains(&id) {
+            self.dirty.push(id);
         }
     }
 
-    for (id, waiting) in pending {
-        let version = accounts.get(&id).map(|a| a.state.version).unwrap_or(0);
-        let mut resolved_stored = false;
-        for (v, p) in waiting {
-            if v <= version {
-                resolved_stored |= p.stored;
-            } else if !p.stored {
-                plan.write.parked.push(p.row);
+    /// Keeps an event aside behind a version gap.
+    fn park(&mut self, msg: &Incoming, envelope: &EventEnvelope, expected: u64) {
+        let id = &envelope.aggregate_id;
+        tracing::error!(
+            aggregate_id = %id,
+            version = envelope.version,
+            expected,
+            partition = msg.partition,
+            offset = msg.offset,
+            "version gap: event parked, not applied"
+        );
+        self.plan.parked += 1;
+        let row = ParkedRow {
+            topic: self.topic.to_owned(),
+            partition: msg.partition,
+            offset: msg.offset,
+            aggregate_id: id.clone(),
+            version: envelope.version,
+            expected_version: expected,
+            event_id: envelope.event_id.to_string(),
+            reason: format!("version gap: got {}, expected {expected}", envelope.version),
+            envelope: serde_json::to_string(envelope).unwrap_or_default(),
+        };
+        self.pending
+            .entry(id.clone())
+            .or_default()
+            .entry(envelope.version)
+            .or_insert(Pending {
+                row,
+                stored: false,
+                refused: false,
+            });
+    }
+
+    /// Applies the parked events of `id` that now follow on, in version order, until one is
+    /// missing or refused (a refused one is dead-lettered, stays parked and ends the chain).
+    fn apply_parked_followers(&mut self, id: &str) {
+        let (Some(account), Some(waiting)) = (self.accounts.get_mut(id), self.pending.get_mut(id))
+        else {
+            return;
+        };
+        while let Some(next) = waiting.get_mut(&(account.state.version + 1)) {
+            if next.refused {
+                break;
+            }
+            let outcome = match serde_json::from_str::<EventEnvelope>(&next.row.envelope) {
+                Ok(envelope) => apply_one(account, &envelope, next.row.partition, next.row.offset),
+                Err(e) => Err(Refusal::new(DeadLetterCode::InvalidEnvelope, e.to_string())),
+            };
+            match outcome {
+                Ok(row) => {
+                    self.plan.write.events.push(row);
+                    self.plan.applied += 1;
+                    self.plan.unparked += 1;
+                }
+                Err(Refusal { code, message }) => {
+                    self.plan.dead_letters.push(DeadLetter {
+                        partition: next.row.partition,
+                        offset: next.row.offset,
+                        key: Some(id.as_bytes().to_vec()),
+                        payload: Some(next.row.envelope.clone().into_bytes()),
+                        headers: None,
+                        code,
+                        message,
+                    });
+                    next.refused = true;
+                    break;
+                }
             }
         }
-        if resolved_stored {
-            plan.write.unpark.push(Unpark {
-                aggregate_id: id,
-                through_version: version,
-            });
-        }
     }
-    for id in dirty {
-        if let Some(account) = accounts.remove(&id) {
-            plan.versions.insert(id, account.state.version);
-            plan.write.accounts.push(account);
+
+    /// The rows to write: new parked events, resolved parked ones, changed accounts.
+    fn finish(mut self) -> Plan {
+        for (id, waiting) in self.pending {
+            let version = self.accounts.get(&id).map_or(0, |a| a.state.version);
+            let mut resolved_stored = false;
+            for (v, p) in waiting {
+                if v <= version {
+                    resolved_stored |= p.stored;
+                } else if !p.stored {
+                    self.plan.write.parked.push(p.row);
+                }
+            }
+            if resolved_stored {
+                self.plan.write.unpark.push(Unpark {
+                    aggregate_id: id,
+                    through_version: version,
+                });
+            }
         }
+        for id in self.dirty {
+            if let Some(account) = self.accounts.remove(&id) {
+                self.plan.versions.insert(id, account.state.version);
+                self.plan.write.accounts.push(account);
+            }
+        }
+        self.plan
     }
-    plan
 }
 
 /// Applies one event to an account, returning the history row, or a dead-letter reason.
