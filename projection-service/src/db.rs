@@ -92,7 +92,7 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Result alias of this module.
-pub type StoreResult<T> = Result<T, StoreError>;
+pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
 /// The names of one set of read-model tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +123,7 @@ impl Tables {
     }
 
     /// The tables a rebuild fills before swapping them in.
-    pub fn rebuild() -> Self {
+    pub(crate) fn rebuild() -> Self {
         Self::with_suffix("_rebuild")
     }
 
@@ -205,7 +205,7 @@ impl Tables {
 
 /// One account as stored: the folded domain state plus what the read model adds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredAccount {
+pub(crate) struct StoredAccount {
     /// Account id (the aggregate id).
     pub id: String,
     /// The folded state.
@@ -218,7 +218,7 @@ pub struct StoredAccount {
 
 /// One applied event, as written to the events table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventRow {
+pub(crate) struct EventRow {
     /// The account.
     pub aggregate_id: String,
     /// Its version.
@@ -247,7 +247,7 @@ pub struct EventRow {
 
 /// An event kept aside because its version is ahead of the stored one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParkedRow {
+pub(crate) struct ParkedRow {
     /// Where it was read from.
     pub topic: String,
     /// Where it was read from.
@@ -270,7 +270,7 @@ pub struct ParkedRow {
 
 /// Everything one batch writes, in one transaction.
 #[derive(Debug, Default)]
-pub struct BatchWrite {
+pub(crate) struct BatchWrite {
     /// Applied events.
     pub events: Vec<EventRow>,
     /// Final state of every account the batch changed.
@@ -285,7 +285,7 @@ pub struct BatchWrite {
 
 /// Parked events of an account that are resolved: every one up to `through_version` goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unpark {
+pub(crate) struct Unpark {
     /// The account.
     pub aggregate_id: String,
     /// Its version now; parked events at or below it are applied or duplicates.
@@ -294,7 +294,7 @@ pub struct Unpark {
 
 /// A compare-and-set of one partition's stored next offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OffsetAdvance {
+pub(crate) struct OffsetAdvance {
     /// Partition of the events topic.
     pub partition: i32,
     /// The stored offset this process last saw (`None`: no row yet).
@@ -305,7 +305,7 @@ pub struct OffsetAdvance {
 
 /// An account as of some point, as the HTTP API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountView {
+pub(crate) struct AccountView {
     /// Account id.
     pub id: String,
     /// Holder.
@@ -339,7 +339,7 @@ pub struct RowCounts {
 
 /// Filters and cursor of `GET /accounts`.
 #[derive(Debug, Clone, Default)]
-pub struct AccountFilter {
+pub(crate) struct AccountFilter {
     /// `active` / `closed`.
     pub status: Option<String>,
     /// Exact owner.
@@ -354,7 +354,7 @@ pub struct AccountFilter {
 
 /// `%text%` for `LOWER(column) LIKE … ESCAPE '\'`, lower-cased, with `%`, `_` and `\` taken
 /// literally.
-pub fn contains_pattern(text: &str) -> String {
+pub(crate) fn contains_pattern(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('%');
     for c in text.chars() {
@@ -368,12 +368,12 @@ pub fn contains_pattern(text: &str) -> String {
 }
 
 /// A timestamp as RFC 3339 text (UTC, `Z`, as many fraction digits as needed).
-pub fn format_ts(ts: &DateTime<Utc>) -> String {
+pub(crate) fn format_ts(ts: &DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// Nanoseconds since the epoch, saturating outside 1677–2262 (the range an `i64` holds).
-pub fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
+pub(crate) fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
     ts.timestamp_nanos_opt().unwrap_or(if ts.timestamp() > 0 {
         i64::MAX
     } else {
@@ -500,7 +500,7 @@ impl Database {
 
     /// Begins a write transaction (`BEGIN IMMEDIATE` on SQLite, so that a read-then-write
     /// transaction never fails to upgrade its lock).
-    pub async fn begin_write(&self) -> StoreResult<Transaction<'static, Any>> {
+    pub(crate) async fn begin_write(&self) -> StoreResult<Transaction<'static, Any>> {
         Ok(match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
@@ -560,7 +560,7 @@ impl Database {
     }
 
     /// Drops and re-creates a table set (for a rebuild). `tag` makes index names unique.
-    pub async fn recreate_tables(&self, tables: &Tables, tag: &str) -> StoreResult<()> {
+    pub(crate) async fn recreate_tables(&self, tables: &Tables, tag: &str) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
         for table in tables.all() {
             tx.execute(format!("DROP TABLE IF EXISTS {table}").as_str())
@@ -575,7 +575,7 @@ impl Database {
 
     /// Renames `from` into the live names in one transaction and drops the previous live tables.
     /// Readers keep querying by name and see either the old or the new set, never a mix.
-    pub async fn swap_in(&self, from: &Tables, tag: &str) -> StoreResult<()> {
+    pub(crate) async fn swap_in(&self, from: &Tables, tag: &str) -> StoreResult<()> {
         let live = Tables::live();
         let retired = Tables::with_suffix(&format!("_retired_{tag}"));
         let mut tx = self.begin_write().await?;
@@ -602,7 +602,7 @@ impl Database {
     }
 
     /// The stored next offsets of `topic`, per partition.
-    pub async fn load_offsets<'e, E>(
+    pub(crate) async fn load_offsets<'e, E>(
         executor: E,
         tables: &Tables,
         topic: &str,
@@ -628,7 +628,7 @@ impl Database {
     }
 
     /// The current state of the given accounts (missing ids are simply absent).
-    pub async fn load_accounts(
+    pub(crate) async fn load_accounts(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         ids: &[&str],
@@ -654,7 +654,7 @@ impl Database {
     }
 
     /// Number of parked events (cheap check before loading any).
-    pub async fn parked_count(
+    pub(crate) async fn parked_count(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
     ) -> StoreResult<i64> {
@@ -666,7 +666,7 @@ impl Database {
     }
 
     /// Parked events of the given accounts.
-    pub async fn load_parked(
+    pub(crate) async fn load_parked(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         ids: &[&str],
@@ -704,7 +704,7 @@ impl Database {
 
     /// Writes a batch. Offsets are compare-and-set: if a partition's stored offset is not the
     /// expected one, nothing is written and [`StoreError::Conflict`] names the partition.
-    pub async fn write_batch(
+    pub(crate) async fn write_batch(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         topic: &str,
@@ -890,7 +890,7 @@ impl Database {
     }
 
     /// Sets offsets without a compare (the end of a rebuild).
-    pub async fn force_offsets(
+    pub(crate) async fn force_offsets(
         &self,
         tables: &Tables,
         topic: &str,
@@ -914,7 +914,7 @@ impl Database {
     }
 
     /// The current state of an account.
-    pub async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
+    pub(crate) async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
         let row = sqlx::query(&format!(
             "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
         ))
@@ -925,7 +925,7 @@ impl Database {
     }
 
     /// The state of an account right after version `version`.
-    pub async fn account_at_version(
+    pub(crate) async fn account_at_version(
         &self,
         id: &str,
         version: u64,
@@ -941,7 +941,7 @@ impl Database {
     }
 
     /// The state of an account after the highest version whose timestamp is at or before `at`.
-    pub async fn account_as_of(
+    pub(crate) async fn account_as_of(
         &self,
         id: &str,
         at: &DateTime<Utc>,
@@ -958,7 +958,10 @@ impl Database {
     }
 
     /// A page of accounts ordered by id.
-    pub async fn list_accounts(&self, filter: &AccountFilter) -> StoreResult<Vec<AccountView>> {
+    pub(crate) async fn list_accounts(
+        &self,
+        filter: &AccountFilter,
+    ) -> StoreResult<Vec<AccountView>> {
         let mut conditions = Vec::new();
         let mut n = 0;
         let mut next = || {
@@ -1006,7 +1009,7 @@ impl Database {
     }
 
     /// An account's events (envelope JSON text at the current schema version), oldest first.
-    pub async fn events(&self, id: &str) -> StoreResult<Vec<String>> {
+    pub(crate) async fn events(&self, id: &str) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT envelope FROM account_events WHERE aggregate_id = $1 ORDER BY version",
         )

@@ -16,10 +16,10 @@
 //! [`rebuild::rebuild`]). Tests call [`run`] in-process with a listener on port 0.
 
 pub mod db;
-pub mod dlq;
-pub mod http;
-pub mod metrics;
-pub mod plan;
+pub(crate) mod dlq;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod plan;
 pub mod projector;
 pub mod rebuild;
 

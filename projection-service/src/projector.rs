@@ -44,9 +44,9 @@ use crate::metrics;
 use crate::plan::{DeadLetter, Incoming, Plan, plan_batch};
 
 /// Most messages per batch.
-pub const MAX_BATCH: usize = 500;
+pub(crate) const MAX_BATCH: usize = 500;
 /// How long a batch waits for more messages after its first.
-pub const BATCH_LINGER: Duration = Duration::from_millis(50);
+pub(crate) const BATCH_LINGER: Duration = Duration::from_millis(50);
 /// How long the loop waits for a first message before doing its idle chores.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -64,13 +64,13 @@ pub enum ProjectorError {
 /// What this process believes the database holds as next offsets, plus the current
 /// assignment. Shared by the loop, the rebalance callback and the lag monitor.
 #[derive(Debug, Default)]
-pub struct OffsetBook {
+pub(crate) struct OffsetBook {
     inner: Mutex<BookInner>,
 }
 
 /// The partitions a consumer holds right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
+pub(crate) struct Assignment {
     /// Assigned partitions, ascending.
     pub partitions: Vec<i32>,
     /// Whether any assignment happened yet (before it, no lag can be measured).
@@ -86,7 +86,7 @@ struct BookInner {
 
 impl OffsetBook {
     /// A book starting from the offsets read from the database.
-    pub fn new(stored: HashMap<i32, i64>) -> Self {
+    pub(crate) fn new(stored: HashMap<i32, i64>) -> Self {
         OffsetBook {
             inner: Mutex::new(BookInner {
                 stored,
@@ -100,7 +100,7 @@ impl OffsetBook {
     }
 
     /// The stored next offset of a partition (`None`: nothing stored yet, start at the beginning).
-    pub fn stored(&self, partition: i32) -> Option<i64> {
+    pub(crate) fn stored(&self, partition: i32) -> Option<i64> {
         self.lock().stored.get(&partition).copied()
     }
 
@@ -113,7 +113,7 @@ impl OffsetBook {
     }
 
     /// Partitions currently assigned, and whether any assignment happened yet.
-    pub fn assignment(&self) -> Assignment {
+    pub(crate) fn assignment(&self) -> Assignment {
         let inner = self.lock();
         Assignment {
             partitions: inner.assigned.iter().copied().collect(),
@@ -141,7 +141,7 @@ impl OffsetBook {
 
 /// Progress signals shared with the HTTP side.
 #[derive(Debug)]
-pub struct Status {
+pub(crate) struct Status {
     /// Caught up at least once since start (`GET /ready`).
     pub ready: AtomicBool,
     /// Bumped after every commit; `?min_version` waits on it.
@@ -167,7 +167,7 @@ impl Default for Status {
 
 /// The lag of one assigned partition as the last [`monitor`] round measured it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct PartitionLag {
+pub(crate) struct PartitionLag {
     /// Partition of the events topic.
     pub partition: i32,
     /// The next offset the projection will read (stored, or the consumer's position).
@@ -180,7 +180,7 @@ pub struct PartitionLag {
 
 impl Status {
     /// The lag of each assigned partition, by partition (empty before the first assignment).
-    pub fn lags(&self) -> Vec<PartitionLag> {
+    pub(crate) fn lags(&self) -> Vec<PartitionLag> {
         self.lags
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -193,7 +193,7 @@ impl Status {
 
     /// Messages in the dead-letter topic (`None` until first counted, see
     /// [`crate::dlq::count_monitor`]).
-    pub fn dead_letters(&self) -> Option<i64> {
+    pub(crate) fn dead_letters(&self) -> Option<i64> {
         *self
             .dead_letters
             .lock()
@@ -201,7 +201,7 @@ impl Status {
     }
 
     /// Records the dead-letter count.
-    pub fn set_dead_letters(&self, count: Option<i64>) {
+    pub(crate) fn set_dead_letters(&self, count: Option<i64>) {
         *self
             .dead_letters
             .lock()
@@ -210,14 +210,14 @@ impl Status {
 }
 
 /// Consumer context that assigns partitions at the offsets stored in the database.
-pub struct ProjectionContext {
+pub(crate) struct ProjectionContext {
     topic: String,
     book: Arc<OffsetBook>,
 }
 
 impl ProjectionContext {
     /// A context for `topic` reading offsets from `book`.
-    pub fn new(topic: String, book: Arc<OffsetBook>) -> Self {
+    pub(crate) fn new(topic: String, book: Arc<OffsetBook>) -> Self {
         ProjectionContext { topic, book }
     }
 }
@@ -289,7 +289,7 @@ impl ConsumerContext for ProjectionContext {
 
 /// One consumed message, owned.
 #[derive(Debug, Clone)]
-pub struct RawMessage {
+pub(crate) struct RawMessage {
     /// Partition.
     pub partition: i32,
     /// Offset.
@@ -304,7 +304,7 @@ pub struct RawMessage {
 
 impl RawMessage {
     /// Copies a borrowed message.
-    pub fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
+    pub(crate) fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
         RawMessage {
             partition: m.partition(),
             offset: m.offset(),
@@ -317,7 +317,7 @@ impl RawMessage {
 
 /// What [`collect`] found.
 #[derive(Debug)]
-pub enum Collected {
+pub(crate) enum Collected {
     /// Messages to process.
     Batch {
         /// The messages, in arrival order.
@@ -333,7 +333,7 @@ pub enum Collected {
 
 /// Waits for a first message (up to `idle`), then gathers more for [`BATCH_LINGER`] or until
 /// [`MAX_BATCH`].
-pub async fn collect<C: ConsumerContext + 'static>(
+pub(crate) async fn collect<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     status: Option<&Status>,
     idle: Duration,
@@ -394,7 +394,7 @@ pub async fn collect<C: ConsumerContext + 'static>(
 
 /// What one processed batch amounted to.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct BatchOutcome {
+pub(crate) struct BatchOutcome {
     /// Events applied.
     pub applied: u64,
     /// Duplicates skipped.
@@ -411,7 +411,7 @@ pub struct BatchOutcome {
 
 /// What a projector is for; decides what it does besides writing its tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// The service's own projection: a member of the live consumer group, writing the live
     /// tables; after each commit it also commits the offsets to Kafka so that standard tools
     /// show the group's lag.
@@ -443,7 +443,7 @@ fn next_offsets(messages: &[Incoming]) -> HashMap<i32, i64> {
 }
 
 /// Projects batches into one set of tables.
-pub struct Projector {
+pub(crate) struct Projector {
     db: Database,
     tables: Tables,
     mode: Mode,
@@ -482,7 +482,7 @@ async fn sleep_unless_stopped(d: Duration, shutdown: &mut watch::Receiver<bool>)
 impl Projector {
     /// The live projection: writes the live tables, reports to `status` and commits its
     /// offsets to Kafka too (for monitoring).
-    pub fn live(
+    pub(crate) fn live(
         db: Database,
         topic: String,
         codec: Arc<EventCodec>,
@@ -503,7 +503,7 @@ impl Projector {
     }
 
     /// A rebuild's projector: writes `tables` and commits nothing to Kafka.
-    pub fn rebuild(
+    pub(crate) fn rebuild(
         db: Database,
         tables: Tables,
         topic: String,
@@ -521,16 +521,6 @@ impl Projector {
             book,
             status: Arc::new(Status::default()),
         }
-    }
-
-    /// What this projector is for.
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
-    /// The offset book.
-    pub fn book(&self) -> &Arc<OffsetBook> {
-        &self.book
     }
 
     /// Decodes, retrying while the schema registry is unreachable. `None` on shutdown.
@@ -600,7 +590,7 @@ impl Projector {
     /// Applies one batch: plan, write with offsets, dead-letter, commit. Transient failures are
     /// retried with backoff; a moved stored offset makes the partition seek to it and its
     /// messages are dropped from the batch (they will be read again from there).
-    pub async fn process<C: ConsumerContext + 'static>(
+    pub(crate) async fn process<C: ConsumerContext + 'static>(
         &self,
         consumer: &StreamConsumer<C>,
         batch: Vec<RawMessage>,
@@ -780,7 +770,7 @@ impl Projector {
 
     /// Re-reads the stored offsets of `partitions` and seeks every partition whose stored
     /// offset differs from the book. Returns the partitions that moved.
-    pub async fn resync<C: ConsumerContext + 'static>(
+    pub(crate) async fn resync<C: ConsumerContext + 'static>(
         &self,
         consumer: &StreamConsumer<C>,
         partitions: impl IntoIterator<Item = i32>,
@@ -815,7 +805,7 @@ impl Projector {
 
     /// The live loop: until shutdown, collect and process batches; while idle, pick up offsets
     /// moved by a rebuild. On shutdown the current batch is finished and committed.
-    pub async fn run(
+    pub(crate) async fn run(
         &self,
         consumer: &StreamConsumer<ProjectionContext>,
         mut shutdown: watch::Receiver<bool>,
@@ -871,7 +861,7 @@ impl From<sqlx::Error> for Attempt {
 /// `watermarks` is a separate client only for watermark queries: on the group consumer's own
 /// connection a query waits behind the broker's long-poll fetch (up to `fetch.wait.max.ms` per
 /// partition), which made readiness and shutdown take seconds.
-pub async fn monitor(
+pub(crate) async fn monitor(
     consumer: Arc<StreamConsumer<ProjectionContext>>,
     watermarks: Arc<BaseConsumer>,
     topic: String,
