@@ -315,6 +315,31 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// Checks every string of the event the read model stores as text: PostgreSQL refuses a NUL
+/// byte anywhere, and b-tree index rows are bounded. Such an event is dead-lettered
+/// (`Unstorable`) here rather than failing its whole batch over and over. The id and the owner
+/// follow the command rules ([`shared::bank_account::check_text`]); the currency may not hold
+/// a control character or exceed the same length. The `data` and envelope columns are JSON
+/// text, in which a NUL is escaped.
+fn check_storable(envelope: &EventEnvelope, event: &shared::Event) -> Result<(), Refusal> {
+    use shared::bank_account::{MAX_TEXT_BYTES, check_text};
+    let unstorable = |reason: String| Refusal::new(DeadLetterCode::Unstorable, reason);
+    check_text("aggregate_id", &envelope.aggregate_id).map_err(unstorable)?;
+    if let shared::Event::AccountOpened {
+        owner, currency, ..
+    } = event
+    {
+        check_text("owner", owner).map_err(unstorable)?;
+        if currency.len() > MAX_TEXT_BYTES || currency.chars().any(char::is_control) {
+            return Err(unstorable(format!(
+                "currency {currency:?} holds a control character or is longer than \
+                 {MAX_TEXT_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Applies one event to an account, returning the history row, or a dead-letter reason.
 fn apply_one(
     account: &mut StoredAccount,
@@ -325,15 +350,7 @@ fn apply_one(
     let event = envelope
         .event()
         .map_err(|e| Refusal::new(DeadLetterCode::InvalidEventData, e.to_string()))?;
-    // Text the read model cannot index or store (PostgreSQL refuses NUL, b-tree rows are
-    // bounded) is dead-lettered here rather than failing the whole batch over and over.
-    let owner = match &event {
-        shared::Event::AccountOpened { owner, .. } => Some(owner.as_str()),
-        _ => None,
-    };
-    shared::bank_account::check_text("aggregate_id", &envelope.aggregate_id)
-        .and_then(|()| owner.map_or(Ok(()), |o| shared::bank_account::check_text("owner", o)))
-        .map_err(|reason| Refusal::new(DeadLetterCode::Unstorable, reason))?;
+    check_storable(envelope, &event)?;
     account
         .state
         .check_applicable(&event)
@@ -465,21 +482,24 @@ mod tests {
             currency: "EUR".into(),
             initial_balance_minor: 0,
         };
+        let nul_currency = Event::AccountOpened {
+            owner: "Ann".into(),
+            currency: "EU\u{0}R".into(),
+            initial_balance_minor: 0,
+        };
         let plan = plan_batch(
             "t",
             &[
                 msg(0, "nul\u{0}id", 1, &opened()),
                 msg(1, "b", 1, &long_owner),
-                msg(2, "c", 1, &opened()),
+                msg(2, "d", 1, &nul_currency),
+                msg(3, "c", 1, &opened()),
             ],
             HashMap::new(),
             vec![],
         );
         let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
-        assert_eq!(
-            codes,
-            [DeadLetterCode::Unstorable, DeadLetterCode::Unstorable]
-        );
+        assert_eq!(codes, [DeadLetterCode::Unstorable; 3]);
         assert_eq!(plan.applied, 1);
     }
 

@@ -39,6 +39,10 @@ pub mod header {
     pub const ERROR_MESSAGE: &str = "dlq.error.message";
     /// When it was dead-lettered (RFC 3339).
     pub const FAILED_AT: &str = "dlq.failed.at";
+    /// Present when the original value was too large to dead-letter whole: its size in bytes.
+    /// The letter then carries only the value's first bytes (or none); the original stays at
+    /// `dlq.original.topic` / `.partition` / `.offset`.
+    pub const ORIGINAL_TRUNCATED: &str = "dlq.original.truncated";
 }
 
 /// Why a message was dead-lettered: the stable code in the `dlq.error.code` header. The wire

@@ -32,6 +32,8 @@ impl EventWriter {
             .client_config()
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            // Room for a poison value near the broker's 1 MB limit.
+            .set("message.max.bytes", "2000000")
             .create()
             .expect("producer");
         EventWriter {

@@ -1,0 +1,97 @@
+//! Fault hardening: values the read model cannot store, poison too large to dead-letter whole,
+//! a stored offset beyond the topic's end, schema ids the registry learns late, and a rebuild
+//! swap that must not go back in time.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use shared::envelope::Metadata;
+use shared::{Event, EventCodec, EventEnvelope};
+
+use crate::helpers::{
+    Backend, EventWriter, TestDb, ids, read_dead_letters, settings_for, spawn_app,
+};
+
+both_backends!(
+    unstorable_text_is_dead_lettered_and_the_stream_goes_on,
+    a_poison_message_near_one_megabyte_is_dead_lettered_cut
+);
+
+fn opened(id: &str, currency: &str) -> EventEnvelope {
+    EventEnvelope::new(
+        id,
+        1,
+        &Event::AccountOpened {
+            owner: "Uma".into(),
+            currency: currency.into(),
+            initial_balance_minor: 100,
+        },
+        Utc::now(),
+        Metadata::new(),
+    )
+}
+
+fn deposit(id: &str, version: u64, amount_minor: i64) -> EventEnvelope {
+    EventEnvelope::new(
+        id,
+        version,
+        &Event::MoneyDeposited { amount_minor },
+        Utc::now(),
+        Metadata::new(),
+    )
+}
+
+/// A NUL byte in the currency: PostgreSQL refuses it (the service used to stop on it, and
+/// crash-loop on restart); SQLite would store it. Both dead-letter it as `Unstorable` and go on.
+async fn unstorable_text_is_dead_lettered_and_the_stream_goes_on(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let settings = settings_for(&db);
+    let app = spawn_app(settings.clone()).await;
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let id = ids("nul");
+    let (_, poison_offset) = writer.envelope(&codec, &opened(&id, "EU\u{0}R")).await;
+    writer.envelope(&codec, &opened(&id, "EUR")).await;
+    writer.envelope(&codec, &deposit(&id, 2, 5)).await;
+
+    let account = app.wait_version(&id, 2).await;
+    assert_eq!(account["currency"], "EUR", "{account}");
+    assert_eq!(account["balance_minor"], 105, "{account}");
+    let letters = read_dead_letters(&settings, 1).await;
+    let h = &letters[0].headers;
+    assert_eq!(h["dlq.error.code"], "Unstorable", "{h:?}");
+    assert_eq!(h["dlq.original.offset"], poison_offset.to_string(), "{h:?}");
+    app.stop().await.expect("clean stop");
+}
+
+/// A value the events topic accepts but that, with the dead-letter headers, is over the size a
+/// dead letter may have: it used to be retried forever, blocking its partition.
+async fn a_poison_message_near_one_megabyte_is_dead_lettered_cut(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let settings = settings_for(&db);
+    let app = spawn_app(settings.clone()).await;
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let id = ids("big");
+    let poison = vec![b'x'; 1_000_000];
+    let (_, poison_offset) = writer.raw(&id, &poison, None).await;
+    writer.envelope(&codec, &opened(&id, "EUR")).await;
+
+    let account = tokio::time::timeout(Duration::from_secs(90), app.wait_version(&id, 1))
+        .await
+        .expect("the event after the poison is applied");
+    assert_eq!(account["balance_minor"], 100, "{account}");
+    let letters = read_dead_letters(&settings, 1).await;
+    let letter = &letters[0];
+    let h = &letter.headers;
+    assert_eq!(h["dlq.error.code"], "UnknownFormat", "{h:?}");
+    assert_eq!(h["dlq.original.offset"], poison_offset.to_string(), "{h:?}");
+    assert_eq!(h["dlq.original.truncated"], "1000000", "{h:?}");
+    let kept = letter.payload.as_ref().map_or(0, Vec::len);
+    assert!(kept < poison.len(), "the value is cut: {kept} bytes");
+    assert!(
+        poison.starts_with(letter.payload.as_deref().unwrap_or_default()),
+        "what is kept is the value's beginning"
+    );
+    app.stop().await.expect("clean stop");
+}
