@@ -157,7 +157,7 @@ pub async fn run(
         status.clone(),
         stop_rx.clone(),
     ));
-    let monitor = tokio::spawn(projector::monitor(
+    let mut monitor = tokio::spawn(projector::monitor(
         consumer.clone(),
         watermarks,
         topic.clone(),
@@ -167,12 +167,17 @@ pub async fn run(
     ));
     let upkeep = tokio::spawn(metrics::upkeep(metrics_handle));
 
-    let result = projector.run(&consumer, stop_rx).await;
+    let result = tokio::select! {
+        result = projector.run(&consumer, stop_rx.clone()) => result,
+        Ok(Err(e)) = &mut monitor => Err(e),
+    };
     if let Err(e) = &result {
         tracing::error!(error = %e, "projection stopped");
     }
     let _ = stop_tx.send(true);
-    let _ = monitor.await;
+    if !monitor.is_finished() {
+        let _ = monitor.await;
+    }
     let _ = dead_letter_count.await;
     upkeep.abort();
     let served = server.await;

@@ -59,6 +59,25 @@ pub enum ProjectorError {
     /// Kafka refused something retrying will not fix.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// The database's next offset of a partition is beyond the partition's end: the topic was
+    /// deleted and created again (or truncated) while the read model was kept.
+    #[error(
+        "the stored next offset {stored} of {topic} partition {partition} is beyond the \
+         partition's end offset {end}: the topic was recreated or truncated while the read \
+         model was kept, so the projection cannot continue. Recover with \
+         `projection-service rebuild` (replays the topic into fresh tables) or start with a \
+         fresh database (PROJECTION_DATABASE_URL)"
+    )]
+    OffsetBeyondEnd {
+        /// The events topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// The next offset the database holds.
+        stored: i64,
+        /// The partition's high watermark.
+        end: i64,
+    },
 }
 
 /// What this process believes the database holds as next offsets, plus the current
@@ -861,6 +880,9 @@ impl From<sqlx::Error> for Attempt {
 /// `watermarks` is a separate client only for watermark queries: on the group consumer's own
 /// connection a query waits behind the broker's long-poll fetch (up to `fetch.wait.max.ms` per
 /// partition), which made readiness and shutdown take seconds.
+///
+/// A stored offset beyond its partition's end ([`ProjectorError::OffsetBeyondEnd`]) ends the
+/// monitor with that error; the caller stops the service.
 pub(crate) async fn monitor(
     consumer: Arc<StreamConsumer<ProjectionContext>>,
     watermarks: Arc<BaseConsumer>,
@@ -868,13 +890,13 @@ pub(crate) async fn monitor(
     book: Arc<OffsetBook>,
     status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Result<(), ProjectorError> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut committed: HashMap<i32, i64> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return Ok(()),
         }
         let assignment = book.assignment();
         if !assignment.assigned_once {
@@ -883,10 +905,13 @@ pub(crate) async fn monitor(
         let positions = settled_positions(&consumer, &status);
         let marks = tokio::select! {
             marks = fetch_watermarks(watermarks.clone(), &topic, assignment.partitions) => marks,
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return Ok(()),
         };
         let Some(marks) = marks else { continue };
         let round = measure_lags(&topic, &book, positions.as_ref(), marks);
+        if let Some(beyond) = round.beyond_end {
+            return Err(beyond);
+        }
         status.set_lags(round.lags);
         commit_positions(&consumer, &topic, &round.ahead_of_stored, &mut committed);
         if round.caught_up && !status.ready.swap(true, Ordering::SeqCst) {
@@ -953,6 +978,8 @@ struct LagRound {
     /// the position to commit to Kafka for monitoring.
     ahead_of_stored: Vec<(i32, i64)>,
     caught_up: bool,
+    /// A partition whose stored offset is past its end.
+    beyond_end: Option<ProjectorError>,
 }
 
 /// The lag of each partition from its watermarks, the stored offset and the settled position.
@@ -966,6 +993,7 @@ fn measure_lags(
         lags: Vec::with_capacity(marks.len()),
         ahead_of_stored: Vec::new(),
         caught_up: true,
+        beyond_end: None,
     };
     for PartitionMarks { partition, marks } in marks {
         let Ok(Watermarks { low, high }) = marks else {
@@ -973,6 +1001,16 @@ fn measure_lags(
             continue;
         };
         let stored = book.stored(partition);
+        if let Some(stored) = stored.filter(|s| *s > high) {
+            round.caught_up = false;
+            round.beyond_end = Some(ProjectorError::OffsetBeyondEnd {
+                topic: topic.to_owned(),
+                partition,
+                stored,
+                end: high,
+            });
+            continue;
+        }
         let position = positions
             .and_then(|tpl| tpl.find_partition(topic, partition))
             .and_then(|e| e.offset().to_raw())

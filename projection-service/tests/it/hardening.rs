@@ -9,12 +9,14 @@ use shared::envelope::Metadata;
 use shared::{Event, EventCodec, EventEnvelope};
 
 use crate::helpers::{
-    Backend, EventWriter, TestDb, ids, read_dead_letters, settings_for, spawn_app,
+    Backend, EventWriter, TestDb, generate, ids, read_dead_letters, settings_for, spawn_app,
+    wait_for,
 };
 
 both_backends!(
     unstorable_text_is_dead_lettered_and_the_stream_goes_on,
-    a_poison_message_near_one_megabyte_is_dead_lettered_cut
+    a_poison_message_near_one_megabyte_is_dead_lettered_cut,
+    a_stored_offset_beyond_the_end_stops_the_service
 );
 
 fn opened(id: &str, currency: &str) -> EventEnvelope {
@@ -94,4 +96,90 @@ async fn a_poison_message_near_one_megabyte_is_dead_lettered_cut(backend: Backen
         "what is kept is the value's beginning"
     );
     app.stop().await.expect("clean stop");
+}
+
+/// The topics were recreated (empty) while the database kept its offsets: the service must not
+/// sit there answering `/ready` with a frozen read model; it stops, naming the partition, the
+/// offsets and the way out.
+async fn a_stored_offset_beyond_the_end_stops_the_service(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let settings = settings_for(&db);
+    let app = spawn_app(settings.clone()).await;
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let histories = generate(&ids("gone"), 12, 3, 7);
+    for h in &histories {
+        for e in &h.events {
+            writer.envelope(&codec, e).await;
+        }
+    }
+    let last = histories.last().expect("histories");
+    app.wait_version(&last.id, last.events.len() as u64).await;
+    app.wait_ready().await;
+    app.stop().await.expect("clean stop");
+
+    recreate_events_topic(&settings, &writer.topic).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = listener.local_addr().expect("addr");
+    let run = tokio::spawn(projection_service::run(
+        settings.clone(),
+        listener,
+        async move {
+            let _ = ready_rx.await;
+        },
+    ));
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the service stops by itself")
+        .expect("no panic");
+    drop(ready_tx);
+    let message = format!("{}", outcome.expect_err("stops with an error"));
+    for part in [
+        writer.topic.as_str(),
+        "partition",
+        "beyond",
+        "projection-service rebuild",
+        "fresh database",
+    ] {
+        assert!(message.contains(part), "`{part}` missing from: {message}");
+    }
+    let ready = reqwest::get(format!("http://{addr}/ready")).await;
+    assert!(ready.is_err(), "nothing answers /ready after the stop");
+}
+
+/// Deletes the events topic and creates it again, empty.
+async fn recreate_events_topic(settings: &shared::Settings, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        settings.kafka.client_config().create().expect("admin");
+    admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete topics");
+    wait_for(
+        "the topic to be recreated",
+        Duration::from_secs(60),
+        || async {
+            projection_service::ensure_projection_topics(settings)
+                .await
+                .ok()?;
+            let consumer: rdkafka::consumer::BaseConsumer =
+                settings.kafka.client_config().create().ok()?;
+            let topic = topic.to_owned();
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::Consumer;
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+                    .ok()?;
+                (low == 0 && high == 0).then_some(())
+            })
+            .await
+            .ok()?
+        },
+    )
+    .await;
 }
