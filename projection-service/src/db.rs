@@ -326,6 +326,26 @@ pub(crate) struct AccountView {
     pub updated_at: String,
 }
 
+/// What [`Database::swap_in`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Swap {
+    /// The tables are swapped in.
+    Done,
+    /// Nothing was swapped: the live tables are ahead on a partition.
+    LiveAhead(LiveAhead),
+}
+
+/// A partition on which the live tables are ahead of a rebuild's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LiveAhead {
+    /// Partition of the events topic.
+    pub(crate) partition: i32,
+    /// The live next offset.
+    pub(crate) live: i64,
+    /// The rebuild's next offset (`None`: nothing stored yet).
+    pub(crate) rebuilt: Option<i64>,
+}
+
 /// Row counts of the live tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowCounts {
@@ -573,9 +593,13 @@ impl Database {
         Ok(())
     }
 
-    /// Renames `from` into the live names in one transaction and drops the previous live tables.
-    /// Readers keep querying by name and see either the old or the new set, never a mix.
-    pub(crate) async fn swap_in(&self, from: &Tables, tag: &str) -> StoreResult<()> {
+    /// Renames `from` into the live names in one transaction and drops the previous live tables,
+    /// but only if no live offset of `topic` is ahead of `from`'s: else nothing changes and the
+    /// partition that is behind is returned ([`Swap::LiveAhead`]). The check runs under the
+    /// swap's locks (`BEGIN IMMEDIATE` on SQLite, `ACCESS EXCLUSIVE` on PostgreSQL), so the live
+    /// projection cannot move between the check and the swap. Readers keep querying by name
+    /// and see either the old or the new set, never a mix, and never an older one.
+    pub(crate) async fn swap_in(&self, from: &Tables, tag: &str, topic: &str) -> StoreResult<Swap> {
         let live = Tables::live();
         let retired = Tables::with_suffix(&format!("_retired_{tag}"));
         let mut tx = self.begin_write().await?;
@@ -588,6 +612,21 @@ impl Database {
             )
             .await?;
         }
+        let live_offsets = Self::load_offsets(&mut *tx, &live, topic).await?;
+        let rebuilt = Self::load_offsets(&mut *tx, from, topic).await?;
+        let mut behind: Vec<LiveAhead> = live_offsets
+            .iter()
+            .filter(|(p, live)| rebuilt.get(*p).is_none_or(|r| r < *live))
+            .map(|(p, live)| LiveAhead {
+                partition: *p,
+                live: *live,
+                rebuilt: rebuilt.get(p).copied(),
+            })
+            .collect();
+        if let Some(ahead) = behind.pop() {
+            tx.rollback().await?;
+            return Ok(Swap::LiveAhead(ahead));
+        }
         for ((old, new), gone) in live.all().iter().zip(from.all()).zip(retired.all()) {
             tx.execute(format!("ALTER TABLE {old} RENAME TO {gone}").as_str())
                 .await?;
@@ -598,7 +637,7 @@ impl Database {
             tx.execute(format!("DROP TABLE {gone}").as_str()).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(Swap::Done)
     }
 
     /// The stored next offsets of `topic`, per partition.

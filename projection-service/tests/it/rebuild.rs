@@ -108,9 +108,9 @@ async fn rebuild_while_serving_gives_the_same_read_model(backend: Backend) {
         .expect("rebuild succeeds");
     assert_eq!(report.poison, 1, "{report:?}");
     let first_burst: u64 = all[..150].iter().map(|h| h.events.len() as u64).sum();
-    assert_eq!(
-        report.applied, first_burst,
-        "the rebuild stops at the captured ends"
+    assert!(
+        report.applied >= first_burst,
+        "the rebuild reads at least to the captured ends: {report:?}"
     );
     assert!(report.duplicates >= 1, "{report:?}");
     let want = expect(&all);
