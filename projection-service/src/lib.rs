@@ -7,6 +7,7 @@
 //! - [`plan`]: the pure rules of a batch (apply / duplicate / park / dead-letter).
 //! - [`projector`]: the consumer loop: batches, one transaction per batch with the offsets,
 //!   rebalance handling, lag and readiness.
+//! - [`decode`]: decoding with the schema registry's failures sorted into wait and dead-letter.
 //! - [`dlq`]: the dead-letter topic.
 //! - [`http`]: the query API and the explorer page at `/`.
 //! - [`rebuild`]: replay the whole topic into fresh tables and swap them in.
@@ -16,6 +17,7 @@
 //! [`rebuild::rebuild`]). Tests call [`run`] in-process with a listener on port 0.
 
 pub mod db;
+pub mod decode;
 pub(crate) mod dlq;
 pub(crate) mod http;
 pub(crate) mod metrics;
@@ -37,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::db::{Database, StoreError, Tables};
+use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
 use crate::projector::{OffsetBook, ProjectionContext, Projector, ProjectorError, Status};
 
@@ -61,6 +64,9 @@ pub enum ServiceError {
     /// The consumer loop failed for good.
     #[error(transparent)]
     Projector(#[from] ProjectorError),
+    /// A setting of this service's own is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// A rebuild was interrupted (nothing was swapped in).
     #[error("rebuild interrupted before the swap; the live tables are unchanged")]
     Interrupted,
@@ -130,10 +136,12 @@ pub async fn run(
     let metrics_handle = metrics::handle();
     let consumer = subscribe(&settings, &topic, &book)?;
     let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
+    let unknown_schema_retry =
+        decode::unknown_schema_retry_from_env().map_err(ServiceError::Config)?;
     let projector = Projector::live(
         db.clone(),
         topic.clone(),
-        codec.clone(),
+        Decoder::new(&settings, codec.clone(), unknown_schema_retry),
         dlq,
         book.clone(),
         status.clone(),

@@ -33,12 +33,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use shared::EventCodec;
 use tokio::sync::watch;
 
 use sqlx::{Any, Transaction};
 
 use crate::db::{Database, OffsetAdvance, StoreError, Tables};
+use crate::decode::{Decoder, Verdict};
 use crate::dlq::DeadLetterQueue;
 use crate::metrics;
 use crate::plan::{DeadLetter, Incoming, Plan, plan_batch};
@@ -467,7 +467,7 @@ pub(crate) struct Projector {
     tables: Tables,
     mode: Mode,
     topic: String,
-    codec: Arc<EventCodec>,
+    decoder: Decoder,
     dlq: DeadLetterQueue,
     book: Arc<OffsetBook>,
     status: Arc<Status>,
@@ -504,7 +504,7 @@ impl Projector {
     pub(crate) fn live(
         db: Database,
         topic: String,
-        codec: Arc<EventCodec>,
+        decoder: Decoder,
         dlq: DeadLetterQueue,
         book: Arc<OffsetBook>,
         status: Arc<Status>,
@@ -514,7 +514,7 @@ impl Projector {
             tables: Tables::live(),
             mode: Mode::Live,
             topic,
-            codec,
+            decoder,
             dlq,
             book,
             status,
@@ -526,7 +526,7 @@ impl Projector {
         db: Database,
         tables: Tables,
         topic: String,
-        codec: Arc<EventCodec>,
+        decoder: Decoder,
         dlq: DeadLetterQueue,
         book: Arc<OffsetBook>,
     ) -> Self {
@@ -535,14 +535,15 @@ impl Projector {
             tables,
             mode: Mode::Rebuild,
             topic,
-            codec,
+            decoder,
             dlq,
             book,
             status: Arc::new(Status::default()),
         }
     }
 
-    /// Decodes, retrying while the schema registry is unreachable. `None` on shutdown.
+    /// Decodes, retrying while the schema registry is unreachable or does not know a schema id
+    /// yet (see [`crate::decode`]). `None` on shutdown.
     ///
     /// Adds one `apply_event` span per message to `spans`: the caller keeps them open until the
     /// batch is committed, so each covers its event's decode, apply and commit.
@@ -557,17 +558,14 @@ impl Projector {
             spans.push(Self::apply_span(&m));
             let mut attempt = 0;
             let decoded = loop {
-                let result = match &m.payload {
-                    Some(bytes) => self.codec.decode(bytes).await,
-                    None => Err(shared::DecodeError::Empty),
-                };
-                match result {
-                    Err(e) if e.is_retriable() => {
+                match self.decoder.attempt(m.payload.as_deref()).await {
+                    Verdict::Decoded(result) => break result,
+                    Verdict::Retry { reason, error } => {
                         tracing::warn!(
                             partition = m.partition,
                             offset = m.offset,
-                            error = %e,
-                            "schema registry unavailable; retrying"
+                            error = %error,
+                            "{reason}; retrying"
                         );
                         metrics::record_registry_retry(&self.topic);
                         if !sleep_unless_stopped(backoff(attempt), shutdown).await {
@@ -575,7 +573,6 @@ impl Projector {
                         }
                         attempt += 1;
                     }
-                    other => break other,
                 }
             };
             out.push(Incoming {

@@ -37,6 +37,7 @@ use shared::{EventCodec, Settings};
 use tokio::sync::watch;
 
 use crate::db::{Database, Swap, Tables};
+use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
 use crate::projector::{BatchOutcome, Collected, OffsetBook, Projector, collect};
 use crate::{ServiceError, consumer_config, ensure_projection_topics};
@@ -156,6 +157,8 @@ pub async fn rebuild(
     let partitions = ensure_projection_topics(settings).await?;
     let db = Database::connect(&settings.projection_database_url).await?;
     let codec = Arc::new(EventCodec::from_settings(settings)?);
+    let unknown_schema_retry =
+        crate::decode::unknown_schema_retry_from_env().map_err(ServiceError::Config)?;
     let group = throwaway_group(settings);
     let consumer: Arc<StreamConsumer> = Arc::new(consumer_config(settings, &group).create()?);
     let mut ranges = partition_ranges(&consumer, &topic, partitions).await?;
@@ -176,7 +179,7 @@ pub async fn rebuild(
         db.clone(),
         tables.clone(),
         topic.clone(),
-        codec,
+        Decoder::new(settings, codec, unknown_schema_retry),
         dlq,
         book.clone(),
     );

@@ -17,7 +17,8 @@ both_backends!(
     unstorable_text_is_dead_lettered_and_the_stream_goes_on,
     a_poison_message_near_one_megabyte_is_dead_lettered_cut,
     a_stored_offset_beyond_the_end_stops_the_service,
-    a_rebuild_swap_never_takes_a_version_back
+    a_rebuild_swap_never_takes_a_version_back,
+    a_schema_id_the_registry_learns_late_is_applied
 );
 
 fn opened(id: &str, currency: &str) -> EventEnvelope {
@@ -294,4 +295,100 @@ async fn a_rebuild_swap_never_takes_a_version_back(backend: Backend) {
     );
     store.close().await;
     app.stop().await.expect("clean stop");
+}
+
+/// An event whose schema id the registry does not know yet (404), registered a moment later:
+/// the projection waits for it (bounded by `PROJECTION_UNKNOWN_SCHEMA_RETRY`, 30 s by default)
+/// and applies it, instead of dead-lettering it on the first 404.
+async fn a_schema_id_the_registry_learns_late_is_applied(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let Some(registry) = shared::testing::schema_registry_url() else {
+        eprintln!(
+            "SCHEMA_REGISTRY_URL is not set: the unknown-schema-id path is not exercised \
+             (scripts/test starts a registry)"
+        );
+        return;
+    };
+    let db = TestDb::new(backend).await;
+    let settings = settings_for(&db);
+    let writer = EventWriter::new(&settings).await;
+    let wire = EventCodec::with_registry("USD", &registry).expect("registry codec");
+    let id = ids("late");
+    writer.envelope(&wire, &opened(&id, "EUR")).await;
+
+    let knows = Arc::new(AtomicBool::new(false));
+    let mut late = settings.clone();
+    late.schema_registry_url = Some(late_registry(&registry, knows.clone()).await);
+    let app = spawn_app(late).await;
+    wait_for(
+        "the unknown schema id to be met",
+        Duration::from_secs(60),
+        || async {
+            let retried = app.metric("projection_registry_retries_total").await;
+            let dead = app.metric("projection_events_dead_lettered_total").await;
+            (retried + dead >= 1.0).then_some(())
+        },
+    )
+    .await;
+    knows.store(true, Ordering::SeqCst);
+    let account = app.wait_version(&id, 1).await;
+    assert_eq!(account["balance_minor"], 100, "{account}");
+    assert_eq!(
+        app.metric("projection_events_dead_lettered_total").await,
+        0.0,
+        "not dead-lettered"
+    );
+    app.stop().await.expect("clean stop");
+}
+
+/// A registry in front of `registry` that answers every request with Confluent's 404 "Schema
+/// not found" until `knows` is set, and passes requests through afterwards. Returns its URL.
+async fn late_registry(
+    registry: &str,
+    knows: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    use axum::http::{StatusCode, Uri};
+    use axum::response::IntoResponse;
+
+    let scheme_end = registry.find("://").map_or(0, |i| i + 3);
+    let path_start = registry[scheme_end..]
+        .find('/')
+        .map_or(registry.len(), |i| scheme_end + i);
+    let (origin, path) = (registry[..path_start].to_owned(), &registry[path_start..]);
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let (origin, client, knows) = (origin.clone(), client.clone(), knows.clone());
+        async move {
+            if !knows.load(std::sync::atomic::Ordering::SeqCst) {
+                let body = serde_json::json!({"error_code": 40403, "message": "Schema not found"});
+                return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+            }
+            let url = format!(
+                "{origin}{}",
+                uri.path_and_query().map_or("/", |p| p.as_str())
+            );
+            match client.get(&url).send().await {
+                Ok(r) => {
+                    let status = StatusCode::from_u16(r.status().as_u16())
+                        .unwrap_or(StatusCode::BAD_GATEWAY);
+                    let body = r.bytes().await.unwrap_or_default();
+                    (
+                        status,
+                        [("content-type", "application/vnd.schemaregistry.v1+json")],
+                        body,
+                    )
+                        .into_response()
+                }
+                Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}{path}")
 }
