@@ -46,8 +46,8 @@ pub async fn run(
     let marks = tokio::task::block_in_place(|| watermarks(&consumer, &topic))
         .map_err(|e| unavailable(settings, e))?;
     let mut tpl = TopicPartitionList::new();
-    for (partition, _, high) in &marks {
-        tpl.add_partition_offset(&topic, *partition, Offset::Offset(*high))
+    for m in &marks {
+        tpl.add_partition_offset(&topic, m.partition, Offset::Offset(m.high))
             .map_err(|e| unavailable(settings, e))?;
     }
     consumer

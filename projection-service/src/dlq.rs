@@ -20,8 +20,8 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
-use shared::dlq::watermarks;
 pub use shared::dlq::{DeadLetterReader, DeadLetterView, header};
+use shared::dlq::{PartitionMarks, watermarks};
 
 use crate::plan::DeadLetter;
 use crate::projector::Status;
@@ -214,7 +214,7 @@ pub async fn count_monitor(
         };
         match counted {
             Ok(Ok(marks)) => {
-                let count = marks.iter().map(|(_, low, high)| high - low).sum();
+                let count = marks.iter().map(PartitionMarks::count).sum();
                 status.set_dead_letters(Some(count));
                 let events = topic.strip_suffix(".dlq").unwrap_or(&topic);
                 crate::metrics::record_dead_letter_count(events, count);

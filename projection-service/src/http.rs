@@ -792,10 +792,10 @@ async fn dead_letters(
         .await
         .map_err(|_| ApiError::Internal)?;
     match read {
-        Ok((total, dead_letters)) => Ok(Json(DeadLetterPage {
+        Ok(newest) => Ok(Json(DeadLetterPage {
             topic: state.dead_letters.topic().to_owned(),
-            total,
-            dead_letters,
+            total: newest.total,
+            dead_letters: newest.letters,
         })),
         Err(e) => {
             tracing::warn!(error = %e, "reading dead letters failed");

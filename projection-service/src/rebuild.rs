@@ -79,6 +79,19 @@ impl RebuildReport {
     pub fn rate(&self) -> f64 {
         self.messages as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    fn log(&self) {
+        tracing::info!(
+            messages = self.messages,
+            applied = self.applied,
+            duplicates = self.duplicates,
+            parked = self.parked,
+            poison = self.poison,
+            events_per_sec = self.rate().round(),
+            elapsed_ms = self.elapsed.as_millis() as u64,
+            "rebuild swapped in"
+        );
+    }
 }
 
 struct Reporter {
@@ -215,16 +228,7 @@ pub async fn rebuild(
     report.ends = offsets;
     report.group = group;
     report.elapsed = started.elapsed();
-    tracing::info!(
-        messages = report.messages,
-        applied = report.applied,
-        duplicates = report.duplicates,
-        parked = report.parked,
-        poison = report.poison,
-        events_per_sec = report.rate().round(),
-        elapsed_ms = report.elapsed.as_millis() as u64,
-        "rebuild swapped in"
-    );
+    report.log();
     Ok(report)
 }
 

@@ -115,9 +115,27 @@ impl From<&DecodeError> for DeadLetterCode {
     }
 }
 
-/// Per partition of `topic`: (partition, low watermark, high watermark); none when the topic
-/// does not exist. Blocking.
-pub fn watermarks<C, X>(client: &C, topic: &str) -> Result<Vec<(i32, i64, i64)>, KafkaError>
+/// The offsets one partition holds: from `low` (its first offset) to `high` (the next offset
+/// to be written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionMarks {
+    /// The partition.
+    pub partition: i32,
+    /// Low watermark.
+    pub low: i64,
+    /// High watermark.
+    pub high: i64,
+}
+
+impl PartitionMarks {
+    /// Messages (or offsets) in the partition.
+    pub fn count(&self) -> i64 {
+        self.high - self.low
+    }
+}
+
+/// The watermarks of every partition of `topic`; none when the topic does not exist. Blocking.
+pub fn watermarks<C, X>(client: &C, topic: &str) -> Result<Vec<PartitionMarks>, KafkaError>
 where
     C: Consumer<X>,
     X: ConsumerContext,
@@ -133,7 +151,11 @@ where
         .into_iter()
         .map(|p| {
             let (low, high) = client.fetch_watermarks(topic, p, READ_TIMEOUT)?;
-            Ok((p, low, high))
+            Ok(PartitionMarks {
+                partition: p,
+                low,
+                high,
+            })
         })
         .collect()
 }
@@ -174,6 +196,15 @@ impl DeadLetterView {
     pub fn id(&self) -> String {
         format!("{}:{}", self.partition, self.offset)
     }
+}
+
+/// What [`DeadLetterReader::newest`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewestDeadLetters {
+    /// Dead letters in the topic.
+    pub total: i64,
+    /// The newest of them, newest first.
+    pub letters: Vec<DeadLetterView>,
 }
 
 /// A dead letter with the original message exactly as it was: what a replay sends back.
@@ -231,7 +262,7 @@ impl DeadLetterReader {
     /// The total count and the newest `limit` dead letters, newest first (by `failed_at`, then
     /// offset). Reads at most `limit` messages from the end of each partition, for at most 5 s.
     /// Blocking: call from `spawn_blocking`.
-    pub fn newest(&self, limit: usize) -> Result<(i64, Vec<DeadLetterView>), KafkaError> {
+    pub fn newest(&self, limit: usize) -> Result<NewestDeadLetters, KafkaError> {
         let want = i64::try_from(limit).unwrap_or(i64::MAX);
         let (total, letters) = self.read(|low, high| (high - want).max(low), true)?;
         let mut letters: Vec<DeadLetterView> = letters.into_iter().map(|l| l.view).collect();
@@ -242,7 +273,7 @@ impl DeadLetterReader {
                 .then(b.offset.cmp(&a.offset))
         });
         letters.truncate(limit);
-        Ok((total, letters))
+        Ok(NewestDeadLetters { total, letters })
     }
 
     /// Every dead letter, by partition then offset, with the original messages. Reads until the
@@ -268,13 +299,17 @@ impl DeadLetterReader {
             .set("enable.partition.eof", "false")
             .create()?;
         let marks = watermarks(&client, &self.topic)?;
-        let total = marks.iter().map(|(_, low, high)| high - low).sum();
+        let total = marks.iter().map(PartitionMarks::count).sum();
         let mut tpl = TopicPartitionList::new();
         let mut ends = BTreeMap::new();
-        for (p, low, high) in &marks {
-            if high > low {
-                tpl.add_partition_offset(&self.topic, *p, Offset::Offset(start(*low, *high)))?;
-                ends.insert(*p, *high);
+        for m in &marks {
+            if m.high > m.low {
+                tpl.add_partition_offset(
+                    &self.topic,
+                    m.partition,
+                    Offset::Offset(start(m.low, m.high)),
+                )?;
+                ends.insert(m.partition, m.high);
             }
         }
         let mut letters = Vec::new();
