@@ -900,12 +900,19 @@ pub(crate) async fn monitor(
             continue;
         }
         let positions = settled_positions(&consumer, &status);
+        // Read before the watermarks: a batch committed meanwhile can then not look like an
+        // offset beyond the end.
+        let stored_before: HashMap<i32, Option<i64>> = assignment
+            .partitions
+            .iter()
+            .map(|p| (*p, book.stored(*p)))
+            .collect();
         let marks = tokio::select! {
             marks = fetch_watermarks(watermarks.clone(), &topic, assignment.partitions) => marks,
             _ = shutdown.changed() => return Ok(()),
         };
         let Some(marks) = marks else { continue };
-        let round = measure_lags(&topic, &book, positions.as_ref(), marks);
+        let round = measure_lags(&topic, &book, &stored_before, positions.as_ref(), marks);
         if let Some(beyond) = round.beyond_end {
             return Err(beyond);
         }
@@ -979,10 +986,13 @@ struct LagRound {
     beyond_end: Option<ProjectorError>,
 }
 
-/// The lag of each partition from its watermarks, the stored offset and the settled position.
+/// The lag of each partition from its watermarks, the stored offset and the settled position;
+/// `stored_before` (the stored offsets read before the watermarks) tells an offset beyond the
+/// end.
 fn measure_lags(
     topic: &str,
     book: &OffsetBook,
+    stored_before: &HashMap<i32, Option<i64>>,
     positions: Option<&TopicPartitionList>,
     marks: Vec<PartitionMarks>,
 ) -> LagRound {
@@ -997,8 +1007,8 @@ fn measure_lags(
             round.caught_up = false;
             continue;
         };
-        let stored = book.stored(partition);
-        if let Some(stored) = stored.filter(|s| *s > high) {
+        let before = stored_before.get(&partition).copied().flatten();
+        if let Some(stored) = before.filter(|s| *s > high) {
             round.caught_up = false;
             round.beyond_end = Some(ProjectorError::OffsetBeyondEnd {
                 topic: topic.to_owned(),
@@ -1008,6 +1018,7 @@ fn measure_lags(
             });
             continue;
         }
+        let stored = book.stored(partition);
         let position = positions
             .and_then(|tpl| tpl.find_partition(topic, partition))
             .and_then(|e| e.offset().to_raw())
