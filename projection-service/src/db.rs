@@ -326,6 +326,15 @@ pub(crate) struct AccountView {
     pub updated_at: String,
 }
 
+/// The next offset of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PartitionOffset {
+    /// Partition of the events topic.
+    pub partition: i32,
+    /// The next offset to read.
+    pub next: i64,
+}
+
 /// What [`Database::swap_in`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Swap {
@@ -933,10 +942,10 @@ impl Database {
         &self,
         tables: &Tables,
         topic: &str,
-        offsets: &[(i32, i64)],
+        offsets: &[PartitionOffset],
     ) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
-        for (partition, next) in offsets {
+        for PartitionOffset { partition, next } in offsets {
             sqlx::query(&format!(
                 "INSERT INTO {} (topic, \"partition\", next_offset) VALUES ($1, $2, $3)
                  ON CONFLICT (topic, \"partition\") DO UPDATE SET next_offset = excluded.next_offset",

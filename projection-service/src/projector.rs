@@ -37,7 +37,7 @@ use tokio::sync::watch;
 
 use sqlx::{Any, Transaction};
 
-use crate::db::{Database, OffsetAdvance, StoreError, Tables};
+use crate::db::{Database, OffsetAdvance, PartitionOffset, StoreError, Tables};
 use crate::decode::{Decoder, Verdict};
 use crate::dlq::DeadLetterQueue;
 use crate::metrics;
@@ -980,7 +980,7 @@ struct LagRound {
     lags: Vec<PartitionLag>,
     /// Partitions whose consumer position is past the stored offset (transaction markers):
     /// the position to commit to Kafka for monitoring.
-    ahead_of_stored: Vec<(i32, i64)>,
+    ahead_of_stored: Vec<PartitionOffset>,
     caught_up: bool,
     /// A partition whose stored offset is past its end.
     beyond_end: Option<ProjectorError>,
@@ -1023,7 +1023,12 @@ fn measure_lags(
             .and_then(|tpl| tpl.find_partition(topic, partition))
             .and_then(|e| e.offset().to_raw())
             .filter(|o| *o >= 0);
-        let effective = stored.unwrap_or(low).max(position.unwrap_or(i64::MIN));
+        let effective = match (stored, position) {
+            (Some(stored), Some(position)) => stored.max(position),
+            (Some(stored), None) => stored,
+            (None, Some(position)) => low.max(position),
+            (None, None) => low,
+        };
         let lag = (high - effective).max(0);
         metrics::record_lag(topic, partition, lag);
         round.lags.push(PartitionLag {
@@ -1035,8 +1040,11 @@ fn measure_lags(
         if lag > 0 {
             round.caught_up = false;
         }
-        if position.is_some() && effective > stored.unwrap_or(i64::MIN) {
-            round.ahead_of_stored.push((partition, effective));
+        if position.is_some() && stored.is_none_or(|s| effective > s) {
+            round.ahead_of_stored.push(PartitionOffset {
+                partition,
+                next: effective,
+            });
         }
     }
     round
@@ -1046,14 +1054,14 @@ fn measure_lags(
 fn commit_positions<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     topic: &str,
-    ahead_of_stored: &[(i32, i64)],
+    ahead_of_stored: &[PartitionOffset],
     committed: &mut HashMap<i32, i64>,
 ) {
     let mut tpl = TopicPartitionList::new();
-    for (partition, position) in ahead_of_stored {
-        if committed.get(partition) != Some(position) {
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*position));
-            committed.insert(*partition, *position);
+    for PartitionOffset { partition, next } in ahead_of_stored {
+        if committed.get(partition) != Some(next) {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            committed.insert(*partition, *next);
         }
     }
     if tpl.count() > 0 {

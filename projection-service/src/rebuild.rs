@@ -36,7 +36,7 @@ use shared::kafka::Topics;
 use shared::{EventCodec, Settings};
 use tokio::sync::watch;
 
-use crate::db::{Database, Swap, Tables};
+use crate::db::{Database, PartitionOffset, Swap, Tables};
 use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
 use crate::projector::{BatchOutcome, Collected, OffsetBook, Projector, collect};
@@ -67,7 +67,7 @@ pub struct RebuildReport {
     /// Poison messages skipped.
     pub poison: u64,
     /// The next offsets swapped in, per partition: at least where the live projection was.
-    pub ends: Vec<(i32, i64)>,
+    pub ends: Vec<PartitionOffset>,
     /// Wall time.
     pub elapsed: Duration,
     /// The throwaway consumer group it read with (assigned partitions, nothing committed).
@@ -303,16 +303,14 @@ fn stop_on(shutdown: impl Future<Output = ()> + Send + 'static) -> watch::Receiv
 
 /// The next offsets to swap in once every partition reached its range's end: that end, or
 /// further where the replay read past it.
-fn swapped_offsets(ranges: &[PartitionRange], book: &OffsetBook) -> Vec<(i32, i64)> {
-    let mut offsets: Vec<(i32, i64)> = ranges
+fn swapped_offsets(ranges: &[PartitionRange], book: &OffsetBook) -> Vec<PartitionOffset> {
+    let mut offsets: Vec<PartitionOffset> = ranges
         .iter()
-        .map(|r| {
-            (
-                r.partition,
-                book.stored(r.partition).unwrap_or(0).max(r.high),
-            )
+        .map(|r| PartitionOffset {
+            partition: r.partition,
+            next: book.stored(r.partition).map_or(r.high, |s| s.max(r.high)),
         })
-        .filter(|(_, next)| *next > 0)
+        .filter(|o| o.next > 0)
         .collect();
     offsets.sort_unstable();
     offsets
@@ -385,11 +383,10 @@ impl Replay<'_> {
         Ok(ranges.iter().all(|r| {
             let position = positions
                 .find_partition(self.topic, r.partition)
-                .and_then(|e| e.offset().to_raw())
-                .unwrap_or(-1);
+                .and_then(|e| e.offset().to_raw());
             r.high <= r.low
-                || self.book.stored(r.partition).unwrap_or(-1) >= r.high
-                || position >= r.high
+                || self.book.stored(r.partition).is_some_and(|s| s >= r.high)
+                || position.is_some_and(|p| p >= r.high)
         }))
     }
 
