@@ -78,8 +78,10 @@ fn consumer_at_the_end(
     let marks = tokio::task::block_in_place(|| watermarks(&consumer, topic))
         .map_err(|e| unavailable(settings, e))?;
     let mut tpl = TopicPartitionList::new();
-    for (partition, _, high) in &marks {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*high))
+    // Explicit end offsets (not `Offset::End`, resolved lazily): an event committed after the
+    // `watching` line is printed is never missed.
+    for m in &marks {
+        tpl.add_partition_offset(topic, m.partition, Offset::Offset(m.high))
             .map_err(|e| unavailable(settings, e))?;
     }
     consumer

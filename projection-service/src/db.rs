@@ -45,12 +45,16 @@ pub enum StoreError {
     /// Anything else (a bad schema, a bug): retrying will not help.
     #[error("database error: {0}")]
     Fatal(#[source] sqlx::Error),
+    /// A stored value is out of its range (a negative version, an unknown status): the tables
+    /// were changed by something else than this service. Retrying will not help.
+    #[error("invalid stored value: {0}")]
+    Invalid(String),
 }
 
 impl StoreError {
     /// Whether trying again may succeed.
     pub fn is_retriable(&self) -> bool {
-        !matches!(self, StoreError::Fatal(_))
+        !matches!(self, StoreError::Fatal(_) | StoreError::Invalid(_))
     }
 }
 
@@ -88,7 +92,7 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Result alias of this module.
-pub type StoreResult<T> = Result<T, StoreError>;
+pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
 /// The names of one set of read-model tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +123,7 @@ impl Tables {
     }
 
     /// The tables a rebuild fills before swapping them in.
-    pub fn rebuild() -> Self {
+    pub(crate) fn rebuild() -> Self {
         Self::with_suffix("_rebuild")
     }
 
@@ -201,7 +205,7 @@ impl Tables {
 
 /// One account as stored: the folded domain state plus what the read model adds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredAccount {
+pub(crate) struct StoredAccount {
     /// Account id (the aggregate id).
     pub id: String,
     /// The folded state.
@@ -214,7 +218,7 @@ pub struct StoredAccount {
 
 /// One applied event, as written to the events table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventRow {
+pub(crate) struct EventRow {
     /// The account.
     pub aggregate_id: String,
     /// Its version.
@@ -243,7 +247,7 @@ pub struct EventRow {
 
 /// An event kept aside because its version is ahead of the stored one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParkedRow {
+pub(crate) struct ParkedRow {
     /// Where it was read from.
     pub topic: String,
     /// Where it was read from.
@@ -266,22 +270,42 @@ pub struct ParkedRow {
 
 /// Everything one batch writes, in one transaction.
 #[derive(Debug, Default)]
-pub struct BatchWrite {
+pub(crate) struct BatchWrite {
     /// Applied events.
     pub events: Vec<EventRow>,
     /// Final state of every account the batch changed.
     pub accounts: Vec<StoredAccount>,
     /// Newly parked events.
     pub parked: Vec<ParkedRow>,
-    /// Accounts whose parked events up to this version were applied or became duplicates.
-    pub unpark: Vec<(String, u64)>,
-    /// Per partition: (expected stored offset, new next offset). `None` expects no row yet.
-    pub offsets: Vec<(i32, Option<i64>, i64)>,
+    /// Accounts whose parked events up to a version were applied or became duplicates.
+    pub unpark: Vec<Unpark>,
+    /// The offsets to compare-and-set, per partition.
+    pub offsets: Vec<OffsetAdvance>,
+}
+
+/// Parked events of an account that are resolved: every one up to `through_version` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Unpark {
+    /// The account.
+    pub aggregate_id: String,
+    /// Its version now; parked events at or below it are applied or duplicates.
+    pub through_version: u64,
+}
+
+/// A compare-and-set of one partition's stored next offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OffsetAdvance {
+    /// Partition of the events topic.
+    pub partition: i32,
+    /// The stored offset this process last saw (`None`: no row yet).
+    pub expected: Option<i64>,
+    /// The new next offset.
+    pub next: i64,
 }
 
 /// An account as of some point, as the HTTP API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountView {
+pub(crate) struct AccountView {
     /// Account id.
     pub id: String,
     /// Holder.
@@ -302,9 +326,49 @@ pub struct AccountView {
     pub updated_at: String,
 }
 
+/// The next offset of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PartitionOffset {
+    /// Partition of the events topic.
+    pub partition: i32,
+    /// The next offset to read.
+    pub next: i64,
+}
+
+/// What [`Database::swap_in`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Swap {
+    /// The tables are swapped in.
+    Done,
+    /// Nothing was swapped: the live tables are ahead on a partition.
+    LiveAhead(LiveAhead),
+}
+
+/// A partition on which the live tables are ahead of a rebuild's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LiveAhead {
+    /// Partition of the events topic.
+    pub(crate) partition: i32,
+    /// The live next offset.
+    pub(crate) live: i64,
+    /// The rebuild's next offset (`None`: nothing stored yet).
+    pub(crate) rebuilt: Option<i64>,
+}
+
+/// Row counts of the live tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowCounts {
+    /// `accounts`.
+    pub accounts: i64,
+    /// `account_events`.
+    pub events: i64,
+    /// `parked_events`.
+    pub parked: i64,
+}
+
 /// Filters and cursor of `GET /accounts`.
 #[derive(Debug, Clone, Default)]
-pub struct AccountFilter {
+pub(crate) struct AccountFilter {
     /// `active` / `closed`.
     pub status: Option<String>,
     /// Exact owner.
@@ -319,7 +383,7 @@ pub struct AccountFilter {
 
 /// `%text%` for `LOWER(column) LIKE … ESCAPE '\'`, lower-cased, with `%`, `_` and `\` taken
 /// literally.
-pub fn contains_pattern(text: &str) -> String {
+pub(crate) fn contains_pattern(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('%');
     for c in text.chars() {
@@ -333,12 +397,12 @@ pub fn contains_pattern(text: &str) -> String {
 }
 
 /// A timestamp as RFC 3339 text (UTC, `Z`, as many fraction digits as needed).
-pub fn format_ts(ts: &DateTime<Utc>) -> String {
+pub(crate) fn format_ts(ts: &DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// Nanoseconds since the epoch, saturating outside 1677–2262 (the range an `i64` holds).
-pub fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
+pub(crate) fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
     ts.timestamp_nanos_opt().unwrap_or(if ts.timestamp() > 0 {
         i64::MAX
     } else {
@@ -346,20 +410,39 @@ pub fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
     })
 }
 
-fn status_from(text: &str) -> AccountStatus {
-    match text {
-        "active" => AccountStatus::Active,
-        "closed" => AccountStatus::Closed,
-        _ => AccountStatus::New,
-    }
+/// The columns of an accounts row, in the order every query selects and inserts them.
+const ACCOUNT_COLUMNS: &str =
+    "id, owner, currency, balance_minor, status, version, transaction_count, opened_at, updated_at";
+/// How many [`ACCOUNT_COLUMNS`] there are.
+const ACCOUNT_COLUMN_COUNT: usize = 9;
+
+/// A stored status text as the domain's status; an unknown text is an error.
+fn status_from(text: &str) -> StoreResult<AccountStatus> {
+    [
+        AccountStatus::New,
+        AccountStatus::Active,
+        AccountStatus::Closed,
+    ]
+    .into_iter()
+    .find(|s| s.as_str() == text)
+    .ok_or_else(|| StoreError::Invalid(format!("unknown account status `{text}`")))
 }
 
+/// A count or version for a `BIGINT` column (saturating: no count reaches `i64::MAX`).
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
+/// A `BIGINT` column that must not be negative, read by name.
+fn get_u64(row: &AnyRow, column: &str) -> StoreResult<u64> {
+    let n: i64 = row.try_get(column)?;
+    u64::try_from(n).map_err(|_| StoreError::Invalid(format!("{column} is negative: {n}")))
+}
+
+/// A `BIGINT` partition column, read by name.
+fn get_partition(row: &AnyRow, column: &str) -> StoreResult<i32> {
+    let n: i64 = row.try_get(column)?;
+    i32::try_from(n).map_err(|_| StoreError::Invalid(format!("{column} out of range: {n}")))
 }
 
 /// `($1,$2,…),($k+1,…)` for `rows` rows of `cols` columns.
@@ -446,7 +529,7 @@ impl Database {
 
     /// Begins a write transaction (`BEGIN IMMEDIATE` on SQLite, so that a read-then-write
     /// transaction never fails to upgrade its lock).
-    pub async fn begin_write(&self) -> StoreResult<Transaction<'static, Any>> {
+    pub(crate) async fn begin_write(&self) -> StoreResult<Transaction<'static, Any>> {
         Ok(match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
@@ -506,7 +589,7 @@ impl Database {
     }
 
     /// Drops and re-creates a table set (for a rebuild). `tag` makes index names unique.
-    pub async fn recreate_tables(&self, tables: &Tables, tag: &str) -> StoreResult<()> {
+    pub(crate) async fn recreate_tables(&self, tables: &Tables, tag: &str) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
         for table in tables.all() {
             tx.execute(format!("DROP TABLE IF EXISTS {table}").as_str())
@@ -519,9 +602,13 @@ impl Database {
         Ok(())
     }
 
-    /// Renames `from` into the live names in one transaction and drops the previous live tables.
-    /// Readers keep querying by name and see either the old or the new set, never a mix.
-    pub async fn swap_in(&self, from: &Tables, tag: &str) -> StoreResult<()> {
+    /// Renames `from` into the live names in one transaction and drops the previous live tables,
+    /// but only if no live offset of `topic` is ahead of `from`'s: else nothing changes and the
+    /// partition that is behind is returned ([`Swap::LiveAhead`]). The check runs under the
+    /// swap's locks (`BEGIN IMMEDIATE` on SQLite, `ACCESS EXCLUSIVE` on PostgreSQL), so the live
+    /// projection cannot move between the check and the swap. Readers keep querying by name
+    /// and see either the old or the new set, never a mix, and never an older one.
+    pub(crate) async fn swap_in(&self, from: &Tables, tag: &str, topic: &str) -> StoreResult<Swap> {
         let live = Tables::live();
         let retired = Tables::with_suffix(&format!("_retired_{tag}"));
         let mut tx = self.begin_write().await?;
@@ -534,6 +621,21 @@ impl Database {
             )
             .await?;
         }
+        let live_offsets = Self::load_offsets(&mut *tx, &live, topic).await?;
+        let rebuilt = Self::load_offsets(&mut *tx, from, topic).await?;
+        let mut behind: Vec<LiveAhead> = live_offsets
+            .iter()
+            .filter(|(p, live)| rebuilt.get(*p).is_none_or(|r| r < *live))
+            .map(|(p, live)| LiveAhead {
+                partition: *p,
+                live: *live,
+                rebuilt: rebuilt.get(p).copied(),
+            })
+            .collect();
+        if let Some(ahead) = behind.pop() {
+            tx.rollback().await?;
+            return Ok(Swap::LiveAhead(ahead));
+        }
         for ((old, new), gone) in live.all().iter().zip(from.all()).zip(retired.all()) {
             tx.execute(format!("ALTER TABLE {old} RENAME TO {gone}").as_str())
                 .await?;
@@ -544,11 +646,11 @@ impl Database {
             tx.execute(format!("DROP TABLE {gone}").as_str()).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(Swap::Done)
     }
 
     /// The stored next offsets of `topic`, per partition.
-    pub async fn load_offsets<'e, E>(
+    pub(crate) async fn load_offsets<'e, E>(
         executor: E,
         tables: &Tables,
         topic: &str,
@@ -564,13 +666,8 @@ impl Database {
         .fetch_all(executor)
         .await?;
         rows.iter()
-            .map(|r| {
-                let p: i64 = r.try_get(0)?;
-                let o: i64 = r.try_get(1)?;
-                Ok((i32::try_from(p).unwrap_or(i32::MAX), o))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .map(|r| Ok((get_partition(r, "partition")?, r.try_get("next_offset")?)))
+            .collect()
     }
 
     /// The stored offsets, outside any transaction.
@@ -579,7 +676,7 @@ impl Database {
     }
 
     /// The current state of the given accounts (missing ids are simply absent).
-    pub async fn load_accounts(
+    pub(crate) async fn load_accounts(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         ids: &[&str],
@@ -588,9 +685,7 @@ impl Database {
         for chunk in ids.chunks(500) {
             let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
-                        opened_at, updated_at
-                 FROM {} WHERE id IN ({})",
+                "SELECT {ACCOUNT_COLUMNS} FROM {} WHERE id IN ({})",
                 tables.accounts,
                 list.join(",")
             );
@@ -607,7 +702,7 @@ impl Database {
     }
 
     /// Number of parked events (cheap check before loading any).
-    pub async fn parked_count(
+    pub(crate) async fn parked_count(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
     ) -> StoreResult<i64> {
@@ -619,7 +714,7 @@ impl Database {
     }
 
     /// Parked events of the given accounts.
-    pub async fn load_parked(
+    pub(crate) async fn load_parked(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         ids: &[&str],
@@ -640,15 +735,15 @@ impl Database {
             }
             for row in query.fetch_all(&mut **tx).await? {
                 out.push(ParkedRow {
-                    topic: row.try_get(0)?,
-                    partition: i32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0),
-                    offset: row.try_get(2)?,
-                    aggregate_id: row.try_get(3)?,
-                    version: to_u64(row.try_get(4)?),
-                    expected_version: to_u64(row.try_get(5)?),
-                    event_id: row.try_get(6)?,
-                    reason: row.try_get(7)?,
-                    envelope: row.try_get(8)?,
+                    topic: row.try_get("topic")?,
+                    partition: get_partition(&row, "partition")?,
+                    offset: row.try_get("source_offset")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    version: get_u64(&row, "version")?,
+                    expected_version: get_u64(&row, "expected_version")?,
+                    event_id: row.try_get("event_id")?,
+                    reason: row.try_get("reason")?,
+                    envelope: row.try_get("envelope")?,
                 });
             }
         }
@@ -657,13 +752,25 @@ impl Database {
 
     /// Writes a batch. Offsets are compare-and-set: if a partition's stored offset is not the
     /// expected one, nothing is written and [`StoreError::Conflict`] names the partition.
-    pub async fn write_batch(
+    pub(crate) async fn write_batch(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         topic: &str,
         batch: &BatchWrite,
     ) -> StoreResult<()> {
-        for chunk in batch.events.chunks(ROWS_PER_INSERT) {
+        Self::insert_events(tx, tables, &batch.events).await?;
+        Self::upsert_accounts(tx, tables, &batch.accounts).await?;
+        Self::insert_parked(tx, tables, &batch.parked).await?;
+        Self::delete_unparked(tx, tables, &batch.unpark).await?;
+        Self::advance_offsets(tx, tables, topic, &batch.offsets).await
+    }
+
+    async fn insert_events(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        events: &[EventRow],
+    ) -> StoreResult<()> {
+        for chunk in events.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\",
                     timestamp_ns, data, envelope, balance_minor, status, transaction_count,
@@ -690,17 +797,24 @@ impl Database {
             }
             query.execute(&mut **tx).await?;
         }
-        for chunk in batch.accounts.chunks(ROWS_PER_INSERT) {
+        Ok(())
+    }
+
+    async fn upsert_accounts(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        accounts: &[StoredAccount],
+    ) -> StoreResult<()> {
+        for chunk in accounts.chunks(ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO {} (id, owner, currency, balance_minor, status, version,
-                    transaction_count, opened_at, updated_at) VALUES {}
+                "INSERT INTO {} ({ACCOUNT_COLUMNS}) VALUES {}
                  ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,
                     currency = excluded.currency, balance_minor = excluded.balance_minor,
                     status = excluded.status, version = excluded.version,
                     transaction_count = excluded.transaction_count,
                     opened_at = excluded.opened_at, updated_at = excluded.updated_at",
                 tables.accounts,
-                placeholders(chunk.len(), 9)
+                placeholders(chunk.len(), ACCOUNT_COLUMN_COUNT)
             );
             let mut query = sqlx::query(&sql);
             for a in chunk {
@@ -717,7 +831,15 @@ impl Database {
             }
             query.execute(&mut **tx).await?;
         }
-        for chunk in batch.parked.chunks(ROWS_PER_INSERT) {
+        Ok(())
+    }
+
+    async fn insert_parked(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        parked: &[ParkedRow],
+    ) -> StoreResult<()> {
+        for chunk in parked.chunks(ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO {} (topic, \"partition\", source_offset, aggregate_id, version,
                     expected_version, event_id, reason, envelope, parked_at) VALUES {}
@@ -742,7 +864,20 @@ impl Database {
             }
             query.execute(&mut **tx).await?;
         }
-        for (id, version) in &batch.unpark {
+        Ok(())
+    }
+
+    /// Deletes parked events that were applied or became duplicates.
+    async fn delete_unparked(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        unpark: &[Unpark],
+    ) -> StoreResult<()> {
+        for Unpark {
+            aggregate_id: id,
+            through_version: version,
+        } in unpark
+        {
             sqlx::query(&format!(
                 "DELETE FROM {} WHERE aggregate_id = $1 AND version <= $2",
                 tables.parked
@@ -752,7 +887,22 @@ impl Database {
             .execute(&mut **tx)
             .await?;
         }
-        for (partition, expected, next) in &batch.offsets {
+        Ok(())
+    }
+
+    /// Compare-and-sets each partition's next offset.
+    async fn advance_offsets(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        topic: &str,
+        offsets: &[OffsetAdvance],
+    ) -> StoreResult<()> {
+        for OffsetAdvance {
+            partition,
+            expected,
+            next,
+        } in offsets
+        {
             let done = match expected {
                 Some(expected) => sqlx::query(&format!(
                     "UPDATE {} SET next_offset = $1
@@ -788,14 +938,14 @@ impl Database {
     }
 
     /// Sets offsets without a compare (the end of a rebuild).
-    pub async fn force_offsets(
+    pub(crate) async fn force_offsets(
         &self,
         tables: &Tables,
         topic: &str,
-        offsets: &[(i32, i64)],
+        offsets: &[PartitionOffset],
     ) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
-        for (partition, next) in offsets {
+        for PartitionOffset { partition, next } in offsets {
             sqlx::query(&format!(
                 "INSERT INTO {} (topic, \"partition\", next_offset) VALUES ($1, $2, $3)
                  ON CONFLICT (topic, \"partition\") DO UPDATE SET next_offset = excluded.next_offset",
@@ -812,12 +962,10 @@ impl Database {
     }
 
     /// The current state of an account.
-    pub async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
-        let row = sqlx::query(
-            "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
-                    opened_at, updated_at
-             FROM accounts WHERE id = $1",
-        )
+    pub(crate) async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -825,7 +973,7 @@ impl Database {
     }
 
     /// The state of an account right after version `version`.
-    pub async fn account_at_version(
+    pub(crate) async fn account_at_version(
         &self,
         id: &str,
         version: u64,
@@ -841,7 +989,7 @@ impl Database {
     }
 
     /// The state of an account after the highest version whose timestamp is at or before `at`.
-    pub async fn account_as_of(
+    pub(crate) async fn account_as_of(
         &self,
         id: &str,
         at: &DateTime<Utc>,
@@ -858,7 +1006,10 @@ impl Database {
     }
 
     /// A page of accounts ordered by id.
-    pub async fn list_accounts(&self, filter: &AccountFilter) -> StoreResult<Vec<AccountView>> {
+    pub(crate) async fn list_accounts(
+        &self,
+        filter: &AccountFilter,
+    ) -> StoreResult<Vec<AccountView>> {
         let mut conditions = Vec::new();
         let mut n = 0;
         let mut next = || {
@@ -884,9 +1035,7 @@ impl Database {
         }
         let limit = next();
         let sql = format!(
-            "SELECT id, owner, currency, balance_minor, status, version, transaction_count,
-                    opened_at, updated_at
-             FROM accounts {} ORDER BY id LIMIT {limit}",
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts {} ORDER BY id LIMIT {limit}",
             if conditions.is_empty() {
                 String::new()
             } else {
@@ -908,7 +1057,7 @@ impl Database {
     }
 
     /// An account's events (envelope JSON text at the current schema version), oldest first.
-    pub async fn events(&self, id: &str) -> StoreResult<Vec<String>> {
+    pub(crate) async fn events(&self, id: &str) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT envelope FROM account_events WHERE aggregate_id = $1 ORDER BY version",
         )
@@ -917,8 +1066,8 @@ impl Database {
         .await?)
     }
 
-    /// Row counts of the live tables: (accounts, account_events, parked_events).
-    pub async fn counts(&self) -> StoreResult<(i64, i64, i64)> {
+    /// Row counts of the live tables.
+    pub async fn counts(&self) -> StoreResult<RowCounts> {
         let count = |table: &'static str| {
             let pool = self.pool.clone();
             async move {
@@ -927,52 +1076,69 @@ impl Database {
                     .await
             }
         };
-        Ok((
-            count("accounts").await?,
-            count("account_events").await?,
-            count("parked_events").await?,
-        ))
+        Ok(RowCounts {
+            accounts: count("accounts").await?,
+            events: count("account_events").await?,
+            parked: count("parked_events").await?,
+        })
     }
 }
 
-const HISTORY_SELECT: &str = "SELECT e.aggregate_id, a.owner, a.currency, e.balance_minor,
-        e.status, e.version, e.transaction_count, a.opened_at, e.\"timestamp\"
+/// An account as of one of its events, with the columns named as in [`ACCOUNT_COLUMNS`].
+const HISTORY_SELECT: &str = "SELECT e.aggregate_id AS id, a.owner AS owner,
+        a.currency AS currency, e.balance_minor AS balance_minor, e.status AS status,
+        e.version AS version, e.transaction_count AS transaction_count,
+        a.opened_at AS opened_at, e.\"timestamp\" AS updated_at
      FROM account_events e JOIN accounts a ON a.id = e.aggregate_id";
 
+/// An accounts row ([`ACCOUNT_COLUMNS`]) as the projector's state.
 fn stored_account(row: &AnyRow) -> StoreResult<StoredAccount> {
-    let status: String = row.try_get(4)?;
+    let status: String = row.try_get("status")?;
     Ok(StoredAccount {
-        id: row.try_get(0)?,
+        id: row.try_get("id")?,
         state: BankAccount {
-            owner: row.try_get(1)?,
-            currency: row.try_get(2)?,
-            balance_minor: row.try_get(3)?,
-            status: status_from(&status),
-            version: to_u64(row.try_get(5)?),
-            transaction_count: to_u64(row.try_get(6)?),
+            owner: row.try_get("owner")?,
+            currency: row.try_get("currency")?,
+            balance_minor: row.try_get("balance_minor")?,
+            status: status_from(&status)?,
+            version: get_u64(row, "version")?,
+            transaction_count: get_u64(row, "transaction_count")?,
         },
-        opened_at: row.try_get(7)?,
-        updated_at: row.try_get(8)?,
+        opened_at: row.try_get("opened_at")?,
+        updated_at: row.try_get("updated_at")?,
     })
 }
 
+/// An accounts row ([`ACCOUNT_COLUMNS`], or [`HISTORY_SELECT`]) as the API shows it.
 fn account_view(row: &AnyRow) -> StoreResult<AccountView> {
+    let status: String = row.try_get("status")?;
     Ok(AccountView {
-        id: row.try_get(0)?,
-        owner: row.try_get(1)?,
-        currency: row.try_get(2)?,
-        balance_minor: row.try_get(3)?,
-        status: row.try_get(4)?,
-        version: to_u64(row.try_get(5)?),
-        transaction_count: to_u64(row.try_get(6)?),
-        opened_at: row.try_get(7)?,
-        updated_at: row.try_get(8)?,
+        id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
+        currency: row.try_get("currency")?,
+        balance_minor: row.try_get("balance_minor")?,
+        status: status_from(&status)?.as_str().to_owned(),
+        version: get_u64(row, "version")?,
+        transaction_count: get_u64(row, "transaction_count")?,
+        opened_at: row.try_get("opened_at")?,
+        updated_at: row.try_get("updated_at")?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_values_out_of_range_are_errors() {
+        assert!(matches!(status_from("frozen"), Err(StoreError::Invalid(_))));
+        assert_eq!(status_from("closed").ok(), Some(AccountStatus::Closed));
+        assert_eq!(
+            ACCOUNT_COLUMNS.split(',').count(),
+            ACCOUNT_COLUMN_COUNT,
+            "the count follows the list"
+        );
+    }
 
     #[test]
     fn placeholders_number_every_column() {

@@ -15,16 +15,31 @@ use std::time::Duration;
 
 use futures::future::try_join_all;
 use rdkafka::consumer::BaseConsumer;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
-use shared::dlq::watermarks;
 pub use shared::dlq::{DeadLetterReader, DeadLetterView, header};
+use shared::dlq::{PartitionMarks, watermarks};
 
 use crate::plan::DeadLetter;
 use crate::projector::Status;
+
+/// The most bytes (key, value and headers) a dead letter takes: below librdkafka's default
+/// `message.max.bytes` (1,000,000) and the broker's (1,048,588), with room for the record
+/// overhead. A larger letter has its value cut.
+pub(crate) const MAX_LETTER_BYTES: usize = 900_000;
+/// Room for the `dlq.original.truncated` header.
+const TRUNCATION_HEADER_BYTES: usize = 64;
+
+/// Bytes of header names and values.
+fn headers_size(headers: &OwnedHeaders) -> usize {
+    headers
+        .iter()
+        .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+        .sum()
+}
 
 /// How often [`count_monitor`] counts the dead letters.
 pub const COUNT_INTERVAL: Duration = Duration::from_secs(2);
@@ -67,29 +82,80 @@ impl DeadLetterQueue {
         })
     }
 
-    /// Sends every dead letter and waits until all are acknowledged.
+    /// Sends every dead letter and waits until all are acknowledged. A letter too large for
+    /// the topic goes with its value cut (see [`MAX_LETTER_BYTES`]), or without it if the
+    /// broker still refuses it, so that poison never blocks its partition.
     pub async fn send_all(&self, letters: &[DeadLetter]) -> Result<(), KafkaError> {
         let failed_at = crate::db::format_ts(&chrono::Utc::now());
-        try_join_all(letters.iter().map(|letter| {
-            let headers = self.headers(letter, &failed_at);
-            async move {
-                let mut record: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&self.topic).headers(headers);
-                if let Some(key) = &letter.key {
-                    record = record.key(key.as_slice());
-                }
-                if let Some(payload) = &letter.payload {
-                    record = record.payload(payload.as_slice());
-                }
-                self.producer
-                    .send(record, Duration::from_secs(30))
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| e)
-            }
-        }))
-        .await?;
+        try_join_all(letters.iter().map(|letter| self.send(letter, &failed_at))).await?;
         Ok(())
+    }
+
+    async fn send(&self, letter: &DeadLetter, failed_at: &str) -> Result<(), KafkaError> {
+        let headers = self.headers(letter, failed_at);
+        let payload = letter.payload.as_deref();
+        let budget = MAX_LETTER_BYTES
+            .saturating_sub(letter.key.as_ref().map_or(0, Vec::len))
+            .saturating_sub(headers_size(&headers) + TRUNCATION_HEADER_BYTES);
+        match payload {
+            Some(bytes) if bytes.len() > budget => {
+                self.send_truncated(letter, headers, bytes, budget).await
+            }
+            _ => self.produce(letter, headers, payload).await,
+        }
+    }
+
+    /// Sends the first `budget` bytes of the value and says so in a header; if the broker
+    /// still refuses the size, sends the letter without a value.
+    async fn send_truncated(
+        &self,
+        letter: &DeadLetter,
+        headers: OwnedHeaders,
+        bytes: &[u8],
+        budget: usize,
+    ) -> Result<(), KafkaError> {
+        tracing::warn!(
+            partition = letter.partition,
+            offset = letter.offset,
+            size = bytes.len(),
+            kept = budget,
+            "dead letter too large: its value is cut"
+        );
+        let size = bytes.len().to_string();
+        let headers = headers.insert(Header {
+            key: header::ORIGINAL_TRUNCATED,
+            value: Some(size.as_str()),
+        });
+        match self
+            .produce(letter, headers.clone(), Some(&bytes[..budget]))
+            .await
+        {
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                self.produce(letter, headers, None).await
+            }
+            other => other,
+        }
+    }
+
+    async fn produce(
+        &self,
+        letter: &DeadLetter,
+        headers: OwnedHeaders,
+        payload: Option<&[u8]>,
+    ) -> Result<(), KafkaError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.topic).headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
     }
 
     fn headers(&self, letter: &DeadLetter, failed_at: &str) -> OwnedHeaders {
@@ -148,7 +214,7 @@ pub async fn count_monitor(
         };
         match counted {
             Ok(Ok(marks)) => {
-                let count = marks.iter().map(|(_, low, high)| high - low).sum();
+                let count = marks.iter().map(PartitionMarks::count).sum();
                 status.set_dead_letters(Some(count));
                 let events = topic.strip_suffix(".dlq").unwrap_or(&topic);
                 crate::metrics::record_dead_letter_count(events, count);

@@ -26,7 +26,7 @@ use shared::money::{format_minor, minor_digits};
 use shared::{EventCodec, EventEnvelope};
 use utoipa::{OpenApi, ToSchema};
 
-use crate::db::{AccountFilter, AccountView, Database, StoreError};
+use crate::db::{AccountFilter, AccountView, Database, RowCounts, StoreError};
 use crate::dlq::{DeadLetterReader, DeadLetterView};
 use crate::projector::{PartitionLag, Status};
 
@@ -714,7 +714,11 @@ pub struct StatusJson {
     (status = 503, description = "The read model is unavailable (`Unavailable`): retry", body = ErrorBody),
 ))]
 async fn status(State(state): State<AppState>) -> Result<Json<StatusJson>, ApiError> {
-    let (accounts, events, parked) = state.db.counts().await?;
+    let RowCounts {
+        accounts,
+        events,
+        parked,
+    } = state.db.counts().await?;
     let partitions = state.status.lags();
     Ok(Json(StatusJson {
         ready: state.status.ready.load(Ordering::SeqCst),
@@ -788,10 +792,10 @@ async fn dead_letters(
         .await
         .map_err(|_| ApiError::Internal)?;
     match read {
-        Ok((total, dead_letters)) => Ok(Json(DeadLetterPage {
+        Ok(newest) => Ok(Json(DeadLetterPage {
             topic: state.dead_letters.topic().to_owned(),
-            total,
-            dead_letters,
+            total: newest.total,
+            dead_letters: newest.letters,
         })),
         Err(e) => {
             tracing::warn!(error = %e, "reading dead letters failed");

@@ -7,6 +7,7 @@
 //! - [`plan`]: the pure rules of a batch (apply / duplicate / park / dead-letter).
 //! - [`projector`]: the consumer loop: batches, one transaction per batch with the offsets,
 //!   rebalance handling, lag and readiness.
+//! - [`decode`]: decoding with the schema registry's failures sorted into wait and dead-letter.
 //! - [`dlq`]: the dead-letter topic.
 //! - [`http`]: the query API and the explorer page at `/`.
 //! - [`rebuild`]: replay the whole topic into fresh tables and swap them in.
@@ -16,10 +17,11 @@
 //! [`rebuild::rebuild`]). Tests call [`run`] in-process with a listener on port 0.
 
 pub mod db;
-pub mod dlq;
-pub mod http;
-pub mod metrics;
-pub mod plan;
+pub mod decode;
+pub(crate) mod dlq;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod plan;
 pub mod projector;
 pub mod rebuild;
 
@@ -37,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::db::{Database, StoreError, Tables};
+use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
 use crate::projector::{OffsetBook, ProjectionContext, Projector, ProjectorError, Status};
 
@@ -61,6 +64,9 @@ pub enum ServiceError {
     /// The consumer loop failed for good.
     #[error(transparent)]
     Projector(#[from] ProjectorError),
+    /// A setting of this service's own is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// A rebuild was interrupted (nothing was swapped in).
     #[error("rebuild interrupted before the swap; the live tables are unchanged")]
     Interrupted,
@@ -129,32 +135,19 @@ pub async fn run(
     let book = Arc::new(OffsetBook::new(db.offsets(&Tables::live(), &topic).await?));
     let status = Arc::new(Status::default());
     let metrics_handle = metrics::handle();
-
-    let consumer: StreamConsumer<ProjectionContext> =
-        consumer_config(&settings, &group_id(&settings))
-            .create_with_context(ProjectionContext::new(topic.clone(), book.clone()))?;
-    consumer.subscribe(&[&topic])?;
-    let consumer = Arc::new(consumer);
+    let consumer = subscribe(&settings, &topic, &book)?;
     let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
-    let projector = Projector::new(
+    let unknown_schema_retry =
+        decode::unknown_schema_retry_from_env().map_err(ServiceError::Config)?;
+    let projector = Projector::live(
         db.clone(),
-        Tables::live(),
         topic.clone(),
-        codec.clone(),
-        Some(dlq),
+        Decoder::new(&settings, codec.clone(), unknown_schema_retry),
+        dlq,
         book.clone(),
         status.clone(),
     );
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    {
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
-    }
+    let (stop_tx, stop_rx) = stop_channel(shutdown);
     let app = http::router(http::AppState {
         db: db.clone(),
         status: status.clone(),
@@ -165,28 +158,15 @@ pub async fn run(
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %topic, database = %redact(&settings.projection_database_url), "projection-service started");
-    let mut http_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
-    let watermarks: Arc<BaseConsumer> = Arc::new(
-        settings
-            .kafka
-            .client_config()
-            .create()
-            .map_err(ServiceError::Kafka)?,
-    );
+    let server = spawn_server(listener, app, stop_rx.clone());
+    let watermarks: Arc<BaseConsumer> = Arc::new(settings.kafka.client_config().create()?);
     let dead_letter_count = tokio::spawn(dlq::count_monitor(
         watermarks.clone(),
         topics.events_dlq(),
         status.clone(),
         stop_rx.clone(),
     ));
-    let monitor = tokio::spawn(projector::monitor(
+    let mut monitor = tokio::spawn(projector::monitor(
         consumer.clone(),
         watermarks,
         topic.clone(),
@@ -196,12 +176,17 @@ pub async fn run(
     ));
     let upkeep = tokio::spawn(metrics::upkeep(metrics_handle));
 
-    let result = projector.run(&consumer, stop_rx).await;
+    let result = tokio::select! {
+        result = projector.run(&consumer, stop_rx.clone()) => result,
+        Ok(Err(e)) = &mut monitor => Err(e),
+    };
     if let Err(e) = &result {
         tracing::error!(error = %e, "projection stopped");
     }
     let _ = stop_tx.send(true);
-    let _ = monitor.await;
+    if !monitor.is_finished() {
+        let _ = monitor.await;
+    }
     let _ = dead_letter_count.await;
     upkeep.abort();
     let served = server.await;
@@ -214,6 +199,50 @@ pub async fn run(
         Ok(r) => r.map_err(ServiceError::Http),
         Err(join) => Err(ServiceError::Http(std::io::Error::other(join))),
     }
+}
+
+/// The live consumer, a member of [`group_id`], subscribed to `topic`; its partitions are
+/// assigned at the offsets in `book`.
+fn subscribe(
+    settings: &Settings,
+    topic: &str,
+    book: &Arc<OffsetBook>,
+) -> Result<Arc<StreamConsumer<ProjectionContext>>, ServiceError> {
+    let consumer: StreamConsumer<ProjectionContext> =
+        consumer_config(settings, &group_id(settings))
+            .create_with_context(ProjectionContext::new(topic.to_owned(), book.clone()))?;
+    consumer.subscribe(&[topic])?;
+    Ok(Arc::new(consumer))
+}
+
+/// A stop signal every task watches: set when `shutdown` resolves, or by whoever holds the
+/// sender.
+fn stop_channel(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (Arc<watch::Sender<bool>>, watch::Receiver<bool>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_shutdown = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = on_shutdown.send(true);
+    });
+    (stop_tx, stop_rx)
+}
+
+/// Serves `app` on `listener` until the stop signal, then drains.
+fn spawn_server(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    })
 }
 
 /// The URL without its password, for logs.

@@ -136,8 +136,8 @@ pub fn record_batch_time(topic: &str, elapsed: Duration) {
 }
 
 /// Counts one dead letter.
-pub fn record_dead_letter(topic: &str, code: &str) {
-    metrics::counter!(DEAD_LETTERED, "topic" => topic.to_owned(), "code" => label_value(code))
+pub fn record_dead_letter(topic: &str, code: shared::dlq::DeadLetterCode) {
+    metrics::counter!(DEAD_LETTERED, "topic" => topic.to_owned(), "code" => label_value(code.as_str()))
         .increment(1);
 }
 

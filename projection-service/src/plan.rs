@@ -15,9 +15,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::message::OwnedHeaders;
+use shared::dlq::DeadLetterCode;
 use shared::{BankAccount, DecodeError, EventEnvelope};
 
-use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, format_ts};
+use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, Unpark, format_ts};
 
 /// One consumed message after decoding.
 #[derive(Debug)]
@@ -49,23 +50,41 @@ pub struct DeadLetter {
     pub payload: Option<Vec<u8>>,
     /// Original headers.
     pub headers: Option<OwnedHeaders>,
-    /// Stable reason code (`InvalidJson`, `UnknownEventType`, `NotApplicable`…).
-    pub code: String,
+    /// Stable reason code.
+    pub code: DeadLetterCode,
     /// Human-readable reason.
     pub message: String,
 }
 
 impl DeadLetter {
     /// A dead letter carrying a consumed message's origin and bytes unchanged.
-    fn of(msg: &Incoming, code: String, message: String) -> DeadLetter {
+    fn of(msg: &Incoming, refusal: Refusal) -> DeadLetter {
         DeadLetter {
             partition: msg.partition,
             offset: msg.offset,
             key: msg.key.clone(),
             payload: msg.payload.clone(),
             headers: msg.headers.clone(),
+            code: refusal.code,
+            message: refusal.message,
+        }
+    }
+}
+
+/// Why an event was refused: its dead-letter code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// Stable reason code.
+    pub(crate) code: DeadLetterCode,
+    /// Human-readable reason.
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    fn new(code: DeadLetterCode, message: impl Into<String>) -> Self {
+        Refusal {
             code,
-            message,
+            message: message.into(),
         }
     }
 }
@@ -102,156 +121,223 @@ struct Pending {
 pub fn plan_batch(
     topic: &str,
     messages: &[Incoming],
-    mut accounts: HashMap<String, StoredAccount>,
+    accounts: HashMap<String, StoredAccount>,
     parked: Vec<ParkedRow>,
 ) -> Plan {
-    let mut plan = Plan::default();
-    let mut pending: HashMap<String, BTreeMap<u64, Pending>> = HashMap::new();
-    for row in parked {
-        pending
-            .entry(row.aggregate_id.clone())
-            .or_default()
-            .entry(row.version)
-            .or_insert(Pending {
-                row,
-                stored: true,
-                refused: false,
-            });
-    }
-    let mut dirty: Vec<String> = Vec::new();
-
+    let mut planner = Planner::new(topic, accounts, parked);
     for msg in messages {
+        planner.take(msg);
+    }
+    planner.finish()
+}
+
+/// The state of planning one batch, message by message.
+struct Planner<'a> {
+    topic: &'a str,
+    plan: Plan,
+    accounts: HashMap<String, StoredAccount>,
+    /// Parked events per account by version: stored ones and those parked in this batch.
+    pending: HashMap<String, BTreeMap<u64, Pending>>,
+    /// Accounts changed by the batch, in first-changed order.
+    dirty: Vec<String>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        topic: &'a str,
+        accounts: HashMap<String, StoredAccount>,
+        parked: Vec<ParkedRow>,
+    ) -> Self {
+        let mut pending: HashMap<String, BTreeMap<u64, Pending>> = HashMap::new();
+        for row in parked {
+            pending
+                .entry(row.aggregate_id.clone())
+                .or_default()
+                .entry(row.version)
+                .or_insert(Pending {
+                    row,
+                    stored: true,
+                    refused: false,
+                });
+        }
+        Planner {
+            topic,
+            plan: Plan::default(),
+            accounts,
+            pending,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Decides one message: dead-letter, duplicate, park or apply (then unpark what follows).
+    fn take(&mut self, msg: &Incoming) {
         let envelope = match &msg.decoded {
             Ok(envelope) => envelope,
             Err(error) => {
-                plan.dead_letters.push(DeadLetter::of(
-                    msg,
-                    error.code().to_owned(),
-                    error.to_string(),
-                ));
-                continue;
+                let refusal = Refusal::new(error.into(), error.to_string());
+                self.plan.dead_letters.push(DeadLetter::of(msg, refusal));
+                return;
             }
         };
         let id = envelope.aggregate_id.clone();
-        let account = accounts.entry(id.clone()).or_insert_with(|| StoredAccount {
-            id: id.clone(),
-            state: BankAccount::default(),
-            opened_at: String::new(),
-            updated_at: String::new(),
-        });
+        let account = self
+            .accounts
+            .entry(id.clone())
+            .or_insert_with(|| StoredAccount {
+                id: id.clone(),
+                state: BankAccount::default(),
+                opened_at: String::new(),
+                updated_at: String::new(),
+            });
         let stored = account.state.version;
         if envelope.version <= stored {
-            plan.duplicates += 1;
-            continue;
+            self.plan.duplicates += 1;
+            return;
         }
         if envelope.version > stored + 1 {
-            tracing::error!(
-                aggregate_id = %id,
-                version = envelope.version,
-                expected = stored + 1,
-                partition = msg.partition,
-                offset = msg.offset,
-                "version gap: event parked, not applied"
-            );
-            plan.parked += 1;
-            let row = ParkedRow {
-                topic: topic.to_owned(),
-                partition: msg.partition,
-                offset: msg.offset,
-                aggregate_id: id.clone(),
-                version: envelope.version,
-                expected_version: stored + 1,
-                event_id: envelope.event_id.to_string(),
-                reason: format!(
-                    "version gap: got {}, expected {}",
-                    envelope.version,
-                    stored + 1
-                ),
-                envelope: serde_json::to_string(envelope).unwrap_or_default(),
-            };
-            pending
-                .entry(id.clone())
-                .or_default()
-                .entry(envelope.version)
-                .or_insert(Pending {
-                    row,
-                    stored: false,
-                    refused: false,
-                });
-            continue;
+            self.park(msg, envelope, stored + 1);
+            return;
         }
         match apply_one(account, envelope, msg.partition, msg.offset) {
             Ok(row) => {
-                plan.write.events.push(row);
-                plan.applied += 1;
+                self.plan.write.events.push(row);
+                self.plan.applied += 1;
             }
-            Err((code, message)) => {
-                plan.dead_letters.push(DeadLetter::of(msg, code, message));
-                continue;
-            }
-        }
-        // Parked events that now follow on.
-        if let Some(waiting) = pending.get_mut(&id) {
-            while let Some(next) = waiting.get_mut(&(account.state.version + 1)) {
-                if next.refused {
-                    break;
-                }
-                let envelope: Result<EventEnvelope, _> = serde_json::from_str(&next.row.envelope);
-                let outcome = match envelope {
-                    Ok(envelope) => {
-                        apply_one(account, &envelope, next.row.partition, next.row.offset)
-                    }
-                    Err(e) => Err(("InvalidEnvelope".to_owned(), e.to_string())),
-                };
-                match outcome {
-                    Ok(row) => {
-                        plan.write.events.push(row);
-                        plan.applied += 1;
-                        plan.unparked += 1;
-                    }
-                    Err((code, message)) => {
-                        plan.dead_letters.push(DeadLetter {
-                            partition: next.row.partition,
-                            offset: next.row.offset,
-                            key: Some(id.clone().into_bytes()),
-                            payload: Some(next.row.envelope.clone().into_bytes()),
-                            headers: None,
-                            code,
-                            message,
-                        });
-                        // Leave it parked (it is in the DLQ too) and stop the chain.
-                        next.refused = true;
-                        break;
-                    }
-                }
+            Err(refusal) => {
+                self.plan.dead_letters.push(DeadLetter::of(msg, refusal));
+                return;
             }
         }
-        if !dirty.contains(&id) {
-            dirty.push(id);
+        self.apply_parked_followers(&id);
+        if !self.dirty.contains(&id) {
+            self.dirty.push(id);
         }
     }
 
-    for (id, waiting) in pending {
-        let version = accounts.get(&id).map(|a| a.state.version).unwrap_or(0);
-        let mut resolved_stored = false;
-        for (v, p) in waiting {
-            if v <= version {
-                resolved_stored |= p.stored;
-            } else if !p.stored {
-                plan.write.parked.push(p.row);
+    /// Keeps an event aside behind a version gap.
+    fn park(&mut self, msg: &Incoming, envelope: &EventEnvelope, expected: u64) {
+        let id = &envelope.aggregate_id;
+        tracing::error!(
+            aggregate_id = %id,
+            version = envelope.version,
+            expected,
+            partition = msg.partition,
+            offset = msg.offset,
+            "version gap: event parked, not applied"
+        );
+        self.plan.parked += 1;
+        let row = ParkedRow {
+            topic: self.topic.to_owned(),
+            partition: msg.partition,
+            offset: msg.offset,
+            aggregate_id: id.clone(),
+            version: envelope.version,
+            expected_version: expected,
+            event_id: envelope.event_id.to_string(),
+            reason: format!("version gap: got {}, expected {expected}", envelope.version),
+            envelope: serde_json::to_string(envelope).unwrap_or_default(),
+        };
+        self.pending
+            .entry(id.clone())
+            .or_default()
+            .entry(envelope.version)
+            .or_insert(Pending {
+                row,
+                stored: false,
+                refused: false,
+            });
+    }
+
+    /// Applies the parked events of `id` that now follow on, in version order, until one is
+    /// missing or refused (a refused one is dead-lettered, stays parked and ends the chain).
+    fn apply_parked_followers(&mut self, id: &str) {
+        let (Some(account), Some(waiting)) = (self.accounts.get_mut(id), self.pending.get_mut(id))
+        else {
+            return;
+        };
+        while let Some(next) = waiting.get_mut(&(account.state.version + 1)) {
+            if next.refused {
+                break;
+            }
+            let outcome = match serde_json::from_str::<EventEnvelope>(&next.row.envelope) {
+                Ok(envelope) => apply_one(account, &envelope, next.row.partition, next.row.offset),
+                Err(e) => Err(Refusal::new(DeadLetterCode::InvalidEnvelope, e.to_string())),
+            };
+            match outcome {
+                Ok(row) => {
+                    self.plan.write.events.push(row);
+                    self.plan.applied += 1;
+                    self.plan.unparked += 1;
+                }
+                Err(Refusal { code, message }) => {
+                    self.plan.dead_letters.push(DeadLetter {
+                        partition: next.row.partition,
+                        offset: next.row.offset,
+                        key: Some(id.as_bytes().to_vec()),
+                        payload: Some(next.row.envelope.clone().into_bytes()),
+                        headers: None,
+                        code,
+                        message,
+                    });
+                    next.refused = true;
+                    break;
+                }
             }
         }
-        if resolved_stored {
-            plan.write.unpark.push((id, version));
+    }
+
+    /// The rows to write: new parked events, resolved parked ones, changed accounts.
+    fn finish(mut self) -> Plan {
+        for (id, waiting) in self.pending {
+            let version = self.accounts.get(&id).map_or(0, |a| a.state.version);
+            let mut resolved_stored = false;
+            for (v, p) in waiting {
+                if v <= version {
+                    resolved_stored |= p.stored;
+                } else if !p.stored {
+                    self.plan.write.parked.push(p.row);
+                }
+            }
+            if resolved_stored {
+                self.plan.write.unpark.push(Unpark {
+                    aggregate_id: id,
+                    through_version: version,
+                });
+            }
+        }
+        for id in self.dirty {
+            if let Some(account) = self.accounts.remove(&id) {
+                self.plan.versions.insert(id, account.state.version);
+                self.plan.write.accounts.push(account);
+            }
+        }
+        self.plan
+    }
+}
+
+/// Checks every string of the event the read model stores as text: PostgreSQL refuses a NUL
+/// byte anywhere, and b-tree index rows are bounded. Such an event is dead-lettered
+/// (`Unstorable`) here rather than failing its whole batch over and over. The id and the owner
+/// follow the command rules ([`shared::bank_account::check_text`]); the currency may not hold
+/// a control character or exceed the same length. The `data` and envelope columns are JSON
+/// text, in which a NUL is escaped.
+fn check_storable(envelope: &EventEnvelope, event: &shared::Event) -> Result<(), Refusal> {
+    use shared::bank_account::{MAX_TEXT_BYTES, check_text};
+    let unstorable = |reason: String| Refusal::new(DeadLetterCode::Unstorable, reason);
+    check_text("aggregate_id", &envelope.aggregate_id).map_err(unstorable)?;
+    if let shared::Event::AccountOpened {
+        owner, currency, ..
+    } = event
+    {
+        check_text("owner", owner).map_err(unstorable)?;
+        if currency.len() > MAX_TEXT_BYTES || currency.chars().any(char::is_control) {
+            return Err(unstorable(format!(
+                "currency {currency:?} holds a control character or is longer than \
+                 {MAX_TEXT_BYTES} bytes"
+            )));
         }
     }
-    for id in dirty {
-        if let Some(account) = accounts.remove(&id) {
-            plan.versions.insert(id, account.state.version);
-            plan.write.accounts.push(account);
-        }
-    }
-    plan
+    Ok(())
 }
 
 /// Applies one event to an account, returning the history row, or a dead-letter reason.
@@ -260,23 +346,15 @@ fn apply_one(
     envelope: &EventEnvelope,
     partition: i32,
     offset: i64,
-) -> Result<EventRow, (String, String)> {
+) -> Result<EventRow, Refusal> {
     let event = envelope
         .event()
-        .map_err(|e| ("InvalidEventData".to_owned(), e.to_string()))?;
-    // Text the read model cannot index or store (PostgreSQL refuses NUL, b-tree rows are
-    // bounded) is dead-lettered here rather than failing the whole batch over and over.
-    let owner = match &event {
-        shared::Event::AccountOpened { owner, .. } => Some(owner.as_str()),
-        _ => None,
-    };
-    shared::bank_account::check_text("aggregate_id", &envelope.aggregate_id)
-        .and_then(|()| owner.map_or(Ok(()), |o| shared::bank_account::check_text("owner", o)))
-        .map_err(|reason| ("Unstorable".to_owned(), reason))?;
+        .map_err(|e| Refusal::new(DeadLetterCode::InvalidEventData, e.to_string()))?;
+    check_storable(envelope, &event)?;
     account
         .state
         .check_applicable(&event)
-        .map_err(|reason| ("NotApplicable".to_owned(), reason))?;
+        .map_err(|reason| Refusal::new(DeadLetterCode::NotApplicable, reason))?;
     account.state.apply(&event);
     let ts = format_ts(&envelope.timestamp);
     if account.state.version == 1 || account.opened_at.is_empty() {
@@ -385,7 +463,13 @@ mod tests {
         );
         assert_eq!((later.applied, later.unparked), (3, 2));
         assert_eq!(later.write.accounts[0].state.balance_minor, 116);
-        assert_eq!(later.write.unpark, vec![("a".to_string(), 4)]);
+        assert_eq!(
+            later.write.unpark,
+            vec![Unpark {
+                aggregate_id: "a".into(),
+                through_version: 4
+            }]
+        );
         assert!(later.write.parked.is_empty());
     }
 
@@ -398,18 +482,24 @@ mod tests {
             currency: "EUR".into(),
             initial_balance_minor: 0,
         };
+        let nul_currency = Event::AccountOpened {
+            owner: "Ann".into(),
+            currency: "EU\u{0}R".into(),
+            initial_balance_minor: 0,
+        };
         let plan = plan_batch(
             "t",
             &[
                 msg(0, "nul\u{0}id", 1, &opened()),
                 msg(1, "b", 1, &long_owner),
-                msg(2, "c", 1, &opened()),
+                msg(2, "d", 1, &nul_currency),
+                msg(3, "c", 1, &opened()),
             ],
             HashMap::new(),
             vec![],
         );
-        let codes: Vec<&str> = plan.dead_letters.iter().map(|d| d.code.as_str()).collect();
-        assert_eq!(codes, ["Unstorable", "Unstorable"]);
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(codes, [DeadLetterCode::Unstorable; 3]);
         assert_eq!(plan.applied, 1);
     }
 
@@ -423,8 +513,11 @@ mod tests {
             HashMap::new(),
             vec![],
         );
-        let codes: Vec<&str> = plan.dead_letters.iter().map(|d| d.code.as_str()).collect();
-        assert_eq!(codes, ["NotApplicable", "UnknownFormat"]);
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(
+            codes,
+            [DeadLetterCode::NotApplicable, DeadLetterCode::UnknownFormat]
+        );
         assert_eq!(plan.applied, 1);
         assert_eq!(plan.write.accounts.len(), 1);
         assert_eq!(plan.write.accounts[0].id, "c");

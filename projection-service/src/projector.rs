@@ -33,18 +33,20 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use shared::EventCodec;
 use tokio::sync::watch;
 
-use crate::db::{Database, StoreError, Tables};
+use sqlx::{Any, Transaction};
+
+use crate::db::{Database, OffsetAdvance, PartitionOffset, StoreError, Tables};
+use crate::decode::{Decoder, Verdict};
 use crate::dlq::DeadLetterQueue;
 use crate::metrics;
-use crate::plan::{Incoming, plan_batch};
+use crate::plan::{DeadLetter, Incoming, Plan, plan_batch};
 
 /// Most messages per batch.
-pub const MAX_BATCH: usize = 500;
+pub(crate) const MAX_BATCH: usize = 500;
 /// How long a batch waits for more messages after its first.
-pub const BATCH_LINGER: Duration = Duration::from_millis(50);
+pub(crate) const BATCH_LINGER: Duration = Duration::from_millis(50);
 /// How long the loop waits for a first message before doing its idle chores.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -57,13 +59,41 @@ pub enum ProjectorError {
     /// Kafka refused something retrying will not fix.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// The database's next offset of a partition is beyond the partition's end: the topic was
+    /// deleted and created again (or truncated) while the read model was kept.
+    #[error(
+        "the stored next offset {stored} of {topic} partition {partition} is beyond the \
+         partition's end offset {end}: the topic was recreated or truncated while the read \
+         model was kept, so the projection cannot continue. Recover with \
+         `projection-service rebuild` (replays the topic into fresh tables) or start with a \
+         fresh database (PROJECTION_DATABASE_URL)"
+    )]
+    OffsetBeyondEnd {
+        /// The events topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// The next offset the database holds.
+        stored: i64,
+        /// The partition's high watermark.
+        end: i64,
+    },
 }
 
 /// What this process believes the database holds as next offsets, plus the current
 /// assignment. Shared by the loop, the rebalance callback and the lag monitor.
 #[derive(Debug, Default)]
-pub struct OffsetBook {
+pub(crate) struct OffsetBook {
     inner: Mutex<BookInner>,
+}
+
+/// The partitions a consumer holds right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Assignment {
+    /// Assigned partitions, ascending.
+    pub partitions: Vec<i32>,
+    /// Whether any assignment happened yet (before it, no lag can be measured).
+    pub assigned_once: bool,
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +105,7 @@ struct BookInner {
 
 impl OffsetBook {
     /// A book starting from the offsets read from the database.
-    pub fn new(stored: HashMap<i32, i64>) -> Self {
+    pub(crate) fn new(stored: HashMap<i32, i64>) -> Self {
         OffsetBook {
             inner: Mutex::new(BookInner {
                 stored,
@@ -89,7 +119,7 @@ impl OffsetBook {
     }
 
     /// The stored next offset of a partition (`None`: nothing stored yet, start at the beginning).
-    pub fn stored(&self, partition: i32) -> Option<i64> {
+    pub(crate) fn stored(&self, partition: i32) -> Option<i64> {
         self.lock().stored.get(&partition).copied()
     }
 
@@ -102,12 +132,12 @@ impl OffsetBook {
     }
 
     /// Partitions currently assigned, and whether any assignment happened yet.
-    pub fn assignment(&self) -> (Vec<i32>, bool) {
+    pub(crate) fn assignment(&self) -> Assignment {
         let inner = self.lock();
-        (
-            inner.assigned.iter().copied().collect(),
-            inner.assigned_once,
-        )
+        Assignment {
+            partitions: inner.assigned.iter().copied().collect(),
+            assigned_once: inner.assigned_once,
+        }
     }
 
     fn assign(&self, partitions: &[i32]) {
@@ -130,7 +160,7 @@ impl OffsetBook {
 
 /// Progress signals shared with the HTTP side.
 #[derive(Debug)]
-pub struct Status {
+pub(crate) struct Status {
     /// Caught up at least once since start (`GET /ready`).
     pub ready: AtomicBool,
     /// Bumped after every commit; `?min_version` waits on it.
@@ -156,7 +186,7 @@ impl Default for Status {
 
 /// The lag of one assigned partition as the last [`monitor`] round measured it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct PartitionLag {
+pub(crate) struct PartitionLag {
     /// Partition of the events topic.
     pub partition: i32,
     /// The next offset the projection will read (stored, or the consumer's position).
@@ -169,7 +199,7 @@ pub struct PartitionLag {
 
 impl Status {
     /// The lag of each assigned partition, by partition (empty before the first assignment).
-    pub fn lags(&self) -> Vec<PartitionLag> {
+    pub(crate) fn lags(&self) -> Vec<PartitionLag> {
         self.lags
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -182,7 +212,7 @@ impl Status {
 
     /// Messages in the dead-letter topic (`None` until first counted, see
     /// [`crate::dlq::count_monitor`]).
-    pub fn dead_letters(&self) -> Option<i64> {
+    pub(crate) fn dead_letters(&self) -> Option<i64> {
         *self
             .dead_letters
             .lock()
@@ -190,7 +220,7 @@ impl Status {
     }
 
     /// Records the dead-letter count.
-    pub fn set_dead_letters(&self, count: Option<i64>) {
+    pub(crate) fn set_dead_letters(&self, count: Option<i64>) {
         *self
             .dead_letters
             .lock()
@@ -199,14 +229,14 @@ impl Status {
 }
 
 /// Consumer context that assigns partitions at the offsets stored in the database.
-pub struct ProjectionContext {
+pub(crate) struct ProjectionContext {
     topic: String,
     book: Arc<OffsetBook>,
 }
 
 impl ProjectionContext {
     /// A context for `topic` reading offsets from `book`.
-    pub fn new(topic: String, book: Arc<OffsetBook>) -> Self {
+    pub(crate) fn new(topic: String, book: Arc<OffsetBook>) -> Self {
         ProjectionContext { topic, book }
     }
 }
@@ -278,7 +308,7 @@ impl ConsumerContext for ProjectionContext {
 
 /// One consumed message, owned.
 #[derive(Debug, Clone)]
-pub struct RawMessage {
+pub(crate) struct RawMessage {
     /// Partition.
     pub partition: i32,
     /// Offset.
@@ -293,7 +323,7 @@ pub struct RawMessage {
 
 impl RawMessage {
     /// Copies a borrowed message.
-    pub fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
+    pub(crate) fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
         RawMessage {
             partition: m.partition(),
             offset: m.offset(),
@@ -306,9 +336,14 @@ impl RawMessage {
 
 /// What [`collect`] found.
 #[derive(Debug)]
-pub enum Collected {
-    /// Messages, and whether shutdown was requested meanwhile (process them, then stop).
-    Batch(Vec<RawMessage>, bool),
+pub(crate) enum Collected {
+    /// Messages to process.
+    Batch {
+        /// The messages, in arrival order.
+        messages: Vec<RawMessage>,
+        /// Shutdown was requested while gathering: process them, then stop.
+        then_stop: bool,
+    },
     /// Nothing arrived within the idle tick.
     Idle,
     /// Shutdown was requested and nothing is pending.
@@ -317,7 +352,7 @@ pub enum Collected {
 
 /// Waits for a first message (up to `idle`), then gathers more for [`BATCH_LINGER`] or until
 /// [`MAX_BATCH`].
-pub async fn collect<C: ConsumerContext + 'static>(
+pub(crate) async fn collect<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     status: Option<&Status>,
     idle: Duration,
@@ -370,19 +405,22 @@ pub async fn collect<C: ConsumerContext + 'static>(
             }
         }
     }
-    Collected::Batch(batch, stop)
+    Collected::Batch {
+        messages: batch,
+        then_stop: stop,
+    }
 }
 
 /// What one processed batch amounted to.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct BatchOutcome {
+pub(crate) struct BatchOutcome {
     /// Events applied.
     pub applied: u64,
     /// Duplicates skipped.
     pub duplicates: u64,
     /// Events parked.
     pub parked: u64,
-    /// Messages dead-lettered (or only counted as poison, without a dead-letter queue).
+    /// Messages dead-lettered.
     pub dead_lettered: u64,
     /// Messages written (all that were not stale).
     pub messages: u64,
@@ -390,13 +428,47 @@ pub struct BatchOutcome {
     pub interrupted: bool,
 }
 
+/// What a projector is for; decides what it does besides writing its tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The service's own projection: a member of the live consumer group, writing the live
+    /// tables; after each commit it also commits the offsets to Kafka so that standard tools
+    /// show the group's lag.
+    Live,
+    /// A rebuild filling fresh tables with a throwaway consumer (assigned partitions, no group
+    /// membership): nothing is ever committed to Kafka.
+    Rebuild,
+}
+
+/// The distinct accounts a batch's decodable events touch, in first-seen order.
+fn touched_accounts(messages: &[Incoming]) -> Vec<&str> {
+    let mut seen = HashSet::new();
+    messages
+        .iter()
+        .filter_map(|m| m.decoded.as_ref().ok())
+        .map(|e| e.aggregate_id.as_str())
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+/// Per partition of the batch: the offset after its last message.
+fn next_offsets(messages: &[Incoming]) -> HashMap<i32, i64> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for m in messages {
+        let n = next.entry(m.partition).or_insert(m.offset + 1);
+        *n = (*n).max(m.offset + 1);
+    }
+    next
+}
+
 /// Projects batches into one set of tables.
-pub struct Projector {
+pub(crate) struct Projector {
     db: Database,
     tables: Tables,
+    mode: Mode,
     topic: String,
-    codec: Arc<EventCodec>,
-    dlq: Option<DeadLetterQueue>,
+    decoder: Decoder,
+    dlq: DeadLetterQueue,
     book: Arc<OffsetBook>,
     status: Arc<Status>,
 }
@@ -406,6 +478,7 @@ impl std::fmt::Debug for Projector {
         f.debug_struct("Projector")
             .field("topic", &self.topic)
             .field("tables", &self.tables)
+            .field("mode", &self.mode)
             .finish()
     }
 }
@@ -426,33 +499,51 @@ async fn sleep_unless_stopped(d: Duration, shutdown: &mut watch::Receiver<bool>)
 }
 
 impl Projector {
-    /// A projector writing `tables`; without a `dlq`, poison is only counted (tests use that).
-    pub fn new(
+    /// The live projection: writes the live tables, reports to `status` and commits its
+    /// offsets to Kafka too (for monitoring).
+    pub(crate) fn live(
         db: Database,
-        tables: Tables,
         topic: String,
-        codec: Arc<EventCodec>,
-        dlq: Option<DeadLetterQueue>,
+        decoder: Decoder,
+        dlq: DeadLetterQueue,
         book: Arc<OffsetBook>,
         status: Arc<Status>,
     ) -> Self {
         Projector {
             db,
-            tables,
+            tables: Tables::live(),
+            mode: Mode::Live,
             topic,
-            codec,
+            decoder,
             dlq,
             book,
             status,
         }
     }
 
-    /// The offset book.
-    pub fn book(&self) -> &Arc<OffsetBook> {
-        &self.book
+    /// A rebuild's projector: writes `tables` and commits nothing to Kafka.
+    pub(crate) fn rebuild(
+        db: Database,
+        tables: Tables,
+        topic: String,
+        decoder: Decoder,
+        dlq: DeadLetterQueue,
+        book: Arc<OffsetBook>,
+    ) -> Self {
+        Projector {
+            db,
+            tables,
+            mode: Mode::Rebuild,
+            topic,
+            decoder,
+            dlq,
+            book,
+            status: Arc::new(Status::default()),
+        }
     }
 
-    /// Decodes, retrying while the schema registry is unreachable. `None` on shutdown.
+    /// Decodes, retrying while the schema registry is unreachable or does not know a schema id
+    /// yet (see [`crate::decode`]). `None` on shutdown.
     ///
     /// Adds one `apply_event` span per message to `spans`: the caller keeps them open until the
     /// batch is committed, so each covers its event's decode, apply and commit.
@@ -467,17 +558,14 @@ impl Projector {
             spans.push(Self::apply_span(&m));
             let mut attempt = 0;
             let decoded = loop {
-                let result = match &m.payload {
-                    Some(bytes) => self.codec.decode(bytes).await,
-                    None => Err(shared::DecodeError::Empty),
-                };
-                match result {
-                    Err(e) if e.is_retriable() => {
+                match self.decoder.attempt(m.payload.as_deref()).await {
+                    Verdict::Decoded(result) => break result,
+                    Verdict::Retry { reason, error } => {
                         tracing::warn!(
                             partition = m.partition,
                             offset = m.offset,
-                            error = %e,
-                            "schema registry unavailable; retrying"
+                            error = %error,
+                            "{reason}; retrying"
                         );
                         metrics::record_registry_retry(&self.topic);
                         if !sleep_unless_stopped(backoff(attempt), shutdown).await {
@@ -485,7 +573,6 @@ impl Projector {
                         }
                         attempt += 1;
                     }
-                    other => break other,
                 }
             };
             out.push(Incoming {
@@ -519,7 +606,7 @@ impl Projector {
     /// Applies one batch: plan, write with offsets, dead-letter, commit. Transient failures are
     /// retried with backoff; a moved stored offset makes the partition seek to it and its
     /// messages are dropped from the batch (they will be read again from there).
-    pub async fn process<C: ConsumerContext + 'static>(
+    pub(crate) async fn process<C: ConsumerContext + 'static>(
         &self,
         consumer: &StreamConsumer<C>,
         batch: Vec<RawMessage>,
@@ -580,71 +667,71 @@ impl Projector {
         messages: &[Incoming],
     ) -> Result<BatchOutcome, Attempt> {
         let mut tx = self.db.begin_write().await?;
-        let ids: Vec<&str> = {
-            let mut seen = HashSet::new();
-            messages
-                .iter()
-                .filter_map(|m| m.decoded.as_ref().ok())
-                .map(|e| e.aggregate_id.as_str())
-                .filter(|id| seen.insert(*id))
-                .collect()
-        };
-        let accounts = Database::load_accounts(&mut tx, &self.tables, &ids).await?;
-        let parked = if Database::parked_count(&mut tx, &self.tables).await? > 0 {
-            Database::load_parked(&mut tx, &self.tables, &ids).await?
-        } else {
-            Vec::new()
-        };
-        let mut plan = plan_batch(&self.topic, messages, accounts, parked);
-        let mut next: HashMap<i32, i64> = HashMap::new();
-        for m in messages {
-            let n = next.entry(m.partition).or_insert(m.offset + 1);
-            *n = (*n).max(m.offset + 1);
-        }
-        plan.write.offsets = next
-            .iter()
-            .map(|(p, n)| (*p, self.book.stored(*p), *n))
-            .collect();
+        let plan = self.plan(&mut tx, messages).await?;
         match Database::write_batch(&mut tx, &self.tables, &self.topic, &plan.write).await {
             Ok(()) => {}
             Err(StoreError::Conflict(reason)) => {
                 tx.rollback().await.map_err(StoreError::from)?;
                 tracing::warn!(%reason, "stored offsets moved; re-reading them");
-                let moved = self.resync(consumer, next.keys().copied()).await?;
+                let partitions = plan.write.offsets.iter().map(|o| o.partition);
+                let moved = self.resync(consumer, partitions).await?;
                 return Err(Attempt::Moved(moved));
             }
             Err(e) => return Err(e.into()),
         }
-        let dead = plan.dead_letters.len() as u64;
-        if let Some(dlq) = &self.dlq
-            && !plan.dead_letters.is_empty()
-        {
-            dlq.send_all(&plan.dead_letters)
-                .await
-                .map_err(Attempt::Kafka)?;
-        }
+        self.deliver_dead_letters(&plan.dead_letters).await?;
         tx.commit().await.map_err(StoreError::from)?;
-        for letter in &plan.dead_letters {
-            if self.dlq.is_some() {
-                tracing::warn!(
-                    partition = letter.partition,
-                    offset = letter.offset,
-                    code = %letter.code,
-                    reason = %letter.message,
-                    "event dead-lettered"
-                );
-                metrics::record_dead_letter(&self.topic, &letter.code);
-            } else {
-                tracing::debug!(
-                    partition = letter.partition,
-                    offset = letter.offset,
-                    code = %letter.code,
-                    "poison message skipped (rebuild)"
-                );
-            }
+        Ok(self.record_committed(&plan, messages.len()))
+    }
+
+    /// Loads what the batch touches and plans it, with the offsets to compare-and-set.
+    async fn plan(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        messages: &[Incoming],
+    ) -> Result<Plan, StoreError> {
+        let ids = touched_accounts(messages);
+        let accounts = Database::load_accounts(tx, &self.tables, &ids).await?;
+        let parked = if Database::parked_count(tx, &self.tables).await? > 0 {
+            Database::load_parked(tx, &self.tables, &ids).await?
+        } else {
+            Vec::new()
+        };
+        let mut plan = plan_batch(&self.topic, messages, accounts, parked);
+        plan.write.offsets = next_offsets(messages)
+            .into_iter()
+            .map(|(partition, next)| OffsetAdvance {
+                partition,
+                expected: self.book.stored(partition),
+                next,
+            })
+            .collect();
+        Ok(plan)
+    }
+
+    /// Sends the batch's dead letters and waits for their acknowledgement.
+    async fn deliver_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), Attempt> {
+        if letters.is_empty() {
+            return Ok(());
         }
-        for (p, n) in &next {
-            self.book.set(*p, Some(*n));
+        self.dlq.send_all(letters).await.map_err(Attempt::Kafka)
+    }
+
+    /// After the database commit: logs and counts the dead letters, moves the book to the new
+    /// offsets and records the batch's figures.
+    fn record_committed(&self, plan: &Plan, size: usize) -> BatchOutcome {
+        for letter in &plan.dead_letters {
+            tracing::warn!(
+                partition = letter.partition,
+                offset = letter.offset,
+                code = %letter.code,
+                reason = %letter.message,
+                "event dead-lettered"
+            );
+            metrics::record_dead_letter(&self.topic, letter.code);
+        }
+        for advance in &plan.write.offsets {
+            self.book.set(advance.partition, Some(advance.next));
         }
         metrics::record_batch(&metrics::BatchFigures {
             topic: &self.topic,
@@ -652,16 +739,16 @@ impl Projector {
             duplicates: plan.duplicates,
             parked: plan.parked,
             unparked: plan.unparked,
-            size: messages.len(),
+            size,
         });
-        Ok(BatchOutcome {
+        BatchOutcome {
             applied: plan.applied,
             duplicates: plan.duplicates,
             parked: plan.parked,
-            dead_lettered: dead,
-            messages: messages.len() as u64,
+            dead_lettered: plan.dead_letters.len() as u64,
+            messages: size as u64,
             interrupted: false,
-        })
+        }
     }
 
     fn after_commit<C: ConsumerContext + 'static>(
@@ -683,7 +770,7 @@ impl Projector {
             );
         }
         // Only for monitoring tools: the database is the source of truth.
-        if self.dlq.is_some() {
+        if self.mode == Mode::Live {
             let mut tpl = TopicPartitionList::new();
             let partitions: BTreeSet<i32> = messages.iter().map(|m| m.partition).collect();
             for p in partitions {
@@ -699,7 +786,7 @@ impl Projector {
 
     /// Re-reads the stored offsets of `partitions` and seeks every partition whose stored
     /// offset differs from the book. Returns the partitions that moved.
-    pub async fn resync<C: ConsumerContext + 'static>(
+    pub(crate) async fn resync<C: ConsumerContext + 'static>(
         &self,
         consumer: &StreamConsumer<C>,
         partitions: impl IntoIterator<Item = i32>,
@@ -734,7 +821,7 @@ impl Projector {
 
     /// The live loop: until shutdown, collect and process batches; while idle, pick up offsets
     /// moved by a rebuild. On shutdown the current batch is finished and committed.
-    pub async fn run(
+    pub(crate) async fn run(
         &self,
         consumer: &StreamConsumer<ProjectionContext>,
         mut shutdown: watch::Receiver<bool>,
@@ -743,16 +830,19 @@ impl Projector {
             match collect(consumer, Some(&self.status), IDLE_TICK, &mut shutdown).await {
                 Collected::Shutdown => return Ok(()),
                 Collected::Idle => {
-                    let (assigned, _) = self.book.assignment();
+                    let assigned = self.book.assignment().partitions;
                     if let Err(e) = self.resync(consumer, assigned).await {
                         tracing::warn!(error = %e, "could not re-read stored offsets");
                     }
                 }
-                Collected::Batch(batch, stop) => {
-                    let outcome = self.process(consumer, batch, &mut shutdown).await;
+                Collected::Batch {
+                    messages,
+                    then_stop,
+                } => {
+                    let outcome = self.process(consumer, messages, &mut shutdown).await;
                     self.status.idle.store(true, Ordering::SeqCst);
                     let outcome = outcome?;
-                    if stop || outcome.interrupted {
+                    if then_stop || outcome.interrupted {
                         return Ok(());
                     }
                 }
@@ -787,92 +877,194 @@ impl From<sqlx::Error> for Attempt {
 /// `watermarks` is a separate client only for watermark queries: on the group consumer's own
 /// connection a query waits behind the broker's long-poll fetch (up to `fetch.wait.max.ms` per
 /// partition), which made readiness and shutdown take seconds.
-pub async fn monitor(
+///
+/// A stored offset beyond its partition's end ([`ProjectorError::OffsetBeyondEnd`]) ends the
+/// monitor with that error; the caller stops the service.
+pub(crate) async fn monitor(
     consumer: Arc<StreamConsumer<ProjectionContext>>,
     watermarks: Arc<BaseConsumer>,
     topic: String,
     book: Arc<OffsetBook>,
     status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Result<(), ProjectorError> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut committed: HashMap<i32, i64> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return Ok(()),
         }
-        let (partitions, assigned_once) = book.assignment();
-        if !assigned_once {
+        let assignment = book.assignment();
+        if !assignment.assigned_once {
             continue;
         }
-        let before = status.received.load(Ordering::SeqCst);
-        let idle_before = status.idle.load(Ordering::SeqCst);
-        let positions = consumer.position().ok();
-        let consistent = idle_before
-            && status.idle.load(Ordering::SeqCst)
-            && before == status.received.load(Ordering::SeqCst);
-        let query = {
-            let client = watermarks.clone();
-            let topic = topic.clone();
-            let partitions = partitions.clone();
-            tokio::task::spawn_blocking(move || {
-                partitions
-                    .iter()
-                    .map(|p| {
-                        (
-                            *p,
-                            client.fetch_watermarks(&topic, *p, Duration::from_secs(5)),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-        };
+        let positions = settled_positions(&consumer, &status);
+        // Read before the watermarks: a batch committed meanwhile can then not look like an
+        // offset beyond the end.
+        let stored_before: HashMap<i32, Option<i64>> = assignment
+            .partitions
+            .iter()
+            .map(|p| (*p, book.stored(*p)))
+            .collect();
         let marks = tokio::select! {
-            marks = query => marks,
-            _ = shutdown.changed() => return,
+            marks = fetch_watermarks(watermarks.clone(), &topic, assignment.partitions) => marks,
+            _ = shutdown.changed() => return Ok(()),
         };
-        let Ok(marks) = marks else { continue };
-        let mut caught_up = true;
-        let mut to_commit = TopicPartitionList::new();
-        let mut lags = Vec::with_capacity(marks.len());
-        for (p, marks) in marks {
-            let Ok((low, high)) = marks else {
-                caught_up = false;
-                continue;
-            };
-            let stored = book.stored(p);
-            let position = positions
-                .as_ref()
-                .and_then(|tpl| tpl.find_partition(&topic, p))
-                .and_then(|e| e.offset().to_raw())
-                .filter(|o| *o >= 0 && consistent);
-            let effective = stored.unwrap_or(low).max(position.unwrap_or(i64::MIN));
-            let lag = (high - effective).max(0);
-            metrics::record_lag(&topic, p, lag);
-            lags.push(PartitionLag {
-                partition: p,
-                position: effective.max(low),
-                end: high,
-                lag,
-            });
-            if lag > 0 {
-                caught_up = false;
-            }
-            if position.is_some()
-                && effective > stored.unwrap_or(i64::MIN)
-                && committed.get(&p) != Some(&effective)
-            {
-                let _ = to_commit.add_partition_offset(&topic, p, Offset::Offset(effective));
-                committed.insert(p, effective);
-            }
+        let Some(marks) = marks else { continue };
+        let round = measure_lags(&topic, &book, &stored_before, positions.as_ref(), marks);
+        if let Some(beyond) = round.beyond_end {
+            return Err(beyond);
         }
-        status.set_lags(lags);
-        if to_commit.count() > 0 {
-            let _ = consumer.commit(&to_commit, CommitMode::Async);
-        }
-        if caught_up && !status.ready.swap(true, Ordering::SeqCst) {
+        status.set_lags(round.lags);
+        commit_positions(&consumer, &topic, &round.ahead_of_stored, &mut committed);
+        if round.caught_up && !status.ready.swap(true, Ordering::SeqCst) {
             tracing::info!("projection caught up: ready");
         }
+    }
+}
+
+/// The consumer's positions, if they can be trusted as "everything before is committed": the
+/// loop was idle and received nothing while they were read.
+fn settled_positions<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    status: &Status,
+) -> Option<TopicPartitionList> {
+    let before = status.received.load(Ordering::SeqCst);
+    let idle_before = status.idle.load(Ordering::SeqCst);
+    let positions = consumer.position().ok();
+    let settled = idle_before
+        && status.idle.load(Ordering::SeqCst)
+        && before == status.received.load(Ordering::SeqCst);
+    positions.filter(|_| settled)
+}
+
+/// One partition's watermarks, or why they could not be read.
+struct PartitionMarks {
+    partition: i32,
+    marks: Result<Watermarks, KafkaError>,
+}
+
+/// A partition's low and high watermarks.
+#[derive(Debug, Clone, Copy)]
+struct Watermarks {
+    low: i64,
+    high: i64,
+}
+
+/// The watermarks of `partitions` (off the async threads: the queries block). `None` if the
+/// query task failed.
+async fn fetch_watermarks(
+    client: Arc<BaseConsumer>,
+    topic: &str,
+    partitions: Vec<i32>,
+) -> Option<Vec<PartitionMarks>> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        partitions
+            .into_iter()
+            .map(|partition| PartitionMarks {
+                partition,
+                marks: client
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                    .map(|(low, high)| Watermarks { low, high }),
+            })
+            .collect()
+    })
+    .await
+    .ok()
+}
+
+/// What one monitor round measured.
+struct LagRound {
+    lags: Vec<PartitionLag>,
+    /// Partitions whose consumer position is past the stored offset (transaction markers):
+    /// the position to commit to Kafka for monitoring.
+    ahead_of_stored: Vec<PartitionOffset>,
+    caught_up: bool,
+    /// A partition whose stored offset is past its end.
+    beyond_end: Option<ProjectorError>,
+}
+
+/// The lag of each partition from its watermarks, the stored offset and the settled position;
+/// `stored_before` (the stored offsets read before the watermarks) tells an offset beyond the
+/// end.
+fn measure_lags(
+    topic: &str,
+    book: &OffsetBook,
+    stored_before: &HashMap<i32, Option<i64>>,
+    positions: Option<&TopicPartitionList>,
+    marks: Vec<PartitionMarks>,
+) -> LagRound {
+    let mut round = LagRound {
+        lags: Vec::with_capacity(marks.len()),
+        ahead_of_stored: Vec::new(),
+        caught_up: true,
+        beyond_end: None,
+    };
+    for PartitionMarks { partition, marks } in marks {
+        let Ok(Watermarks { low, high }) = marks else {
+            round.caught_up = false;
+            continue;
+        };
+        let before = stored_before.get(&partition).copied().flatten();
+        if let Some(stored) = before.filter(|s| *s > high) {
+            round.caught_up = false;
+            round.beyond_end = Some(ProjectorError::OffsetBeyondEnd {
+                topic: topic.to_owned(),
+                partition,
+                stored,
+                end: high,
+            });
+            continue;
+        }
+        let stored = book.stored(partition);
+        let position = positions
+            .and_then(|tpl| tpl.find_partition(topic, partition))
+            .and_then(|e| e.offset().to_raw())
+            .filter(|o| *o >= 0);
+        let effective = match (stored, position) {
+            (Some(stored), Some(position)) => stored.max(position),
+            (Some(stored), None) => stored,
+            (None, Some(position)) => low.max(position),
+            (None, None) => low,
+        };
+        let lag = (high - effective).max(0);
+        metrics::record_lag(topic, partition, lag);
+        round.lags.push(PartitionLag {
+            partition,
+            position: effective.max(low),
+            end: high,
+            lag,
+        });
+        if lag > 0 {
+            round.caught_up = false;
+        }
+        if position.is_some() && stored.is_none_or(|s| effective > s) {
+            round.ahead_of_stored.push(PartitionOffset {
+                partition,
+                next: effective,
+            });
+        }
+    }
+    round
+}
+
+/// Commits positions to Kafka (monitoring only), each only once.
+fn commit_positions<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+    ahead_of_stored: &[PartitionOffset],
+    committed: &mut HashMap<i32, i64>,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for PartitionOffset { partition, next } in ahead_of_stored {
+        if committed.get(partition) != Some(next) {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            committed.insert(*partition, *next);
+        }
+    }
+    if tpl.count() > 0 {
+        let _ = consumer.commit(&tpl, CommitMode::Async);
     }
 }

@@ -14,6 +14,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::DecodeError;
+use crate::bank_account::EventDataError;
 use crate::config::KafkaSettings;
 
 /// How long reading dead letters back may go without a message before giving up.
@@ -37,11 +39,103 @@ pub mod header {
     pub const ERROR_MESSAGE: &str = "dlq.error.message";
     /// When it was dead-lettered (RFC 3339).
     pub const FAILED_AT: &str = "dlq.failed.at";
+    /// Present when the original value was too large to dead-letter whole: its size in bytes.
+    /// The letter then carries only the value's first bytes (or none); the original stays at
+    /// `dlq.original.topic` / `.partition` / `.offset`.
+    pub const ORIGINAL_TRUNCATED: &str = "dlq.original.truncated";
 }
 
-/// Per partition of `topic`: (partition, low watermark, high watermark); none when the topic
-/// does not exist. Blocking.
-pub fn watermarks<C, X>(client: &C, topic: &str) -> Result<Vec<(i32, i64, i64)>, KafkaError>
+/// Why a message was dead-lettered: the stable code in the `dlq.error.code` header. The wire
+/// form ([`DeadLetterCode::as_str`], also the serde form) never changes; metrics use it in
+/// snake_case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+pub enum DeadLetterCode {
+    /// The message has no value.
+    Empty,
+    /// Shorter than the Confluent wire-format header.
+    Truncated,
+    /// Neither a JSON object nor the Confluent wire format.
+    UnknownFormat,
+    /// Not valid JSON.
+    InvalidJson,
+    /// The schema registry does not know the schema id.
+    SchemaRegistry,
+    /// The event could not be upcast to the current schema version.
+    UpcastFailed,
+    /// The envelope lacks or mistypes a field.
+    InvalidEnvelope,
+    /// An event type this version does not know.
+    UnknownEventType,
+    /// The data does not fit the event type.
+    InvalidEventData,
+    /// The event does not apply to the account's state.
+    NotApplicable,
+    /// A value the read model cannot store (NUL byte, oversized text).
+    Unstorable,
+}
+
+impl DeadLetterCode {
+    /// The code as it appears in `dlq.error.code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterCode::Empty => "Empty",
+            DeadLetterCode::Truncated => "Truncated",
+            DeadLetterCode::UnknownFormat => "UnknownFormat",
+            DeadLetterCode::InvalidJson => "InvalidJson",
+            DeadLetterCode::SchemaRegistry => "SchemaRegistry",
+            DeadLetterCode::UpcastFailed => "UpcastFailed",
+            DeadLetterCode::InvalidEnvelope => "InvalidEnvelope",
+            DeadLetterCode::UnknownEventType => "UnknownEventType",
+            DeadLetterCode::InvalidEventData => "InvalidEventData",
+            DeadLetterCode::NotApplicable => "NotApplicable",
+            DeadLetterCode::Unstorable => "Unstorable",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&DecodeError> for DeadLetterCode {
+    fn from(e: &DecodeError) -> Self {
+        match e {
+            DecodeError::Empty => DeadLetterCode::Empty,
+            DecodeError::Truncated(_) => DeadLetterCode::Truncated,
+            DecodeError::UnknownFormat(_) => DeadLetterCode::UnknownFormat,
+            DecodeError::NotJson(_) => DeadLetterCode::InvalidJson,
+            DecodeError::Registry { .. } => DeadLetterCode::SchemaRegistry,
+            DecodeError::Upcast(_) => DeadLetterCode::UpcastFailed,
+            DecodeError::Envelope(_) => DeadLetterCode::InvalidEnvelope,
+            DecodeError::Data(EventDataError::UnknownType(_)) => DeadLetterCode::UnknownEventType,
+            DecodeError::Data(_) => DeadLetterCode::InvalidEventData,
+        }
+    }
+}
+
+/// The offsets one partition holds: from `low` (its first offset) to `high` (the next offset
+/// to be written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionMarks {
+    /// The partition.
+    pub partition: i32,
+    /// Low watermark.
+    pub low: i64,
+    /// High watermark.
+    pub high: i64,
+}
+
+impl PartitionMarks {
+    /// Messages (or offsets) in the partition.
+    pub fn count(&self) -> i64 {
+        self.high - self.low
+    }
+}
+
+/// The watermarks of every partition of `topic`; none when the topic does not exist. Blocking.
+pub fn watermarks<C, X>(client: &C, topic: &str) -> Result<Vec<PartitionMarks>, KafkaError>
 where
     C: Consumer<X>,
     X: ConsumerContext,
@@ -57,7 +151,11 @@ where
         .into_iter()
         .map(|p| {
             let (low, high) = client.fetch_watermarks(topic, p, READ_TIMEOUT)?;
-            Ok((p, low, high))
+            Ok(PartitionMarks {
+                partition: p,
+                low,
+                high,
+            })
         })
         .collect()
 }
@@ -98,6 +196,15 @@ impl DeadLetterView {
     pub fn id(&self) -> String {
         format!("{}:{}", self.partition, self.offset)
     }
+}
+
+/// What [`DeadLetterReader::newest`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewestDeadLetters {
+    /// Dead letters in the topic.
+    pub total: i64,
+    /// The newest of them, newest first.
+    pub letters: Vec<DeadLetterView>,
 }
 
 /// A dead letter with the original message exactly as it was: what a replay sends back.
@@ -155,7 +262,7 @@ impl DeadLetterReader {
     /// The total count and the newest `limit` dead letters, newest first (by `failed_at`, then
     /// offset). Reads at most `limit` messages from the end of each partition, for at most 5 s.
     /// Blocking: call from `spawn_blocking`.
-    pub fn newest(&self, limit: usize) -> Result<(i64, Vec<DeadLetterView>), KafkaError> {
+    pub fn newest(&self, limit: usize) -> Result<NewestDeadLetters, KafkaError> {
         let want = i64::try_from(limit).unwrap_or(i64::MAX);
         let (total, letters) = self.read(|low, high| (high - want).max(low), true)?;
         let mut letters: Vec<DeadLetterView> = letters.into_iter().map(|l| l.view).collect();
@@ -166,7 +273,7 @@ impl DeadLetterReader {
                 .then(b.offset.cmp(&a.offset))
         });
         letters.truncate(limit);
-        Ok((total, letters))
+        Ok(NewestDeadLetters { total, letters })
     }
 
     /// Every dead letter, by partition then offset, with the original messages. Reads until the
@@ -192,13 +299,17 @@ impl DeadLetterReader {
             .set("enable.partition.eof", "false")
             .create()?;
         let marks = watermarks(&client, &self.topic)?;
-        let total = marks.iter().map(|(_, low, high)| high - low).sum();
+        let total = marks.iter().map(PartitionMarks::count).sum();
         let mut tpl = TopicPartitionList::new();
         let mut ends = BTreeMap::new();
-        for (p, low, high) in &marks {
-            if high > low {
-                tpl.add_partition_offset(&self.topic, *p, Offset::Offset(start(*low, *high)))?;
-                ends.insert(*p, *high);
+        for m in &marks {
+            if m.high > m.low {
+                tpl.add_partition_offset(
+                    &self.topic,
+                    m.partition,
+                    Offset::Offset(start(m.low, m.high)),
+                )?;
+                ends.insert(m.partition, m.high);
             }
         }
         let mut letters = Vec::new();
@@ -283,6 +394,30 @@ fn view<M: Message>(m: &M) -> DeadLetterView {
 mod tests {
     use super::*;
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+
+    #[test]
+    fn dead_letter_codes_are_the_decode_errors_codes() {
+        let errors = [
+            DecodeError::Empty,
+            DecodeError::Truncated(2),
+            DecodeError::UnknownFormat(b'x'),
+            DecodeError::NotJson("x".into()),
+            DecodeError::Registry {
+                schema_id: 1,
+                message: "x".into(),
+                retriable: false,
+            },
+            DecodeError::Envelope("x".into()),
+            DecodeError::Data(EventDataError::UnknownType("X".into())),
+        ];
+        for e in &errors {
+            assert_eq!(DeadLetterCode::from(e).as_str(), e.code(), "{e:?}");
+        }
+        assert_eq!(
+            serde_json::to_string(&DeadLetterCode::NotApplicable).expect("json"),
+            "\"NotApplicable\""
+        );
+    }
 
     #[test]
     fn a_dead_letter_keeps_the_original_headers_apart() {

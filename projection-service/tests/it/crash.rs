@@ -50,7 +50,7 @@ fn start(settings: &shared::Settings, port: u16, log: &std::path::Path) -> Child
 }
 
 async fn applied(db: &Database) -> i64 {
-    db.counts().await.map(|(_, events, _)| events).unwrap_or(0)
+    db.counts().await.map(|c| c.events).unwrap_or(0)
 }
 
 async fn killed_mid_burst_and_restarted_equals_a_fresh_replay(backend: Backend) {
@@ -125,7 +125,11 @@ async fn killed_mid_burst_and_restarted_equals_a_fresh_replay(backend: Backend) 
     let finished = Instant::now();
     let rate = (total as i64 - first.1) as f64 / (finished - first.0).as_secs_f64().max(1e-3);
 
-    let (accounts, events, parked) = store.counts().await.expect("counts");
+    let projection_service::db::RowCounts {
+        accounts,
+        events,
+        parked,
+    } = store.counts().await.expect("counts");
     assert_eq!(events, total as i64, "every event applied once");
     assert_eq!(accounts, histories.len() as i64);
     assert_eq!(parked, 0);

@@ -28,6 +28,7 @@ mod contract;
 mod crash;
 mod delivery;
 mod explorer;
+mod hardening;
 mod helpers;
 mod projection;
 mod rebuild;
