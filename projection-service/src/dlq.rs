@@ -18,7 +18,7 @@ use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::watch;
+use shared::shutdown::Shutdown;
 
 pub use shared::dlq::{DeadLetterReader, DeadLetterView, header};
 use shared::dlq::{PartitionMarks, watermarks};
@@ -195,13 +195,13 @@ pub async fn count_monitor(
     client: Arc<BaseConsumer>,
     topic: String,
     status: Arc<Status>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let mut tick = tokio::time::interval(COUNT_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         }
         let query = {
             let client = client.clone();
@@ -210,7 +210,7 @@ pub async fn count_monitor(
         };
         let counted = tokio::select! {
             counted = query => counted,
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         };
         match counted {
             Ok(Ok(marks)) => {

@@ -34,9 +34,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use shared::codec::EncodeError;
 use shared::kafka::{TopicError, TopicSpec, Topics, ensure_topics};
+use shared::shutdown::Shutdown;
 use shared::{EventCodec, Settings};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::db::{Database, StoreError, Tables};
 use crate::decode::Decoder;
@@ -147,7 +147,7 @@ pub async fn run(
         book.clone(),
         status.clone(),
     );
-    let (stop_tx, stop_rx) = stop_channel(shutdown);
+    let stop = stop_on(shutdown);
     let app = http::router(http::AppState {
         db: db.clone(),
         status: status.clone(),
@@ -158,13 +158,13 @@ pub async fn run(
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %topic, database = %redact(&settings.projection_database_url), "projection-service started");
-    let server = spawn_server(listener, app, stop_rx.clone());
+    let server = spawn_server(listener, app, stop.clone());
     let watermarks: Arc<BaseConsumer> = Arc::new(settings.kafka.client_config().create()?);
     let dead_letter_count = tokio::spawn(dlq::count_monitor(
         watermarks.clone(),
         topics.events_dlq(),
         status.clone(),
-        stop_rx.clone(),
+        stop.clone(),
     ));
     let mut monitor = tokio::spawn(projector::monitor(
         consumer.clone(),
@@ -172,18 +172,18 @@ pub async fn run(
         topic.clone(),
         book,
         status,
-        stop_rx.clone(),
+        stop.clone(),
     ));
     let upkeep = tokio::spawn(metrics::upkeep(metrics_handle));
 
     let result = tokio::select! {
-        result = projector.run(&consumer, stop_rx.clone()) => result,
+        result = projector.run(&consumer, stop.clone()) => result,
         Ok(Err(e)) = &mut monitor => Err(e),
     };
     if let Err(e) = &result {
         tracing::error!(error = %e, "projection stopped");
     }
-    let _ = stop_tx.send(true);
+    stop.trigger();
     if !monitor.is_finished() {
         let _ = monitor.await;
     }
@@ -215,31 +215,27 @@ fn subscribe(
     Ok(Arc::new(consumer))
 }
 
-/// A stop signal every task watches: set when `shutdown` resolves, or by whoever holds the
-/// sender.
-fn stop_channel(
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> (Arc<watch::Sender<bool>>, watch::Receiver<bool>) {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    let on_shutdown = stop_tx.clone();
+/// The stop signal every task watches, triggered when `shutdown` resolves.
+pub(crate) fn stop_on(shutdown: impl Future<Output = ()> + Send + 'static) -> Shutdown {
+    let stop = Shutdown::new();
+    let trigger = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = on_shutdown.send(true);
+        trigger.trigger();
     });
-    (stop_tx, stop_rx)
+    stop
 }
 
 /// Serves `app` on `listener` until the stop signal, then drains.
 fn spawn_server(
     listener: TcpListener,
     app: axum::Router,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
     tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|stop| *stop).await;
+                stop.wait().await;
             })
             .await
     })

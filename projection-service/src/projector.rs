@@ -33,6 +33,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
+use shared::shutdown::Shutdown;
 use tokio::sync::watch;
 
 use sqlx::{Any, Transaction};
@@ -356,14 +357,14 @@ pub(crate) async fn collect<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     status: Option<&Status>,
     idle: Duration,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) -> Collected {
-    if *shutdown.borrow() {
+    if shutdown.is_triggered() {
         return Collected::Shutdown;
     }
     let first = tokio::select! {
         m = tokio::time::timeout(idle, consumer.recv()) => m,
-        _ = shutdown.changed() => return Collected::Shutdown,
+        _ = shutdown.wait() => return Collected::Shutdown,
     };
     let mut batch = Vec::new();
     match first {
@@ -399,7 +400,7 @@ pub(crate) async fn collect<C: ConsumerContext + 'static>(
                     batch.push(RawMessage::from_borrowed(&m));
                 }
             },
-            _ = shutdown.changed() => {
+            _ = shutdown.wait() => {
                 stop = true;
                 break;
             }
@@ -488,13 +489,13 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// Sleeps, or returns false at once when shutdown is requested.
-async fn sleep_unless_stopped(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    if *shutdown.borrow() {
+async fn sleep_unless_stopped(d: Duration, shutdown: &Shutdown) -> bool {
+    if shutdown.is_triggered() {
         return false;
     }
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
-        _ = shutdown.changed() => false,
+        _ = shutdown.wait() => false,
     }
 }
 
@@ -551,7 +552,7 @@ impl Projector {
         &self,
         batch: Vec<RawMessage>,
         spans: &mut Vec<tracing::Span>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &Shutdown,
     ) -> Option<Vec<Incoming>> {
         let mut out = Vec::with_capacity(batch.len());
         for m in batch {
@@ -610,7 +611,7 @@ impl Projector {
         &self,
         consumer: &StreamConsumer<C>,
         batch: Vec<RawMessage>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &Shutdown,
     ) -> Result<BatchOutcome, ProjectorError> {
         let started = Instant::now();
         // Messages fetched before a seek to a later stored offset are already applied.
@@ -824,10 +825,10 @@ impl Projector {
     pub(crate) async fn run(
         &self,
         consumer: &StreamConsumer<ProjectionContext>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Result<(), ProjectorError> {
         loop {
-            match collect(consumer, Some(&self.status), IDLE_TICK, &mut shutdown).await {
+            match collect(consumer, Some(&self.status), IDLE_TICK, &shutdown).await {
                 Collected::Shutdown => return Ok(()),
                 Collected::Idle => {
                     let assigned = self.book.assignment().partitions;
@@ -839,7 +840,7 @@ impl Projector {
                     messages,
                     then_stop,
                 } => {
-                    let outcome = self.process(consumer, messages, &mut shutdown).await;
+                    let outcome = self.process(consumer, messages, &shutdown).await;
                     self.status.idle.store(true, Ordering::SeqCst);
                     let outcome = outcome?;
                     if then_stop || outcome.interrupted {
@@ -886,14 +887,14 @@ pub(crate) async fn monitor(
     topic: String,
     book: Arc<OffsetBook>,
     status: Arc<Status>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> Result<(), ProjectorError> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut committed: HashMap<i32, i64> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.wait() => return Ok(()),
         }
         let assignment = book.assignment();
         if !assignment.assigned_once {
@@ -909,7 +910,7 @@ pub(crate) async fn monitor(
             .collect();
         let marks = tokio::select! {
             marks = fetch_watermarks(watermarks.clone(), &topic, assignment.partitions) => marks,
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.wait() => return Ok(()),
         };
         let Some(marks) = marks else { continue };
         let round = measure_lags(&topic, &book, &stored_before, positions.as_ref(), marks);

@@ -33,8 +33,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use shared::kafka::Topics;
+use shared::shutdown::Shutdown;
 use shared::{EventCodec, Settings};
-use tokio::sync::watch;
 
 use crate::db::{Database, PartitionOffset, Swap, Tables};
 use crate::decode::Decoder;
@@ -182,7 +182,7 @@ pub async fn rebuild(
     let tables = Tables::rebuild();
     db.recreate_tables(&tables, &tag).await?;
     consumer.assign(&from_beginning(&topic, partitions)?)?;
-    let mut stop = stop_on(shutdown);
+    let stop = crate::stop_on(shutdown);
     // Poison is dead-lettered again: the live service may never have reached it (stopped or
     // lagging), and the swap moves its offsets past it. The topic is at-least-once anyway; the
     // `dlq.original.*` headers identify repeats.
@@ -205,7 +205,7 @@ pub async fn rebuild(
         report: RebuildReport::default(),
     };
     let offsets = loop {
-        replay.until(&ranges, &mut stop).await?;
+        replay.until(&ranges, &stop).await?;
         let offsets = swapped_offsets(&ranges, &book);
         db.force_offsets(&tables, &topic, &offsets).await?;
         match swap_in(&db, &tables, &tag, &topic).await? {
@@ -291,16 +291,6 @@ fn from_beginning(topic: &str, partitions: i32) -> Result<TopicPartitionList, Se
     Ok(tpl)
 }
 
-/// A stop signal set when `shutdown` resolves.
-fn stop_on(shutdown: impl Future<Output = ()> + Send + 'static) -> watch::Receiver<bool> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    stop_rx
-}
-
 /// The next offsets to swap in once every partition reached its range's end: that end, or
 /// further where the replay read past it.
 fn swapped_offsets(ranges: &[PartitionRange], book: &OffsetBook) -> Vec<PartitionOffset> {
@@ -352,7 +342,7 @@ impl Replay<'_> {
     async fn until(
         &mut self,
         ranges: &[PartitionRange],
-        stop: &mut watch::Receiver<bool>,
+        stop: &Shutdown,
     ) -> Result<(), ServiceError> {
         while !self.reached(ranges)? {
             match collect(self.consumer, None, Duration::from_millis(200), stop).await {
