@@ -62,8 +62,8 @@ impl Percentiles {
 /// When each command was produced, shared by the sender and the result listener.
 type SentAt = Arc<Mutex<HashMap<Uuid, Instant>>>;
 
-/// Sends `commands` at `rate` per second and measures; `projection_url` gets every
-/// `sample_every`-th accepted command's `min_version` read.
+/// Sends `commands` at `rate` per second and measures all but the first second's (a warm-up);
+/// `projection_url` gets every `sample_every`-th accepted command's `min_version` read.
 pub async fn open_loop(
     settings: &Settings,
     commands: &[CommandMessage],
@@ -83,7 +83,12 @@ pub async fn open_loop(
         reads: Vec::new(),
         accepted: 0,
     };
+    // The first second (at most a tenth of the commands) warms the pipeline up, unmeasured:
+    // fresh clients connect, fetch metadata and register their first partitions then.
+    let warm_up = (rate as usize).min(commands.len() / 10);
+    let (warm_up, commands) = commands.split_at(warm_up);
     let listener = tokio::spawn(listener.run(consumer, commands.len()));
+    send_on_schedule(settings, warm_up, rate, &SentAt::default()).await?;
     let sent_seconds = send_on_schedule(settings, commands, rate, &sent_at).await?;
     let (to_result, to_projection) = listener.await.context("result listener")?;
     Ok(Latencies {

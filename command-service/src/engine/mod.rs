@@ -638,11 +638,12 @@ fn subscribe(
             SESSION_TIMEOUT.as_millis().to_string(),
         )
         .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "10")
         // Incremental rebalancing: partitions that stay keep their state.
         .set("partition.assignment.strategy", "cooperative-sticky")
         // Static membership: a restarted instance takes its partitions back at once.
         .set("group.instance.id", &settings.instance_id)
-        // Restores run off the poll loop; a commit can take three 30 s attempts.
+        // Restores run off the poll loop; a commit can take three 10 s attempts.
         .set("max.poll.interval.ms", "300000")
         .create_with_context(EngineContext { engine })
         .map_err(start)?;
