@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::check::Tally;
 use crate::driver::{Driver, Sent};
 use crate::infra::{Cluster, Helper, Launcher, Service, signal};
-use crate::model::Outcome;
+use crate::model::{Account, Outcome};
 
 /// Command-line options of the suite.
 #[derive(Parser, Debug)]
@@ -165,6 +165,9 @@ const PARTITIONS: i32 = 3;
 /// with its restore, a session and a transaction time-out fit well within it).
 pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(90);
 
+/// How long a service the suite starts may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// One run in progress.
 struct Run<'a> {
     cluster: &'a Cluster,
@@ -189,6 +192,14 @@ fn kafka_settings(bootstrap: &str) -> Result<KafkaSettings> {
 
 fn log(message: impl AsRef<str>) {
     eprintln!("[faults] {}", message.as_ref());
+}
+
+/// Stops `helper`, leaves it down for 3 s and starts it again on its old state.
+async fn stop_for_a_moment(helper: &Helper) -> Result<()> {
+    helper.stop().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    helper.start(false).await?;
+    Ok(())
 }
 
 impl Run<'_> {
@@ -263,135 +274,182 @@ impl Run<'_> {
         format!("{}-{}", self.launcher.prefix, self.instances)
     }
 
+    /// Injects `fault` and waits until the load makes progress again.
     async fn inject(&mut self, fault: Fault) -> Result<()> {
         log(format!("  fault: {fault:?}"));
         self.faults += 1;
-        let ready = Duration::from_secs(120);
         match fault {
-            Fault::KillCommandService => {
-                let old = self.commands.remove(0);
-                let id = old.instance_id.clone();
-                let mut old = old;
-                old.kill().await?;
-                let mut new = self
-                    .launcher
-                    .command_service(&id, &format!("{}-r", old.name))?;
-                new.wait_ready(&self.http, None, ready).await?;
-                self.commands.insert(0, new);
-                self.wait_progress(20, "a command-service SIGKILL").await;
-            }
-            Fault::KillProjection => {
-                self.projection.kill().await?;
-                let mut new = self
-                    .launcher
-                    .projection_service(&format!("{}-r", self.projection.name))?;
-                new.wait_ready(&self.http, None, ready).await?;
-                self.projection = new;
-                self.wait_progress(20, "a projection-service SIGKILL").await;
-            }
-            Fault::PoisonCommands => self.poison_commands().await?,
-            Fault::PoisonEvents => self.poison_events().await?,
-            Fault::KillBroker => {
-                self.cluster.kill(1).await?;
-                // The outage itself: the load keeps sending into a dead broker for a moment.
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                self.cluster.restart_missing().await?;
-                self.wait_progress(20, "a broker SIGKILL").await;
-            }
-            Fault::KillPartitionLeader => {
-                let node = self.leader_of(&self.driver.topics().commands(), 0)?;
-                log(format!("    leader of commands partition 0 is node {node}"));
-                self.cluster.kill(node).await?;
-                self.wait_progress(20, "a partition leader SIGKILL").await;
-                self.cluster.restart_missing().await?;
-                self.wait_progress(20, "the leader's restart").await;
-            }
-            Fault::KillTransactionCoordinator => {
-                let txn = format!(
-                    "{}.command-service.{}",
-                    self.launcher.prefix, self.commands[0].instance_id
-                );
-                let node = self.coordinator_of(&txn).await?;
-                log(format!(
-                    "    transaction coordinator of {txn} is node {node}"
-                ));
-                self.cluster.kill(node).await?;
-                self.wait_progress(20, "a transaction coordinator SIGKILL")
-                    .await;
-                self.cluster.restart_missing().await?;
-                self.wait_progress(20, "the coordinator's restart").await;
-            }
-            Fault::StopTakeoverOtherId => {
-                // The stopped instance keeps its partitions for its session (10 s) and its open
-                // transaction for the transaction time-out (10 s); then another takes over.
-                let stopped = self.commands[0].pid()?;
-                signal(stopped, "STOP").await?;
-                let id = self.next_instance_id();
-                let mut other = self.launcher.command_service(&id, &format!("cmd-{id}"))?;
-                let taken = other
-                    .wait_ready(&self.http, Some(PARTITIONS as usize), ready)
-                    .await;
-                // Resume the stopped one whatever happened (it must not stay frozen). It lost its
-                // partitions and its transaction: it may rejoin, or stop as fenced.
-                signal(stopped, "CONT").await?;
-                self.commands[0].may_exit = true;
-                taken?;
-                self.commands.push(other);
-                self.wait_progress(20, "a takeover by another INSTANCE_ID")
-                    .await;
-            }
-            Fault::StopTakeoverSameId => {
-                let mut old = self.commands.remove(0);
-                let stopped = old.pid()?;
-                signal(stopped, "STOP").await?;
-                let mut twin = self
-                    .launcher
-                    .command_service(&old.instance_id, &format!("{}-twin", old.name))?;
-                let ready_twin = twin.wait_ready(&self.http, None, ready).await;
-                signal(stopped, "CONT").await?;
-                ready_twin?;
-                self.commands.insert(0, twin);
-                self.wait_progress(20, "a takeover by the same INSTANCE_ID")
-                    .await;
-                // The resumed one is fenced; whatever it does, it goes now.
-                if old.exited().is_none() {
-                    log("    the resumed twin still runs after the takeover; killing it");
-                }
-                old.kill().await?;
-                self.wait_progress(10, "the fenced twin's end").await;
-            }
-            Fault::PostgresStopStart => {
-                let postgres = self
-                    .postgres
-                    .as_ref()
-                    .context("no PostgreSQL in this run")?;
-                postgres.stop().await?;
-                // The outage: the projection's batches fail meanwhile and must be retried.
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                postgres.start(false).await?;
-                self.wait_progress(20, "a PostgreSQL stop/start").await;
-            }
-            Fault::RegistryStopStart => {
-                let registry = self.registry.as_ref().context("no registry in this run")?;
-                registry.stop().await?;
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                registry.start(false).await?;
-                self.wait_progress(20, "a registry stop/start").await;
-            }
-            Fault::RebuildUnderLoad => {
-                let mut rebuild = self.launcher.rebuild("rebuild")?;
-                let status = tokio::time::timeout(Duration::from_secs(180), rebuild.wait())
-                    .await
-                    .context("rebuild did not finish within 180 s")??;
-                if !status.success() {
-                    self.tally.wrong_answers += 1;
-                    self.tally
-                        .notes
-                        .push(format!("projection-service rebuild exited with {status}"));
-                }
-                self.wait_progress(20, "a rebuild").await;
-            }
+            Fault::KillCommandService => self.kill_and_replace_command_service().await,
+            Fault::KillProjection => self.kill_and_replace_projection().await,
+            Fault::PoisonCommands => self.poison_commands().await,
+            Fault::PoisonEvents => self.poison_events().await,
+            Fault::KillBroker => self.kill_and_restart_broker().await,
+            Fault::KillPartitionLeader => self.kill_partition_leader().await,
+            Fault::KillTransactionCoordinator => self.kill_transaction_coordinator().await,
+            Fault::StopTakeoverOtherId => self.stop_and_take_over_with_other_id().await,
+            Fault::StopTakeoverSameId => self.stop_and_take_over_with_same_id().await,
+            Fault::PostgresStopStart => self.stop_and_start_postgres().await,
+            Fault::RegistryStopStart => self.stop_and_start_registry().await,
+            Fault::RebuildUnderLoad => self.rebuild_under_load().await,
         }
+    }
+
+    /// SIGKILLs the first command-service and starts it again with the same INSTANCE_ID.
+    async fn kill_and_replace_command_service(&mut self) -> Result<()> {
+        let mut old = self.commands.remove(0);
+        let id = old.instance_id.clone();
+        old.kill().await?;
+        let mut new = self
+            .launcher
+            .command_service(&id, &format!("{}-r", old.name))?;
+        new.wait_ready(&self.http, None, READY_TIMEOUT).await?;
+        self.commands.insert(0, new);
+        self.wait_progress(20, "a command-service SIGKILL").await;
+        Ok(())
+    }
+
+    /// SIGKILLs the projection-service and starts it again.
+    async fn kill_and_replace_projection(&mut self) -> Result<()> {
+        self.projection.kill().await?;
+        let mut new = self
+            .launcher
+            .projection_service(&format!("{}-r", self.projection.name))?;
+        new.wait_ready(&self.http, None, READY_TIMEOUT).await?;
+        self.projection = new;
+        self.wait_progress(20, "a projection-service SIGKILL").await;
+        Ok(())
+    }
+
+    /// SIGKILLs broker 1 and restarts it after a short outage.
+    async fn kill_and_restart_broker(&mut self) -> Result<()> {
+        self.cluster.kill(1).await?;
+        // The outage itself: the load keeps sending into a dead broker for a moment.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.cluster.restart_missing().await?;
+        self.wait_progress(20, "a broker SIGKILL").await;
+        Ok(())
+    }
+
+    /// SIGKILLs the leader of the commands topic's partition 0.
+    async fn kill_partition_leader(&mut self) -> Result<()> {
+        let node = self.leader_of(&self.driver.topics().commands(), 0)?;
+        log(format!("    leader of commands partition 0 is node {node}"));
+        self.kill_node_then_restart(node, "a partition leader SIGKILL", "the leader's restart")
+            .await
+    }
+
+    /// SIGKILLs the transaction coordinator of the first command-service's transactional id.
+    async fn kill_transaction_coordinator(&mut self) -> Result<()> {
+        let txn = format!(
+            "{}.command-service.{}",
+            self.launcher.prefix, self.commands[0].instance_id
+        );
+        let node = self.coordinator_of(&txn).await?;
+        log(format!(
+            "    transaction coordinator of {txn} is node {node}"
+        ));
+        self.kill_node_then_restart(
+            node,
+            "a transaction coordinator SIGKILL",
+            "the coordinator's restart",
+        )
+        .await
+    }
+
+    /// SIGKILLs broker `node`, waits for progress without it, restarts it and waits again.
+    async fn kill_node_then_restart(
+        &mut self,
+        node: usize,
+        after_kill: &str,
+        after_restart: &str,
+    ) -> Result<()> {
+        self.cluster.kill(node).await?;
+        self.wait_progress(20, after_kill).await;
+        self.cluster.restart_missing().await?;
+        self.wait_progress(20, after_restart).await;
+        Ok(())
+    }
+
+    /// SIGSTOPs the first command-service and lets an instance with another INSTANCE_ID take
+    /// over its partitions.
+    async fn stop_and_take_over_with_other_id(&mut self) -> Result<()> {
+        // The stopped instance keeps its partitions for its session (10 s) and its open
+        // transaction for the transaction time-out (10 s); then another takes over.
+        let stopped = self.commands[0].pid()?;
+        signal(stopped, "STOP").await?;
+        let id = self.next_instance_id();
+        let mut other = self.launcher.command_service(&id, &format!("cmd-{id}"))?;
+        let taken = other
+            .wait_ready(&self.http, Some(PARTITIONS as usize), READY_TIMEOUT)
+            .await;
+        // Resume the stopped one whatever happened (it must not stay frozen). It lost its
+        // partitions and its transaction: it may rejoin, or stop as fenced.
+        signal(stopped, "CONT").await?;
+        self.commands[0].may_exit = true;
+        taken?;
+        self.commands.push(other);
+        self.wait_progress(20, "a takeover by another INSTANCE_ID")
+            .await;
+        Ok(())
+    }
+
+    /// SIGSTOPs the first command-service and starts a twin with the same INSTANCE_ID, which
+    /// fences it; the resumed one is then killed.
+    async fn stop_and_take_over_with_same_id(&mut self) -> Result<()> {
+        let mut old = self.commands.remove(0);
+        let stopped = old.pid()?;
+        signal(stopped, "STOP").await?;
+        let mut twin = self
+            .launcher
+            .command_service(&old.instance_id, &format!("{}-twin", old.name))?;
+        let ready_twin = twin.wait_ready(&self.http, None, READY_TIMEOUT).await;
+        signal(stopped, "CONT").await?;
+        ready_twin?;
+        self.commands.insert(0, twin);
+        self.wait_progress(20, "a takeover by the same INSTANCE_ID")
+            .await;
+        // The resumed one is fenced; whatever it does, it goes now.
+        if old.exited().is_none() {
+            log("    the resumed twin still runs after the takeover; killing it");
+        }
+        old.kill().await?;
+        self.wait_progress(10, "the fenced twin's end").await;
+        Ok(())
+    }
+
+    /// Stops the suite's PostgreSQL for a moment and starts it again.
+    async fn stop_and_start_postgres(&mut self) -> Result<()> {
+        let postgres = self
+            .postgres
+            .as_ref()
+            .context("no PostgreSQL in this run")?;
+        // The outage: the projection's batches fail meanwhile and must be retried.
+        stop_for_a_moment(postgres).await?;
+        self.wait_progress(20, "a PostgreSQL stop/start").await;
+        Ok(())
+    }
+
+    /// Stops the suite's schema registry for a moment and starts it again.
+    async fn stop_and_start_registry(&mut self) -> Result<()> {
+        let registry = self.registry.as_ref().context("no registry in this run")?;
+        stop_for_a_moment(registry).await?;
+        self.wait_progress(20, "a registry stop/start").await;
+        Ok(())
+    }
+
+    /// Rebuilds the read model while the load goes on; a failed rebuild is a wrong answer.
+    async fn rebuild_under_load(&mut self) -> Result<()> {
+        let mut rebuild = self.launcher.rebuild("rebuild")?;
+        let status = tokio::time::timeout(Duration::from_secs(180), rebuild.wait())
+            .await
+            .context("rebuild did not finish within 180 s")??;
+        if !status.success() {
+            self.tally.wrong_answers += 1;
+            self.tally
+                .notes
+                .push(format!("projection-service rebuild exited with {status}"));
+        }
+        self.wait_progress(20, "a rebuild").await;
         Ok(())
     }
 
@@ -521,6 +579,53 @@ impl Run<'_> {
     }
 }
 
+/// What one run found.
+struct ScenarioResult {
+    tally: Tally,
+    /// How many faults it injected.
+    faults: usize,
+}
+
+/// A helper service the suite started, with the URL it serves on.
+struct StartedHelper {
+    helper: Helper,
+    url: String,
+}
+
+/// How much load a run drives.
+struct LoadProfile {
+    accounts: usize,
+    /// Commands each account sends at least.
+    min_ops: usize,
+    /// How long the load may go on at most.
+    limit: Duration,
+}
+
+impl LoadProfile {
+    /// The short profile's load, or the full one's.
+    fn new(quick: bool) -> Self {
+        if quick {
+            LoadProfile {
+                accounts: 16,
+                min_ops: 6,
+                limit: Duration::from_secs(300),
+            }
+        } else {
+            LoadProfile {
+                accounts: 40,
+                min_ops: 10,
+                limit: Duration::from_secs(900),
+            }
+        }
+    }
+}
+
+/// The task driving one account; it ends with the model's final state of the account.
+struct AccountTask {
+    account: String,
+    handle: tokio::task::JoinHandle<Account>,
+}
+
 /// Runs one scenario on `cluster`; returns its tally and the number of faults injected.
 async fn run_scenario(
     scenario: &Scenario,
@@ -528,179 +633,256 @@ async fn run_scenario(
     args: &Args,
     paths: &Paths,
     seed: u64,
-) -> Result<(Tally, usize)> {
-    let quick = args.quick;
+) -> Result<ScenarioResult> {
     let prefix = format!("faults-{}", &Uuid::new_v4().simple().to_string()[..8]);
     let dir = paths
         .work
         .join("runs")
         .join(format!("{}-{prefix}", scenario.name));
-    let postgres = scenario.postgres.then(|| {
-        Helper::new(
-            &paths.scripts,
-            "postgres",
-            &[
-                ("PG_PORT", args.pg_port.to_string()),
-                (
-                    "BANK_PG_DIR",
-                    paths.work.join("postgres").display().to_string(),
-                ),
-            ],
-        )
-    });
-    let postgres_url = match &postgres {
-        Some(pg) => Some(pg.start(true).await?),
-        None => None,
-    };
-    let registry = scenario.registry.then(|| {
-        Helper::new(
-            &paths.scripts,
-            "registry",
-            &[
-                ("REGISTRY_PORT", args.registry_port.to_string()),
-                ("REGISTRY_KAFKA", cluster.bootstrap.clone()),
-                (
-                    "BANK_STATE_DIR",
-                    dir.join("registry-state").display().to_string(),
-                ),
-                ("REGISTRY_TOPIC", format!("{prefix}.registry-journal")),
-            ],
-        )
-    });
-    let registry_url = match &registry {
-        Some(r) => Some(r.start(false).await?),
-        None => None,
-    };
+    let postgres = start_postgres(scenario, args, paths).await?;
+    let registry = start_registry(scenario, args, paths, cluster, &dir, &prefix).await?;
     let launcher = Launcher {
         bin_dir: paths.bin_dir.clone(),
         dir,
         bootstrap: cluster.bootstrap.clone(),
         prefix: prefix.clone(),
         partitions: PARTITIONS,
-        postgres_url,
-        registry_url,
+        postgres_url: postgres.as_ref().map(|p| p.url.clone()),
+        registry_url: registry.as_ref().map(|r| r.url.clone()),
     };
     log(format!(
         "run {} (prefix {prefix}, logs in {})",
         scenario.name,
         launcher.dir.display()
     ));
-    let kafka = kafka_settings(&cluster.bootstrap)?;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    let ready = Duration::from_secs(120);
-    let mut first = launcher.command_service(&format!("{prefix}-0"), "cmd-0")?;
-    first.wait_ready(&http, None, ready).await?;
-    let mut projection = launcher.projection_service("projection")?;
-    projection.wait_ready(&http, None, ready).await?;
-    let driver = Driver::start(&kafka, &prefix, PARTITIONS).await?;
-
-    let (accounts, min_ops) = if quick { (16, 6) } else { (40, 10) };
-    let deadline = Instant::now() + Duration::from_secs(if quick { 300 } else { 900 });
-    let tasks: Vec<_> = (0..accounts)
-        .map(|i| {
-            let id = format!("acc-{prefix}-{i}");
-            let task = driver.clone().account_task(
-                id.clone(),
-                seed ^ (i as u64).wrapping_mul(0x9e37_79b9),
-                min_ops,
-                deadline,
-            );
-            (id, tokio::spawn(task))
-        })
-        .collect();
-
-    let mut run = Run {
+    let mut run = Run::start(
         cluster,
         launcher,
-        kafka: kafka.clone(),
-        http: http.clone(),
-        driver: driver.clone(),
-        commands: vec![first],
-        projection,
-        instances: 0,
-        faults: 0,
-        poison_events_sent: 0,
-        postgres,
-        registry,
-        tally: Tally::default(),
-    };
+        postgres.map(|p| p.helper),
+        registry.map(|r| r.helper),
+    )
+    .await?;
+    let tasks = run.start_load(&LoadProfile::new(args.quick), seed);
     run.wait_progress(40, "the start").await;
-    let mut failure = None;
-    for fault in scenario.faults {
-        if let Err(e) = run.inject(*fault).await {
-            failure = Some(format!("injecting {fault:?} failed: {e:#}"));
-            break;
-        }
-    }
-    // Wind down: every account finishes its command in flight; one without an answer within
-    // 90 s is a missing result.
-    *driver.give_up_at.lock().unwrap() = Some(Instant::now() + Duration::from_secs(90));
-    driver.stop.store(true, Ordering::SeqCst);
-    while !tasks.iter().all(|(_, t)| t.is_finished()) {
-        run.supervise()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    run.supervise()?;
-    let mut finals = BTreeMap::new();
-    for (id, task) in tasks {
-        finals.insert(id, task.await?);
-    }
+    let failure = run.inject_all(scenario.faults).await;
+    let finals = run.wind_down(tasks).await?;
     let mut tally = check::check_run(
-        &driver,
-        &kafka,
+        &run.driver,
+        &run.kafka,
         PARTITIONS,
         &finals,
         &run.projection.base_url,
-        &http,
+        &run.http,
     )
     .await?;
-    if run.poison_events_sent > 0 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let codes = loop {
-            let codes = check::dead_letter_codes(&driver, &kafka, PARTITIONS).await?;
-            if codes.len() >= run.poison_events_sent || Instant::now() > deadline {
-                break codes;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-        log(format!("    dead letters from the events topic: {codes:?}"));
-        if codes.len() != run.poison_events_sent || codes.iter().any(String::is_empty) {
-            tally.poison_unhandled += run.poison_events_sent.abs_diff(codes.len()).max(1);
-            tally.notes.push(format!(
-                "{} poison events sent, {} dead-lettered with codes {codes:?}",
-                run.poison_events_sent,
-                codes.len()
-            ));
-        }
-    }
+    run.check_poison_events_dead_lettered(&mut tally).await?;
     run.supervise()?;
     tally.add(&run.tally);
     if let Some(failure) = failure {
         tally.wrong_answers += 1;
         tally.notes.push(failure);
     }
-    for service in run.commands.iter_mut() {
-        service.kill().await?;
+    run.shut_down().await?;
+    report_run(scenario.name, &tally, run.faults);
+    Ok(ScenarioResult {
+        tally,
+        faults: run.faults,
+    })
+}
+
+/// Starts the suite's own PostgreSQL afresh if `scenario` needs it.
+async fn start_postgres(
+    scenario: &Scenario,
+    args: &Args,
+    paths: &Paths,
+) -> Result<Option<StartedHelper>> {
+    if !scenario.postgres {
+        return Ok(None);
     }
-    run.projection.kill().await?;
-    for helper in [&run.registry, &run.postgres].into_iter().flatten() {
-        if let Err(e) = helper.stop().await {
-            log(format!("stopping a helper failed: {e:#}"));
-        }
+    let helper = Helper::new(
+        &paths.scripts,
+        "postgres",
+        &[
+            ("PG_PORT", args.pg_port.to_string()),
+            (
+                "BANK_PG_DIR",
+                paths.work.join("postgres").display().to_string(),
+            ),
+        ],
+    );
+    let url = helper.start(true).await?;
+    Ok(Some(StartedHelper { helper, url }))
+}
+
+/// Starts the suite's own schema registry (journal on `cluster`, state in `dir`) if
+/// `scenario` needs it.
+async fn start_registry(
+    scenario: &Scenario,
+    args: &Args,
+    paths: &Paths,
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    prefix: &str,
+) -> Result<Option<StartedHelper>> {
+    if !scenario.registry {
+        return Ok(None);
     }
+    let helper = Helper::new(
+        &paths.scripts,
+        "registry",
+        &[
+            ("REGISTRY_PORT", args.registry_port.to_string()),
+            ("REGISTRY_KAFKA", cluster.bootstrap.clone()),
+            (
+                "BANK_STATE_DIR",
+                dir.join("registry-state").display().to_string(),
+            ),
+            ("REGISTRY_TOPIC", format!("{prefix}.registry-journal")),
+        ],
+    );
+    let url = helper.start(false).await?;
+    Ok(Some(StartedHelper { helper, url }))
+}
+
+/// Logs a run's outcome line and its notes.
+fn report_run(name: &str, tally: &Tally, faults: usize) {
     log(format!(
         "  {}: {} commands, {} faults, {}",
-        scenario.name,
+        name,
         tally.commands,
-        run.faults,
+        faults,
         if tally.ok() { "ok" } else { "FAILED" }
     ));
     for note in &tally.notes {
         log(format!("    {note}"));
     }
-    Ok((tally, run.faults))
+}
+
+impl<'a> Run<'a> {
+    /// Starts the first command-service, the projection-service and the load's driver.
+    async fn start(
+        cluster: &'a Cluster,
+        launcher: Launcher,
+        postgres: Option<Helper>,
+        registry: Option<Helper>,
+    ) -> Result<Self> {
+        let kafka = kafka_settings(&cluster.bootstrap)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let prefix = launcher.prefix.clone();
+        let mut first = launcher.command_service(&format!("{prefix}-0"), "cmd-0")?;
+        first.wait_ready(&http, None, READY_TIMEOUT).await?;
+        let mut projection = launcher.projection_service("projection")?;
+        projection.wait_ready(&http, None, READY_TIMEOUT).await?;
+        let driver = Driver::start(&kafka, &prefix, PARTITIONS).await?;
+        Ok(Run {
+            cluster,
+            launcher,
+            kafka,
+            http,
+            driver,
+            commands: vec![first],
+            projection,
+            instances: 0,
+            faults: 0,
+            poison_events_sent: 0,
+            postgres,
+            registry,
+            tally: Tally::default(),
+        })
+    }
+}
+
+impl Run<'_> {
+    /// Spawns one task per account, each driving its account with its own seed.
+    fn start_load(&self, profile: &LoadProfile, seed: u64) -> Vec<AccountTask> {
+        let deadline = Instant::now() + profile.limit;
+        (0..profile.accounts)
+            .map(|i| {
+                let account = format!("acc-{}-{i}", self.launcher.prefix);
+                let task = self.driver.clone().account_task(
+                    account.clone(),
+                    seed ^ (i as u64).wrapping_mul(0x9e37_79b9),
+                    profile.min_ops,
+                    deadline,
+                );
+                AccountTask {
+                    account,
+                    handle: tokio::spawn(task),
+                }
+            })
+            .collect()
+    }
+
+    /// Injects `faults` in order, stopping at the first that cannot be injected; returns what
+    /// failed, if anything did.
+    async fn inject_all(&mut self, faults: &[Fault]) -> Option<String> {
+        for fault in faults {
+            if let Err(e) = self.inject(*fault).await {
+                return Some(format!("injecting {fault:?} failed: {e:#}"));
+            }
+        }
+        None
+    }
+
+    /// Winds the load down: every account finishes its command in flight; one without an
+    /// answer within 90 s is a missing result. Returns the model's final state of each account.
+    async fn wind_down(&mut self, tasks: Vec<AccountTask>) -> Result<BTreeMap<String, Account>> {
+        *self.driver.give_up_at.lock().unwrap() = Some(Instant::now() + Duration::from_secs(90));
+        self.driver.stop.store(true, Ordering::SeqCst);
+        while !tasks.iter().all(|t| t.handle.is_finished()) {
+            self.supervise()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.supervise()?;
+        let mut finals = BTreeMap::new();
+        for AccountTask { account, handle } in tasks {
+            finals.insert(account, handle.await?);
+        }
+        Ok(finals)
+    }
+
+    /// Every poison event sent must be dead-lettered with an error code (waiting up to 60 s
+    /// for the projection); counts into `tally` what was not.
+    async fn check_poison_events_dead_lettered(&self, tally: &mut Tally) -> Result<()> {
+        let sent = self.poison_events_sent;
+        if sent == 0 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let codes = loop {
+            let codes = check::dead_letter_codes(&self.driver, &self.kafka, PARTITIONS).await?;
+            if codes.len() >= sent || Instant::now() > deadline {
+                break codes;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        log(format!("    dead letters from the events topic: {codes:?}"));
+        if codes.len() != sent || codes.iter().any(String::is_empty) {
+            tally.poison_unhandled += sent.abs_diff(codes.len()).max(1);
+            tally.notes.push(format!(
+                "{} poison events sent, {} dead-lettered with codes {codes:?}",
+                sent,
+                codes.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Kills the run's services and stops its helpers (a helper that will not stop is logged).
+    async fn shut_down(&mut self) -> Result<()> {
+        for service in self.commands.iter_mut() {
+            service.kill().await?;
+        }
+        self.projection.kill().await?;
+        for helper in [&self.registry, &self.postgres].into_iter().flatten() {
+            if let Err(e) = helper.stop().await {
+                log(format!("stopping a helper failed: {e:#}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where things are.
@@ -708,6 +890,51 @@ struct Paths {
     bin_dir: PathBuf,
     work: PathBuf,
     scripts: PathBuf,
+}
+
+impl Paths {
+    /// The binaries (default: beside this one), the work dir (default: <target>/faults) and
+    /// the repository's scripts.
+    fn resolve(args: &Args) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let bin_dir = match &args.bin_dir {
+            Some(dir) => dir.clone(),
+            None => exe
+                .parent()
+                .context("no directory of the executable")?
+                .to_owned(),
+        };
+        let work = match &args.dir {
+            Some(dir) => dir.clone(),
+            None => bin_dir
+                .parent()
+                .context("no target directory")?
+                .join("faults"),
+        };
+        let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+        Ok(Paths {
+            bin_dir,
+            work,
+            scripts,
+        })
+    }
+}
+
+/// What all runs so far found.
+#[derive(Default)]
+struct Totals {
+    runs: usize,
+    faults: usize,
+    tally: Tally,
+}
+
+impl Totals {
+    /// Counts one more run.
+    fn add(&mut self, result: &ScenarioResult) {
+        self.runs += 1;
+        self.faults += result.faults;
+        self.tally.add(&result.tally);
+    }
 }
 
 fn summary(runs: usize, faults: usize, t: &Tally) -> String {
@@ -741,36 +968,58 @@ async fn main() {
     }
 }
 
+/// The whole suite's settings and what it found so far.
+struct Suite<'a> {
+    args: &'a Args,
+    paths: Paths,
+    seed: u64,
+    repeat: usize,
+    totals: Totals,
+}
+
+/// Runs the chosen scenarios (on one broker, then on three) and prints the summary line;
+/// returns whether every count is zero.
 async fn suite(args: &Args) -> Result<bool> {
-    let exe = std::env::current_exe()?;
-    let bin_dir = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => exe
-            .parent()
-            .context("no directory of the executable")?
-            .to_owned(),
-    };
-    let work = match &args.dir {
-        Some(dir) => dir.clone(),
-        None => bin_dir
-            .parent()
-            .context("no target directory")?
-            .join("faults"),
-    };
-    let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let paths = Paths::resolve(args)?;
     let seed = args.seed.unwrap_or_else(rand::random);
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
     log(format!(
         "profile {}, seed {seed}, binaries from {}, work dir {}",
         if args.quick { "quick" } else { "full" },
-        bin_dir.display(),
-        work.display()
+        paths.bin_dir.display(),
+        paths.work.display()
     ));
-    let paths = Paths {
-        bin_dir: bin_dir.clone(),
-        work: work.clone(),
-        scripts: scripts.clone(),
+    let chosen = choose_scenarios(args)?;
+    let mut suite = Suite {
+        args,
+        paths,
+        seed,
+        repeat,
+        totals: Totals::default(),
     };
+    for brokers in [1, 3] {
+        let of_size: Vec<&Scenario> = chosen
+            .iter()
+            .copied()
+            .filter(|s| s.brokers == brokers)
+            .collect();
+        if of_size.is_empty() {
+            continue;
+        }
+        suite.run_on_cluster(brokers, &of_size).await?;
+    }
+    let Totals {
+        runs,
+        faults,
+        tally,
+    } = &suite.totals;
+    let line = summary(*runs, *faults, tally);
+    println!("{line}");
+    Ok(tally.ok())
+}
+
+/// The scenarios of the profile that `--only` selects; none is an error.
+fn choose_scenarios(args: &Args) -> Result<Vec<&'static Scenario>> {
     let chosen: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| !(args.quick && LONG_ONLY.contains(&s.name)))
@@ -783,18 +1032,19 @@ async fn suite(args: &Args) -> Result<bool> {
     if chosen.is_empty() {
         bail!("no scenario matches");
     }
-    let mut total = Tally::default();
-    let (mut runs, mut faults) = (0, 0);
-    for brokers in [1, 3] {
-        let of_size: Vec<&&Scenario> = chosen.iter().filter(|s| s.brokers == brokers).collect();
-        if of_size.is_empty() {
-            continue;
-        }
+    Ok(chosen)
+}
+
+impl Suite<'_> {
+    /// Starts a fresh cluster of `brokers` nodes, runs `scenarios` on it `repeat` times and
+    /// stops it. A failed round is abandoned and the next round still runs; the last failure
+    /// is returned once the cluster is stopped.
+    async fn run_on_cluster(&mut self, brokers: usize, scenarios: &[&Scenario]) -> Result<()> {
         let cluster = Cluster::new(
-            &scripts,
-            &work.join(format!("kafka-{brokers}")),
-            args.kafka_port,
-            args.controller_port,
+            &self.paths.scripts,
+            &self.paths.work.join(format!("kafka-{brokers}")),
+            self.args.kafka_port,
+            self.args.controller_port,
             brokers,
         );
         log(format!(
@@ -803,35 +1053,31 @@ async fn suite(args: &Args) -> Result<bool> {
         ));
         cluster.start_fresh().await?;
         let mut outcome = Ok(());
-        for round in 0..repeat {
-            for scenario in &of_size {
-                match run_scenario(
-                    scenario,
-                    &cluster,
-                    args,
-                    &paths,
-                    seed.wrapping_add(round as u64),
-                )
-                .await
-                {
-                    Ok((tally, n)) => {
-                        runs += 1;
-                        faults += n;
-                        total.add(&tally);
-                    }
-                    Err(e) => {
-                        outcome = Err(e.context(format!("run {} failed", scenario.name)));
-                        break;
-                    }
-                }
+        for round in 0..self.repeat {
+            if let Err(e) = self.run_round(&cluster, scenarios, round).await {
+                outcome = Err(e);
             }
         }
         if let Err(e) = cluster.stop().await {
             log(format!("stopping the suite's Kafka failed: {e:#}"));
         }
-        outcome?;
+        outcome
     }
-    let line = summary(runs, faults, &total);
-    println!("{line}");
-    Ok(total.ok())
+
+    /// Runs each of `scenarios` once on `cluster`, stopping at the first run that fails.
+    async fn run_round(
+        &mut self,
+        cluster: &Cluster,
+        scenarios: &[&Scenario],
+        round: usize,
+    ) -> Result<()> {
+        for scenario in scenarios {
+            let seed = self.seed.wrapping_add(round as u64);
+            let result = run_scenario(scenario, cluster, self.args, &self.paths, seed)
+                .await
+                .with_context(|| format!("run {} failed", scenario.name))?;
+            self.totals.add(&result);
+        }
+        Ok(())
+    }
 }
