@@ -517,6 +517,27 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Whether the event keyed `id` is not this partition's to fold: its aggregate lives on
+/// another partition (a misplaced record, counted and ignored) or is quarantined.
+fn not_foldable_here(
+    state: &PartitionState,
+    msg: &BorrowedMessage<'_>,
+    id: &str,
+    partitions: i32,
+) -> bool {
+    if canonical_partition(id.as_bytes(), partitions) != msg.partition() {
+        tracing::error!(
+            partition = msg.partition(),
+            offset = msg.offset(),
+            aggregate_id = id,
+            "event on another partition than its aggregate's ignored"
+        );
+        m::restore_unreadable("misplaced_event");
+        return true;
+    }
+    state.quarantined.contains_key(id)
+}
+
 /// Folds one event into its partition's state. Events a snapshot covers are recognised by
 /// their headers and not decoded; the others are decoded from the JSON inside the wire format
 /// (no registry round trip, so a registry outage cannot make a restore skip events).
@@ -527,20 +548,8 @@ fn fold_event(
     partitions: i32,
 ) -> Folded {
     let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
-    if let Some(id) = key {
-        if canonical_partition(id.as_bytes(), partitions) != msg.partition() {
-            tracing::error!(
-                partition = msg.partition(),
-                offset = msg.offset(),
-                aggregate_id = id,
-                "event on another partition than its aggregate's ignored"
-            );
-            m::restore_unreadable("misplaced_event");
-            return Folded::Skipped;
-        }
-        if state.quarantined.contains_key(id) {
-            return Folded::Skipped;
-        }
+    if key.is_some_and(|id| not_foldable_here(state, msg, id, partitions)) {
+        return Folded::Skipped;
     }
     if let Some(at) = msg
         .timestamp()
