@@ -271,11 +271,8 @@ impl Tail {
             Folded::Gap {
                 aggregate_id,
                 reason,
-            } => {
-                m::restore_unreadable("event");
-                state.quarantine(&aggregate_id, msg.offset(), reason);
             }
-            Folded::Unreadable {
+            | Folded::Unreadable {
                 aggregate_id: Some(aggregate_id),
                 reason,
             } => {

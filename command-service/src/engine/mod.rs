@@ -364,12 +364,17 @@ fn take_lease(producer: &TxnProducer, settings: &Settings, process: &str) -> Kaf
         .key(settings.instance_id.as_bytes())
         .payload(&payload);
     producer.send(record).map_err(|(e, _)| e)?;
-    // Delivery reports are served by our polls, not by the commit's flush.
-    let deadline = Instant::now() + TXN_TIMEOUT;
+    serve_deliveries(producer, TXN_TIMEOUT);
+    producer.commit_transaction(TXN_TIMEOUT)
+}
+
+/// Serves delivery reports until every produced message is delivered (or `timeout`): our polls
+/// serve them, not the flush inside `commit_transaction`, which waits in steps of 100 ms.
+fn serve_deliveries(producer: &TxnProducer, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
     while producer.in_flight_count() > 0 && Instant::now() < deadline {
         producer.poll(Duration::from_millis(1));
     }
-    producer.commit_transaction(TXN_TIMEOUT)
 }
 
 fn new_producer(config: &ClientConfig) -> KafkaResult<TxnProducer> {

@@ -423,10 +423,7 @@ impl Engine {
     /// rdkafka's flush inside `commit_transaction` waits for them in steps of 100 ms, which
     /// would be every commit's latency.
     fn await_deliveries(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
-            self.producer.poll(Duration::from_millis(1));
-        }
+        super::serve_deliveries(&self.producer, timeout);
     }
 
     /// Waits for the delivery of the event sent with `token` (serving delivery reports

@@ -86,16 +86,6 @@ impl TestApp {
         post(&self.http, &self.url, command.to_json().to_string()).await
     }
 
-    /// Waits (up to `within`) for the service to stop by itself; its outcome.
-    #[allow(dead_code)]
-    pub async fn finished(mut self, within: Duration) -> anyhow::Result<()> {
-        let handle = self.handle.take().expect("running");
-        tokio::time::timeout(within, handle)
-            .await
-            .expect("the service stops by itself")
-            .unwrap()
-    }
-
     /// Stops gracefully and waits for the end.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
