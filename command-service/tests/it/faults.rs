@@ -1,5 +1,5 @@
-//! Faults other than a crash: a producer fenced by another with the same `INSTANCE_ID`, and a
-//! past writer whose clock ran ahead.
+//! Faults other than a crash: a commit whose answer is lost, a producer fenced by another with
+//! the same `INSTANCE_ID`, a past writer whose clock ran ahead, and a registry that forgets.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,6 +11,53 @@ use shared::kafka::{Topics, canonical_partition};
 use shared::{Command, Event, EventEnvelope};
 
 use crate::helpers::*;
+use crate::proxy::{END_TXN, INIT_PRODUCER_ID, LossyProxy, OFFSET_FETCH};
+
+#[tokio::test]
+async fn a_commit_whose_outcome_cannot_be_learned_is_never_redone() {
+    let Some(proxy) = LossyProxy::start().await else {
+        return;
+    };
+    let mut settings = shared::testing::test_settings(1);
+    settings.commit_interval = Duration::from_millis(20);
+    let direct = std::mem::replace(
+        &mut settings.kafka.bootstrap_servers,
+        proxy.bootstrap.clone(),
+    );
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, _) = app.send(&open("ambiguous-1", "Ann", 10)).await;
+    assert_eq!(s, 200);
+
+    // The broker commits the next transaction, but its answer is lost until the service gives up
+    // on that producer and initialises a new one; and every committed-offsets lookup that could
+    // tell what became of the transaction is lost too.
+    proxy.lose_responses(END_TXN, Some(INIT_PRODUCER_ID));
+    proxy.lose_responses(OFFSET_FETCH, None);
+    let deposit = cmd("ambiguous-1", Command::Deposit { amount_minor: 5 });
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!(
+        (s, body["version"].as_u64()),
+        (200, Some(2)),
+        "the broker committed the deposit, and the HTTP side reads committed results: {body}"
+    );
+    let ended = app.stopped(Duration::from_secs(150)).await;
+    let reason = format!(
+        "{:#}",
+        ended.expect_err("the service stops rather than redo")
+    );
+    assert!(reason.contains("cannot be learned"), "{reason}");
+    assert!(proxy.lost(END_TXN) >= 1 && proxy.lost(OFFSET_FETCH) >= 1);
+    proxy.heal();
+
+    // The transaction had committed: the deposit is there once, and asking again answers it.
+    settings.kafka.bootstrap_servers = direct;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    app.stop().await;
+    let (events, _) = verify_store(&settings).await;
+    assert_eq!(events, 2, "the deposit was appended once");
+}
 
 #[tokio::test]
 async fn a_producer_fenced_without_a_twin_instance_recovers_and_loses_nothing() {

@@ -86,6 +86,15 @@ impl TestApp {
         post(&self.http, &self.url, command.to_json().to_string()).await
     }
 
+    /// Waits (at most `within`) for the app to stop by itself, and returns how it ended.
+    pub async fn stopped(mut self, within: Duration) -> anyhow::Result<()> {
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(within, handle)
+            .await
+            .unwrap_or_else(|_| panic!("the service did not stop within {within:?}"))
+            .expect("the app task did not panic")
+    }
+
     /// Stops gracefully and waits for the end.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
