@@ -363,25 +363,20 @@ impl Engine {
     }
 
     /// Seeks every owned partition back to its committed offset, after a pause that grows with
-    /// consecutive aborts (whatever failed, the registry or a broker, gets a moment).
+    /// consecutive aborts (whatever failed, the registry or a broker, gets a moment). A failed
+    /// seek stops the engine: going on would commit offsets past commands never processed.
     fn rewind(&mut self, consumer: &EngineConsumer) {
         self.aborts_in_a_row = self.aborts_in_a_row.saturating_add(1);
         let exponent = self.aborts_in_a_row.min(6) - 1;
         std::thread::sleep(Duration::from_millis(200 << exponent));
-        let commands = self.topics.commands();
-        let mut failed = None;
-        for p in self.partitions.keys() {
+        let positions = self.partitions.keys().map(|p| {
             let offset = match self.committed_next.get(p) {
                 Some(Offset::Offset(o)) => Offset::Offset(*o),
                 _ => Offset::Beginning,
             };
-            if let Err(e) = consumer.seek(&commands, *p, offset, Duration::from_secs(10)) {
-                // Going on would commit offsets past commands never processed.
-                failed = Some(format!("cannot seek partition {p} back to {offset:?}: {e}"));
-                break;
-            }
-        }
-        if let Some(reason) = failed {
+            (*p, offset)
+        });
+        if let Err(reason) = seek_back(consumer, &self.topics.commands(), positions) {
             self.fail(reason);
         }
     }
@@ -480,9 +475,44 @@ impl Engine {
     }
 }
 
+/// Seeks `topic`'s partitions to the given offsets; the first that fails, named, as `Err`.
+pub(crate) fn seek_back<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    positions: impl IntoIterator<Item = (i32, Offset)>,
+) -> Result<(), String> {
+    for (p, offset) in positions {
+        consumer
+            .seek(topic, p, offset, Duration::from_secs(10))
+            .map_err(|e| format!("cannot seek partition {p} of {topic} back to {offset:?}: {e}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::consumer::BaseConsumer;
+
+    #[test]
+    fn a_seek_that_fails_is_an_error_naming_the_partition() {
+        // A partition this consumer does not hold: librdkafka refuses the seek, as it does one
+        // while the partition's position is being looked up.
+        let consumer: BaseConsumer = shared::testing::test_settings(1)
+            .kafka
+            .client_config()
+            .set("group.id", shared::testing::unique_name("seek"))
+            .create()
+            .expect("consumer");
+        let topic = shared::testing::unique_name("seek");
+        let failed = seek_back(&consumer, &topic, [(3, Offset::Offset(7))]);
+        let reason = failed.expect_err("the seek fails");
+        assert!(
+            reason.contains("partition 3") && reason.contains(&topic),
+            "{reason}"
+        );
+        assert_eq!(seek_back(&consumer, &topic, []), Ok(()));
+    }
 
     fn lookup(entries: &[(i32, Offset)]) -> KafkaResult<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
