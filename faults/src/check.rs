@@ -30,6 +30,9 @@ pub(crate) struct Tally {
     pub(crate) crashes: usize,
     /// Faults after which no command was answered for [`crate::STALL_LIMIT`].
     pub(crate) stalls: usize,
+    /// Instances fenced by a twin with their INSTANCE_ID that did not stop by themselves (with a
+    /// failure status) within [`crate::FENCED_EXIT_LIMIT`].
+    pub(crate) twins_running: usize,
     /// What went wrong, for people (the first few of each kind).
     pub(crate) notes: Vec<String>,
 }
@@ -47,6 +50,7 @@ impl Tally {
         self.poison_unhandled += other.poison_unhandled;
         self.crashes += other.crashes;
         self.stalls += other.stalls;
+        self.twins_running += other.twins_running;
         self.notes.extend(other.notes.iter().cloned());
     }
 
@@ -61,6 +65,7 @@ impl Tally {
             && self.poison_unhandled == 0
             && self.crashes == 0
             && self.stalls == 0
+            && self.twins_running == 0
     }
 
     fn note(&mut self, note: String) {

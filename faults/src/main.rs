@@ -164,6 +164,10 @@ const PARTITIONS: i32 = 3;
 /// How long the load may go unanswered after a fault before the run counts a stall (a restart
 /// with its restore, a session and a transaction time-out fit well within it).
 pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(90);
+/// How long an instance fenced by its twin may take to stop by itself after it is resumed: a
+/// transactional call it was in times out (10 s, up to three tries for a commit), then it reads
+/// the lease (3 s).
+pub(crate) const FENCED_EXIT_LIMIT: Duration = Duration::from_secs(45);
 
 /// How long a service the suite starts may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -408,9 +412,28 @@ impl Run<'_> {
         self.commands.insert(0, twin);
         self.wait_progress(20, "a takeover by the same INSTANCE_ID")
             .await;
-        // The resumed one is fenced; whatever it does, it goes now.
-        if old.exited().is_none() {
-            log("    the resumed twin still runs after the takeover; killing it");
+        // The resumed one is fenced: it must stop by itself, with a failure status.
+        let deadline = Instant::now() + FENCED_EXIT_LIMIT;
+        let status = loop {
+            match old.exited() {
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                status => break status,
+            }
+        };
+        if !status.is_some_and(|s| !s.success()) {
+            let note = format!(
+                "TWIN: {} (INSTANCE_ID {}) was fenced by its twin but {} within {FENCED_EXIT_LIMIT:?}; its last words: {} (log: {})",
+                old.name,
+                old.instance_id,
+                status.map_or_else(|| "still ran".to_owned(), |s| format!("exited with {s}")),
+                old.last_words(),
+                old.log_path().display()
+            );
+            log(format!("    {note}"));
+            self.tally.twins_running += 1;
+            self.tally.notes.push(note);
         }
         old.kill().await?;
         self.wait_progress(10, "the fenced twin's end").await;
@@ -941,7 +964,7 @@ fn summary(runs: usize, faults: usize, t: &Tally) -> String {
     format!(
         "{runs} runs, {faults} faults, {} commands: lost {}, duplicated {}, version gaps {}, \
          missing results {}, read model {} replay; wrong answers {}, poison not dead-lettered {}, \
-         crashed services {}, stalls {}",
+         crashed services {}, stalls {}, fenced twins still running {}",
         t.commands,
         t.lost,
         t.duplicated,
@@ -951,7 +974,8 @@ fn summary(runs: usize, faults: usize, t: &Tally) -> String {
         t.wrong_answers,
         t.poison_unhandled,
         t.crashes,
-        t.stalls
+        t.stalls,
+        t.twins_running
     )
 }
 
