@@ -183,7 +183,7 @@ pub enum DlqAction {
     List,
     /// Send dead letters back to `<prefix>.events` (same key, bytes and headers, on the key's
     /// partition). A letter whose bytes still cannot be decoded is held back (exit 1) unless
-    /// `--force`: fix the cause first.
+    /// `--force`: fix the cause first. A letter cut short is always held back.
     Replay {
         /// The letter to replay, as `bank dlq list` shows it (`PARTITION:OFFSET`); repeatable.
         #[arg(
@@ -196,7 +196,8 @@ pub enum DlqAction {
         /// Replay every dead letter.
         #[arg(long)]
         all: bool,
-        /// Replay even letters that still fail to decode.
+        /// Replay even letters that still fail to decode (never one cut short: see
+        /// `dlq.original.truncated`).
         #[arg(long)]
         force: bool,
     },

@@ -17,7 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use serde_json::json;
 use shared::Settings;
-use shared::dlq::{DeadLetterReader, StoredDeadLetter};
+use shared::dlq::{DeadLetterReader, StoredDeadLetter, header};
 use shared::kafka::{Topics, canonical_partition};
 use shared::{DecodeError, EventCodec};
 
@@ -204,6 +204,10 @@ impl<'a> Replayer<'a> {
             offset: None,
             held_back: None,
         };
+        if let Some(why) = cut_short(letter) {
+            outcome.held_back = Some(why);
+            return Ok(outcome);
+        }
         match still_failing(&self.codec, letter).await? {
             Some(why) if !self.force => outcome.held_back = Some(why),
             _ => {
@@ -279,6 +283,23 @@ fn report(outcomes: &[Replayed], json: bool, topics: &Topics) -> Result<(), CliE
             held.join(", ")
         )))
     }
+}
+
+/// Why this letter can never be replayed, not even with `--force`: it holds only the first bytes
+/// of an original too large to dead-letter whole (`dlq.original.truncated`), and replaying them
+/// would store a different event. The original is still on its topic.
+fn cut_short(letter: &StoredDeadLetter) -> Option<String> {
+    let size = letter.view.headers.get(header::ORIGINAL_TRUNCATED)?;
+    let view = &letter.view;
+    let at = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+    Some(format!(
+        "it holds only the first bytes of a {size}-byte original ({}); copy the original from {} \
+         partition {} offset {} instead (never replayed, not even with --force)",
+        header::ORIGINAL_TRUNCATED,
+        at(view.original_topic.clone()),
+        at(view.original_partition.map(|p| p.to_string())),
+        at(view.original_offset.map(|o| o.to_string())),
+    ))
 }
 
 /// Why this letter would be dead-lettered again, if it would: no key, or bytes the codec cannot
@@ -388,6 +409,31 @@ mod tests {
             let err = parse_id(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_truncated_letter_is_never_replayable_and_says_where_the_original_is() {
+        let mut letter = StoredDeadLetter {
+            view: shared::dlq::DeadLetterView {
+                original_topic: Some("t.events".into()),
+                original_partition: Some(2),
+                original_offset: Some(41),
+                ..Default::default()
+            },
+            key: Some(b"acc-1".to_vec()),
+            payload: Some(vec![b'{'; 10]),
+            original_headers: vec![],
+        };
+        assert_eq!(cut_short(&letter), None, "a whole letter");
+        letter
+            .view
+            .headers
+            .insert(header::ORIGINAL_TRUNCATED.into(), "1048600".into());
+        let why = cut_short(&letter).expect("a cut letter is held back");
+        assert!(
+            why.contains("1048600-byte original") && why.contains("t.events partition 2 offset 41"),
+            "{why}"
+        );
     }
 
     #[test]

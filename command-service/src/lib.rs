@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use shared::kafka::{TopicSpec, Topics, check_copartitioned, ensure_topics};
+use shared::kafka::{RetentionFloor, TopicSpec, Topics, check_copartitioned, ensure_topics};
 use shared::shutdown::Shutdown;
 use shared::{EventCodec, Settings};
 use tokio::net::TcpListener;
@@ -137,7 +137,12 @@ pub async fn run(
     .await
     .context("cannot create or inspect the topics")?;
     let partitions = check_copartitioned(&counts)?;
-    shared::kafka::verify_topics(&settings.kafka, &settings.topic_prefix, &counts).await?;
+    // A result must outlive its dedupe window, or a re-sent command would be decided again.
+    let floors = [RetentionFloor {
+        topic: Topics::new(&settings.topic_prefix).command_results(),
+        at_least: settings.dedupe_window,
+    }];
+    shared::kafka::verify_topics(&settings.kafka, &settings.topic_prefix, &counts, &floors).await?;
     if partitions != settings.partitions {
         anyhow::bail!(
             "the topics have {partitions} partitions but PARTITIONS={}; set PARTITIONS={partitions} \

@@ -183,7 +183,8 @@ struct Run<'a> {
     projection: Service,
     instances: usize,
     faults: usize,
-    poison_events_sent: usize,
+    /// The dead-letter code each poison event sent must get.
+    poison_event_codes: Vec<&'static str>,
     postgres: Option<Helper>,
     registry: Option<Helper>,
     tally: Tally,
@@ -422,7 +423,7 @@ impl Run<'_> {
                 status => break status,
             }
         };
-        if !status.is_some_and(|s| !s.success()) {
+        if status.is_none_or(|s| s.success()) {
             let note = format!(
                 "TWIN: {} (INSTANCE_ID {}) was fenced by its twin but {} within {FENCED_EXIT_LIMIT:?}; its last words: {} (log: {})",
                 old.name,
@@ -575,28 +576,29 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Poison on the events topic: not JSON, an envelope of an unknown event type, and a
-    /// Confluent wire-format frame that is cut short. Each must be dead-lettered by the
-    /// projection (checked at the end) and no service may stop.
+    /// Poison on the events topic: not JSON, a well-formed envelope of an unknown event type,
+    /// and a Confluent wire-format frame that is cut short. Each must be dead-lettered by the
+    /// projection with its own code (checked at the end) and no service may stop.
     async fn poison_events(&mut self) -> Result<()> {
         let topic = self.driver.topics().events();
-        let poison: [(&str, Vec<u8>); 3] = [
-            ("poison-x", b"{not json".to_vec()),
+        let poison: [(&str, Vec<u8>, &'static str); 3] = [
+            ("poison-x", b"{not json".to_vec(), "InvalidJson"),
             (
                 "poison-y",
                 serde_json::json!({"event_id": Uuid::new_v4(), "aggregate_id": "poison-y",
-                    "aggregate_type": "BankAccount", "aggregate_version": 1,
+                    "aggregate_type": "BankAccount", "version": 1,
                     "event_type": "AccountExploded", "schema_version": 2,
                     "timestamp": "2026-01-01T00:00:00Z", "data": {}, "metadata": {}})
                 .to_string()
                 .into_bytes(),
+                "UnknownEventType",
             ),
-            ("poison-z", vec![0, 0, 0]),
+            ("poison-z", vec![0, 0, 0], "Truncated"),
         ];
-        for (key, bytes) in &poison {
+        for (key, bytes, code) in &poison {
             self.driver.produce_raw(&topic, key, bytes).await?;
+            self.poison_event_codes.push(code);
         }
-        self.poison_events_sent += poison.len();
         self.wait_progress(20, "poison on the events topic").await;
         Ok(())
     }
@@ -809,7 +811,7 @@ impl<'a> Run<'a> {
             projection,
             instances: 0,
             faults: 0,
-            poison_events_sent: 0,
+            poison_event_codes: Vec::new(),
             postgres,
             registry,
             tally: Tally::default(),
@@ -869,7 +871,7 @@ impl Run<'_> {
     /// Every poison event sent must be dead-lettered with an error code (waiting up to 60 s
     /// for the projection); counts into `tally` what was not.
     async fn check_poison_events_dead_lettered(&self, tally: &mut Tally) -> Result<()> {
-        let sent = self.poison_events_sent;
+        let sent = self.poison_event_codes.len();
         if sent == 0 {
             return Ok(());
         }
@@ -882,12 +884,14 @@ impl Run<'_> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         log(format!("    dead letters from the events topic: {codes:?}"));
-        if codes.len() != sent || codes.iter().any(String::is_empty) {
+        let mut expected = self.poison_event_codes.clone();
+        let mut found: Vec<&str> = codes.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        found.sort_unstable();
+        if found != expected {
             tally.poison_unhandled += sent.abs_diff(codes.len()).max(1);
             tally.notes.push(format!(
-                "{} poison events sent, {} dead-lettered with codes {codes:?}",
-                sent,
-                codes.len()
+                "{sent} poison events sent, expected dead letters {expected:?}, found {found:?}"
             ));
         }
         Ok(())

@@ -115,7 +115,7 @@ pub async fn ensure_projection_topics(settings: &Settings) -> Result<i32, TopicE
         Duration::from_secs(30),
     )
     .await?;
-    shared::kafka::verify_topics(&settings.kafka, &settings.topic_prefix, &counts).await?;
+    shared::kafka::verify_topics(&settings.kafka, &settings.topic_prefix, &counts, &[]).await?;
     Ok(counts.first().map_or(settings.partitions, |(_, n)| *n))
 }
 

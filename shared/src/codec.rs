@@ -75,19 +75,9 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// A stable code for dead-letter headers and metrics.
+    /// A stable code for dead-letter headers and metrics: its [`crate::dlq::DeadLetterCode`].
     pub fn code(&self) -> &'static str {
-        match self {
-            DecodeError::Empty => "Empty",
-            DecodeError::Truncated(_) => "Truncated",
-            DecodeError::UnknownFormat(_) => "UnknownFormat",
-            DecodeError::NotJson(_) => "InvalidJson",
-            DecodeError::Registry { .. } => "SchemaRegistry",
-            DecodeError::Upcast(_) => "UpcastFailed",
-            DecodeError::Envelope(_) => "InvalidEnvelope",
-            DecodeError::Data(EventDataError::UnknownType(_)) => "UnknownEventType",
-            DecodeError::Data(_) => "InvalidEventData",
-        }
+        crate::dlq::DeadLetterCode::from(self).as_str()
     }
 
     /// Whether trying again later may succeed (the registry was unreachable).

@@ -161,7 +161,7 @@ where
 }
 
 /// One dead letter as `GET /dead-letters` and `bank dlq list` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeadLetterView {
     /// Partition of the dead-letter topic.
@@ -396,22 +396,36 @@ mod tests {
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 
     #[test]
-    fn dead_letter_codes_are_the_decode_errors_codes() {
+    fn decode_errors_have_stable_wire_codes() {
         let errors = [
-            DecodeError::Empty,
-            DecodeError::Truncated(2),
-            DecodeError::UnknownFormat(b'x'),
-            DecodeError::NotJson("x".into()),
-            DecodeError::Registry {
-                schema_id: 1,
-                message: "x".into(),
-                retriable: false,
-            },
-            DecodeError::Envelope("x".into()),
-            DecodeError::Data(EventDataError::UnknownType("X".into())),
+            (DecodeError::Empty, "Empty"),
+            (DecodeError::Truncated(2), "Truncated"),
+            (DecodeError::UnknownFormat(b'x'), "UnknownFormat"),
+            (DecodeError::NotJson("x".into()), "InvalidJson"),
+            (
+                DecodeError::Registry {
+                    schema_id: 1,
+                    message: "x".into(),
+                    retriable: false,
+                },
+                "SchemaRegistry",
+            ),
+            (
+                DecodeError::Upcast(crate::upcast::UpcastError::NoStep {
+                    direction: "upcast",
+                    event_type: "X".into(),
+                    from: 0,
+                }),
+                "UpcastFailed",
+            ),
+            (DecodeError::Envelope("x".into()), "InvalidEnvelope"),
+            (
+                DecodeError::Data(EventDataError::UnknownType("X".into())),
+                "UnknownEventType",
+            ),
         ];
-        for e in &errors {
-            assert_eq!(DeadLetterCode::from(e).as_str(), e.code(), "{e:?}");
+        for (e, code) in &errors {
+            assert_eq!(e.code(), *code, "{e:?}");
         }
         assert_eq!(
             serde_json::to_string(&DeadLetterCode::NotApplicable).expect("json"),

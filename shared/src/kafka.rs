@@ -156,10 +156,11 @@ fn misconfigured_message(bootstrap: &str, mismatches: &[TopicMismatch]) -> Strin
         .iter()
         .map(|m| {
             format!(
-                "topic {}: {} is {}, required {}; fix: {}",
+                "topic {}: {} is {}, required {}{}; fix: {}",
                 m.topic,
                 m.setting,
                 m.found,
+                if m.at_least { "at least " } else { "" },
                 m.required,
                 m.fix(bootstrap)
             )
@@ -312,8 +313,20 @@ pub struct TopicMismatch {
     pub setting: String,
     /// The value the topic has (`(unset)` when the broker reports none).
     pub found: String,
-    /// The value it must have.
+    /// The value it must have (at least, when `at_least`).
     pub required: String,
+    /// Whether any larger value (or -1, unlimited) would do too: a retention floor.
+    pub at_least: bool,
+}
+
+/// A topic whose `retention.ms` must be unlimited (-1) or at least `at_least`, e.g. the results
+/// topic, which must keep a command's result for the whole dedupe window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionFloor {
+    /// The topic.
+    pub topic: String,
+    /// The shortest retention that will do.
+    pub at_least: Duration,
 }
 
 impl TopicMismatch {
@@ -342,8 +355,13 @@ const PARTITIONS_SETTING: &str = "partitions";
 
 /// Compares existing topics with the contract: the co-partitioned topics among `found` must all
 /// have the partition count of the first of them, and every topic the configs
-/// [`Topics::required_configs`] names. Returns every difference, in the order of `found`.
-pub fn topic_mismatches(topics: &Topics, found: &[FoundTopic]) -> Vec<TopicMismatch> {
+/// [`Topics::required_configs`] names, and every retention floor. Returns every difference, in
+/// the order of `found`.
+pub fn topic_mismatches(
+    topics: &Topics,
+    found: &[FoundTopic],
+    floors: &[RetentionFloor],
+) -> Vec<TopicMismatch> {
     let copartitioned = topics.copartitioned();
     let required_partitions = found
         .iter()
@@ -360,6 +378,7 @@ pub fn topic_mismatches(topics: &Topics, found: &[FoundTopic]) -> Vec<TopicMisma
                 setting: PARTITIONS_SETTING.into(),
                 found: topic.partitions.to_string(),
                 required: required.to_string(),
+                at_least: false,
             });
         }
         for (setting, required) in topics.required_configs(&topic.name) {
@@ -370,11 +389,34 @@ pub fn topic_mismatches(topics: &Topics, found: &[FoundTopic]) -> Vec<TopicMisma
                     setting: (*setting).into(),
                     found: found.unwrap_or("(unset)").into(),
                     required: (*required).into(),
+                    at_least: false,
                 });
+            }
+        }
+        for floor in floors.iter().filter(|f| f.topic == topic.name) {
+            if let Some(mismatch) = below_floor(topic, floor) {
+                mismatches.push(mismatch);
             }
         }
     }
     mismatches
+}
+
+/// The mismatch when `topic` keeps records for less than `floor` (unset counts as too short:
+/// the broker reports its effective value, so unset means unknown).
+fn below_floor(topic: &FoundTopic, floor: &RetentionFloor) -> Option<TopicMismatch> {
+    let required = floor.at_least.as_millis();
+    let found = topic.configs.get("retention.ms");
+    let enough = found
+        .and_then(|v| v.parse::<i64>().ok())
+        .is_some_and(|ms| ms < 0 || u128::try_from(ms).is_ok_and(|ms| ms >= required));
+    (!enough).then(|| TopicMismatch {
+        topic: topic.name.clone(),
+        setting: "retention.ms".into(),
+        found: found.map_or("(unset)", String::as_str).into(),
+        required: required.to_string(),
+        at_least: true,
+    })
 }
 
 /// Refuses topics of `prefix` that exist with settings the contract forbids (see
@@ -384,9 +426,10 @@ pub async fn verify_topics(
     settings: &KafkaSettings,
     prefix: &str,
     counts: &[(String, i32)],
+    floors: &[RetentionFloor],
 ) -> Result<(), TopicError> {
     let found = describe_topics(settings, counts).await?;
-    let mismatches = topic_mismatches(&Topics::new(prefix), &found);
+    let mismatches = topic_mismatches(&Topics::new(prefix), &found, floors);
     if mismatches.is_empty() {
         Ok(())
     } else {
@@ -642,7 +685,7 @@ mod tests {
             // not co-partitioned, no required config
             found("p.events.dlq", 3, &[]),
         ];
-        assert_eq!(topic_mismatches(&t, &found), vec![]);
+        assert_eq!(topic_mismatches(&t, &found, &[]), vec![]);
     }
 
     #[test]
@@ -662,9 +705,10 @@ mod tests {
             setting: setting.into(),
             found: found.into(),
             required: required.into(),
+            at_least: false,
         };
         assert_eq!(
-            topic_mismatches(&t, &found),
+            topic_mismatches(&t, &found, &[]),
             vec![
                 mismatch("p.events", "partitions", "4", "6"),
                 mismatch("p.events", "cleanup.policy", "compact", "delete"),
@@ -675,7 +719,7 @@ mod tests {
         );
         let message = TopicError::Misconfigured {
             bootstrap: "k:9092".into(),
-            mismatches: topic_mismatches(&t, &found),
+            mismatches: topic_mismatches(&t, &found, &[]),
         }
         .to_string();
         assert!(
@@ -688,6 +732,44 @@ mod tests {
         );
         assert!(
             message.contains("topic p.events: partitions is 4, required 6; fix:"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_retention_below_its_floor_is_a_mismatch_and_unlimited_is_enough() {
+        let t = Topics::new("p");
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let floors = [RetentionFloor {
+            topic: "p.command-results".into(),
+            at_least: week,
+        }];
+        let results = |ms: &str| [found("p.command-results", 1, &[("retention.ms", ms)])];
+        assert_eq!(topic_mismatches(&t, &results("604800000"), &floors), vec![]);
+        assert_eq!(topic_mismatches(&t, &results("704800000"), &floors), vec![]);
+        assert_eq!(topic_mismatches(&t, &results("-1"), &floors), vec![]);
+        let short = topic_mismatches(&t, &results("3600000"), &floors);
+        assert_eq!(
+            short,
+            vec![TopicMismatch {
+                topic: "p.command-results".into(),
+                setting: "retention.ms".into(),
+                found: "3600000".into(),
+                required: "604800000".into(),
+                at_least: true,
+            }]
+        );
+        let message = TopicError::Misconfigured {
+            bootstrap: "k:9092".into(),
+            mismatches: short,
+        }
+        .to_string();
+        assert!(
+            message.contains(
+                "topic p.command-results: retention.ms is 3600000, required at least 604800000; \
+                 fix: `kafka-configs.sh --bootstrap-server k:9092 --alter --entity-type topics \
+                 --entity-name p.command-results --add-config retention.ms=604800000`"
+            ),
             "{message}"
         );
     }

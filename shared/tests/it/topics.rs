@@ -1,9 +1,10 @@
 //! Existing topics are checked against the contract at start (issue 9, defect 11): partition
-//! counts, compaction and the events topic's infinite retention, on the real broker.
+//! counts, compaction, the events topic's infinite retention and the results topic's retention
+//! floor, on the real broker.
 
 use std::time::Duration;
 
-use shared::kafka::{TopicError, TopicSpec, Topics, ensure_topics, verify_topics};
+use shared::kafka::{RetentionFloor, TopicError, TopicSpec, Topics, ensure_topics, verify_topics};
 use shared::testing::test_settings;
 
 fn spec(name: String, partitions: i32, config: &[(&'static str, &str)]) -> TopicSpec {
@@ -40,7 +41,7 @@ async fn topics_created_as_the_services_do_pass() {
     let counts = ensure_topics(&settings.kafka, &contract_specs(&topics, 2), TIMEOUT)
         .await
         .expect("topics created");
-    verify_topics(&settings.kafka, &settings.topic_prefix, &counts)
+    verify_topics(&settings.kafka, &settings.topic_prefix, &counts, &[])
         .await
         .expect("topics as the contract says are accepted");
 }
@@ -65,7 +66,7 @@ async fn existing_topics_with_wrong_settings_are_refused_with_the_fix() {
     let counts = ensure_topics(&settings.kafka, &contract_specs(&topics, 2), TIMEOUT)
         .await
         .expect("the others created, the existing ones left alone");
-    let err = verify_topics(&settings.kafka, &settings.topic_prefix, &counts)
+    let err = verify_topics(&settings.kafka, &settings.topic_prefix, &counts, &[])
         .await
         .expect_err("wrong topics are refused");
     let TopicError::Misconfigured { mismatches, .. } = &err else {
@@ -124,7 +125,7 @@ async fn a_finite_retention_bytes_on_the_events_topic_is_refused() {
     )
     .await
     .expect("topic created");
-    let message = verify_topics(&settings.kafka, &settings.topic_prefix, &counts)
+    let message = verify_topics(&settings.kafka, &settings.topic_prefix, &counts, &[])
         .await
         .expect_err("finite retention.bytes is refused")
         .to_string();
@@ -135,4 +136,48 @@ async fn a_finite_retention_bytes_on_the_events_topic_is_refused() {
         )),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn a_results_topic_that_forgets_within_the_dedupe_window_is_refused() {
+    let settings = test_settings(1);
+    let topics = Topics::new(&settings.topic_prefix);
+    let counts = ensure_topics(
+        &settings.kafka,
+        &[spec(
+            topics.command_results(),
+            1,
+            &[("retention.ms", "3600000")],
+        )],
+        TIMEOUT,
+    )
+    .await
+    .expect("topic created");
+    let floor = |days: u64| RetentionFloor {
+        topic: topics.command_results(),
+        at_least: Duration::from_secs(days * 24 * 3600),
+    };
+    let message = verify_topics(
+        &settings.kafka,
+        &settings.topic_prefix,
+        &counts,
+        &[floor(7)],
+    )
+    .await
+    .expect_err("an hour's retention for a week's window is refused")
+    .to_string();
+    assert!(
+        message.contains(&format!(
+            "topic {}: retention.ms is 3600000, required at least 604800000",
+            topics.command_results()
+        )),
+        "{message}"
+    );
+    let ok = RetentionFloor {
+        at_least: Duration::from_secs(1800),
+        ..floor(0)
+    };
+    verify_topics(&settings.kafka, &settings.topic_prefix, &counts, &[ok])
+        .await
+        .expect("an hour's retention is enough for a half-hour window");
 }
