@@ -30,7 +30,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use shared::codec::{header, header_str};
 use shared::envelope::{Checkpoint, Snapshot};
-use shared::kafka::{TopicReader, Topics, canonical_partition};
+use shared::kafka::{TopicReader, Topics, TransactionWatch, canonical_partition};
 use shared::{BankAccount, CommandResult, EventCodec, Settings};
 
 use crate::metrics as m;
@@ -85,7 +85,7 @@ pub fn restore(
     if partitions.is_empty() {
         return Ok(restored);
     }
-    let reader = Reader::new(settings, partitions, stop);
+    let reader = Reader::new(settings, partitions, stop)?;
     // Opened together so that their connections and offset look-ups overlap.
     let checkpoint_reader = reader.open_whole(&reader.topics.command_checkpoints())?;
     let snapshot_reader = reader.open_whole(&reader.topics.snapshots())?;
@@ -315,6 +315,8 @@ enum Folded {
 /// Readers of the partitions' topics, sharing one restore group name and the stop flag.
 struct Reader<'a> {
     settings: &'a Settings,
+    /// Each topic is read only once the transactions open in it have ended.
+    watch: TransactionWatch,
     partitions: &'a [i32],
     stop: &'a AtomicBool,
     topics: Topics,
@@ -325,10 +327,20 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn new(settings: &'a Settings, partitions: &'a [i32], stop: &'a AtomicBool) -> Self {
+    fn new(
+        settings: &'a Settings,
+        partitions: &'a [i32],
+        stop: &'a AtomicBool,
+    ) -> Result<Self, RestoreError> {
         let now_ms = Utc::now().timestamp_millis();
-        Reader {
+        let watch =
+            TransactionWatch::new(&settings.kafka).map_err(|source| RestoreError::Kafka {
+                topic: "(transaction watch)".into(),
+                source,
+            })?;
+        Ok(Reader {
             settings,
+            watch,
             partitions,
             stop,
             topics: Topics::new(&settings.topic_prefix),
@@ -337,10 +349,25 @@ impl<'a> Reader<'a> {
             since_ms: now_ms.saturating_sub(
                 i64::try_from(settings.dedupe_window.as_millis()).unwrap_or(i64::MAX),
             ),
+        })
+    }
+
+    /// Waits until no transaction is open in `topic`'s partitions below their end (a writer that
+    /// was replaced may have one, and what committed after it would not be read).
+    fn settle(&self, topic: &str) -> Result<(), RestoreError> {
+        let kafka = |source| RestoreError::Kafka {
+            topic: topic.to_owned(),
+            source,
+        };
+        match self.watch.settle(topic, self.partitions, self.stop) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RestoreError::Interrupted),
+            Err(source) => Err(kafka(source)),
         }
     }
 
     fn open(&self, topic: &str, starts: &[(i32, Offset)]) -> Result<TopicReader, RestoreError> {
+        self.settle(topic)?;
         TopicReader::open_at(&self.settings.kafka, &self.group, topic, starts).map_err(|source| {
             RestoreError::Kafka {
                 topic: topic.to_owned(),
@@ -472,6 +499,7 @@ impl<'a> Reader<'a> {
     /// A reader of the command results decided within the dedupe window.
     fn open_window(&self) -> Result<TopicReader, RestoreError> {
         let topic = self.topics.command_results();
+        self.settle(&topic)?;
         TopicReader::open_since(
             &self.settings.kafka,
             &self.group,

@@ -482,10 +482,80 @@ async fn describe_topics(
     Ok(found)
 }
 
+/// Tells when the transactions open in a topic's partitions have ended. A read_committed read
+/// ends at the last stable offset: below the first transaction still open. Whatever was
+/// committed after that transaction began (by the writer that replaced a stopped one, say) is
+/// not visible until it ends, so a restore that read only that far would miss committed events.
+/// A restore therefore first [`settle`](TransactionWatch::settle)s: it waits until the last
+/// stable offset has reached the end as it is now (the high watermark).
+pub struct TransactionWatch {
+    /// read_committed: its "latest" offset is the last stable offset.
+    committed: BaseConsumer<QuietEof>,
+    /// read_uncommitted: its "latest" offset is the high watermark.
+    uncommitted: BaseConsumer<QuietEof>,
+}
+
+impl TransactionWatch {
+    /// Two clients, one per isolation level.
+    pub fn new(settings: &KafkaSettings) -> KafkaResult<TransactionWatch> {
+        let client = |isolation: &str| {
+            settings
+                .client_config()
+                .set("group.id", "transaction-watch")
+                .set("isolation.level", isolation)
+                .create_with_context(QuietEof)
+        };
+        Ok(TransactionWatch {
+            committed: client("read_committed")?,
+            uncommitted: client("read_uncommitted")?,
+        })
+    }
+
+    /// Waits until no transaction that is open now remains open below the current end of
+    /// `partitions` of `topic` (a writer's transaction ends within its transaction time-out
+    /// at the latest). Returns false when `stop` was set first. A read opened afterwards sees
+    /// everything written before this call that committed.
+    pub fn settle(&self, topic: &str, partitions: &[i32], stop: &AtomicBool) -> KafkaResult<bool> {
+        const TIMEOUT: Duration = Duration::from_secs(10);
+        let mut ends = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            ends.push((*p, self.uncommitted.fetch_watermarks(topic, *p, TIMEOUT)?.1));
+        }
+        let started = Instant::now();
+        let mut last_log = started;
+        loop {
+            let mut open = Vec::new();
+            for (p, end) in &ends {
+                let stable = self.committed.fetch_watermarks(topic, *p, TIMEOUT)?.1;
+                if stable < *end {
+                    open.push((*p, stable, *end));
+                }
+            }
+            if open.is_empty() {
+                return Ok(true);
+            }
+            if stop.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                tracing::info!(
+                    %topic,
+                    waiting_s = started.elapsed().as_secs(),
+                    ?open,
+                    "waiting for transactions open below the end to end before reading on \
+                     (partition, last stable offset, end)"
+                );
+                last_log = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// Reads partitions of a topic from the beginning to their end, read_committed: for restoring
 /// state, for tools and for tests. "The end" is where the consumer reports end-of-partition;
-/// with read_committed that is the last stable offset, so an open transaction of a writer that
-/// is gone (and can only abort) is not waited for.
+/// with read_committed that is the last stable offset: an open transaction ends the read (see
+/// [`TransactionWatch`] to wait for it first).
 pub struct TopicReader {
     consumer: BaseConsumer<QuietEof>,
     topic: String,

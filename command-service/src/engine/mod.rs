@@ -138,6 +138,9 @@ enum TxnError {
     /// The event a snapshot covers was not delivered in time, so its offset is unknown.
     #[error("the event a snapshot covers was not delivered")]
     SnapshotEventUndelivered,
+    /// Records of the transaction were not all delivered in time; its offsets are not sent.
+    #[error("the transaction's records were not all delivered in time")]
+    Undelivered,
     /// A duplicate's original result could not be read back from the results topic.
     #[error(
         "cannot read the original result at {topic} partition {partition} offset {offset}: {reason}"
@@ -364,17 +367,20 @@ fn take_lease(producer: &TxnProducer, settings: &Settings, process: &str) -> Kaf
         .key(settings.instance_id.as_bytes())
         .payload(&payload);
     producer.send(record).map_err(|(e, _)| e)?;
-    serve_deliveries(producer, TXN_TIMEOUT);
+    // Delivered or not, the commit flushes (and fails if the record cannot be written).
+    let _ = serve_deliveries(producer, TXN_TIMEOUT);
     producer.commit_transaction(TXN_TIMEOUT)
 }
 
 /// Serves delivery reports until every produced message is delivered (or `timeout`): our polls
 /// serve them, not the flush inside `commit_transaction`, which waits in steps of 100 ms.
-fn serve_deliveries(producer: &TxnProducer, timeout: Duration) {
+/// Whether every message was delivered.
+fn serve_deliveries(producer: &TxnProducer, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while producer.in_flight_count() > 0 && Instant::now() < deadline {
         producer.poll(Duration::from_millis(1));
     }
+    producer.in_flight_count() == 0
 }
 
 fn new_producer(config: &ClientConfig) -> KafkaResult<TxnProducer> {

@@ -142,8 +142,15 @@ impl Engine {
                 tracing::error!(error = %e, "bad offset");
             }
         }
+        // Every record is written before the offsets go: offsets accepted in this group
+        // generation then mean every event of the transaction lies below the end that the
+        // partition's next owner waits on in its restore (`TransactionWatch`), so a zombie can
+        // never commit events behind a restore's back.
         let result = match consumer.group_metadata() {
             Some(cgm) => timed("snapshots", || self.write_snapshots()).and_then(|()| {
+                if !timed("deliveries", || self.await_deliveries(TXN_TIMEOUT)) {
+                    return Err(TxnError::Undelivered);
+                }
                 timed("offsets", || {
                     self.producer
                         .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
@@ -161,7 +168,6 @@ impl Engine {
     /// `commit_transaction`, called again while it fails with a retriable error (a timeout):
     /// librdkafka resumes the commit where it was.
     fn commit_with_retries(&self) -> KafkaResult<()> {
-        self.await_deliveries(TXN_TIMEOUT);
         let mut attempt = 1;
         loop {
             match self.producer.commit_transaction(TXN_TIMEOUT) {
@@ -416,9 +422,9 @@ impl Engine {
 
     /// Serves delivery reports until every produced message is delivered (or `timeout`):
     /// rdkafka's flush inside `commit_transaction` waits for them in steps of 100 ms, which
-    /// would be every commit's latency.
-    fn await_deliveries(&self, timeout: Duration) {
-        super::serve_deliveries(&self.producer, timeout);
+    /// would be every commit's latency. Whether every one was delivered.
+    fn await_deliveries(&self, timeout: Duration) -> bool {
+        super::serve_deliveries(&self.producer, timeout)
     }
 
     /// Waits for the delivery of the event sent with `token` (serving delivery reports

@@ -60,6 +60,62 @@ async fn a_commit_whose_outcome_cannot_be_learned_is_never_redone() {
 }
 
 #[tokio::test]
+async fn a_restore_reads_what_committed_behind_another_writers_open_transaction() {
+    let settings = shared::testing::test_settings(1);
+    let events = Topics::new(&settings.topic_prefix).events();
+
+    // A writer that was replaced (a zombie) has a transaction open on the events partition; the
+    // broker aborts it after its time-out.
+    let zombie: BaseProducer = settings
+        .kafka
+        .producer_config()
+        .set("transactional.id", shared::testing::unique_name("zombie"))
+        .set("transaction.timeout.ms", "15000")
+        .create()
+        .unwrap();
+    let service = ServiceProcess::start(&settings, "behind-a", 1000);
+    service.wait_ready().await;
+    zombie.init_transactions(Duration::from_secs(30)).unwrap();
+    zombie.begin_transaction().unwrap();
+    zombie
+        .send(
+            rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&events)
+                .partition(0)
+                .key(b"zombie".as_slice())
+                .payload(b"never committed".as_slice()),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    zombie.flush(Duration::from_secs(10)).unwrap();
+
+    // The new owner commits two events behind it, and dies before any checkpoint covers them.
+    let http = reqwest::Client::new();
+    let (s, _) = post(
+        &http,
+        &service.url,
+        open("behind-1", "Ann", 10).to_json().to_string(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let deposit = cmd("behind-1", Command::Deposit { amount_minor: 5 });
+    let (s, body) = post(&http, &service.url, deposit.to_json().to_string()).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    service.kill();
+
+    // The next owner restores while the zombie's transaction is still open: it must wait for it
+    // to end rather than stop reading at it and miss both events.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, body) = app
+        .send(&cmd("behind-1", Command::Deposit { amount_minor: 1 }))
+        .await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
+    app.stop().await;
+    drop(zombie);
+    let (events, _) = verify_store(&settings).await;
+    assert_eq!(events, 3);
+}
+
+#[tokio::test]
 async fn a_producer_fenced_without_a_twin_instance_recovers_and_loses_nothing() {
     let app = TestApp::spawn(1).await;
     let settings = app.settings.clone();
