@@ -603,7 +603,7 @@ fn recover_from_fencing(
 
 /// The process that holds this INSTANCE_ID now, if it is not this one: the latest committed
 /// lease of the id.
-fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Option<String>> {
+pub(super) fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Option<String>> {
     let topic = Topics::new(&settings.topic_prefix).command_instances();
     let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
     let reader = TopicReader::open_at(

@@ -287,10 +287,27 @@ impl Engine {
     }
 
     /// Whether this instance was replaced while its transaction hung (e.g. it was stopped past
-    /// its session time-out and another took its INSTANCE_ID): the consumer learns it from its
-    /// next heartbeat, so give it a few. Re-creating the producer then would fence the live
-    /// replacement.
+    /// its session time-out and a twin took its INSTANCE_ID): then the lease of the id names the
+    /// twin's process (a twin commits it before it serves anything), or the consumer learns it
+    /// from its next heartbeats. Re-creating the producer then would fence the live replacement.
     fn replaced(&self, consumer: &EngineConsumer) -> Option<String> {
+        match super::twin_holder(&self.settings, &self.process) {
+            Ok(Some(twin)) => {
+                return Some(format!(
+                    "replaced while a transaction was pending: process {twin} holds \
+                     INSTANCE_ID={} now",
+                    self.settings.instance_id
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Some(format!(
+                    "a transaction timed out, and the lease of INSTANCE_ID={} cannot be read to \
+                     tell whether another instance took it ({e})",
+                    self.settings.instance_id
+                ));
+            }
+        }
         let deadline = Instant::now() + REPLACEMENT_NOTICE;
         loop {
             if let Some((code, reason)) = consumer.client().fatal_error() {
