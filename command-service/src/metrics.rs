@@ -15,7 +15,8 @@ pub const COMMANDS: &str = "commands_total";
 pub const COMMAND_PROCESSING: &str = "command_processing_seconds";
 /// Counter: transactions, by `result`.
 pub const TRANSACTIONS: &str = "transactions_total";
-/// Histogram: seconds a transaction's commit took (snapshots, offsets, commit), by `phase`.
+/// Histogram: seconds a transaction's commit took (snapshots, deliveries, offsets, commit), by
+/// `phase`.
 pub const COMMIT_PHASE: &str = "transaction_commit_phase_seconds";
 /// Histogram: seconds to restore newly assigned partitions.
 pub const RESTORE: &str = "restore_seconds";
@@ -64,7 +65,7 @@ fn describe() {
     metrics::describe_histogram!(
         COMMIT_PHASE,
         Unit::Seconds,
-        "Seconds each phase of a transaction took (checkpoints: writing the due checkpoints when it begins; snapshots: waiting for the offsets of snapshotted events; offsets: send_offsets_to_transaction; commit: delivery and commit_transaction)"
+        "Seconds each phase of a transaction took (checkpoints: writing the due checkpoints when it begins; snapshots: waiting for the offsets of snapshotted events; deliveries: waiting until every record is written; offsets: send_offsets_to_transaction; commit: commit_transaction)"
     );
     metrics::describe_histogram!(
         RESTORE,
@@ -118,8 +119,8 @@ pub fn transaction(result: &'static str) {
     metrics::counter!(TRANSACTIONS, "result" => result).increment(1);
 }
 
-/// Observes how long a phase of a transaction took (`checkpoints`, `snapshots`, `offsets`,
-/// `commit`).
+/// Observes how long a phase of a transaction took (`checkpoints`, `snapshots`, `deliveries`,
+/// `offsets`, `commit`).
 pub fn commit_phase(phase: &'static str, elapsed: Duration) {
     metrics::histogram!(COMMIT_PHASE, "phase" => phase).record(elapsed.as_secs_f64());
 }
