@@ -153,6 +153,11 @@ async fn write_frame(to: &mut OwnedWriteHalf, body: &[u8]) -> Option<()> {
     to.write_all(body).await.ok()
 }
 
+/// The `N` bytes of `body` at `at`, if it is that long (a big-endian number, for the caller).
+fn be_bytes<const N: usize>(body: &[u8], at: usize) -> Option<[u8; N]> {
+    body.get(at..at + N)?.try_into().ok()
+}
+
 /// Client → broker: notes each request's API key by correlation id (request header: api key,
 /// api version, correlation id) and ends the losses it ends.
 async fn requests(
@@ -163,9 +168,8 @@ async fn requests(
 ) {
     while let Some(body) = read_frame(&mut client).await {
         let (Some(api), Some(correlation)) = (
-            body.get(0..2).map(|b| i16::from_be_bytes([b[0], b[1]])),
-            body.get(4..8)
-                .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+            be_bytes(&body, 0).map(i16::from_be_bytes),
+            be_bytes(&body, 4).map(i32::from_be_bytes),
         ) else {
             return;
         };
@@ -189,10 +193,7 @@ async fn responses(
     pending: Arc<Mutex<HashMap<i32, i16>>>,
 ) {
     while let Some(body) = read_frame(&mut broker).await {
-        let Some(correlation) = body
-            .get(0..4)
-            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-        else {
+        let Some(correlation) = be_bytes(&body, 0).map(i32::from_be_bytes) else {
             return;
         };
         let api = pending
