@@ -93,7 +93,7 @@ impl Settings {
             projection_http_addr: v.addr("PROJECTION_HTTP_ADDR", "127.0.0.1:8090")?,
             default_currency,
             instance_id,
-            commit_interval: Duration::from_millis(v.positive("COMMIT_INTERVAL_MS", "100")?),
+            commit_interval: Duration::from_millis(v.commit_interval()?),
             snapshot_every: v.positive("SNAPSHOT_EVERY", "100")?,
             checkpoint_every: v.positive("CHECKPOINT_EVERY", "10000")?,
             dedupe_window: v.window("DEDUPE_WINDOW", "7d")?,
@@ -135,6 +135,20 @@ impl Vars<'_> {
                 name,
                 &v,
                 "expected a whole number greater than zero",
+            )),
+        }
+    }
+
+    /// `COMMIT_INTERVAL_MS`, at most 5000: a transaction must commit well within its 10 s
+    /// time-out (the command-service aborts one older than 9 s when its records are written).
+    fn commit_interval(&self) -> Result<u64, ConfigError> {
+        const NAME: &str = "COMMIT_INTERVAL_MS";
+        match self.positive(NAME, "100")? {
+            ms if ms <= 5000 => Ok(ms),
+            ms => Err(invalid(
+                NAME,
+                &ms.to_string(),
+                "expected at most 5000 (a transaction must commit well within its 10 s time-out)",
             )),
         }
     }
@@ -291,6 +305,7 @@ mod tests {
             ("PARTITIONS", "0"),
             ("PARTITIONS", "six"),
             ("COMMIT_INTERVAL_MS", "-5"),
+            ("COMMIT_INTERVAL_MS", "60000"),
             ("COMMAND_HTTP_ADDR", "localhost"),
             ("DEFAULT_CURRENCY", "euro"),
             ("PROJECTION_DATABASE_URL", "mysql://x"),

@@ -61,6 +61,10 @@ const MAX_COMMANDS_PER_TXN: usize = 1000;
 const TXN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The group session time-out: a member not heard of for this long leaves the group.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// A transaction older than this when all its records are written is aborted, never committed:
+/// its instance may have been stopped past its session meanwhile, and a new owner of its
+/// partitions may have restored without the records it wrote late.
+const TXN_MAX_AGE: Duration = Duration::from_secs(9);
 /// How long a fenced instance waits before reading the lease of its INSTANCE_ID.
 const LEASE_GRACE: Duration = Duration::from_secs(3);
 
@@ -138,9 +142,12 @@ enum TxnError {
     /// The event a snapshot covers was not delivered in time, so its offset is unknown.
     #[error("the event a snapshot covers was not delivered")]
     SnapshotEventUndelivered,
-    /// Records of the transaction were not all delivered in time; its offsets are not sent.
+    /// Records of the transaction were not all delivered in time.
     #[error("the transaction's records were not all delivered in time")]
     Undelivered,
+    /// The transaction outlived [`TXN_MAX_AGE`] before all its records were written.
+    #[error("the transaction is {0:?} old once its records are written; aborted, never committed")]
+    Expired(Duration),
     /// A duplicate's original result could not be read back from the results topic.
     #[error(
         "cannot read the original result at {topic} partition {partition} offset {offset}: {reason}"

@@ -16,7 +16,8 @@ use shared::kafka::canonical_partition;
 use shared::trace::TRACEPARENT;
 
 use super::{
-    DeliveryToken, Engine, EngineConsumer, MAX_COMMANDS_PER_TXN, TXN_TIMEOUT, TxnError, UNTRACKED,
+    DeliveryToken, Engine, EngineConsumer, MAX_COMMANDS_PER_TXN, TXN_MAX_AGE, TXN_TIMEOUT,
+    TxnError, UNTRACKED,
 };
 
 /// How long a consumer takes at most to learn it was replaced (three heartbeats).
@@ -142,19 +143,26 @@ impl Engine {
                 tracing::error!(error = %e, "bad offset");
             }
         }
-        // Every record is written before the offsets go: offsets accepted in this group
-        // generation then mean every event of the transaction lies below the end that the
-        // partition's next owner waits on in its restore (`TransactionWatch`), so a zombie can
-        // never commit events behind a restore's back.
+        // The offsets go first (right after the records are produced: librdkafka can block past
+        // its time-out in send_offsets_to_transaction while the group coordinator is down,
+        // confluentinc/librdkafka#5456). Then every record must be written while the
+        // transaction is young: an instance stopped past its session before that may have lost
+        // its partitions to an owner that restored without its late records (the restore
+        // waits for transactions open below the end, not for records not yet written).
+        let started = txn.started;
         let result = match consumer.group_metadata() {
             Some(cgm) => timed("snapshots", || self.write_snapshots()).and_then(|()| {
-                if !timed("deliveries", || self.await_deliveries(TXN_TIMEOUT)) {
-                    return Err(TxnError::Undelivered);
-                }
                 timed("offsets", || {
                     self.producer
                         .send_offsets_to_transaction(&tpl, &cgm, TXN_TIMEOUT)
                 })?;
+                if !timed("deliveries", || self.await_deliveries(TXN_TIMEOUT)) {
+                    return Err(TxnError::Undelivered);
+                }
+                let age = started.elapsed();
+                if age > TXN_MAX_AGE {
+                    return Err(TxnError::Expired(age));
+                }
                 Ok(timed("commit", || self.commit_with_retries())?)
             }),
             None => Err(TxnError::NoGeneration),
