@@ -139,16 +139,16 @@ impl Vars<'_> {
         }
     }
 
-    /// `COMMIT_INTERVAL_MS`, at most 5000: a transaction must commit well within its 10 s
+    /// `COMMIT_INTERVAL_MS`, at most 2000: a transaction must commit well within its 10 s
     /// time-out (the command-service aborts one older than 9 s when its records are written).
     fn commit_interval(&self) -> Result<u64, ConfigError> {
         const NAME: &str = "COMMIT_INTERVAL_MS";
         match self.positive(NAME, "100")? {
-            ms if ms <= 5000 => Ok(ms),
+            ms if ms <= 2000 => Ok(ms),
             ms => Err(invalid(
                 NAME,
                 &ms.to_string(),
-                "expected at most 5000 (a transaction must commit well within its 10 s time-out)",
+                "expected at most 2000 (a transaction must commit well within its 10 s time-out)",
             )),
         }
     }

@@ -406,6 +406,10 @@ pub fn topic_mismatches(
 /// the broker reports its effective value, so unset means unknown).
 fn below_floor(topic: &FoundTopic, floor: &RetentionFloor) -> Option<TopicMismatch> {
     let required = floor.at_least.as_millis();
+    // Compaction without deletion keeps every key's latest record: no retention applies.
+    if topic.configs.get("cleanup.policy").map(String::as_str) == Some("compact") {
+        return None;
+    }
     let found = topic.configs.get("retention.ms");
     let enough = found
         .and_then(|v| v.parse::<i64>().ok())
@@ -517,31 +521,52 @@ impl TransactionWatch {
     /// everything written before this call that committed.
     pub fn settle(&self, topic: &str, partitions: &[i32], stop: &AtomicBool) -> KafkaResult<bool> {
         const TIMEOUT: Duration = Duration::from_secs(10);
-        let mut ends = Vec::with_capacity(partitions.len());
-        for p in partitions {
-            ends.push((*p, self.uncommitted.fetch_watermarks(topic, *p, TIMEOUT)?.1));
-        }
+        // Errors (a leader moving, a broker restarting) are waited out for this long.
+        const ERRORS_FOR: Duration = Duration::from_secs(120);
         let started = Instant::now();
         let mut last_log = started;
+        let mut ends: Vec<(i32, Option<i64>)> = partitions.iter().map(|p| (*p, None)).collect();
         loop {
             let mut open = Vec::new();
-            for (p, end) in &ends {
-                let stable = self.committed.fetch_watermarks(topic, *p, TIMEOUT)?.1;
-                if stable < *end {
-                    open.push((*p, stable, *end));
+            let mut failed = None;
+            for (p, end) in &mut ends {
+                let read = end.map_or_else(
+                    || {
+                        self.uncommitted
+                            .fetch_watermarks(topic, *p, TIMEOUT)
+                            .map(|w| w.1)
+                    },
+                    Ok,
+                );
+                let stable = read.and_then(|high| {
+                    *end = Some(high);
+                    self.committed
+                        .fetch_watermarks(topic, *p, TIMEOUT)
+                        .map(|w| (high, w.1))
+                });
+                match stable {
+                    Ok((high, stable)) if stable < high => open.push((*p, stable, high)),
+                    Ok(_) => {}
+                    Err(e) => failed = Some(e),
                 }
             }
-            if open.is_empty() {
+            if open.is_empty() && failed.is_none() {
                 return Ok(true);
             }
             if stop.load(Ordering::SeqCst) {
                 return Ok(false);
+            }
+            if let Some(e) = &failed
+                && started.elapsed() >= ERRORS_FOR
+            {
+                return Err(e.clone());
             }
             if last_log.elapsed() >= Duration::from_secs(5) {
                 tracing::info!(
                     %topic,
                     waiting_s = started.elapsed().as_secs(),
                     ?open,
+                    error = failed.as_ref().map(ToString::to_string),
                     "waiting for transactions open below the end to end before reading on \
                      (partition, last stable offset, end)"
                 );
@@ -671,9 +696,20 @@ impl TopicReader {
 
     /// [`TopicReader::drain`] that gives up when `stop` is set; returns whether it reached the
     /// end of every partition.
-    pub fn drain_until(
+    pub fn drain_until(self, stop: &AtomicBool, each: impl FnMut(&BorrowedMessage<'_>)) -> bool {
+        self.drain_while(|| !stop.load(Ordering::SeqCst), each)
+    }
+
+    /// [`TopicReader::drain`] that gives up after `limit` (a broker that stays away); returns
+    /// whether it reached the end of every partition in time.
+    pub fn drain_for(self, limit: Duration, each: impl FnMut(&BorrowedMessage<'_>)) -> bool {
+        let deadline = Instant::now() + limit;
+        self.drain_while(|| Instant::now() < deadline, each)
+    }
+
+    fn drain_while(
         self,
-        stop: &AtomicBool,
+        keep_going: impl Fn() -> bool,
         mut each: impl FnMut(&BorrowedMessage<'_>),
     ) -> bool {
         let TopicReader {
@@ -683,7 +719,7 @@ impl TopicReader {
         } = self;
         let mut last_log = Instant::now();
         while !partitions.is_empty() {
-            if stop.load(Ordering::SeqCst) {
+            if !keep_going() {
                 return false;
             }
             match consumer.poll(Duration::from_millis(200)) {
@@ -818,6 +854,16 @@ mod tests {
         assert_eq!(topic_mismatches(&t, &results("604800000"), &floors), vec![]);
         assert_eq!(topic_mismatches(&t, &results("704800000"), &floors), vec![]);
         assert_eq!(topic_mismatches(&t, &results("-1"), &floors), vec![]);
+        let compacted = [found(
+            "p.command-results",
+            1,
+            &[("cleanup.policy", "compact"), ("retention.ms", "3600000")],
+        )];
+        assert_eq!(
+            topic_mismatches(&t, &compacted, &floors),
+            vec![],
+            "compaction alone keeps every latest record"
+        );
         let short = topic_mismatches(&t, &results("3600000"), &floors);
         assert_eq!(
             short,

@@ -65,6 +65,8 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// its instance may have been stopped past its session meanwhile, and a new owner of its
 /// partitions may have restored without the records it wrote late.
 const TXN_MAX_AGE: Duration = Duration::from_secs(9);
+/// How long reading the lease of an INSTANCE_ID may take (the brokers may be failing over).
+const LEASE_READ_LIMIT: Duration = Duration::from_secs(30);
 /// How long a fenced instance waits before reading the lease of its INSTANCE_ID.
 const LEASE_GRACE: Duration = Duration::from_secs(3);
 
@@ -620,7 +622,8 @@ pub(super) fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Opt
         &[(partition, Offset::Beginning)],
     )?;
     let mut holder = None;
-    let read = reader.drain_until(&AtomicBool::new(false), |msg| {
+    // Bounded: a broker that stays away must not hold the engine (and its lock) for ever.
+    let read = reader.drain_for(LEASE_READ_LIMIT, |msg| {
         if msg.key() == Some(settings.instance_id.as_bytes())
             && let Some(Ok(lease)) = msg.payload().map(serde_json::from_slice::<InstanceLease>)
         {
@@ -628,7 +631,9 @@ pub(super) fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Opt
         }
     });
     if !read {
-        return Err(KafkaError::Canceled);
+        return Err(KafkaError::MessageConsumption(
+            RDKafkaErrorCode::RequestTimedOut,
+        ));
     }
     Ok(holder.filter(|h| h != process))
 }

@@ -224,6 +224,8 @@ impl Engine {
     /// Drops every partition (the consumer is being replaced): the new consumer's assignment
     /// restores them again.
     pub(super) fn forget_partitions(&mut self) {
+        // Its open transaction dies with the producer that a new member comes with.
+        self.drop_txn();
         self.cancel_restores();
         self.restores.clear();
         self.restoring.clear();

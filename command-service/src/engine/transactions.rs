@@ -232,7 +232,7 @@ impl Engine {
 
     /// Drops the open transaction (aborted, or lost to a fatal error): its overlay goes, and
     /// what its checkpoints took from the partitions comes back, so the next one covers it.
-    fn drop_txn(&mut self) {
+    pub(super) fn drop_txn(&mut self) {
         self.producer.context().clear();
         let Some(txn) = self.txn.take() else { return };
         for taken in txn.checkpoints {
@@ -506,16 +506,29 @@ impl Engine {
     }
 }
 
-/// Seeks `topic`'s partitions to the given offsets; the first that fails, named, as `Err`.
+/// How many times a seek is asked before the rewind gives up.
+const SEEK_ATTEMPTS: u32 = 5;
+
+/// Seeks `topic`'s partitions to the given offsets; the first that keeps failing, named, as
+/// `Err`.
 pub(crate) fn seek_back<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
     consumer: &C,
     topic: &str,
     positions: impl IntoIterator<Item = (i32, Offset)>,
 ) -> Result<(), String> {
     for (p, offset) in positions {
-        consumer
-            .seek(topic, p, offset, Duration::from_secs(10))
-            .map_err(|e| format!("cannot seek partition {p} of {topic} back to {offset:?}: {e}"))?;
+        // librdkafka refuses a seek for a moment while the partition's position is being
+        // looked up (after a rewind to the beginning, say): asked again, it takes it.
+        let mut attempt = 1;
+        while let Err(e) = consumer.seek(topic, p, offset, Duration::from_secs(10)) {
+            if attempt == SEEK_ATTEMPTS {
+                return Err(format!(
+                    "cannot seek partition {p} of {topic} back to {offset:?}: {e}"
+                ));
+            }
+            attempt += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     Ok(())
 }

@@ -70,7 +70,9 @@ async fn a_restore_reads_what_committed_behind_another_writers_open_transaction(
         .kafka
         .producer_config()
         .set("transactional.id", shared::testing::unique_name("zombie"))
-        .set("transaction.timeout.ms", "15000")
+        // Long enough to be open still when the next owner restores (the broker aborts it
+        // within 5 s after, scripts/kafka's abort check), short enough for its readiness wait.
+        .set("transaction.timeout.ms", "30000")
         .create()
         .unwrap();
     let service = ServiceProcess::start(&settings, "behind-a", 1000);
