@@ -10,7 +10,7 @@ use shared::{Event, EventCodec, EventEnvelope};
 
 use crate::helpers::{
     Backend, EventWriter, TestDb, expected_model, generate, ids, read_dead_letters, read_model,
-    settings_for, spawn_app, wait_for,
+    rebuild_tables_exist, settings_for, spawn_app, wait_for,
 };
 
 both_backends!(
@@ -265,14 +265,7 @@ async fn a_rebuild_swap_never_takes_a_version_back(backend: Backend) {
             })
         };
         wait_for("the rebuild tables", Duration::from_secs(60), || async {
-            if rebuilding.is_finished() {
-                return Some(());
-            }
-            sqlx::query("SELECT COUNT(*) FROM accounts_rebuild")
-                .fetch_one(store.pool())
-                .await
-                .ok()
-                .map(|_| ())
+            (rebuilding.is_finished() || rebuild_tables_exist(&store).await).then_some(())
         })
         .await;
         let started_at = version;

@@ -10,8 +10,8 @@ use projection_service::rebuild::{Progress, rebuild};
 use shared::EventCodec;
 
 use crate::helpers::{
-    Backend, EventWriter, History, TestDb, expected_model, generate, ids, read_model, settings_for,
-    spawn_app, wait_for,
+    Backend, EventWriter, History, TestDb, expected_model, generate, ids, read_model,
+    rebuild_tables_exist, settings_for, spawn_app, wait_for,
 };
 
 both_backends!(
@@ -91,11 +91,7 @@ async fn rebuild_while_serving_gives_the_same_read_model(backend: Backend) {
     // Produced once the rebuild has captured its end offsets (its tables exist): these events
     // are the live service's to apply again into the swapped-in tables.
     wait_for("the rebuild tables", Duration::from_secs(60), || async {
-        sqlx::query("SELECT COUNT(*) FROM accounts_rebuild")
-            .fetch_one(store.pool())
-            .await
-            .ok()
-            .map(|_| ())
+        rebuild_tables_exist(&store).await.then_some(())
     })
     .await;
     let during = generate(&format!("{prefix}-b"), 50, 20, 2);

@@ -134,6 +134,14 @@ pub struct AccountModel {
     pub status: String,
 }
 
+/// Whether a rebuild's tables exist yet (it creates them once it has captured its end offsets).
+pub async fn rebuild_tables_exist(db: &Database) -> bool {
+    sqlx::query("SELECT COUNT(*) FROM accounts_rebuild")
+        .fetch_one(db.pool())
+        .await
+        .is_ok()
+}
+
 /// Every account of the read model, by id, read directly from the tables.
 pub async fn read_model(db: &Database) -> BTreeMap<String, AccountModel> {
     sqlx::query(
