@@ -211,8 +211,9 @@ pub struct MoneyArgs {
     /// Amount in major units (`50`, `12.34`), more than zero.
     #[arg(allow_hyphen_values = true)]
     pub amount: String,
-    /// Currency used to read AMOUNT's decimals. Default: the account's currency as the
-    /// projection knows it, else 2 decimal places.
+    /// Currency of AMOUNT (its decimals), sent with the command: the account must be in it.
+    /// Default: the account's currency as the projection knows it; when that cannot be
+    /// learned, nothing is sent (exit 2).
     #[arg(long, value_name = "CODE")]
     pub currency: Option<String>,
     /// Optimistic concurrency.

@@ -14,8 +14,9 @@ use crate::error::CliError;
 use crate::output;
 use crate::projection::{AccountQuery, ListQuery, Projection};
 
-/// How long deposit and withdraw wait for the projection to tell an account's currency.
-const CURRENCY_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long deposit and withdraw wait for the projection to tell an account's currency (it
+/// waits up to 5 s itself for an account opened a moment ago to be projected).
+const CURRENCY_LOOKUP_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// The settings of the shared crate, from the flags (or their environment variables) plus the
 /// `KAFKA_SECURITY_PROTOCOL` / `KAFKA_SASL_*` / `KAFKA_SSL_*` pass-through, `SCHEMA_REGISTRY_URL`
@@ -58,12 +59,18 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
         }
         Action::Deposit(args) => {
             let money = money(&args, &projection()?).await?;
-            let message = money.message(|amount_minor| Command::Deposit { amount_minor });
+            let message = money.message(|amount_minor, currency| Command::Deposit {
+                amount_minor,
+                currency,
+            });
             send(&settings, global, message).await
         }
         Action::Withdraw(args) => {
             let money = money(&args, &projection()?).await?;
-            let message = money.message(|amount_minor| Command::Withdraw { amount_minor });
+            let message = money.message(|amount_minor, currency| Command::Withdraw {
+                amount_minor,
+                currency,
+            });
             send(&settings, global, message).await
         }
         Action::Close { id, expect } => {
@@ -220,10 +227,11 @@ fn check_id(id: &str) -> Result<(), CliError> {
 /// The account, amount in minor units and expectation of a deposit or withdrawal.
 ///
 /// The amount's decimals depend on the account's currency, which only the server side knows:
-/// `--currency` when given; otherwise the currency the projection reports for the account;
-/// otherwise (projection unreachable, or the account not projected yet) 2 decimal places, with
-/// a note on stderr. Asking the projection costs one GET, and it keeps `bank deposit jpy-1 500`
-/// from meaning 5.00 yen-cents on a JPY account.
+/// `--currency` when given, else the currency the projection reports for the account. Never a
+/// guess: when neither is known (projection unreachable, or the account not projected yet) it
+/// is a usage error naming `--currency`, and nothing is sent. The command carries the currency,
+/// so the aggregate refuses it (`CurrencyMismatch`) if the account's is another: the amount is
+/// never booked in units it was not meant in.
 async fn money(args: &MoneyArgs, projection: &Projection) -> Result<Money, CliError> {
     check_id(&args.id)?;
     check_number(&args.amount, Sign::Positive)?;
@@ -234,18 +242,19 @@ async fn money(args: &MoneyArgs, projection: &Projection) -> Result<Money, CliEr
         }
         None => account_currency(projection, &args.id)
             .await
-            .unwrap_or_else(|why| {
-                eprintln!(
-                    "note: {why}; reading `{}` with 2 decimal places (pass --currency to choose)",
+            .map_err(|why| {
+                CliError::Usage(format!(
+                    "{why}, so the decimals of `{}` are not known: pass --currency CODE \
+                     (nothing was sent)",
                     args.amount
-                );
-                "USD".to_owned()
-            }),
+                ))
+            })?,
     };
     let minor = parse_amount(&args.amount, &currency, Sign::Positive)?;
     Ok(Money {
         id: args.id.clone(),
         amount_minor: minor,
+        currency,
         expect: args.expect,
     })
 }
@@ -254,27 +263,37 @@ async fn money(args: &MoneyArgs, projection: &Projection) -> Result<Money, CliEr
 struct Money {
     /// The account.
     id: String,
-    /// More than zero, in the account's minor units.
+    /// More than zero, in the minor units of `currency`.
     amount_minor: i64,
+    /// The currency the amount was read in, sent with the command.
+    currency: String,
     expect: Expect,
 }
 
 impl Money {
     /// The command message that moves this money (`Deposit` or `Withdraw`).
-    fn message(self, command: impl FnOnce(i64) -> Command) -> CommandMessage {
-        message(self.id, command(self.amount_minor), self.expect)
+    fn message(self, command: impl FnOnce(i64, Option<String>) -> Command) -> CommandMessage {
+        message(
+            self.id,
+            command(self.amount_minor, Some(self.currency)),
+            self.expect,
+        )
     }
 }
 
 /// The account's currency according to the projection, or why it is not known.
 async fn account_currency(projection: &Projection, id: &str) -> Result<String, String> {
-    let now = AccountQuery::default();
-    let lookup = projection.account(id, &now);
+    // min_version 1: an account opened a moment ago is waited for, not reported unknown.
+    let opened = AccountQuery {
+        min_version: Some(1),
+        ..AccountQuery::default()
+    };
+    let lookup = projection.account(id, &opened);
     match tokio::time::timeout(CURRENCY_LOOKUP_TIMEOUT, lookup).await {
         Ok(Ok(answer)) => output::decode::<output::Account>(answer)
             .map(|a| a.currency)
             .map_err(|e| e.to_string()),
-        Ok(Err(CliError::NotFound(_))) => Err(format!("the projection does not know {id} (yet)")),
+        Ok(Err(CliError::NotFound(_))) => Err(format!("the projection does not know {id}")),
         Ok(Err(e)) => Err(format!("cannot learn the currency of {id}: {e}")),
         Err(_) => Err(format!(
             "the projection did not tell the currency of {id} within {} s",

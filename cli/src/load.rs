@@ -178,11 +178,13 @@ fn next_commands(
         // Rejected with AccountClosed.
         Command::Deposit {
             amount_minor: minor(rng.log_uniform(5.0, 300.0), s.currency),
+            currency: None,
         }
     } else if roll < 0.02 {
         // An overdraft attempt: rejected with InsufficientFunds.
         Command::Withdraw {
             amount_minor: s.balance + minor(rng.log_uniform(1.0, 500.0), s.currency),
+            currency: None,
         }
     } else if roll < 0.03 && closes.left > 0 && room_for_two {
         closes.left -= 1;
@@ -190,7 +192,10 @@ fn next_commands(
             let amount_minor = std::mem::take(&mut s.balance);
             out.push(CommandMessage::new(
                 s.id.clone(),
-                Command::Withdraw { amount_minor },
+                Command::Withdraw {
+                    amount_minor,
+                    currency: None,
+                },
             ));
         }
         s.closed = true;
@@ -212,11 +217,15 @@ fn everyday(rng: &mut Rng, s: &mut Sim, roll: f64) -> Command {
             minor(rng.log_uniform(5.0, 300.0), s.currency)
         };
         s.balance += amount_minor;
-        Command::Deposit { amount_minor }
+        Command::Deposit {
+            amount_minor,
+            currency: None,
+        }
     } else {
         s.balance -= withdraw;
         Command::Withdraw {
             amount_minor: withdraw,
+            currency: None,
         }
     }
 }

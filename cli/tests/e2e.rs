@@ -421,6 +421,87 @@ fn the_readme_tour_works_end_to_end() {
     assert_eq!(summary["commands"], 23);
 }
 
+#[test]
+fn money_commands_carry_their_currency_and_never_guess_its_decimals() {
+    let system = Services::start();
+    let bank = |args: &[&str]| system.bank(args);
+    for (id, currency, initial) in [
+        ("cur-jpy", "JPY", "1000"),
+        ("cur-eur", "EUR", "10.00"),
+        ("cur-kwd", "KWD", "1.000"),
+    ] {
+        bank(&[
+            "open",
+            id,
+            "--owner",
+            "Kim",
+            "--currency",
+            currency,
+            "--initial",
+            initial,
+        ])
+        .expect(0);
+    }
+    // Right after the open, the currency is learned (the projection is waited for): the amount
+    // is read in the account's own decimals.
+    bank(&["deposit", "cur-jpy", "500"]).expect(0);
+    bank(&["deposit", "cur-eur", "5.25"]).expect(0);
+    bank(&["withdraw", "cur-kwd", "0.5"]).expect(0);
+    assert_eq!(system.wait_for_version("cur-jpy", 2)["balance_minor"], 1500);
+    assert_eq!(system.wait_for_version("cur-eur", 2)["balance_minor"], 1525);
+    assert_eq!(system.wait_for_version("cur-kwd", 2)["balance_minor"], 500);
+
+    // A currency that is not the account's is refused by the aggregate: nothing is booked.
+    let mismatch = bank(&["deposit", "cur-jpy", "5", "--currency", "EUR", "--json"]).expect(1);
+    assert_eq!(
+        mismatch.json()["error"]["code"],
+        "CurrencyMismatch",
+        "{mismatch}"
+    );
+
+    // The projection cannot be asked: refused before anything is sent, naming --currency.
+    let unknown = bank(&[
+        "deposit",
+        "cur-jpy",
+        "500",
+        "--projection-url",
+        "http://127.0.0.1:1",
+    ])
+    .expect(2);
+    assert!(unknown.stderr.contains("--currency"), "{unknown}");
+    let unknown = bank(&[
+        "withdraw",
+        "cur-kwd",
+        "1.5",
+        "--projection-url",
+        "http://127.0.0.1:1",
+    ])
+    .expect(2);
+    assert!(unknown.stderr.contains("--currency"), "{unknown}");
+    // An account the projection does not know: the same.
+    let missing = bank(&["deposit", "cur-none", "5"]).expect(2);
+    assert!(missing.stderr.contains("--currency"), "{missing}");
+    // With --currency it is sent whatever the projection knows.
+    bank(&[
+        "deposit",
+        "cur-kwd",
+        "1.5",
+        "--currency",
+        "KWD",
+        "--projection-url",
+        "http://127.0.0.1:1",
+    ])
+    .expect(0);
+    let kwd = system.wait_for_version("cur-kwd", 3);
+    assert_eq!(kwd["balance_minor"], 2000, "{kwd}");
+    let jpy = bank(&["get", "cur-jpy", "--json"]).expect(0).json();
+    assert_eq!(
+        (jpy["version"].as_u64(), jpy["balance_minor"].as_i64()),
+        (Some(2), Some(1500)),
+        "neither the mismatch nor the refused commands booked anything: {jpy}"
+    );
+}
+
 /// No services needed: the amount is refused before Kafka is even contacted (the broker address
 /// is unreachable, and the answer is 2, not 3).
 #[test]

@@ -303,9 +303,11 @@ fn to_command(op: &Op) -> Command {
         },
         Op::Deposit { amount_minor } => Command::Deposit {
             amount_minor: *amount_minor,
+            currency: None,
         },
         Op::Withdraw { amount_minor } => Command::Withdraw {
             amount_minor: *amount_minor,
+            currency: None,
         },
         Op::Close => Command::CloseAccount,
     }

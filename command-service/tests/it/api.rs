@@ -146,7 +146,13 @@ async fn metrics_pass_promtool() {
     let app = TestApp::spawn(1).await;
     assert_eq!(app.send(&open("acc-1", "Ida", 100)).await.0, 200);
     let (status, body) = app
-        .send(&cmd("acc-1", Command::Withdraw { amount_minor: 1000 }))
+        .send(&cmd(
+            "acc-1",
+            Command::Withdraw {
+                amount_minor: 1000,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!(
         (status, &body["error"]["code"]),

@@ -21,22 +21,46 @@ async fn every_rejection_code_and_status() {
     let cases = [
         (open("acc-1", "Bob", 0), 422, "AccountExists"),
         (
-            cmd("nobody", Command::Deposit { amount_minor: 5 }),
+            cmd(
+                "nobody",
+                Command::Deposit {
+                    amount_minor: 5,
+                    currency: None,
+                },
+            ),
             422,
             "AccountNotFound",
         ),
         (
-            cmd("acc-1", Command::Deposit { amount_minor: 0 }),
+            cmd(
+                "acc-1",
+                Command::Deposit {
+                    amount_minor: 0,
+                    currency: None,
+                },
+            ),
             422,
             "InvalidAmount",
         ),
         (
-            cmd("acc-1", Command::Withdraw { amount_minor: -3 }),
+            cmd(
+                "acc-1",
+                Command::Withdraw {
+                    amount_minor: -3,
+                    currency: None,
+                },
+            ),
             422,
             "InvalidAmount",
         ),
         (
-            cmd("acc-1", Command::Withdraw { amount_minor: 1001 }),
+            cmd(
+                "acc-1",
+                Command::Withdraw {
+                    amount_minor: 1001,
+                    currency: None,
+                },
+            ),
             422,
             "InsufficientFunds",
         ),
@@ -44,7 +68,13 @@ async fn every_rejection_code_and_status() {
         (
             CommandMessage {
                 expected_version: Some(5),
-                ..cmd("acc-1", Command::Deposit { amount_minor: 1 })
+                ..cmd(
+                    "acc-1",
+                    Command::Deposit {
+                        amount_minor: 1,
+                        currency: None,
+                    },
+                )
             },
             409,
             "VersionConflict",
@@ -77,12 +107,24 @@ async fn every_rejection_code_and_status() {
     // expected_version that matches is fine; then close and find it closed
     let ok = CommandMessage {
         expected_version: Some(1),
-        ..cmd("acc-1", Command::Withdraw { amount_minor: 1000 })
+        ..cmd(
+            "acc-1",
+            Command::Withdraw {
+                amount_minor: 1000,
+                currency: None,
+            },
+        )
     };
     assert_eq!(app.send(&ok).await.0, 200);
     assert_eq!(app.send(&cmd("acc-1", Command::CloseAccount)).await.0, 200);
     let (s, body) = app
-        .send(&cmd("acc-1", Command::Deposit { amount_minor: 1 }))
+        .send(&cmd(
+            "acc-1",
+            Command::Deposit {
+                amount_minor: 1,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!(
         (s, body["error"]["code"].as_str()),
@@ -125,8 +167,20 @@ async fn unicode_owners_survive_the_round_trip() {
 async fn duplicates_get_the_original_result_also_after_a_restart() {
     let app = TestApp::spawn(3).await;
     let opened = open("dup-1", "Dana", 500);
-    let withdraw_too_much = cmd("dup-1", Command::Withdraw { amount_minor: 900 });
-    let deposit = cmd("dup-1", Command::Deposit { amount_minor: 100 });
+    let withdraw_too_much = cmd(
+        "dup-1",
+        Command::Withdraw {
+            amount_minor: 900,
+            currency: None,
+        },
+    );
+    let deposit = cmd(
+        "dup-1",
+        Command::Deposit {
+            amount_minor: 100,
+            currency: None,
+        },
+    );
     let first_open = app.send(&opened).await;
     let first_reject = app.send(&withdraw_too_much).await;
     let first_deposit = app.send(&deposit).await;
@@ -138,7 +192,10 @@ async fn duplicates_get_the_original_result_also_after_a_restart() {
     assert_eq!(app.send(&opened).await, first_open);
     assert_eq!(app.send(&withdraw_too_much).await, first_reject);
     let replay = CommandMessage {
-        command: Command::Deposit { amount_minor: 7 },
+        command: Command::Deposit {
+            amount_minor: 7,
+            currency: None,
+        },
         ..deposit.clone()
     };
     assert_eq!(app.send(&replay).await, first_deposit);
@@ -156,15 +213,27 @@ async fn duplicates_get_the_original_result_also_after_a_restart() {
     assert_eq!(app.send(&deposit).await, first_deposit);
     // and the state was restored: the balance is exactly 600
     assert_eq!(
-        app.send(&cmd("dup-1", Command::Withdraw { amount_minor: 601 }))
-            .await
-            .1["error"]["code"],
+        app.send(&cmd(
+            "dup-1",
+            Command::Withdraw {
+                amount_minor: 601,
+                currency: None
+            }
+        ))
+        .await
+        .1["error"]["code"],
         "InsufficientFunds"
     );
     assert_eq!(
-        app.send(&cmd("dup-1", Command::Withdraw { amount_minor: 600 }))
-            .await
-            .0,
+        app.send(&cmd(
+            "dup-1",
+            Command::Withdraw {
+                amount_minor: 600,
+                currency: None
+            }
+        ))
+        .await
+        .0,
         200
     );
     app.stop().await;
@@ -286,9 +355,15 @@ async fn snapshots_are_written_and_used_on_restore() {
     assert_eq!(app.send(&open("snap-1", "Sam", 0)).await.0, 200);
     for _ in 0..11 {
         assert_eq!(
-            app.send(&cmd("snap-1", Command::Deposit { amount_minor: 10 }))
-                .await
-                .0,
+            app.send(&cmd(
+                "snap-1",
+                Command::Deposit {
+                    amount_minor: 10,
+                    currency: None
+                }
+            ))
+            .await
+            .0,
             200
         );
     }
@@ -314,13 +389,25 @@ async fn snapshots_are_written_and_used_on_restore() {
 
     let app = TestApp::spawn_with(settings.clone()).await;
     assert_eq!(
-        app.send(&cmd("snap-1", Command::Withdraw { amount_minor: 111 }))
-            .await
-            .1["error"]["code"],
+        app.send(&cmd(
+            "snap-1",
+            Command::Withdraw {
+                amount_minor: 111,
+                currency: None
+            }
+        ))
+        .await
+        .1["error"]["code"],
         "InsufficientFunds"
     );
     let (s, body) = app
-        .send(&cmd("snap-1", Command::Withdraw { amount_minor: 110 }))
+        .send(&cmd(
+            "snap-1",
+            Command::Withdraw {
+                amount_minor: 110,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(13)));
     app.stop().await;
@@ -340,9 +427,15 @@ async fn with_a_schema_registry_events_use_the_confluent_wire_format() {
     let app = TestApp::spawn_with(settings.clone()).await;
     assert_eq!(app.send(&open("sr-1", "Rena", 100)).await.0, 200);
     assert_eq!(
-        app.send(&cmd("sr-1", Command::Deposit { amount_minor: 5 }))
-            .await
-            .0,
+        app.send(&cmd(
+            "sr-1",
+            Command::Deposit {
+                amount_minor: 5,
+                currency: None
+            }
+        ))
+        .await
+        .0,
         200
     );
     app.stop().await;
@@ -358,7 +451,13 @@ async fn with_a_schema_registry_events_use_the_confluent_wire_format() {
     // and a restart restores from wire-format events
     let app = TestApp::spawn_with(settings.clone()).await;
     let (s, body) = app
-        .send(&cmd("sr-1", Command::Withdraw { amount_minor: 105 }))
+        .send(&cmd(
+            "sr-1",
+            Command::Withdraw {
+                amount_minor: 105,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(3)));
     app.stop().await;
@@ -410,7 +509,13 @@ async fn concurrent_requests_with_one_command_id_both_get_the_result() {
 async fn a_command_whose_event_cannot_be_written_is_rejected_and_the_stream_goes_on() {
     let app = TestApp::spawn(1).await;
     assert_eq!(app.send(&open("big-1", "Bea", 0)).await.0, 200);
-    let mut huge = cmd("big-1", Command::Deposit { amount_minor: 1 });
+    let mut huge = cmd(
+        "big-1",
+        Command::Deposit {
+            amount_minor: 1,
+            currency: None,
+        },
+    );
     huge.metadata
         .insert("note".into(), json!("x".repeat(1_010_000)));
     let producer: rdkafka::producer::FutureProducer = app
@@ -422,7 +527,13 @@ async fn a_command_whose_event_cannot_be_written_is_rejected_and_the_stream_goes
         .unwrap();
     produce_raw(&producer, &app.settings, "big-1", &huge.to_bytes(), None).await;
     let (s, body) = app
-        .send(&cmd("big-1", Command::Deposit { amount_minor: 2 }))
+        .send(&cmd(
+            "big-1",
+            Command::Deposit {
+                amount_minor: 2,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
     let results = read_results(&app.settings);
@@ -490,7 +601,13 @@ async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() 
     .await;
 
     let app = TestApp::spawn_with(settings.clone()).await;
-    let deposit = cmd(&garbage, Command::Deposit { amount_minor: 5 });
+    let deposit = cmd(
+        &garbage,
+        Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        },
+    );
     for (command, offset) in [(&deposit, 0), (&open(&legacy, "Again", 0), 1)] {
         let (s, body) = app.send(command).await;
         assert_eq!(s, 422, "{body}");
@@ -522,7 +639,13 @@ async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() 
         (422, Some("AggregateUnavailable"))
     );
     let (s, _) = app
-        .send(&cmd(&neighbour, Command::Deposit { amount_minor: 1 }))
+        .send(&cmd(
+            &neighbour,
+            Command::Deposit {
+                amount_minor: 1,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!(s, 200);
     app.stop().await;

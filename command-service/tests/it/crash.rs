@@ -34,9 +34,11 @@ pub fn workload(accounts: usize, ops: usize, seed: u64) -> Vec<shared::CommandMe
         let command = match rng.next(10) {
             0..=4 => Command::Deposit {
                 amount_minor: 1 + rng.next(5000) as i64,
+                currency: None,
             },
             5..=8 => Command::Withdraw {
                 amount_minor: 1 + rng.next(4000) as i64,
+                currency: None,
             },
             _ => Command::CloseAccount,
         };

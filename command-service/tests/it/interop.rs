@@ -36,9 +36,21 @@ async fn confluents_own_json_schema_deserializer_reads_the_same_envelopes() {
     let app = TestApp::spawn_with(settings.clone()).await;
     for command in [
         open("ix-1", "Ida", 100),
-        cmd("ix-1", Command::Deposit { amount_minor: 25 }),
+        cmd(
+            "ix-1",
+            Command::Deposit {
+                amount_minor: 25,
+                currency: None,
+            },
+        ),
         open("ix-2", "Ivo", 0),
-        cmd("ix-1", Command::Withdraw { amount_minor: 5 }),
+        cmd(
+            "ix-1",
+            Command::Withdraw {
+                amount_minor: 5,
+                currency: None,
+            },
+        ),
         cmd("ix-2", Command::CloseAccount),
     ] {
         let (status, body) = app.send(&command).await;

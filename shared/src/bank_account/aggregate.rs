@@ -50,6 +50,22 @@ fn reject<T>(code: RejectionCode, message: impl Into<String>) -> Result<T, Rejec
 }
 
 impl BankAccount {
+    /// A money command's currency, when it names one, must be the account's.
+    fn same_currency(&self, currency: Option<&str>) -> Result<(), Rejection> {
+        match currency {
+            Some(c) if c != self.currency => reject(
+                RejectionCode::CurrencyMismatch,
+                format!(
+                    "the amount is in {c}, but the account is in {}",
+                    self.currency
+                ),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl BankAccount {
     /// Decides a command sent with an optional `expected_version` (optimistic concurrency):
     /// a version conflict when the account is elsewhere, otherwise [`BankAccount::handle`].
     pub fn decide(
@@ -103,7 +119,14 @@ impl BankAccount {
             (_, Command::OpenAccount { .. }) => reject(AccountExists, "account already exists"),
             (AccountStatus::New, _) => reject(AccountNotFound, "account does not exist"),
             (AccountStatus::Closed, _) => reject(AccountClosed, "account is closed"),
-            (AccountStatus::Active, Command::Deposit { amount_minor }) => {
+            (
+                AccountStatus::Active,
+                Command::Deposit {
+                    amount_minor,
+                    currency,
+                },
+            ) => {
+                self.same_currency(currency.as_deref())?;
                 positive(*amount_minor)?;
                 if self.balance_minor.checked_add(*amount_minor).is_none() {
                     return reject(InvalidAmount, "deposit would overflow the balance");
@@ -112,7 +135,14 @@ impl BankAccount {
                     amount_minor: *amount_minor,
                 }])
             }
-            (AccountStatus::Active, Command::Withdraw { amount_minor }) => {
+            (
+                AccountStatus::Active,
+                Command::Withdraw {
+                    amount_minor,
+                    currency,
+                },
+            ) => {
+                self.same_currency(currency.as_deref())?;
                 positive(*amount_minor)?;
                 if *amount_minor > self.balance_minor {
                     return reject(

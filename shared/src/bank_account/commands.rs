@@ -19,11 +19,17 @@ pub enum Command {
     Deposit {
         /// Minor units, more than zero.
         amount_minor: i64,
+        /// The currency the sender means the amount in: refused (`CurrencyMismatch`) unless it
+        /// is the account's. Optional on the wire; clients that scale amounts by a currency's
+        /// decimals should send it.
+        currency: Option<String>,
     },
     /// Take money out, never beyond the balance.
     Withdraw {
         /// Minor units, more than zero.
         amount_minor: i64,
+        /// As for [`Command::Deposit`].
+        currency: Option<String>,
     },
     /// Close an account whose balance is zero.
     CloseAccount,
@@ -40,6 +46,8 @@ struct OpenPayload {
 #[derive(Deserialize)]
 struct AmountPayload {
     amount_minor: i64,
+    #[serde(default)]
+    currency: Option<String>,
 }
 
 impl Command {
@@ -63,9 +71,17 @@ impl Command {
             } => json!({
                 "owner": owner, "currency": currency, "initial_balance_minor": initial_balance_minor
             }),
-            Command::Deposit { amount_minor } | Command::Withdraw { amount_minor } => {
-                json!({ "amount_minor": amount_minor })
+            Command::Deposit {
+                amount_minor,
+                currency,
             }
+            | Command::Withdraw {
+                amount_minor,
+                currency,
+            } => match currency {
+                Some(currency) => json!({ "amount_minor": amount_minor, "currency": currency }),
+                None => json!({ "amount_minor": amount_minor }),
+            },
             Command::CloseAccount => json!({}),
         }
     }
@@ -87,16 +103,20 @@ impl Command {
                     initial_balance_minor: p.initial_balance_minor,
                 }
             }
-            "Deposit" => Command::Deposit {
-                amount_minor: serde_json::from_value::<AmountPayload>(payload)
-                    .map_err(err)?
-                    .amount_minor,
-            },
-            "Withdraw" => Command::Withdraw {
-                amount_minor: serde_json::from_value::<AmountPayload>(payload)
-                    .map_err(err)?
-                    .amount_minor,
-            },
+            "Deposit" => {
+                let p: AmountPayload = serde_json::from_value(payload).map_err(err)?;
+                Command::Deposit {
+                    amount_minor: p.amount_minor,
+                    currency: p.currency,
+                }
+            }
+            "Withdraw" => {
+                let p: AmountPayload = serde_json::from_value(payload).map_err(err)?;
+                Command::Withdraw {
+                    amount_minor: p.amount_minor,
+                    currency: p.currency,
+                }
+            }
             "CloseAccount" => Command::CloseAccount,
             other => {
                 return Err(format!(
@@ -121,6 +141,9 @@ pub enum RejectionCode {
     InvalidAmount,
     /// A withdrawal beyond the balance.
     InsufficientFunds,
+    /// A deposit or withdrawal that names another currency than the account's: nothing is
+    /// booked (its amount was meant in other units).
+    CurrencyMismatch,
     /// Closing an account whose balance is not zero.
     NonZeroBalance,
     /// `expected_version` differs from the aggregate's version: reload and retry.
@@ -142,6 +165,7 @@ impl RejectionCode {
             RejectionCode::AccountClosed => "AccountClosed",
             RejectionCode::InvalidAmount => "InvalidAmount",
             RejectionCode::InsufficientFunds => "InsufficientFunds",
+            RejectionCode::CurrencyMismatch => "CurrencyMismatch",
             RejectionCode::NonZeroBalance => "NonZeroBalance",
             RejectionCode::VersionConflict => "VersionConflict",
             RejectionCode::Malformed => "Malformed",

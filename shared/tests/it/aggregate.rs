@@ -50,10 +50,16 @@ fn opening_twice_is_account_exists() {
 #[test]
 fn operations_on_unknown_accounts_are_not_found() {
     given([])
-        .when(Command::Deposit { amount_minor: 1 })
+        .when(Command::Deposit {
+            amount_minor: 1,
+            currency: None,
+        })
         .then_expect_error(AccountNotFound);
     given([])
-        .when(Command::Withdraw { amount_minor: 1 })
+        .when(Command::Withdraw {
+            amount_minor: 1,
+            currency: None,
+        })
         .then_expect_error(AccountNotFound);
     given([])
         .when(Command::CloseAccount)
@@ -64,10 +70,16 @@ fn operations_on_unknown_accounts_are_not_found() {
 fn closed_accounts_refuse_everything() {
     let history = || [opened(0), Event::AccountClosed];
     given(history())
-        .when(Command::Deposit { amount_minor: 5 })
+        .when(Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        })
         .then_expect_error(AccountClosed);
     given(history())
-        .when(Command::Withdraw { amount_minor: 5 })
+        .when(Command::Withdraw {
+            amount_minor: 5,
+            currency: None,
+        })
         .then_expect_error(AccountClosed);
     given(history())
         .when(Command::CloseAccount)
@@ -80,13 +92,22 @@ fn closed_accounts_refuse_everything() {
 #[test]
 fn amounts_must_be_positive() {
     given([opened(100)])
-        .when(Command::Deposit { amount_minor: 0 })
+        .when(Command::Deposit {
+            amount_minor: 0,
+            currency: None,
+        })
         .then_expect_error(InvalidAmount);
     given([opened(100)])
-        .when(Command::Deposit { amount_minor: -5 })
+        .when(Command::Deposit {
+            amount_minor: -5,
+            currency: None,
+        })
         .then_expect_error(InvalidAmount);
     given([opened(100)])
-        .when(Command::Withdraw { amount_minor: 0 })
+        .when(Command::Withdraw {
+            amount_minor: 0,
+            currency: None,
+        })
         .then_expect_error(InvalidAmount);
     given([])
         .when(open("Alice", -1))
@@ -96,18 +117,27 @@ fn amounts_must_be_positive() {
 #[test]
 fn deposits_that_would_overflow_are_refused() {
     given([opened(i64::MAX - 1)])
-        .when(Command::Deposit { amount_minor: 2 })
+        .when(Command::Deposit {
+            amount_minor: 2,
+            currency: None,
+        })
         .then_expect_error(InvalidAmount);
 }
 
 #[test]
 fn deposit_and_withdraw_move_the_balance() {
     let account = given([opened(100)])
-        .when(Command::Deposit { amount_minor: 50 })
+        .when(Command::Deposit {
+            amount_minor: 50,
+            currency: None,
+        })
         .then_expect([Event::MoneyDeposited { amount_minor: 50 }]);
     assert_eq!(account.balance_minor, 150);
     let account = given([opened(100), Event::MoneyDeposited { amount_minor: 50 }])
-        .when(Command::Withdraw { amount_minor: 150 })
+        .when(Command::Withdraw {
+            amount_minor: 150,
+            currency: None,
+        })
         .then_expect([Event::MoneyWithdrawn { amount_minor: 150 }]);
     assert_eq!(
         (
@@ -122,7 +152,10 @@ fn deposit_and_withdraw_move_the_balance() {
 #[test]
 fn no_withdrawal_beyond_the_balance() {
     given([opened(100)])
-        .when(Command::Withdraw { amount_minor: 101 })
+        .when(Command::Withdraw {
+            amount_minor: 101,
+            currency: None,
+        })
         .then_expect_error(InsufficientFunds);
 }
 
@@ -164,4 +197,60 @@ fn owners_too_long_or_with_control_characters_are_malformed() {
             currency: "EUR".into(),
             initial_balance_minor: 0,
         }]);
+}
+
+#[test]
+fn money_in_another_currency_than_the_accounts_is_refused() {
+    let eur = || Some("EUR".to_string());
+    let jpy = || Some("JPY".to_string());
+    given([opened(100)])
+        .when(Command::Deposit {
+            amount_minor: 500,
+            currency: jpy(),
+        })
+        .then_expect_error(CurrencyMismatch);
+    given([opened(100)])
+        .when(Command::Withdraw {
+            amount_minor: 5,
+            currency: jpy(),
+        })
+        .then_expect_error(CurrencyMismatch);
+    let account = given([opened(100)])
+        .when(Command::Deposit {
+            amount_minor: 5,
+            currency: eur(),
+        })
+        .then_expect([Event::MoneyDeposited { amount_minor: 5 }]);
+    assert_eq!(account.balance_minor, 105);
+    given([opened(100)])
+        .when(Command::Withdraw {
+            amount_minor: 5,
+            currency: eur(),
+        })
+        .then_expect([Event::MoneyWithdrawn { amount_minor: 5 }]);
+}
+
+#[test]
+fn a_money_commands_currency_travels_on_the_wire_only_when_named() {
+    let named = Command::Deposit {
+        amount_minor: 5,
+        currency: Some("KWD".into()),
+    };
+    assert_eq!(
+        named.payload(),
+        serde_json::json!({"amount_minor": 5, "currency": "KWD"})
+    );
+    assert_eq!(
+        Command::from_parts("Deposit", named.payload()).unwrap(),
+        named
+    );
+    let bare = Command::Withdraw {
+        amount_minor: 5,
+        currency: None,
+    };
+    assert_eq!(bare.payload(), serde_json::json!({"amount_minor": 5}));
+    assert_eq!(
+        Command::from_parts("Withdraw", bare.payload()).unwrap(),
+        bare
+    );
 }

@@ -85,7 +85,13 @@ fn headers_repeat_the_routing_fields() {
 
 #[test]
 fn commands_round_trip_and_malformed_ones_keep_their_id() {
-    let mut cmd = CommandMessage::new("acc-9", Command::Withdraw { amount_minor: 250 });
+    let mut cmd = CommandMessage::new(
+        "acc-9",
+        Command::Withdraw {
+            amount_minor: 250,
+            currency: None,
+        },
+    );
     cmd.expected_version = Some(3);
     assert_eq!(CommandMessage::from_bytes(&cmd.to_bytes()).unwrap(), cmd);
 

@@ -62,8 +62,14 @@ fn command() -> impl Strategy<Value = Command> {
                 initial_balance_minor,
             }
         }),
-        any::<i64>().prop_map(|amount_minor| Command::Deposit { amount_minor }),
-        any::<i64>().prop_map(|amount_minor| Command::Withdraw { amount_minor }),
+        any::<i64>().prop_map(|amount_minor| Command::Deposit {
+            amount_minor,
+            currency: None
+        }),
+        any::<i64>().prop_map(|amount_minor| Command::Withdraw {
+            amount_minor,
+            currency: None
+        }),
         Just(Command::CloseAccount),
     ]
 }

@@ -20,10 +20,14 @@ fn command() -> impl Strategy<Value = Command> {
                     initial_balance_minor
                 }
             ),
-        amount
-            .clone()
-            .prop_map(|amount_minor| Command::Deposit { amount_minor }),
-        amount.prop_map(|amount_minor| Command::Withdraw { amount_minor }),
+        amount.clone().prop_map(|amount_minor| Command::Deposit {
+            amount_minor,
+            currency: None
+        }),
+        amount.prop_map(|amount_minor| Command::Withdraw {
+            amount_minor,
+            currency: None
+        }),
         Just(Command::CloseAccount),
     ]
 }

@@ -90,10 +90,12 @@ pub fn generate(prefix: &str, accounts: usize, max_events: u64, seed: u64) -> Ve
                     if rng.below(3) == 0 && account.balance_minor > 0 {
                         Command::Withdraw {
                             amount_minor: amount.min(account.balance_minor),
+                            currency: None,
                         }
                     } else {
                         Command::Deposit {
                             amount_minor: amount,
+                            currency: None,
                         }
                     }
                 });
@@ -119,6 +121,7 @@ pub fn generate(prefix: &str, accounts: usize, max_events: u64, seed: u64) -> Ve
                 for command in [
                     Command::Withdraw {
                         amount_minor: account.balance_minor,
+                        currency: None,
                     },
                     Command::CloseAccount,
                 ] {
