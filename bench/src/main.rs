@@ -297,26 +297,31 @@ impl Bench {
         })
     }
 
-    /// Step 3: Restore as history grows: H, then 6H on the same accounts. The dedupe window is one
-    /// second so that only the live state is restored (the window's cost is its own row). Then
+    /// Step 3: Restore as history grows: H, then 6H on the same accounts, with the default
+    /// dedupe window (every command of both histories is in it) and restarts by SIGKILL. Then
     /// the memory per aggregate. Returns the events written in all.
     async fn restores(&self, report: &mut Report, pipeline: &Pipeline) -> anyhow::Result<usize> {
         let (args, vars) = (&self.args, &self.vars);
-        let live_only: Vec<(&str, &str)> =
-            vec![("INSTANCE_ID", "bench-1"), ("DEDUPE_WINDOW", "1s")];
+        let instance: Vec<(&str, &str)> = vec![("INSTANCE_ID", "bench-1")];
         let events = Topics::new(&self.prefix).events();
         let events_h = count_messages(&self.settings, &events)?;
-        let (row_h, service) = restart(&args.bin_dir, vars, &live_only, events_h, "H").await?;
+        let (row_h, service) = restart(&args.bin_dir, vars, &instance, events_h, "H").await?;
         let more = workload(args.accounts, pipeline.ops * 5 + args.accounts);
         pipeline
             .client
             .submit_all(&more[args.accounts..], Duration::from_secs(120), |_| {})
             .await?;
-        service.stop();
+        let entries = service.gauge("dedupe_entries").await.unwrap_or(0.0);
+        let store = dedupe_store_bytes(vars, "bench-1");
+        service.kill();
         let events_6h = count_messages(&self.settings, &events)?;
         let (mut row_6h, service) =
-            restart(&args.bin_dir, vars, &live_only, events_6h, "6H").await?;
-        service.stop();
+            restart(&args.bin_dir, vars, &instance, events_6h, "6H").await?;
+        service.kill();
+        if entries > 0.0 {
+            report.figure("dedupe_bytes_per_command", store as f64 / entries);
+            report.figure("dedupe_entries_6h", entries);
+        }
         row_6h.ratio = Some(format!(
             "{:.2} × time, {:.2} × RSS of H",
             row_6h.seconds / row_h.seconds.max(1e-9),
@@ -540,10 +545,12 @@ fn workload(accounts: usize, total: usize) -> Vec<CommandMessage> {
         let command = if (x >> 7) % 10 < 6 {
             Command::Deposit {
                 amount_minor: amount,
+                currency: None,
             }
         } else {
             Command::Withdraw {
                 amount_minor: amount,
+                currency: None,
             }
         };
         out.push(CommandMessage::new(id, command));
@@ -727,7 +734,7 @@ async fn memory_per_aggregate(
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let vars = service_vars(bootstrap, &prefix, args);
     let settings = Settings::from_vars(&vars)?;
-    let extra = [("INSTANCE_ID", "bench-mem"), ("DEDUPE_WINDOW", "1s")];
+    let extra = [("INSTANCE_ID", "bench-mem")];
     let service = Service::start(&args.bin_dir, "command-service", &vars, &extra)?;
     service.wait_ready(Duration::from_secs(120)).await?;
     let client = CommandClient::connect(&settings).await?;
@@ -757,6 +764,15 @@ fn service_vars(bootstrap: &str, prefix: &str, args: &Args) -> Vec<(String, Stri
     vec![
         ("KAFKA_BOOTSTRAP_SERVERS".to_owned(), bootstrap.to_owned()),
         ("TOPIC_PREFIX".to_owned(), prefix.to_owned()),
+        (
+            "COMMAND_STATE_DIR".to_owned(),
+            args.json
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("command-state")
+                .display()
+                .to_string(),
+        ),
         ("PARTITIONS".to_owned(), args.partitions.to_string()),
         (
             "COMMIT_INTERVAL_MS".to_owned(),
@@ -922,6 +938,39 @@ impl Service {
             .status();
         let _ = self.child.wait();
     }
+
+    /// SIGKILL: no goodbye, nothing flushed.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The value of an unlabelled gauge from `/metrics`.
+    async fn gauge(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+/// The size of the command-service's dedupe store file for `instance` under the variables'
+/// `COMMAND_STATE_DIR` and `TOPIC_PREFIX`.
+fn dedupe_store_bytes(vars: &[(String, String)], instance: &str) -> u64 {
+    let var = |name: &str| {
+        vars.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let path = std::path::Path::new(&var("COMMAND_STATE_DIR"))
+        .join(var("TOPIC_PREFIX"))
+        .join(format!("{instance}.redb"));
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 impl Drop for Service {

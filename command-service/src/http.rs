@@ -202,7 +202,7 @@ pub mod schema {
         #[serde(rename = "type")]
         pub command_type: CommandType,
         /// `OpenAccount`: `{owner, currency, initial_balance_minor}`; `Deposit`, `Withdraw`:
-        /// `{amount_minor}`; `CloseAccount`: none. Amounts are integer minor units.
+        /// `{amount_minor, currency?}`; `CloseAccount`: none. Amounts are integer minor units.
         pub payload: Option<CommandPayload>,
         /// Optimistic concurrency: the version the sender believes the account has.
         #[schema(minimum = 0)]
@@ -242,6 +242,10 @@ pub mod schema {
         /// Minor units, more than zero.
         #[schema(minimum = 1)]
         pub amount_minor: i64,
+        /// The currency the amount is meant in (ISO 4217): refused with `CurrencyMismatch`
+        /// unless it is the account's.
+        #[schema(pattern = "^[A-Z]{3}$")]
+        pub currency: Option<String>,
     }
 
     /// The command types.
@@ -275,7 +279,8 @@ pub mod schema {
         #[serde(skip_serializing_if = "Option::is_none")]
         pub events: Option<Vec<EventRefJson>>,
         /// Why not (rejected only): a rejection code (`AccountExists`, `AccountNotFound`,
-        /// `AccountClosed`, `InvalidAmount`, `InsufficientFunds`, `NonZeroBalance`,
+        /// `AccountClosed`, `InvalidAmount`, `InsufficientFunds`, `CurrencyMismatch`,
+        /// `NonZeroBalance`,
         /// `VersionConflict`, `Malformed`) and a message.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub error: Option<ErrorDetail>,
@@ -309,7 +314,8 @@ pub struct ReadyJson {
     pub partitions: Vec<i32>,
     /// What this instance's restores read.
     pub restores: RestoreTotals,
-    /// Why not ready (absent when ready): `NotReady` (restoring) or `EngineFailed`.
+    /// Why not ready (absent when ready): `NotReady` (restoring), `Stalled` (transactions keep
+    /// failing) or `EngineFailed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
 }
@@ -432,7 +438,7 @@ async fn health() -> Json<HealthJson> {
 /// or after the engine stopped on a fatal error.
 #[utoipa::path(get, path = "/ready", responses(
     (status = 200, description = "Ready", body = ReadyJson),
-    (status = 503, description = "Not ready (`NotReady`) or the engine stopped (`EngineFailed`)", body = ReadyJson),
+    (status = 503, description = "Not ready (`NotReady`), transactions failing without a commit for `READY_STALL_AFTER` (`Stalled`), or the engine stopped (`EngineFailed`)", body = ReadyJson),
 ))]
 async fn ready(State(state): State<AppState>) -> Response {
     let ready = state.status.ready.load(Ordering::SeqCst);
@@ -449,6 +455,7 @@ async fn ready(State(state): State<AppState>) -> Response {
         .lock()
         .map(|r| r.clone())
         .unwrap_or_default();
+    let stalled = state.status.stalled(state.settings.ready_stall_after);
     let (code, error) = match (ready, fatal) {
         (_, Some(reason)) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -457,7 +464,20 @@ async fn ready(State(state): State<AppState>) -> Response {
                 message: reason,
             }),
         ),
-        (true, None) => (StatusCode::OK, None),
+        (true, None) => match stalled {
+            None => (StatusCode::OK, None),
+            Some((elapsed, reason)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(ErrorDetail {
+                    code: "Stalled".into(),
+                    message: format!(
+                        "no transaction has committed for {}s while transactions keep failing \
+                         (the last: {reason})",
+                        elapsed.as_secs()
+                    ),
+                }),
+            ),
+        },
         (false, None) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Some(ErrorDetail {
@@ -480,6 +500,7 @@ async fn ready(State(state): State<AppState>) -> Response {
     (status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String)
 ))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    crate::metrics::set_failing(state.status.stalled(Duration::ZERO).map(|(d, _)| d));
     (
         [(
             header::CONTENT_TYPE,

@@ -12,6 +12,7 @@
 //! co-partitioned), starts the engine thread, the result listener and the HTTP server, and stops
 //! them in order on shutdown.
 
+pub mod dedupe;
 pub mod engine;
 pub mod http;
 pub mod metrics;
@@ -29,13 +30,19 @@ use shared::shutdown::Shutdown;
 use shared::{EventCodec, Settings};
 use tokio::net::TcpListener;
 
+/// How much longer than the dedupe window a new results topic keeps its records.
+pub const RESULTS_RETENTION_MARGIN: Duration = Duration::from_secs(24 * 3600);
+
 /// The topics the service needs, with their configuration.
 pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let topics = Topics::new(&settings.topic_prefix);
     let n = settings.partitions;
-    let results_retention = settings
+    // A day beyond the window: results are deleted by the broker's clock against each
+    // record's timestamp, which the writer's clock set.
+    let results_retention = (settings
         .dedupe_window
         .max(std::time::Duration::from_secs(7 * 24 * 3600))
+        + RESULTS_RETENTION_MARGIN)
         .as_millis()
         .to_string();
     vec![
@@ -82,7 +89,10 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
         TopicSpec {
             name: topics.command_results(),
             partitions: n,
-            config: vec![("retention.ms", results_retention)],
+            config: vec![
+                ("retention.ms", results_retention),
+                ("retention.bytes", "-1".into()),
+            ],
         },
     ]
 }

@@ -36,6 +36,8 @@ pub const CHECKPOINT_SNAPSHOTS: &str = "checkpoint_snapshots_total";
 pub const AGGREGATES: &str = "aggregates_in_memory";
 /// Gauge: command ids remembered for deduplication.
 pub const DEDUPE_ENTRIES: &str = "dedupe_entries";
+/// Gauge: seconds since the last commit while transactions keep failing (0 while they commit).
+pub const TRANSACTIONS_FAILING: &str = "transactions_failing_seconds";
 
 /// The process-wide Prometheus handle (the recorder `shared::runtime` installs), with this
 /// crate's metrics described.
@@ -100,6 +102,11 @@ fn describe() {
     );
     metrics::describe_gauge!(AGGREGATES, Unit::Count, "Aggregates held in memory");
     metrics::describe_gauge!(
+        TRANSACTIONS_FAILING,
+        Unit::Seconds,
+        "Seconds since the last commit while transactions keep failing (0 while they commit); /ready answers 503 Stalled past READY_STALL_AFTER"
+    );
+    metrics::describe_gauge!(
         DEDUPE_ENTRIES,
         Unit::Count,
         "Command ids remembered for deduplication"
@@ -162,4 +169,9 @@ pub fn checkpoints(count: usize, snapshots: usize) {
 pub fn set_memory(aggregates: usize, dedupe_entries: usize) {
     metrics::gauge!(AGGREGATES).set(aggregates as f64);
     metrics::gauge!(DEDUPE_ENTRIES).set(dedupe_entries as f64);
+}
+
+/// Sets how long transactions have been failing without a commit (`None`: they commit).
+pub fn set_failing(for_: Option<Duration>) {
+    metrics::gauge!(TRANSACTIONS_FAILING).set(for_.map_or(0.0, |d| d.as_secs_f64()));
 }

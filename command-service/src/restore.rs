@@ -4,8 +4,9 @@
 //! 1. the partition's latest [`Checkpoint`] (`<prefix>.command-checkpoints`, compacted);
 //! 2. the latest snapshot of every aggregate (`<prefix>.snapshots`, compacted);
 //! 3. the events from the checkpoint's offset on (read_committed, to the end): the tail;
-//! 4. the command results of the dedupe window (`<prefix>.command-results`, from
-//!    `now - DEDUPE_WINDOW`).
+//! 4. the command results of the dedupe window (`<prefix>.command-results`) into the local
+//!    dedupe store ([`crate::dedupe`]): from the store's changelog position when the record
+//!    there is the one the store saw, else from `now - DEDUPE_WINDOW`.
 //!
 //! A checkpoint commits in one transaction with a snapshot of every aggregate changed since the
 //! previous one, so snapshots + tail are the whole state. The restore proves it: every tail
@@ -22,6 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use compact_str::CompactString;
@@ -30,11 +32,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use shared::codec::{header, header_str};
 use shared::envelope::{Checkpoint, Snapshot};
-use shared::kafka::{TopicReader, Topics, TransactionWatch, canonical_partition};
+use shared::kafka::{SettleError, TopicReader, Topics, TransactionWatch, canonical_partition};
 use shared::{BankAccount, CommandResult, EventCodec, Settings};
 
+use crate::dedupe::{DedupeStore, Entry, Position, ResultRef};
 use crate::metrics as m;
-use crate::state::{PartitionState, ResultRef, StoredAccount};
+use crate::state::{PartitionState, StoredAccount};
 
 /// Why a partition could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,9 @@ pub enum RestoreError {
     /// Shutdown (or a revocation) began during the restore.
     #[error("interrupted")]
     Interrupted,
+    /// The local dedupe store failed.
+    #[error(transparent)]
+    Dedupe(#[from] crate::dedupe::StoreError),
     /// Kafka failed while reading.
     #[error("reading {topic}: {source}")]
     Kafka {
@@ -50,7 +56,15 @@ pub enum RestoreError {
         /// What librdkafka said.
         source: KafkaError,
     },
+    /// A transaction stayed open below the end of a partition for [`HANGING_AFTER`].
+    #[error(transparent)]
+    Hanging(SettleError),
 }
+
+/// How long a restore waits for a transaction open below the end before it calls it hanging and
+/// stops the service: this system's writers end theirs within 10 s (the broker aborts them at
+/// the latest a check interval after), so a wait this long means a hanging transaction.
+pub const HANGING_AFTER: Duration = Duration::from_secs(300);
 
 /// The restored partitions and what it took.
 #[derive(Debug, Default)]
@@ -68,7 +82,8 @@ pub struct RestoreStats {
     pub snapshots: usize,
     /// Events read (tails, plus full replays).
     pub events: usize,
-    /// Command results of the dedupe window read.
+    /// Command results read (the store's tail, or the whole window for a partition the local
+    /// store does not cover).
     pub results: usize,
     /// Partitions replayed from their first event (no usable checkpoint).
     pub replayed: Vec<i32>,
@@ -78,6 +93,7 @@ pub struct RestoreStats {
 pub fn restore(
     settings: &Settings,
     codec: &EventCodec,
+    dedupe: &DedupeStore,
     partitions: &[i32],
     stop: &AtomicBool,
 ) -> Result<Restored, RestoreError> {
@@ -89,7 +105,6 @@ pub fn restore(
     // Opened together so that their connections and offset look-ups overlap.
     let checkpoint_reader = reader.open_whole(&reader.topics.command_checkpoints())?;
     let snapshot_reader = reader.open_whole(&reader.topics.snapshots())?;
-    let result_reader = reader.open_window()?;
     let checkpoints = reader.checkpoints(checkpoint_reader)?;
     let mut snapshots = reader.snapshots(snapshot_reader)?;
     restored.stats.snapshots = snapshots.read;
@@ -121,7 +136,7 @@ pub fn restore(
         }
     }
 
-    restored.stats.results = reader.results(result_reader, &mut states)?;
+    restored.stats.results = reader.results(dedupe)?;
     restored.states = states;
     Ok(restored)
 }
@@ -359,10 +374,14 @@ impl<'a> Reader<'a> {
             topic: topic.to_owned(),
             source,
         };
-        match self.watch.settle(topic, self.partitions, self.stop) {
+        match self
+            .watch
+            .settle(topic, self.partitions, self.stop, HANGING_AFTER)
+        {
             Ok(true) => Ok(()),
             Ok(false) => Err(RestoreError::Interrupted),
-            Err(source) => Err(kafka(source)),
+            Err(SettleError::Kafka(source)) => Err(kafka(source)),
+            Err(hanging @ SettleError::Hanging { .. }) => Err(RestoreError::Hanging(hanging)),
         }
     }
 
@@ -496,49 +515,137 @@ impl<'a> Reader<'a> {
         Ok(tails)
     }
 
-    /// A reader of the command results decided within the dedupe window.
-    fn open_window(&self) -> Result<TopicReader, RestoreError> {
+    /// Brings the dedupe store up to the end of each partition's results: from just before the
+    /// store's changelog position (the record there must be the one the store saw: else the
+    /// topic is another incarnation, or the store too old, and the partition is read again from
+    /// the window's start), or from the window's start for a partition the store has no
+    /// position of. Returns how many records were read.
+    fn results(&self, dedupe: &DedupeStore) -> Result<usize, RestoreError> {
         let topic = self.topics.command_results();
         self.settle(&topic)?;
-        TopicReader::open_since(
+        let kafka = |source| RestoreError::Kafka {
+            topic: topic.clone(),
+            source,
+        };
+        let window = TopicReader::offsets_since(
             &self.settings.kafka,
             &self.group,
             &topic,
             self.partitions,
             self.since_ms,
         )
-        .map_err(|source| RestoreError::Kafka { topic, source })
+        .map_err(kafka)?;
+        let window_start = |p: &i32| window.get(p).copied().unwrap_or(Offset::End);
+        let mut checks = HashMap::new();
+        let mut starts = Vec::with_capacity(self.partitions.len());
+        for p in self.partitions {
+            match dedupe.position(*p)? {
+                Some(position) if position.next > 0 => {
+                    checks.insert(*p, position);
+                    starts.push((*p, Offset::Offset(position.next - 1)));
+                }
+                _ => {
+                    dedupe.clear(*p)?;
+                    starts.push((*p, window_start(p)));
+                }
+            }
+        }
+        let (mut read, stale) = self.read_results(&topic, &starts, &checks, dedupe)?;
+        if !stale.is_empty() {
+            tracing::warn!(?stale, %topic, "the local dedupe store does not match the results topic: reading these partitions' whole window");
+            let mut again = Vec::with_capacity(stale.len());
+            for p in stale {
+                dedupe.clear(p)?;
+                again.push((p, window_start(&p)));
+            }
+            read += self
+                .read_results(&topic, &again, &HashMap::new(), dedupe)?
+                .0;
+        }
+        Ok(read)
     }
 
-    /// Fills each partition's dedupe window from the results read by `reader`; returns how
-    /// many were read.
-    fn results(
+    /// Reads results from `starts` into the store, in bounded batches; a partition in `checks`
+    /// must begin with the record its position names. Returns how many were read and the
+    /// partitions whose check failed (nothing of them was stored).
+    fn read_results(
         &self,
-        reader: TopicReader,
-        states: &mut HashMap<i32, PartitionState>,
-    ) -> Result<usize, RestoreError> {
+        topic: &str,
+        starts: &[(i32, Offset)],
+        checks: &HashMap<i32, Position>,
+        dedupe: &DedupeStore,
+    ) -> Result<(usize, HashSet<i32>), RestoreError> {
+        const BATCH: usize = 10_000;
+        let reader = TopicReader::open_at(&self.settings.kafka, &self.group, topic, starts)
+            .map_err(|source| RestoreError::Kafka {
+                topic: topic.to_owned(),
+                source,
+            })?;
         let (now_ms, since_ms) = (self.now_ms, self.since_ms);
         let mut read = 0;
+        let mut verified = HashSet::new();
+        let mut stale = HashSet::new();
+        let mut batch = Vec::new();
+        let mut positions: HashMap<i32, Position> = HashMap::new();
+        let mut failed = None;
         self.drain(reader, |msg| {
             read += 1;
+            let p = msg.partition();
+            if stale.contains(&p) || failed.is_some() {
+                return;
+            }
+            let parsed = msg.payload().map(serde_json::from_slice::<CommandResult>);
+            if let Some(expected) = checks.get(&p)
+                && !verified.contains(&p)
+            {
+                let same = msg.offset() == expected.next - 1
+                    && matches!(&parsed, Some(Ok(r)) if r.command_id == expected.last_command);
+                if same {
+                    verified.insert(p);
+                } else {
+                    stale.insert(p);
+                }
+                return;
+            }
             let at_ms = msg.timestamp().to_millis().unwrap_or(now_ms);
-            match msg.payload().map(serde_json::from_slice::<CommandResult>) {
-                // A non-final answer (`AggregateUnavailable`) is decided afresh.
-                Some(Ok(result)) if at_ms >= since_ms && result.is_final() => {
-                    if let Some(state) = states.get_mut(&msg.partition()) {
-                        let at = ResultRef::At(msg.offset());
-                        state.dedupe.insert(result.command_id, at_ms, at);
+            match parsed {
+                Some(Ok(result)) => {
+                    positions.insert(
+                        p,
+                        Position {
+                            next: msg.offset() + 1,
+                            last_command: result.command_id,
+                        },
+                    );
+                    // A non-final answer (`AggregateUnavailable`) is decided afresh.
+                    if at_ms >= since_ms && result.is_final() {
+                        batch.push(Entry {
+                            partition: p,
+                            command_id: result.command_id,
+                            at_ms,
+                            result: ResultRef::At(msg.offset()),
+                        });
                     }
                 }
-                Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    tracing::error!(partition = msg.partition(), offset = msg.offset(), error = %e, "unreadable command result ignored");
+                    tracing::error!(partition = p, offset = msg.offset(), error = %e, "unreadable command result ignored");
                     m::restore_unreadable("result");
                 }
                 None => {}
             }
+            if batch.len() >= BATCH
+                && let Err(e) = dedupe.record(std::mem::take(&mut batch), &positions)
+            {
+                failed = Some(e);
+            }
         })?;
-        Ok(read)
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        dedupe.record(batch, &positions)?;
+        // A checked partition of which nothing came: the record it names is gone.
+        stale.extend(checks.keys().filter(|p| !verified.contains(*p)));
+        Ok((read, stale))
     }
 }
 

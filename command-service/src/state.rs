@@ -1,15 +1,17 @@
-//! In-memory state of the partitions this instance owns: every aggregate's folded state, the
-//! de-duplication window (command id → original result) and what the next checkpoint must
-//! cover. Its size follows the live data: one entry per aggregate plus the commands of the
-//! dedupe window, never the history.
+//! In-memory state of the partitions this instance owns: every aggregate's folded state and
+//! what the next checkpoint must cover. Its size follows the live data: one entry per
+//! aggregate, never the history nor the commands of the dedupe window (which lives on disk,
+//! [`crate::dedupe`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use compact_str::CompactString;
 use shared::envelope::Quarantined;
 use shared::{AccountStatus, BankAccount, CommandResult};
+
+use crate::dedupe::{Entry, Position, ResultRef};
 use uuid::Uuid;
 
 /// A partition with changed aggregates gets a checkpoint at least this often, so that an idle
@@ -22,9 +24,6 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 pub struct PartitionState {
     /// Folded state of every aggregate living on the partition.
     pub accounts: HashMap<CompactString, StoredAccount>,
-    /// Results of the commands processed within the dedupe window, so a retried command gets
-    /// its original answer and appends nothing.
-    pub dedupe: Dedupe,
     /// Aggregates changed since the partition's last checkpoint: the next one snapshots them.
     pub dirty: HashSet<CompactString>,
     /// Events appended since the last checkpoint (the restore tail it would leave).
@@ -46,7 +45,6 @@ impl Default for PartitionState {
     fn default() -> Self {
         PartitionState {
             accounts: HashMap::new(),
-            dedupe: Dedupe::default(),
             dirty: HashSet::new(),
             events_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
@@ -163,75 +161,6 @@ pub fn checkpoint_due(
     uncovered || events_since >= every || (dirty && since_last >= CHECKPOINT_INTERVAL)
 }
 
-/// Command results remembered for the dedupe window, oldest first out. A result is kept as the
-/// offset of its record on the partition's `<prefix>.command-results` (read back for the rare
-/// duplicate), so an entry costs tens of bytes however large the result: the window holds every
-/// command of `DEDUPE_WINDOW`, which outgrows the aggregates on a busy system.
-#[derive(Debug, Default)]
-pub struct Dedupe {
-    entries: HashMap<Uuid, Remembered>,
-    order: VecDeque<(i64, Uuid)>,
-}
-
-/// Where a remembered result is.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ResultRef {
-    /// At this offset of the partition of `<prefix>.command-results`.
-    At(i64),
-    /// Held in memory (its offset was not reported; rare).
-    Held(Box<CommandResult>),
-}
-
-#[derive(Debug)]
-struct Remembered {
-    /// When the result was first decided (ms since the epoch).
-    at_ms: i64,
-    result: ResultRef,
-}
-
-impl Dedupe {
-    /// Where the remembered result of `command_id` is.
-    pub fn get(&self, command_id: &Uuid) -> Option<&ResultRef> {
-        self.entries.get(command_id).map(|r| &r.result)
-    }
-
-    /// Remembers a result decided at `at_ms`; the first one decided for a command id stays.
-    pub fn insert(&mut self, command_id: Uuid, at_ms: i64, result: ResultRef) {
-        if self.entries.contains_key(&command_id) {
-            return;
-        }
-        self.entries
-            .insert(command_id, Remembered { at_ms, result });
-        self.order.push_back((at_ms, command_id));
-    }
-
-    /// Forgets the results decided before `before_ms`; returns how many.
-    pub fn expire(&mut self, before_ms: i64) -> usize {
-        let mut forgotten = 0;
-        while let Some(&(at_ms, id)) = self.order.front() {
-            if at_ms >= before_ms {
-                break;
-            }
-            self.order.pop_front();
-            if self.entries.get(&id).is_some_and(|r| r.at_ms == at_ms) {
-                self.entries.remove(&id);
-                forgotten += 1;
-            }
-        }
-        forgotten
-    }
-
-    /// How many command ids are remembered.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
-
 /// Changes made by the open transaction, kept apart until it commits: an abort simply drops
 /// them.
 #[derive(Debug, Default)]
@@ -258,14 +187,16 @@ pub struct Decided {
 impl Overlay {
     /// Moves the overlay's changes into the committed partition states (decided at `now_ms`),
     /// marking the changed aggregates for the next checkpoint. `offset_of` gives a result
-    /// record's offset from its delivery token.
+    /// record's offset from its delivery token. Returns the results to remember and, per
+    /// partition whose every result's offset is known, the dedupe store's new changelog
+    /// position.
     pub fn merge_into(
         self,
         partitions: &mut HashMap<i32, PartitionState>,
         partition_of: impl Fn(&str) -> i32,
         mut offset_of: impl FnMut(usize) -> Option<i64>,
         now_ms: i64,
-    ) {
+    ) -> (Vec<Entry>, HashMap<i32, Position>) {
         for (id, account) in self.accounts {
             if let Some(state) = partitions.get_mut(&partition_of(&id)) {
                 let before = state.accounts.get(id.as_str()).map_or(0, |a| a.version);
@@ -275,31 +206,52 @@ impl Overlay {
                 state.accounts.insert(id, StoredAccount::from(&account));
             }
         }
+        let mut entries = Vec::with_capacity(self.results.len());
+        let mut positions: HashMap<i32, Position> = HashMap::new();
+        let mut unknown: HashSet<i32> = HashSet::new();
         for (command_id, decided) in self.results {
-            if let Some(state) = partitions.get_mut(&decided.partition) {
-                let result = match offset_of(decided.delivery) {
-                    Some(offset) => ResultRef::At(offset),
-                    None => ResultRef::Held(Box::new(decided.result)),
-                };
-                state.dedupe.insert(command_id, now_ms, result);
+            if !partitions.contains_key(&decided.partition) {
+                continue;
             }
+            let result = match offset_of(decided.delivery) {
+                Some(offset) => {
+                    let later = Position {
+                        next: offset + 1,
+                        last_command: command_id,
+                    };
+                    let position = positions.entry(decided.partition).or_insert(later);
+                    if later.next > position.next {
+                        *position = later;
+                    }
+                    ResultRef::At(offset)
+                }
+                None => {
+                    // Not on disk with an offset: the changelog position stays where it was, so
+                    // that the next restore reads this result from the topic.
+                    unknown.insert(decided.partition);
+                    ResultRef::Held(Box::new(decided.result))
+                }
+            };
+            entries.push(Entry {
+                partition: decided.partition,
+                command_id,
+                at_ms: now_ms,
+                result,
+            });
         }
+        positions.retain(|p, _| !unknown.contains(p));
         for (partition, at) in self.last_event_at {
             if let Some(state) = partitions.get_mut(&partition) {
                 state.saw_event_at(at);
             }
         }
+        (entries, positions)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::{Rejection, RejectionCode};
-
-    fn result(id: Uuid) -> CommandResult {
-        CommandResult::rejected(id, "a", Rejection::new(RejectionCode::Malformed, "x"))
-    }
 
     #[test]
     fn checkpoint_policy() {
@@ -329,21 +281,5 @@ mod tests {
         assert_eq!(event_time(now, None), now);
         assert_eq!(event_time(now, Some(ahead)), ahead);
         assert_eq!(event_time(ahead, Some(now)), ahead);
-    }
-
-    #[test]
-    fn dedupe_forgets_oldest_first_and_keeps_the_first_result() {
-        let mut d = Dedupe::default();
-        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        d.insert(a, 100, ResultRef::At(1));
-        d.insert(b, 200, ResultRef::Held(Box::new(result(b))));
-        d.insert(a, 300, ResultRef::At(99));
-        d.insert(c, 300, ResultRef::At(3));
-        assert_eq!(d.get(&a), Some(&ResultRef::At(1)), "first result stays");
-        assert_eq!(d.expire(200), 1);
-        assert!(d.get(&a).is_none());
-        assert!(d.get(&b).is_some());
-        assert_eq!(d.expire(1000), 2);
-        assert!(d.is_empty());
     }
 }

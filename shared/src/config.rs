@@ -58,8 +58,23 @@ pub struct Settings {
     /// `DEDUPE_WINDOW`: how long a command id is remembered (a retry gets its original result);
     /// beyond it `expected_version` is the protection. Also the results topic's retention.
     pub dedupe_window: Duration,
+    /// `COMMAND_STATE_DIR`: where a command-service keeps its local dedupe store (one file per
+    /// prefix and INSTANCE_ID); losing it costs a longer restore, never a wrong answer.
+    pub command_state_dir: std::path::PathBuf,
+    /// `READY_STALL_AFTER`: a command-service whose transactions keep failing commits nothing
+    /// for this long reports not ready (`/ready` 503 `Stalled`), so an orchestrator can act.
+    pub ready_stall_after: Duration,
     /// `PROJECTION_URL`: where the CLI finds the projection service.
     pub projection_url: String,
+    /// `PROJECTION_STALL_AFTER`: a projection whose lag has gone unmeasured this long (no
+    /// partition assigned, the watermarks unreadable) reports not ready (`/ready` 503 `Stalled`).
+    pub projection_stall_after: Duration,
+    /// `PROJECTION_UNKNOWN_SCHEMA_RETRY`: how long an event whose schema id the registry does
+    /// not know waits for it before it is dead-lettered (`0s`: at once).
+    pub projection_unknown_schema_retry: Duration,
+    /// `PROJECTION_GROUP_ID`: the live projection's consumer group; unset, it derives from the
+    /// read-model database's identity (`<prefix>.projection.<read_model_id>`).
+    pub projection_group_id: Option<String>,
 }
 
 impl Settings {
@@ -97,7 +112,16 @@ impl Settings {
             snapshot_every: v.positive("SNAPSHOT_EVERY", "100")?,
             checkpoint_every: v.positive("CHECKPOINT_EVERY", "10000")?,
             dedupe_window: v.window("DEDUPE_WINDOW", "7d")?,
+            ready_stall_after: v.window("READY_STALL_AFTER", "60s")?,
+            command_state_dir: v.get("COMMAND_STATE_DIR").map_or_else(
+                || std::env::temp_dir().join("bank-es-command-state"),
+                Into::into,
+            ),
             projection_url,
+            projection_group_id: v.get("PROJECTION_GROUP_ID"),
+            projection_stall_after: v.window("PROJECTION_STALL_AFTER", "30s")?,
+            projection_unknown_schema_retry: v
+                .duration("PROJECTION_UNKNOWN_SCHEMA_RETRY", "30s")?,
         })
     }
 }
@@ -151,6 +175,18 @@ impl Vars<'_> {
                 "expected at most 2000 (a transaction must commit well within its 10 s time-out)",
             )),
         }
+    }
+
+    /// A duration such as `30s` or `2m`; zero allowed.
+    fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let v = self.text(name, default);
+        humantime::parse_duration(&v).map_err(|e| {
+            invalid(
+                name,
+                &v,
+                &format!("expected a duration like 30s or 2m ({e})"),
+            )
+        })
     }
 
     fn window(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {

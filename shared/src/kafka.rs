@@ -287,6 +287,11 @@ impl Topics {
             ]
         } else if name == self.snapshots() || name == self.command_checkpoints() {
             &[("cleanup.policy", "compact")]
+        } else if name == self.command_results() {
+            // A duplicate is answered by reading its original result at its offset: compaction
+            // (which keeps only a key's latest copy) or a size limit would take it away within
+            // the dedupe window. Its time retention is a floor (`RetentionFloor`).
+            &[("cleanup.policy", "delete"), ("retention.bytes", "-1")]
         } else {
             &[]
         }
@@ -406,10 +411,6 @@ pub fn topic_mismatches(
 /// the broker reports its effective value, so unset means unknown).
 fn below_floor(topic: &FoundTopic, floor: &RetentionFloor) -> Option<TopicMismatch> {
     let required = floor.at_least.as_millis();
-    // Compaction without deletion keeps every key's latest record: no retention applies.
-    if topic.configs.get("cleanup.policy").map(String::as_str) == Some("compact") {
-        return None;
-    }
     let found = topic.configs.get("retention.ms");
     let enough = found
         .and_then(|v| v.parse::<i64>().ok())
@@ -499,6 +500,32 @@ pub struct TransactionWatch {
     uncommitted: BaseConsumer<QuietEof>,
 }
 
+/// Why [`TransactionWatch::settle`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The offsets could not be read for a long while.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// A transaction stayed open below the end far longer than any writer of this system keeps
+    /// one open.
+    #[error(
+        "a transaction has stayed open in {topic} for {}s (partition, last stable offset, end): \
+         {open:?}; it may be hanging (KIP-890): find it with `kafka-transactions.sh \
+         --bootstrap-server <broker> find-hanging --broker-id <leader of the partition>` and end it \
+         with `kafka-transactions.sh --bootstrap-server <broker> abort --topic {topic} --partition \
+         <partition> --start-offset <its start offset>`",
+        waited.as_secs()
+    )]
+    Hanging {
+        /// The topic read.
+        topic: String,
+        /// How long the wait lasted.
+        waited: Duration,
+        /// The partitions still open: (partition, last stable offset, end).
+        open: Vec<(i32, i64, i64)>,
+    },
+}
+
 impl TransactionWatch {
     /// Two clients, one per isolation level.
     pub fn new(settings: &KafkaSettings) -> KafkaResult<TransactionWatch> {
@@ -518,8 +545,17 @@ impl TransactionWatch {
     /// Waits until no transaction that is open now remains open below the current end of
     /// `partitions` of `topic` (a writer's transaction ends within its transaction time-out
     /// at the latest). Returns false when `stop` was set first. A read opened afterwards sees
-    /// everything written before this call that committed.
-    pub fn settle(&self, topic: &str, partitions: &[i32], stop: &AtomicBool) -> KafkaResult<bool> {
+    /// everything written before this call that committed. A transaction still open after
+    /// `hanging_after` is an error ([`SettleError::Hanging`]): no writer of this system keeps
+    /// one open for long, so it is a hanging transaction (KIP-890), which only an operator can
+    /// abort.
+    pub fn settle(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        stop: &AtomicBool,
+        hanging_after: Duration,
+    ) -> Result<bool, SettleError> {
         const TIMEOUT: Duration = Duration::from_secs(10);
         // Errors (a leader moving, a broker restarting) are waited out for this long.
         const ERRORS_FOR: Duration = Duration::from_secs(120);
@@ -559,7 +595,14 @@ impl TransactionWatch {
             if let Some(e) = &failed
                 && started.elapsed() >= ERRORS_FOR
             {
-                return Err(e.clone());
+                return Err(SettleError::Kafka(e.clone()));
+            }
+            if !open.is_empty() && started.elapsed() >= hanging_after {
+                return Err(SettleError::Hanging {
+                    topic: topic.to_owned(),
+                    waited: started.elapsed(),
+                    open,
+                });
             }
             if last_log.elapsed() >= Duration::from_secs(5) {
                 tracing::info!(
@@ -648,29 +691,41 @@ impl TopicReader {
         partitions: &[i32],
         since_ms: i64,
     ) -> KafkaResult<TopicReader> {
+        let starts = Self::offsets_since(settings, group_id, topic, partitions, since_ms)?;
+        let starts: Vec<(i32, Offset)> = partitions
+            .iter()
+            .map(|p| (*p, starts.get(p).copied().unwrap_or(Offset::End)))
+            .collect();
+        Self::open_at(settings, group_id, topic, &starts)
+    }
+
+    /// Per partition, the offset of the first message at or after `since_ms` (ms since the
+    /// epoch, by record timestamp); [`Offset::End`] where there is none that recent.
+    pub fn offsets_since(
+        settings: &KafkaSettings,
+        group_id: &str,
+        topic: &str,
+        partitions: &[i32],
+        since_ms: i64,
+    ) -> KafkaResult<HashMap<i32, Offset>> {
         let consumer = Self::consumer(settings, group_id)?;
         let mut query = TopicPartitionList::new();
         for p in partitions {
             query.add_partition_offset(topic, *p, Offset::Offset(since_ms))?;
         }
         let found = consumer.offsets_for_times(query, Duration::from_secs(30))?;
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            // No message that recent: start at the end (nothing to read).
-            let offset = found
-                .find_partition(topic, *p)
-                .filter(|e| e.error().is_ok())
-                .map(|e| e.offset())
-                .filter(|o| matches!(o, Offset::Offset(_)))
-                .unwrap_or(Offset::End);
-            tpl.add_partition_offset(topic, *p, offset)?;
-        }
-        consumer.assign(&tpl)?;
-        Ok(TopicReader {
-            consumer,
-            topic: topic.to_owned(),
-            partitions: partitions.to_vec(),
-        })
+        Ok(partitions
+            .iter()
+            .map(|p| {
+                let offset = found
+                    .find_partition(topic, *p)
+                    .filter(|e| e.error().is_ok())
+                    .map(|e| e.offset())
+                    .filter(|o| matches!(o, Offset::Offset(_)))
+                    .unwrap_or(Offset::End);
+                (*p, offset)
+            })
+            .collect())
     }
 
     fn consumer(settings: &KafkaSettings, group_id: &str) -> KafkaResult<BaseConsumer<QuietEof>> {
@@ -787,7 +842,7 @@ mod tests {
             found("p.events", 6, &GOOD_EVENTS),
             found("p.snapshots", 6, &compact),
             found("p.command-checkpoints", 6, &compact),
-            found("p.command-results", 6, &[("retention.ms", "604800000")]),
+            found("p.command-results", 6, &GOOD_EVENTS),
             // not co-partitioned, no required config
             found("p.events.dlq", 3, &[]),
         ];
@@ -850,19 +905,55 @@ mod tests {
             topic: "p.command-results".into(),
             at_least: week,
         }];
-        let results = |ms: &str| [found("p.command-results", 1, &[("retention.ms", ms)])];
+        let results = |ms: &str| {
+            [found(
+                "p.command-results",
+                1,
+                &[
+                    ("cleanup.policy", "delete"),
+                    ("retention.bytes", "-1"),
+                    ("retention.ms", ms),
+                ],
+            )]
+        };
         assert_eq!(topic_mismatches(&t, &results("604800000"), &floors), vec![]);
         assert_eq!(topic_mismatches(&t, &results("704800000"), &floors), vec![]);
         assert_eq!(topic_mismatches(&t, &results("-1"), &floors), vec![]);
         let compacted = [found(
             "p.command-results",
             1,
-            &[("cleanup.policy", "compact"), ("retention.ms", "3600000")],
+            &[
+                ("cleanup.policy", "compact"),
+                ("retention.bytes", "-1"),
+                ("retention.ms", "-1"),
+            ],
         )];
+        let settings: Vec<String> = topic_mismatches(&t, &compacted, &floors)
+            .into_iter()
+            .map(|m| m.setting)
+            .collect();
         assert_eq!(
-            topic_mismatches(&t, &compacted, &floors),
-            vec![],
-            "compaction alone keeps every latest record"
+            settings,
+            vec!["cleanup.policy".to_string()],
+            "compaction keeps only a command's latest result: a duplicate's original can vanish"
+        );
+        let capped = [found(
+            "p.command-results",
+            1,
+            &[
+                ("cleanup.policy", "delete"),
+                ("retention.bytes", "1073741824"),
+                ("retention.ms", "-1"),
+            ],
+        )];
+        let settings: Vec<String> = topic_mismatches(&t, &capped, &floors)
+            .into_iter()
+            .map(|m| m.setting)
+            .collect();
+        assert_eq!(
+            settings,
+            vec!["retention.bytes".to_string()],
+            "a size limit can delete results within the window"
         );
         let short = topic_mismatches(&t, &results("3600000"), &floors);
         assert_eq!(

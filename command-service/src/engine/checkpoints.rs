@@ -22,9 +22,12 @@ struct Prepared {
 impl Engine {
     /// When no command is coming, a due checkpoint gets a transaction of its own.
     /// After a postponed checkpoint (the end offset could not be read) not before a second
-    /// has passed, so that it does not spin transactions.
+    /// has passed, so that it does not spin transactions. Never while the consumer knows its
+    /// assignment lost (the rebalance is served first); the commit's offsets fence the rest
+    /// ([`Engine::commit`]).
     pub(super) fn checkpoint_idle(&mut self, consumer: &EngineConsumer) {
         if self.txn.is_none()
+            && !consumer.assignment_lost()
             && self
                 .checkpoint_retry_at
                 .is_none_or(|at| Instant::now() >= at)

@@ -19,7 +19,8 @@ use shared::{
 use uuid::Uuid;
 
 use super::{DeliveryToken, DueSnapshot, Engine, EngineConsumer, Processed, TxnError};
-use crate::state::{Decided, ResultRef, event_time, snapshot_due};
+use crate::dedupe::ResultRef;
+use crate::state::{Decided, event_time, snapshot_due};
 
 /// Why a command's events could not be produced.
 enum AppendError {
@@ -392,14 +393,14 @@ impl Engine {
             return Ok(Some(decided.result.clone()));
         }
         let remembered = self
-            .partitions
-            .get(&partition)
-            .and_then(|s| s.dedupe.get(&command_id));
+            .dedupe
+            .get(partition, command_id)
+            .map_err(|e| TxnError::Dedupe(e.to_string()))?;
         match remembered {
             None => Ok(None),
-            Some(ResultRef::Held(result)) => Ok(Some((**result).clone())),
+            Some(ResultRef::Held(result)) => Ok(Some(*result)),
             Some(ResultRef::At(offset)) => {
-                self.read_result(partition, *offset, command_id).map(Some)
+                self.read_result(partition, offset, command_id).map(Some)
             }
         }
     }

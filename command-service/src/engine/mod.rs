@@ -49,6 +49,7 @@ use shared::shutdown::Shutdown;
 use shared::trace::TraceContext;
 use shared::{BankAccount, EventCodec, Settings};
 
+use crate::dedupe::DedupeStore;
 use crate::metrics as m;
 use crate::restore;
 use crate::state::{Overlay, PartitionState};
@@ -79,6 +80,27 @@ pub struct Status {
     pub partitions: Mutex<Vec<i32>>,
     /// What the restores of this instance read, in total (shown by `/ready`).
     pub restores: Mutex<RestoreTotals>,
+    /// Set while transactions fail: since when nothing committed, and the last failure.
+    pub failing: Mutex<Option<Failing>>,
+}
+
+/// Transactions that keep failing: the engine has work and commits none of it.
+#[derive(Debug, Clone)]
+pub struct Failing {
+    /// The last commit (or the start of the failures, if nothing committed before).
+    pub since: Instant,
+    /// The last transaction's error.
+    pub reason: String,
+}
+
+impl Status {
+    /// How long transactions have failed without a commit in between, and why, once that is at
+    /// least `after`.
+    pub fn stalled(&self, after: Duration) -> Option<(Duration, String)> {
+        let failing = lock(&self.failing).clone()?;
+        let elapsed = failing.since.elapsed();
+        (elapsed >= after).then_some((elapsed, failing.reason))
+    }
 }
 
 /// What an instance's restores read since it started: the figures that show whether restores
@@ -138,9 +160,16 @@ enum TxnError {
     /// An event could not be encoded (the schema registry failed or refused).
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// The local dedupe store could not be read.
+    #[error("{0}")]
+    Dedupe(String),
     /// Between rebalances there is no group generation: nothing can be committed.
     #[error("not in a consumer group generation")]
     NoGeneration,
+    /// A checkpoint's partition has no offset to commit with it, so the group generation could
+    /// not fence the transaction.
+    #[error("no offset to fence the checkpoint of partition {0} with")]
+    Unfenced(i32),
     /// The event a snapshot covers was not delivered in time, so its offset is unknown.
     #[error("the event a snapshot covers was not delivered")]
     SnapshotEventUndelivered,
@@ -331,6 +360,8 @@ pub struct Engine {
     offsets: BaseConsumer,
     /// Reads a duplicate's original result back from `<prefix>.command-results`.
     results: BaseConsumer,
+    /// The dedupe window: which command ids were decided, and where their results are.
+    dedupe: Arc<DedupeStore>,
     partitions: HashMap<i32, PartitionState>,
     committed_next: HashMap<i32, Offset>,
     txn: Option<Txn>,
@@ -351,6 +382,8 @@ pub struct Engine {
     checkpoint_retry_at: Option<Instant>,
     /// Consecutive aborted transactions: the pause before a redo grows with them.
     aborts_in_a_row: u32,
+    /// When the last transaction committed (or the engine started).
+    last_commit: Instant,
     /// Set when the producer was fenced: the loop finds out whether by a twin instance.
     fenced: Option<String>,
     /// This process's name in the lease of its INSTANCE_ID (`<INSTANCE_ID>.<random>`).
@@ -437,6 +470,14 @@ impl Engine {
                 what: "offsets client",
                 source,
             })?;
+        let dedupe_path = DedupeStore::path(
+            &settings.command_state_dir,
+            &settings.topic_prefix,
+            &settings.instance_id,
+        );
+        let dedupe = DedupeStore::open(&dedupe_path)
+            .map(Arc::new)
+            .map_err(|e| EngineError::Fatal(e.to_string()))?;
         let results: BaseConsumer = settings
             .kafka
             .client_config()
@@ -452,6 +493,7 @@ impl Engine {
         Ok(Engine {
             topics: Topics::new(&settings.topic_prefix),
             results,
+            dedupe,
             settings,
             codec,
             runtime,
@@ -471,6 +513,7 @@ impl Engine {
             assigned: false,
             checkpoint_retry_at: None,
             aborts_in_a_row: 0,
+            last_commit: Instant::now(),
             fenced: None,
             process,
             status,
@@ -492,8 +535,7 @@ impl Engine {
     /// The gauges of what the owned partitions hold in memory.
     fn update_memory_gauges(&self) {
         let aggregates = self.partitions.values().map(|s| s.accounts.len()).sum();
-        let dedupe = self.partitions.values().map(|s| s.dedupe.len()).sum();
-        m::set_memory(aggregates, dedupe);
+        m::set_memory(aggregates, self.dedupe.len());
     }
 
     /// Stops the engine (and the service) for `reason`.

@@ -66,6 +66,7 @@ impl Engine {
     ) -> std::io::Result<()> {
         let settings = Arc::clone(&self.settings);
         let codec = Arc::clone(&self.codec);
+        let dedupe = Arc::clone(&self.dedupe);
         let done = self.restore_done.0.clone();
         std::thread::Builder::new()
             .name(format!("restore-{id}"))
@@ -73,12 +74,12 @@ impl Engine {
                 let started = Instant::now();
                 let outcome =
                     committed_offsets(&settings, &partitions, &cancel).and_then(|committed| {
-                        restore::restore(&settings, &codec, &partitions, &cancel).map(|restored| {
-                            RestoredPartitions {
+                        restore::restore(&settings, &codec, &dedupe, &partitions, &cancel).map(
+                            |restored| RestoredPartitions {
                                 committed,
                                 restored,
-                            }
-                        })
+                            },
+                        )
                     });
                 let _ = done.send(RestoreDone {
                     id,
@@ -218,6 +219,10 @@ impl Engine {
             wanted
         });
         tracing::info!(?partitions, "partitions revoked");
+        if self.partitions.is_empty() {
+            // No work left that could be failing.
+            *super::lock(&self.status.failing) = None;
+        }
         self.update_status();
     }
 

@@ -137,9 +137,13 @@ impl Engine {
     pub(super) fn commit(&mut self, consumer: &EngineConsumer) {
         let Some(txn) = self.txn.as_ref() else { return };
         let commands = self.topics.commands();
+        let offsets = match self.fence_offsets(consumer, txn) {
+            Ok(offsets) => offsets,
+            Err(e) => return self.on_txn_error(consumer, e),
+        };
         let mut tpl = TopicPartitionList::new();
-        for (p, next) in &txn.next_offsets {
-            if let Err(e) = tpl.add_partition_offset(&commands, *p, Offset::Offset(*next)) {
+        for (p, next) in offsets {
+            if let Err(e) = tpl.add_partition_offset(&commands, p, Offset::Offset(next)) {
                 tracing::error!(error = %e, "bad offset");
             }
         }
@@ -173,6 +177,43 @@ impl Engine {
         }
     }
 
+    /// The offsets the transaction commits: its commands' progress, plus, for every partition
+    /// it checkpoints without a command of its own, the partition's committed offset again.
+    /// The offsets are what fences a transaction (KIP-447: the group coordinator refuses a
+    /// `TxnOffsetCommit` from an older generation), and librdkafka sends none for an empty
+    /// list: without them a writer that was frozen and replaced could commit a checkpoint of
+    /// its stale state over its replacement's events.
+    /// A checkpoint that cannot be fenced is not committed: `Err` names its partition.
+    fn fence_offsets(
+        &self,
+        consumer: &EngineConsumer,
+        txn: &super::Txn,
+    ) -> Result<Vec<(i32, i64)>, TxnError> {
+        let mut offsets: Vec<(i32, i64)> = txn.next_offsets.iter().map(|(p, o)| (*p, *o)).collect();
+        for taken in &txn.checkpoints {
+            if !txn.next_offsets.contains_key(&taken.partition) {
+                let offset = self
+                    .resume_offset(consumer, taken.partition)
+                    .ok_or(TxnError::Unfenced(taken.partition))?;
+                offsets.push((taken.partition, offset));
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// Where the partition's commands resume: its committed offset, else (nothing committed
+    /// yet) the commands partition's first offset.
+    fn resume_offset(&self, consumer: &EngineConsumer, partition: i32) -> Option<i64> {
+        if let Some(Offset::Offset(o)) = self.committed_next.get(&partition) {
+            return Some(*o);
+        }
+        let commands = self.topics.commands();
+        consumer
+            .fetch_watermarks(&commands, partition, Duration::from_secs(5))
+            .ok()
+            .map(|(low, _)| low)
+    }
+
     /// `commit_transaction`, called again while it fails with a retriable error (a timeout):
     /// librdkafka resumes the commit where it was.
     fn commit_with_retries(&self) -> KafkaResult<()> {
@@ -197,6 +238,8 @@ impl Engine {
     fn committed(&mut self) {
         let Some(txn) = self.txn.take() else { return };
         self.aborts_in_a_row = 0;
+        self.last_commit = Instant::now();
+        *super::lock(&self.status.failing) = None;
         let n = self.settings.partitions;
         let now_ms = Utc::now().timestamp_millis();
         if !txn.checkpoints.is_empty() {
@@ -209,16 +252,23 @@ impl Engine {
             }
         }
         let tracker = self.producer.context();
-        txn.overlay.merge_into(
+        let (results, positions) = txn.overlay.merge_into(
             &mut self.partitions,
             |id| canonical_partition(id.as_bytes(), n),
             |token| tracker.take(DeliveryToken(token)).flatten(),
             now_ms,
         );
         tracker.clear();
+        if let Err(e) = self.dedupe.record(results, &positions) {
+            // Committed, but not remembered: a retry could be decided afresh. The restart's
+            // restore reads these results from the topic again.
+            self.fail(format!(
+                "{e}; stopping rather than decide a retried command afresh"
+            ));
+        }
         let window_ms = i64::try_from(self.settings.dedupe_window.as_millis()).unwrap_or(i64::MAX);
-        for state in self.partitions.values_mut() {
-            state.dedupe.expire(now_ms.saturating_sub(window_ms));
+        if let Err(e) = self.dedupe.expire(now_ms.saturating_sub(window_ms)) {
+            tracing::warn!(error = %e, "cannot expire old dedupe entries (tried again later)");
         }
         for (p, next) in txn.next_offsets {
             self.committed_next.insert(p, Offset::Offset(next));
@@ -343,6 +393,14 @@ impl Engine {
     /// and the committed offsets then say whether it committed; a fenced producer, or an
     /// outcome that cannot be learned, stops the engine.
     pub(super) fn on_txn_error(&mut self, consumer: &EngineConsumer, error: TxnError) {
+        {
+            let mut failing = super::lock(&self.status.failing);
+            let since = failing.as_ref().map_or(self.last_commit, |f| f.since);
+            *failing = Some(super::Failing {
+                since,
+                reason: error.to_string(),
+            });
+        }
         if let Some(reason) = self.producer_unusable(&error) {
             self.fenced(reason);
             return;

@@ -33,7 +33,13 @@ async fn a_commit_whose_outcome_cannot_be_learned_is_never_redone() {
     // tell what became of the transaction is lost too.
     proxy.lose_responses(END_TXN, Some(INIT_PRODUCER_ID));
     proxy.lose_responses(OFFSET_FETCH, None);
-    let deposit = cmd("ambiguous-1", Command::Deposit { amount_minor: 5 });
+    let deposit = cmd(
+        "ambiguous-1",
+        Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        },
+    );
     let (s, body) = app.send(&deposit).await;
     assert_eq!(
         (s, body["version"].as_u64()),
@@ -99,7 +105,13 @@ async fn a_restore_reads_what_committed_behind_another_writers_open_transaction(
     )
     .await;
     assert_eq!(s, 200);
-    let deposit = cmd("behind-1", Command::Deposit { amount_minor: 5 });
+    let deposit = cmd(
+        "behind-1",
+        Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        },
+    );
     let (s, body) = post(&http, &service.url, deposit.to_json().to_string()).await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
     service.kill();
@@ -108,7 +120,13 @@ async fn a_restore_reads_what_committed_behind_another_writers_open_transaction(
     // to end rather than stop reading at it and miss both events.
     let app = TestApp::spawn_with(settings.clone()).await;
     let (s, body) = app
-        .send(&cmd("behind-1", Command::Deposit { amount_minor: 1 }))
+        .send(&cmd(
+            "behind-1",
+            Command::Deposit {
+                amount_minor: 1,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
     app.stop().await;
@@ -140,7 +158,13 @@ async fn a_producer_fenced_without_a_twin_instance_recovers_and_loses_nothing() 
     drop(bump);
 
     // The next command meets the fenced producer; the service recovers and answers it.
-    let deposit = cmd("fenced-1", Command::Deposit { amount_minor: 1 });
+    let deposit = cmd(
+        "fenced-1",
+        Command::Deposit {
+            amount_minor: 1,
+            currency: None,
+        },
+    );
     let answer = app
         .http
         .post(format!("{}/commands?timeout_ms=60000", app.url))
@@ -153,7 +177,13 @@ async fn a_producer_fenced_without_a_twin_instance_recovers_and_loses_nothing() 
     let body: serde_json::Value = answer.json().await.unwrap();
     assert_eq!((status, body["version"].as_u64()), (200, Some(2)), "{body}");
     let (s, body) = app
-        .send(&cmd("fenced-1", Command::Deposit { amount_minor: 1 }))
+        .send(&cmd(
+            "fenced-1",
+            Command::Deposit {
+                amount_minor: 1,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
     app.stop().await;
@@ -186,7 +216,13 @@ async fn events_are_never_stamped_before_the_previous_event_of_their_partition()
 
     let app = TestApp::spawn_with(settings.clone()).await;
     let (s, body) = app
-        .send(&cmd("clock-1", Command::Deposit { amount_minor: 1 }))
+        .send(&cmd(
+            "clock-1",
+            Command::Deposit {
+                amount_minor: 1,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
     let events = read_events(&settings).await;
@@ -296,5 +332,79 @@ async fn a_registry_refusing_for_a_while_delays_commands_but_never_rejects_them(
         .filter(|r| r.command_id == open.command_id)
         .collect();
     assert_eq!(results.len(), 1, "one answer, never a remembered rejection");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_engine_whose_transactions_keep_failing_reports_itself_stalled_until_one_commits() {
+    let Some(upstream) = shared::testing::schema_registry_url() else {
+        eprintln!("SCHEMA_REGISTRY_URL is not set: the registry path is not exercised");
+        return;
+    };
+    let registry = FlakyRegistry::start(upstream).await;
+    let mut settings = shared::testing::test_settings(1);
+    settings.schema_registry_url = Some(registry.url.clone());
+    settings.commit_interval = Duration::from_millis(20);
+    settings.ready_stall_after = Duration::from_secs(2);
+    let app = TestApp::spawn_with(settings.clone()).await;
+
+    // Every transaction holding the command aborts while the registry refuses.
+    registry.refusing.store(true, Ordering::SeqCst);
+    let open = open("stalled-1", "Sol", 10);
+    let answer = {
+        let (http, url, body) = (
+            app.http.clone(),
+            app.url.clone(),
+            open.to_json().to_string(),
+        );
+        tokio::spawn(async move { post(&http, &url, body).await })
+    };
+    let ready = |app: &TestApp| {
+        let (http, url) = (app.http.clone(), format!("{}/ready", app.url));
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (status, body) = ready(&app).await;
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never reported stalled: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body["error"]["code"], "Stalled", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("keep failing"), "{message}");
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failing: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("transactions_failing_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the gauge is exported");
+    assert!(failing >= 2.0, "transactions_failing_seconds {failing}");
+
+    // The registry is back: the command commits and the engine is ready again.
+    registry.refusing.store(false, Ordering::SeqCst);
+    // The first answer may have timed out (504) meanwhile; the same command again answers
+    // from the log.
+    let _ = answer.await.unwrap();
+    let (status, body) = app.send(&open).await;
+    assert_eq!((status, body["version"].as_u64()), (200, Some(1)), "{body}");
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, 200, "{body}");
     app.stop().await;
 }

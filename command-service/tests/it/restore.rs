@@ -62,8 +62,20 @@ async fn a_retried_command_gets_its_original_result_after_two_restarts() {
     settings.checkpoint_every = 1; // every change is checkpointed: no event is re-read
     let app = TestApp::spawn_with(settings.clone()).await;
     let opened = open("win-1", "Wim", 500);
-    let too_much = cmd("win-1", Command::Withdraw { amount_minor: 900 });
-    let deposit = cmd("win-1", Command::Deposit { amount_minor: 100 });
+    let too_much = cmd(
+        "win-1",
+        Command::Withdraw {
+            amount_minor: 900,
+            currency: None,
+        },
+    );
+    let deposit = cmd(
+        "win-1",
+        Command::Deposit {
+            amount_minor: 100,
+            currency: None,
+        },
+    );
     let first = (
         app.send(&opened).await,
         app.send(&too_much).await,
@@ -150,14 +162,26 @@ async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
     assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
     assert_eq!(count(restores(&ready), "events"), 30, "{ready}");
     let (s, body) = app
-        .send(&cmd("old-1", Command::Withdraw { amount_minor: 1291 }))
+        .send(&cmd(
+            "old-1",
+            Command::Withdraw {
+                amount_minor: 1291,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!(
         (s, &body["error"]["code"]),
         (422, &Value::from("InsufficientFunds"))
     );
     let (s, body) = app
-        .send(&cmd("old-1", Command::Withdraw { amount_minor: 1290 }))
+        .send(&cmd(
+            "old-1",
+            Command::Withdraw {
+                amount_minor: 1290,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(31)));
     app.stop().await;
@@ -185,7 +209,13 @@ async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
     assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
     assert_eq!(count(restores(&ready), "events"), 31, "{ready}");
     let (s, body) = app
-        .send(&cmd("old-1", Command::Deposit { amount_minor: 5 }))
+        .send(&cmd(
+            "old-1",
+            Command::Deposit {
+                amount_minor: 5,
+                currency: None,
+            },
+        ))
         .await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(32)), "{body}");
     app.stop().await;
@@ -240,4 +270,75 @@ async fn a_second_instance_takes_partitions_without_restoring_the_ones_that_stay
     a.terminate();
     b.terminate();
     verify_store(&settings).await;
+}
+
+#[tokio::test]
+async fn a_restart_reads_only_the_results_after_its_dedupe_store_and_a_lost_store_reads_them_all() {
+    let mut settings = shared::testing::test_settings(2);
+    settings.commit_interval = Duration::from_millis(20);
+    let state = tempfile::tempdir().unwrap();
+    settings.command_state_dir = state.path().to_owned();
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let mut commands = Vec::new();
+    for i in 0..40 {
+        let id = format!("window-{i}");
+        commands.push(open(&id, "Wen", 10));
+        commands.push(cmd(
+            &id,
+            Command::Deposit {
+                amount_minor: 5,
+                currency: None,
+            },
+        ));
+        commands.push(cmd(
+            &id,
+            Command::Withdraw {
+                amount_minor: 500,
+                currency: None,
+            },
+        ));
+    }
+    let mut first = Vec::new();
+    for c in &commands {
+        first.push(app.send(c).await);
+    }
+    app.stop().await;
+
+    // Graceful restart: the store covers every result; only the record at its position is read.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    let read = count(restores(&ready), "results");
+    assert!(
+        read <= 2,
+        "{read} results read for {} commands in the window: {ready}",
+        commands.len()
+    );
+    for (c, answer) in commands.iter().zip(&first) {
+        assert_eq!(&app.send(c).await, answer, "a retry inside the window");
+    }
+    app.stop().await;
+
+    // The store is lost (a new machine): the window is read from the topic, answers unchanged.
+    drop(state);
+    let fresh = tempfile::tempdir().unwrap();
+    settings.command_state_dir = fresh.path().to_owned();
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    assert!(
+        count(restores(&ready), "results") >= commands.len() as u64,
+        "{ready}"
+    );
+    for (c, answer) in commands.iter().zip(&first) {
+        assert_eq!(
+            &app.send(c).await,
+            answer,
+            "a retry after the store was lost"
+        );
+    }
+    app.stop().await;
+    assert_eq!(
+        read_events(&settings).await.len(),
+        80,
+        "nothing appended twice"
+    );
 }

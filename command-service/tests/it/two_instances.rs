@@ -113,3 +113,129 @@ async fn a_second_instance_with_the_same_instance_id_stops_the_first() {
     assert_eq!(s, 200, "{body}");
     b.terminate();
 }
+
+/// Sends `signal` (e.g. "-STOP") to the process.
+fn signal(process: &ServiceProcess, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(process.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal}");
+}
+
+/// Waits until `process` reports owning `partitions`.
+async fn wait_owning(process: &ServiceProcess, partitions: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(ready) = process.ready().await
+            && owned(&ready).len() == partitions
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_writer_frozen_while_idle_and_replaced_never_checkpoints_over_its_replacement() {
+    // One partition; A owns it and is idle with changes no checkpoint covers yet.
+    let settings = shared::testing::test_settings(1);
+    let http = reqwest::Client::new();
+    let mut a = ServiceProcess::start(&settings, "frozen-a", 1000);
+    a.wait_ready().await;
+    let (s, body) = post(
+        &http,
+        &a.url,
+        open("frozen-x", "Xena", 10).to_json().to_string(),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let deposit = cmd(
+        "frozen-x",
+        shared::Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        },
+    );
+    let (s, body) = post(&http, &a.url, deposit.to_json().to_string()).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    let b = ServiceProcess::start(&settings, "frozen-b", 1000);
+    b.wait_ready().await;
+
+    // A freezes past its session; B takes the partition over and appends.
+    signal(&a, "-STOP");
+    wait_owning(&b, 1, "B takes the partition over from the frozen A").await;
+    let (s, body) = post(
+        &http,
+        &b.url,
+        open("frozen-y", "Yuri", 20).to_json().to_string(),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let deposit = cmd(
+        "frozen-x",
+        shared::Command::Deposit {
+            amount_minor: 7,
+            currency: None,
+        },
+    );
+    let (s, body) = post(&http, &b.url, deposit.to_json().to_string()).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
+
+    // A resumes with a stop request pending: its way out checkpoints what it holds as dirty,
+    // before it has heard that it lost the partition.
+    signal(&a, "-TERM");
+    signal(&a, "-CONT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the resumed A stops");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // B dies before its own next checkpoint; a third instance restores (once B's session is
+    // over and the partition is its).
+    b.kill();
+    let c = ServiceProcess::start(&settings, "frozen-c", 1000);
+    wait_owning(&c, 1, "C takes the partition over").await;
+    let (s, body) = post(
+        &http,
+        &c.url,
+        cmd(
+            "frozen-y",
+            shared::Command::Deposit {
+                amount_minor: 1,
+                currency: None,
+            },
+        )
+        .to_json()
+        .to_string(),
+    )
+    .await;
+    assert_eq!(
+        (s, body["version"].as_u64()),
+        (200, Some(2)),
+        "the account B opened is still there: {body}"
+    );
+    let (s, body) = post(
+        &http,
+        &c.url,
+        cmd(
+            "frozen-x",
+            shared::Command::Deposit {
+                amount_minor: 1,
+                currency: None,
+            },
+        )
+        .to_json()
+        .to_string(),
+    )
+    .await;
+    assert_eq!(
+        (s, body["version"].as_u64()),
+        (200, Some(4)),
+        "no version written twice: {body}"
+    );
+    c.terminate();
+    verify_store(&settings).await;
+}

@@ -116,3 +116,66 @@ async fn events_round_trip_through_the_broker_and_the_schema_registry() {
     let plain = EventCodec::json("USD");
     assert!(plain.decode(&bytes).await.is_ok());
 }
+
+#[tokio::test]
+async fn a_transaction_left_open_is_reported_as_hanging_after_the_bound() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use shared::kafka::{SettleError, TransactionWatch};
+    use std::sync::atomic::AtomicBool;
+
+    let settings = test_settings(1);
+    let topic = unique_name("hanging");
+    ensure_topics(
+        &settings.kafka,
+        &[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+            config: vec![],
+        }],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("topic created");
+    let watch = TransactionWatch::new(&settings.kafka).unwrap();
+    let stop = AtomicBool::new(false);
+    let bound = Duration::from_secs(3);
+    assert!(
+        watch.settle(&topic, &[0], &stop, bound).unwrap(),
+        "nothing open: settled at once"
+    );
+
+    // A writer that keeps its transaction open (for longer than the bound, shorter than its
+    // own time-out).
+    let writer: BaseProducer = settings
+        .kafka
+        .producer_config()
+        .set("transactional.id", unique_name("hanging-writer"))
+        .set("transaction.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    writer.init_transactions(Duration::from_secs(30)).unwrap();
+    writer.begin_transaction().unwrap();
+    writer
+        .send(
+            BaseRecord::<[u8], [u8]>::to(&topic)
+                .partition(0)
+                .payload(b"open".as_slice()),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    writer.flush(Duration::from_secs(10)).unwrap();
+
+    let waited = std::time::Instant::now();
+    let error = watch
+        .settle(&topic, &[0], &stop, bound)
+        .expect_err("an open transaction past the bound is an error");
+    assert!(waited.elapsed() >= bound);
+    assert!(matches!(&error, SettleError::Hanging { open, .. } if open[0].0 == 0));
+    let message = error.to_string();
+    assert!(
+        message.contains("find-hanging") && message.contains(&topic),
+        "{message}"
+    );
+    writer.abort_transaction(Duration::from_secs(10)).unwrap();
+    assert!(watch.settle(&topic, &[0], &stop, bound).unwrap());
+}
