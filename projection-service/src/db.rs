@@ -336,12 +336,16 @@ pub struct PartitionOffset {
 }
 
 /// What [`Database::swap_in`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Swap {
     /// The tables are swapped in.
     Done,
     /// Nothing was swapped: the live tables are ahead on a partition.
     LiveAhead(LiveAhead),
+    /// Nothing was swapped: at the same offsets, accounts of the rebuilt tables are behind the
+    /// live ones (the rebuild dead-lettered events the live projection applied): swapping
+    /// would take them back. A few of them, as (account, live version, rebuilt version).
+    AccountsBehind(Vec<(String, i64, Option<i64>)>),
 }
 
 /// A partition on which the live tables are ahead of a rebuild's.
@@ -603,8 +607,9 @@ impl Database {
     }
 
     /// Renames `from` into the live names in one transaction and drops the previous live tables,
-    /// but only if no live offset of `topic` is ahead of `from`'s: else nothing changes and the
-    /// partition that is behind is returned ([`Swap::LiveAhead`]). The check runs under the
+    /// but only if no live offset of `topic` is ahead of `from`'s (else nothing changes and the
+    /// partition that is behind is returned, [`Swap::LiveAhead`]) and no live account is at a
+    /// later version than in `from` (else nothing changes, [`Swap::AccountsBehind`]). The check runs under the
     /// swap's locks (`BEGIN IMMEDIATE` on SQLite, `ACCESS EXCLUSIVE` on PostgreSQL), so the live
     /// projection cannot move between the check and the swap. Readers keep querying by name
     /// and see either the old or the new set, never a mix, and never an older one.
@@ -635,6 +640,17 @@ impl Database {
         if let Some(ahead) = behind.pop() {
             tx.rollback().await?;
             return Ok(Swap::LiveAhead(ahead));
+        }
+        let back: Vec<(String, i64, Option<i64>)> = sqlx::query_as(&format!(
+            "SELECT l.id, l.version, r.version FROM {} l LEFT JOIN {} r ON r.id = l.id
+             WHERE r.id IS NULL OR r.version < l.version ORDER BY l.id LIMIT 5",
+            live.accounts, from.accounts
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        if !back.is_empty() {
+            tx.rollback().await?;
+            return Ok(Swap::AccountsBehind(back));
         }
         for ((old, new), gone) in live.all().iter().zip(from.all()).zip(retired.all()) {
             tx.execute(format!("ALTER TABLE {old} RENAME TO {gone}").as_str())
@@ -1056,12 +1072,21 @@ impl Database {
         rows.iter().map(account_view).collect()
     }
 
-    /// An account's events (envelope JSON text at the current schema version), oldest first.
-    pub(crate) async fn events(&self, id: &str) -> StoreResult<Vec<String>> {
+    /// An account's events (envelope JSON text at the current schema version) after
+    /// `after_version`, oldest first, at most `limit`.
+    pub(crate) async fn events(
+        &self,
+        id: &str,
+        after_version: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT envelope FROM account_events WHERE aggregate_id = $1 ORDER BY version",
+            "SELECT envelope FROM account_events WHERE aggregate_id = $1 AND version > $2
+             ORDER BY version LIMIT $3",
         )
         .bind(id)
+        .bind(i64::try_from(after_version).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?)
     }

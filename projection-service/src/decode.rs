@@ -8,8 +8,11 @@
 //!   restored from backup). Wait and retry for up to `PROJECTION_UNKNOWN_SCHEMA_RETRY`
 //!   (counted from the first failure of that id), each time with a fresh codec, because the
 //!   registry client caches the "not found" answer for good. Only after the bound is the
-//!   message dead-lettered (`SchemaRegistry`); later messages with that id are then
-//!   dead-lettered at once until the service restarts.
+//!   message dead-lettered (`SchemaRegistry`). Later messages with that id (a `bank dlq
+//!   replay` once the schema is registered again, say) ask a fresh codec once more, at most
+//!   every [`RECHECK_EVERY`] per id, and are dead-lettered at once if it still does not know it:
+//!   the documented recovery works without a restart, and a flood of one unknown id costs one
+//!   registry request per interval.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,22 +20,8 @@ use std::time::{Duration, Instant};
 
 use shared::{DecodeError, EventCodec, EventEnvelope, Settings};
 
-/// The environment variable that bounds the wait for an unknown schema id.
-pub const UNKNOWN_SCHEMA_RETRY_VAR: &str = "PROJECTION_UNKNOWN_SCHEMA_RETRY";
-/// Its default.
-pub const UNKNOWN_SCHEMA_RETRY_DEFAULT: Duration = Duration::from_secs(30);
-
-/// `PROJECTION_UNKNOWN_SCHEMA_RETRY` from the environment (a duration such as `30s` or `2m`;
-/// `0s` dead-letters at once), or the default.
-pub fn unknown_schema_retry_from_env() -> Result<Duration, String> {
-    match std::env::var(UNKNOWN_SCHEMA_RETRY_VAR) {
-        Err(_) => Ok(UNKNOWN_SCHEMA_RETRY_DEFAULT),
-        Ok(v) if v.trim().is_empty() => Ok(UNKNOWN_SCHEMA_RETRY_DEFAULT),
-        Ok(v) => humantime::parse_duration(v.trim()).map_err(|e| {
-            format!("{UNKNOWN_SCHEMA_RETRY_VAR}={v:?}: expected a duration like 30s or 2m ({e})")
-        }),
-    }
-}
+/// How often an id given up on is asked again (with a fresh codec) when a message carries it.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// What one decode attempt says.
 #[derive(Debug)]
@@ -56,6 +45,8 @@ pub(crate) struct Decoder {
     unknown_schema_retry: Duration,
     /// Schema ids the registry did not know, since when.
     unknown_since: Mutex<HashMap<u32, Instant>>,
+    /// Schema ids given up on, and when a fresh codec last asked the registry about them.
+    rechecked: Mutex<HashMap<u32, Instant>>,
 }
 
 impl Decoder {
@@ -70,6 +61,7 @@ impl Decoder {
             settings: settings.clone(),
             unknown_schema_retry,
             unknown_since: Mutex::new(HashMap::new()),
+            rechecked: Mutex::new(HashMap::new()),
         }
     }
 
@@ -99,15 +91,43 @@ impl Decoder {
                     error,
                 }
             }
-            result => {
-                if result.is_ok()
-                    && let Some(id) = wire_schema_id(bytes)
-                {
-                    self.lock_unknown().remove(&id);
-                }
-                Verdict::Decoded(result)
+            Err(DecodeError::Registry { schema_id, .. }) if self.recheck_due(schema_id) => {
+                // Given up on before: perhaps registered again since (the documented repair).
+                self.forget_cached_answers();
+                let again = self.codec().decode(bytes).await;
+                self.decoded(bytes, again)
             }
+            result => self.decoded(bytes, result),
         }
+    }
+
+    /// A final answer; a schema id that decodes is no longer waited for nor given up on.
+    fn decoded(&self, bytes: &[u8], result: Result<EventEnvelope, DecodeError>) -> Verdict {
+        if result.is_ok()
+            && let Some(id) = wire_schema_id(bytes)
+        {
+            self.lock_unknown().remove(&id);
+            self.rechecked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        }
+        Verdict::Decoded(result)
+    }
+
+    /// Whether an id given up on may be asked again now (then the time is recorded).
+    fn recheck_due(&self, schema_id: u32) -> bool {
+        let mut rechecked = self
+            .rechecked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let due = rechecked
+            .get(&schema_id)
+            .is_none_or(|at| at.elapsed() >= RECHECK_EVERY);
+        if due {
+            rechecked.insert(schema_id, Instant::now());
+        }
+        due
     }
 
     fn lock_unknown(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Instant>> {

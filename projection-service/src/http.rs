@@ -54,6 +54,8 @@ pub struct AppState {
     pub topic: String,
     /// Reads `<prefix>.events.dlq` back (`GET /dead-letters`).
     pub dead_letters: DeadLetterReader,
+    /// `PROJECTION_STALL_AFTER`: an unmeasured lag this old makes `/ready` answer `Stalled`.
+    pub stall_after: Duration,
 }
 
 /// Every error the API answers with.
@@ -71,6 +73,10 @@ pub enum ApiError {
     /// 503 `NotReady`: the projection has not caught up since start.
     #[error("the projection has not caught up with the event topic yet")]
     NotReady,
+    /// 503 `Stalled`: the lag has not been measured for `PROJECTION_STALL_AFTER` (no
+    /// partition assigned, the watermarks unreadable): events may not be applied.
+    #[error("{0}")]
+    Stalled(String),
     /// 404 `NotFound`: no such route.
     #[error("no such route")]
     NoRoute,
@@ -96,6 +102,7 @@ impl ApiError {
             ApiError::InvalidQuery(_) => ("InvalidQuery", StatusCode::BAD_REQUEST),
             ApiError::NotCaughtUp(_) => ("NotCaughtUp", StatusCode::GATEWAY_TIMEOUT),
             ApiError::NotReady => ("NotReady", StatusCode::SERVICE_UNAVAILABLE),
+            ApiError::Stalled(_) => ("Stalled", StatusCode::SERVICE_UNAVAILABLE),
             ApiError::NoRoute => ("NotFound", StatusCode::NOT_FOUND),
             ApiError::MethodNotAllowed => ("MethodNotAllowed", StatusCode::METHOD_NOT_ALLOWED),
             ApiError::KafkaUnavailable(_) => ("Unavailable", StatusCode::SERVICE_UNAVAILABLE),
@@ -426,6 +433,36 @@ async fn wait_for_version(
 #[derive(Debug, Default, Deserialize)]
 pub struct EventsParams {
     schema_version: Option<String>,
+    limit: Option<String>,
+    after_version: Option<String>,
+}
+
+/// Events per page of `GET /accounts/{id}/events` at most (and by default): a history answers
+/// in bounded time and memory; longer ones are read page by page.
+pub const EVENTS_PAGE_MAX: u32 = 1000;
+
+/// The header naming the `after_version` of the next page, when there is one.
+pub const NEXT_AFTER_VERSION: &str = "next-after-version";
+
+/// A whole number query parameter within `range`, or the error naming it.
+fn number_param<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+    name: &str,
+    text: Option<&str>,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<Option<T>, ApiError> {
+    let Some(text) = text else { return Ok(None) };
+    text.trim()
+        .parse::<T>()
+        .ok()
+        .filter(|v| range.contains(v))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::InvalidQuery(format!(
+                "{name}={text:?} must be a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ))
+        })
 }
 
 /// An event envelope as `GET /accounts/{id}/events` shows it (documentation of
@@ -491,16 +528,22 @@ pub enum AnyEventJson {
     V1(EventJsonV1),
 }
 
-/// `GET /accounts/{id}/events[?schema_version=N]`: a JSON array of envelopes, oldest first.
+/// `GET /accounts/{id}/events[?schema_version=N][&after_version=V][&limit=N]`: a JSON array of
+/// envelopes, oldest first, at most `limit` (default and cap [`EVENTS_PAGE_MAX`]) after version
+/// `after_version`; when more follow, the `next-after-version` header names the next page's
+/// `after_version`.
 #[utoipa::path(
     get,
     path = "/accounts/{id}/events",
     params(
         ("id" = String, Path, description = "Account id"),
         ("schema_version" = Option<u32>, Query, minimum = 1, maximum = 2, description = "Downcast the events to this schema version"),
+        ("after_version" = Option<u64>, Query, minimum = 0, description = "Only the events after this version (default 0: from the first)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Events per page (default and at most 1000)"),
     ),
     responses(
-        (status = 200, description = "The account's events, oldest first", body = Vec<AnyEventJson>),
+        (status = 200, description = "The account's events, oldest first; the `next-after-version` header names the next page's `after_version` when more follow", body = Vec<AnyEventJson>,
+            headers(("next-after-version" = u64, description = "The `after_version` of the next page (absent on the last)"))),
         (status = 400, description = "A bad parameter (`InvalidQuery`)", body = ErrorBody),
         (status = 404, description = "No such account (`AccountNotFound`)", body = ErrorBody),
         (status = 503, description = "The read model is unavailable (`Unavailable`): retry", body = ErrorBody),
@@ -510,9 +553,17 @@ async fn account_events(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<EventsParams>, QueryRejection>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path(id) = id?;
     let Query(params) = params?;
+    let limit = number_param("limit", params.limit.as_deref(), 1..=EVENTS_PAGE_MAX)?
+        .unwrap_or(EVENTS_PAGE_MAX);
+    let after_version = number_param(
+        "after_version",
+        params.after_version.as_deref(),
+        0..=u64::MAX,
+    )?
+    .unwrap_or(0);
     let target = match params.schema_version.as_deref() {
         None => None,
         Some(text) => Some(
@@ -527,34 +578,45 @@ async fn account_events(
                 })?,
         ),
     };
-    let rows = state.db.events(&id).await?;
-    if rows.is_empty() {
+    let mut rows = state.db.events(&id, after_version, limit + 1).await?;
+    if rows.is_empty() && (after_version == 0 || state.db.account(&id).await?.is_none()) {
         return Err(ApiError::AccountNotFound(format!(
             "account {id} does not exist"
         )));
     }
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
     let currency = match target {
         Some(t) if t < CURRENT_SCHEMA_VERSION => state.db.account(&id).await?.map(|a| a.currency),
         _ => None,
     };
-    rows.iter()
+    let envelopes = rows
+        .iter()
         .map(|text| {
-            let envelope: EventEnvelope = serde_json::from_str(text).map_err(|e| {
+            serde_json::from_str::<EventEnvelope>(text).map_err(|e| {
                 tracing::error!(error = %e, %id, "stored envelope unreadable");
                 ApiError::Internal
-            })?;
-            match (target, &currency) {
-                (Some(t), Some(currency)) => {
-                    state.codec.downcast(&envelope, t, currency).map_err(|e| {
-                        tracing::error!(error = %e, %id, "downcast failed");
-                        ApiError::Internal
-                    })
-                }
-                _ => serde_json::to_value(&envelope).map_err(|_| ApiError::Internal),
-            }
+            })
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Json)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = envelopes.last().map(|e| e.version).filter(|_| more);
+    let body = envelopes
+        .iter()
+        .map(|envelope| match (target, &currency) {
+            (Some(t), Some(currency)) => state.codec.downcast(envelope, t, currency).map_err(|e| {
+                tracing::error!(error = %e, %id, "downcast failed");
+                ApiError::Internal
+            }),
+            _ => serde_json::to_value(envelope).map_err(|_| ApiError::Internal),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut response = Json(body).into_response();
+    if let Some(next) = next
+        && let Ok(value) = axum::http::HeaderValue::from_str(&next.to_string())
+    {
+        response.headers_mut().insert(NEXT_AFTER_VERSION, value);
+    }
+    Ok(response)
 }
 
 /// Query parameters of `GET /accounts`.
@@ -671,23 +733,29 @@ async fn health() -> Json<HealthJson> {
 /// `GET /ready`: 200 once the projection caught up with its partitions since start.
 #[utoipa::path(get, path = "/ready", responses(
     (status = 200, description = "Caught up since start", body = ReadyJson),
-    (status = 503, description = "Not caught up yet (`NotReady`)", body = ErrorBody),
+    (status = 503, description = "Not caught up yet (`NotReady`), or the lag unmeasured for `PROJECTION_STALL_AFTER` (`Stalled`: no partition assigned, the watermarks unreadable)", body = ErrorBody),
 ))]
 async fn ready(State(state): State<AppState>) -> Result<Json<ReadyJson>, ApiError> {
-    if state.status.ready.load(Ordering::SeqCst) {
-        Ok(Json(ReadyJson {
+    if !state.status.ready.load(Ordering::SeqCst) {
+        return Err(ApiError::NotReady);
+    }
+    match state.status.stalled(state.stall_after) {
+        Some(reason) => Err(ApiError::Stalled(reason)),
+        None => Ok(Json(ReadyJson {
             status: "ready".into(),
-        }))
-    } else {
-        Err(ApiError::NotReady)
+        })),
     }
 }
 
 /// The body of `GET /status`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StatusJson {
-    /// As `GET /ready`: caught up at least once since start.
+    /// As `GET /ready`: caught up at least once since start, and not stalled.
     pub ready: bool,
+    /// Why the projection may not be applying events (absent when it is): as `Stalled` of
+    /// `GET /ready`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
     /// The events topic.
     pub topic: String,
     /// Lag of each assigned partition (empty before the first assignment).
@@ -720,8 +788,10 @@ async fn status(State(state): State<AppState>) -> Result<Json<StatusJson>, ApiEr
         parked,
     } = state.db.counts().await?;
     let partitions = state.status.lags();
+    let stalled = state.status.stalled(state.stall_after);
     Ok(Json(StatusJson {
-        ready: state.status.ready.load(Ordering::SeqCst),
+        ready: state.status.ready.load(Ordering::SeqCst) && stalled.is_none(),
+        stalled,
         topic: state.topic.clone(),
         lag: partitions.iter().map(|p| p.lag).sum(),
         partitions,

@@ -20,6 +20,7 @@ pub mod db;
 pub mod decode;
 pub(crate) mod dlq;
 pub(crate) mod http;
+pub mod identity;
 pub(crate) mod metrics;
 pub(crate) mod plan;
 pub mod projector;
@@ -67,14 +68,21 @@ pub enum ServiceError {
     /// A setting of this service's own is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The database holds another read model, or could not say which.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// A rebuild's tables would take accounts back (it dead-lettered events the live projection
+    /// applied): nothing was swapped in.
+    #[error(
+        "the rebuild refused to swap its tables in: accounts would go back to an earlier \
+         version (account, live version, rebuilt version): {0:?}; the rebuild dead-lettered \
+         events the live projection applied (a schema the registry lost, stricter checks): see \
+         the dead letters, fix their cause and rebuild again; the live tables are unchanged"
+    )]
+    SwapRefused(Vec<(String, i64, Option<i64>)>),
     /// A rebuild was interrupted (nothing was swapped in).
     #[error("rebuild interrupted before the swap; the live tables are unchanged")]
     Interrupted,
-}
-
-/// The consumer group of the live projection: `<prefix>.projection`.
-pub fn group_id(settings: &Settings) -> String {
-    format!("{}.projection", settings.topic_prefix)
 }
 
 /// Consumer settings shared by the live projection and the rebuild: read_committed, no
@@ -131,14 +139,15 @@ pub async fn run(
     let topic = topics.events();
     ensure_projection_topics(&settings).await?;
     let db = Database::connect(&settings.projection_database_url).await?;
+    let identity = identity::claim(&db, &settings.topic_prefix, &topic).await?;
+    let group = identity.group_id(settings.projection_group_id.as_deref());
     let codec = Arc::new(EventCodec::from_settings(&settings)?);
     let book = Arc::new(OffsetBook::new(db.offsets(&Tables::live(), &topic).await?));
     let status = Arc::new(Status::default());
     let metrics_handle = metrics::handle();
-    let consumer = subscribe(&settings, &topic, &book)?;
+    let consumer = subscribe(&settings, &group, &topic, &book)?;
     let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
-    let unknown_schema_retry =
-        decode::unknown_schema_retry_from_env().map_err(ServiceError::Config)?;
+    let unknown_schema_retry = settings.projection_unknown_schema_retry;
     let projector = Projector::live(
         db.clone(),
         topic.clone(),
@@ -155,9 +164,10 @@ pub async fn run(
         metrics: metrics_handle.clone(),
         topic: topic.clone(),
         dead_letters: dlq::DeadLetterReader::new(settings.kafka.clone(), topics.events_dlq()),
+        stall_after: settings.projection_stall_after,
     });
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, %topic, database = %redact(&settings.projection_database_url), "projection-service started");
+    tracing::info!(%addr, %topic, %group, read_model_id = %identity.read_model_id, database = %redact(&settings.projection_database_url), "projection-service started");
     let server = spawn_server(listener, app, stop.clone());
     let watermarks: Arc<BaseConsumer> = Arc::new(settings.kafka.client_config().create()?);
     let dead_letter_count = tokio::spawn(dlq::count_monitor(
@@ -201,16 +211,16 @@ pub async fn run(
     }
 }
 
-/// The live consumer, a member of [`group_id`], subscribed to `topic`; its partitions are
-/// assigned at the offsets in `book`.
+/// The live consumer, a member of `group` (the read model's, [`identity::Identity::group_id`]),
+/// subscribed to `topic`; its partitions are assigned at the offsets in `book`.
 fn subscribe(
     settings: &Settings,
+    group: &str,
     topic: &str,
     book: &Arc<OffsetBook>,
 ) -> Result<Arc<StreamConsumer<ProjectionContext>>, ServiceError> {
-    let consumer: StreamConsumer<ProjectionContext> =
-        consumer_config(settings, &group_id(settings))
-            .create_with_context(ProjectionContext::new(topic.to_owned(), book.clone()))?;
+    let consumer: StreamConsumer<ProjectionContext> = consumer_config(settings, group)
+        .create_with_context(ProjectionContext::new(topic.to_owned(), book.clone()))?;
     consumer.subscribe(&[topic])?;
     Ok(Arc::new(consumer))
 }

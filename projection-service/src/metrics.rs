@@ -34,6 +34,11 @@ pub const BATCH_MESSAGES: &str = "projection_messages_processed_total";
 pub const REGISTRY_RETRIES: &str = "projection_registry_retries_total";
 /// Counter: batches retried after a transient database or Kafka error.
 pub const RETRIES: &str = "projection_batch_retries_total";
+/// Gauge: seconds since the lag of every needed partition was last measured (grows while no
+/// partition is assigned, the watermarks cannot be read or the monitor is gone).
+pub const LAG_AGE: &str = "projection_lag_age_seconds";
+/// Counter: fresh joins of the consumer group after a long time without partitions.
+pub const REJOINS: &str = "projection_group_rejoins_total";
 
 /// The process-wide Prometheus handle (the recorder `shared::runtime` installs), with this
 /// crate's metrics described.
@@ -46,6 +51,16 @@ pub fn handle() -> PrometheusHandle {
 
 fn describe() {
     metrics::describe_counter!(APPLIED, Unit::Count, "Events applied to the read model");
+    metrics::describe_gauge!(
+        LAG_AGE,
+        Unit::Seconds,
+        "Seconds since the lag of every needed partition was last measured; /ready answers 503 Stalled past PROJECTION_STALL_AFTER"
+    );
+    metrics::describe_counter!(
+        REJOINS,
+        Unit::Count,
+        "Fresh joins of the consumer group after a long time without partitions"
+    );
     metrics::describe_counter!(
         DUPLICATES,
         Unit::Count,
@@ -160,4 +175,14 @@ pub fn record_retry(topic: &str) {
 /// Counts one decode retried because the registry was unreachable.
 pub fn record_registry_retry(topic: &str) {
     metrics::counter!(REGISTRY_RETRIES, "topic" => topic.to_owned()).increment(1);
+}
+
+/// Sets how long ago the lag of every needed partition was last measured.
+pub fn record_lag_age(topic: &str, age: Duration) {
+    metrics::gauge!(LAG_AGE, "topic" => topic.to_owned()).set(age.as_secs_f64());
+}
+
+/// Counts one fresh join of the consumer group after a long time without partitions.
+pub fn record_rejoin(topic: &str) {
+    metrics::counter!(REJOINS, "topic" => topic.to_owned()).increment(1);
 }

@@ -170,6 +170,15 @@ pub(crate) struct Status {
     received: AtomicU64,
     lags: Mutex<Vec<PartitionLag>>,
     dead_letters: Mutex<Option<i64>>,
+    measured: Mutex<Measured>,
+}
+
+/// When the lag of every partition the read model needs was last measured, and what stood in
+/// the way since.
+#[derive(Debug)]
+struct Measured {
+    at: Instant,
+    problem: Option<String>,
 }
 
 impl Default for Status {
@@ -181,6 +190,10 @@ impl Default for Status {
             received: AtomicU64::new(0),
             lags: Mutex::new(Vec::new()),
             dead_letters: Mutex::new(None),
+            measured: Mutex::new(Measured {
+                at: Instant::now(),
+                problem: None,
+            }),
         }
     }
 }
@@ -209,6 +222,49 @@ impl Status {
 
     fn set_lags(&self, lags: Vec<PartitionLag>) {
         *self.lags.lock().unwrap_or_else(PoisonError::into_inner) = lags;
+    }
+
+    /// A monitor round measured the lag of every assigned partition (and some are assigned).
+    fn measured(&self) {
+        let mut measured = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
+        measured.at = Instant::now();
+        measured.problem = None;
+    }
+
+    /// How long ago the lag of every needed partition was last measured.
+    fn lag_age(&self) -> Duration {
+        self.measured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .at
+            .elapsed()
+    }
+
+    /// A monitor round could not measure the lag: why.
+    fn not_measured(&self, problem: String) {
+        self.measured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .problem = Some(problem);
+    }
+
+    /// Why the projection cannot be trusted to be applying events, once the lag has gone
+    /// unmeasured for `after` (no partition assigned, the watermarks unreadable, the monitor
+    /// gone): `Some(reason)`. The gauge `projection_lag_age_seconds` shows the age.
+    pub(crate) fn stalled(&self, after: Duration) -> Option<String> {
+        let measured = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
+        let age = measured.at.elapsed();
+        (age >= after).then(|| {
+            format!(
+                "the lag has not been measured for {}s ({}): the projection may not be \
+                 applying events",
+                age.as_secs(),
+                measured
+                    .problem
+                    .as_deref()
+                    .unwrap_or("the lag monitor stopped")
+            )
+        })
     }
 
     /// Messages in the dead-letter topic (`None` until first counted, see
@@ -871,6 +927,20 @@ impl From<sqlx::Error> for Attempt {
     }
 }
 
+/// A member with no partition for this long leaves its group and joins again.
+const REJOIN_AFTER: Duration = Duration::from_secs(30);
+
+/// Leaves the group and subscribes again: a member that was left out (after a broker restart,
+/// say) gets a fresh join instead of waiting forever.
+fn rejoin<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, topic: &str) {
+    tracing::warn!(%topic, "no partition assigned for a long while: joining the group again");
+    metrics::record_rejoin(topic);
+    consumer.unsubscribe();
+    if let Err(e) = consumer.subscribe(&[topic]) {
+        tracing::error!(%topic, error = %e, "cannot subscribe again");
+    }
+}
+
 /// Every 500 ms: the lag of each assigned partition (last stable offset minus the stored
 /// offset, or the consumer's position when everything it has handed out is committed, which
 /// also steps over transaction markers), the lag gauge, and readiness once all lags are zero.
@@ -891,13 +961,27 @@ pub(crate) async fn monitor(
 ) -> Result<(), ProjectorError> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut committed: HashMap<i32, i64> = HashMap::new();
+    let mut last_rejoin: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait() => return Ok(()),
         }
+        metrics::record_lag_age(&topic, status.lag_age());
         let assignment = book.assignment();
         if !assignment.assigned_once {
+            continue;
+        }
+        if assignment.partitions.is_empty() {
+            // After a broker restart a member can stay out of its group: say so, and join again.
+            status.not_measured("no partition of the events topic is assigned".into());
+            status.set_lags(Vec::new());
+            if status.stalled(REJOIN_AFTER).is_some()
+                && last_rejoin.is_none_or(|at| at.elapsed() >= REJOIN_AFTER)
+            {
+                rejoin(&consumer, &topic);
+                last_rejoin = Some(Instant::now());
+            }
             continue;
         }
         let positions = settled_positions(&consumer, &status);
@@ -916,6 +1000,10 @@ pub(crate) async fn monitor(
         let round = measure_lags(&topic, &book, &stored_before, positions.as_ref(), marks);
         if let Some(beyond) = round.beyond_end {
             return Err(beyond);
+        }
+        match &round.unmeasured {
+            None => status.measured(),
+            Some(problem) => status.not_measured(problem.clone()),
         }
         status.set_lags(round.lags);
         commit_positions(&consumer, &topic, &round.ahead_of_stored, &mut committed);
@@ -985,6 +1073,8 @@ struct LagRound {
     caught_up: bool,
     /// A partition whose stored offset is past its end.
     beyond_end: Option<ProjectorError>,
+    /// Why some partition's lag could not be measured.
+    unmeasured: Option<String>,
 }
 
 /// The lag of each partition from its watermarks, the stored offset and the settled position;
@@ -1002,11 +1092,18 @@ fn measure_lags(
         ahead_of_stored: Vec::new(),
         caught_up: true,
         beyond_end: None,
+        unmeasured: None,
     };
     for PartitionMarks { partition, marks } in marks {
-        let Ok(Watermarks { low, high }) = marks else {
-            round.caught_up = false;
-            continue;
+        let Watermarks { low, high } = match marks {
+            Ok(marks) => marks,
+            Err(e) => {
+                round.caught_up = false;
+                round.unmeasured = Some(format!(
+                    "the end of partition {partition} cannot be read: {e}"
+                ));
+                continue;
+            }
         };
         let before = stored_before.get(&partition).copied().flatten();
         if let Some(stored) = before.filter(|s| *s > high) {

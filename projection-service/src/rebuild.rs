@@ -170,8 +170,8 @@ pub async fn rebuild(
     let partitions = ensure_projection_topics(settings).await?;
     let db = Database::connect(&settings.projection_database_url).await?;
     let codec = Arc::new(EventCodec::from_settings(settings)?);
-    let unknown_schema_retry =
-        crate::decode::unknown_schema_retry_from_env().map_err(ServiceError::Config)?;
+    crate::identity::claim(&db, &settings.topic_prefix, &topic).await?;
+    let unknown_schema_retry = settings.projection_unknown_schema_retry;
     let group = throwaway_group(settings);
     let consumer: Arc<StreamConsumer> = Arc::new(consumer_config(settings, &group).create()?);
     let mut ranges = partition_ranges(&consumer, &topic, partitions).await?;
@@ -218,6 +218,10 @@ pub async fn rebuild(
                     "the live projection is ahead: catching up before the swap"
                 );
                 ranges = partition_ranges(&consumer, &topic, partitions).await?;
+            }
+            Swap::AccountsBehind(accounts) => {
+                let _ = db.recreate_tables(&tables, &tag).await;
+                return Err(ServiceError::SwapRefused(accounts));
             }
         }
     };

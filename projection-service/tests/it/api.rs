@@ -152,3 +152,80 @@ async fn http_contract(backend: Backend) {
     }
     app.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_is_answered_in_pages() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let settings = settings_for(&db);
+    let app = spawn_app(settings.clone()).await;
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let id = ids("paged");
+    let opened = Event::AccountOpened {
+        owner: "Pam".into(),
+        currency: "EUR".into(),
+        initial_balance_minor: 0,
+    };
+    let mut messages = Vec::new();
+    for version in 1..=1205 {
+        let event = if version == 1 {
+            opened.clone()
+        } else {
+            Event::MoneyDeposited { amount_minor: 1 }
+        };
+        let bytes = codec
+            .encode(&writer.topic, &env(&id, version, event))
+            .await
+            .expect("encode");
+        messages.push((id.clone(), bytes));
+    }
+    writer.many(&messages).await;
+    app.wait_version(&id, 1205).await;
+
+    let page = |query: String| {
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/accounts/{id}/events{query}")),
+        );
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            let next = r
+                .headers()
+                .get("next-after-version")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            (
+                r.status().as_u16(),
+                next,
+                r.json::<Vec<serde_json::Value>>().await.unwrap_or_default(),
+            )
+        }
+    };
+    // Without parameters: the first 1000 (the cap), and where the next page starts.
+    let (status, next, events) = page(String::new()).await;
+    assert_eq!((status, next, events.len()), (200, Some(1000), 1000));
+    assert_eq!(events[999]["version"], 1000);
+    let (_, next, events) = page("?after_version=1000".into()).await;
+    assert_eq!((next, events.len()), (None, 205), "the last page");
+    assert_eq!(events[0]["version"], 1001);
+    let (_, next, events) = page("?after_version=10&limit=5".into()).await;
+    assert_eq!((next, events.len()), (Some(15), 5));
+    let (status, _, events) = page("?after_version=1205".into()).await;
+    assert_eq!(
+        (status, events.len()),
+        (200, 0),
+        "after the end: empty, not unknown"
+    );
+    for bad in ["?limit=0", "?limit=1001", "?after_version=-1", "?limit=x"] {
+        let (status, body) = app.get(&format!("/accounts/{id}/events{bad}")).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("InvalidQuery")),
+            "{bad}"
+        );
+    }
+    let (status, _) = app
+        .get(&format!("/accounts/{id}-nobody/events?after_version=3"))
+        .await;
+    assert_eq!(status, 404);
+    app.stop().await.expect("clean stop");
+}

@@ -397,3 +397,94 @@ async fn late_registry(
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}{path}")
 }
+
+/// The documented recovery for schemas a registry lost: once they are registered again, a
+/// dead letter sent back (`bank dlq replay` writes its original bytes to the events topic) is
+/// applied by the running projection, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_event_is_applied_once_its_schema_is_known_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let Some(registry) = shared::testing::schema_registry_url() else {
+        eprintln!("SCHEMA_REGISTRY_URL is not set: the schema-id recovery is not exercised");
+        return;
+    };
+    let db = TestDb::new(Backend::Sqlite).await;
+    let settings = settings_for(&db);
+    let writer = EventWriter::new(&settings).await;
+    let wire = EventCodec::with_registry("USD", &registry).expect("registry codec");
+    let id = ids("relearned");
+    writer.envelope(&wire, &opened(&id, "EUR")).await;
+
+    let knows = Arc::new(AtomicBool::new(false));
+    let mut forgetful = settings.clone();
+    forgetful.schema_registry_url = Some(late_registry(&registry, knows.clone()).await);
+    forgetful.projection_unknown_schema_retry = Duration::from_secs(1);
+    let app = spawn_app(forgetful).await;
+    wait_for(
+        "the event to be dead-lettered",
+        Duration::from_secs(60),
+        || async {
+            (app.metric("projection_events_dead_lettered_total").await >= 1.0).then_some(())
+        },
+    )
+    .await;
+
+    // The schemas are back; the same bytes come again, as a replay sends them (an id given up
+    // on is asked again at most every RECHECK_EVERY: the replay comes later than that after
+    // the dead letter, as a person's would).
+    knows.store(true, Ordering::SeqCst);
+    tokio::time::sleep(projection_service::decode::RECHECK_EVERY).await;
+    writer.envelope(&wire, &opened(&id, "EUR")).await;
+    let account = app.wait_version(&id, 1).await;
+    assert_eq!(account["balance_minor"], 100, "{account}");
+    assert_eq!(
+        app.metric("projection_events_dead_lettered_total").await,
+        1.0,
+        "the replay was not dead-lettered again"
+    );
+    app.stop().await.expect("clean stop");
+}
+
+/// A rebuild whose tables hold an account at an earlier version than the live tables (it
+/// dead-lettered an event the live projection applied) must not be swapped in: the account
+/// would go back a version and then wait behind a gap for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_that_would_take_an_account_back_is_refused() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let settings = settings_for(&db);
+    let app = spawn_app(settings.clone()).await;
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let (ahead, other) = (ids("ahead"), ids("other"));
+    for id in [&ahead, &other] {
+        writer.envelope(&codec, &opened(id, "EUR")).await;
+        writer.envelope(&codec, &deposit(id, 2, 5)).await;
+        app.wait_version(id, 2).await;
+    }
+    app.stop().await.expect("clean stop");
+    // The live model holds a version the events topic no longer gives a rebuild.
+    let store = db.open().await;
+    sqlx::query("UPDATE accounts SET version = 3 WHERE id = $1")
+        .bind(&ahead)
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+    let refused = projection_service::rebuild::rebuild(
+        &settings,
+        projection_service::rebuild::Progress::Quiet,
+        std::future::pending(),
+    )
+    .await
+    .expect_err("the swap is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains(&ahead) && !message.contains(&other),
+        "{message}"
+    );
+    let model = read_model(&store).await;
+    assert_eq!(model[&ahead].version, 3, "the live tables are unchanged");
+    store.close().await;
+}

@@ -30,5 +30,6 @@ mod delivery;
 mod explorer;
 mod hardening;
 mod helpers;
+mod identity;
 mod projection;
 mod rebuild;
