@@ -70,6 +70,7 @@ impl Projection {
 
     /// `GET /accounts/{id}` with the query's parameters.
     pub async fn account(&self, id: &str, query: &AccountQuery) -> Result<Value, CliError> {
+        askable(id)?;
         let mut params = Vec::new();
         if let Some(t) = &query.as_of {
             params.push(("as_of", t.clone()));
@@ -83,9 +84,28 @@ impl Projection {
         self.get(&["accounts", id], &params).await
     }
 
-    /// `GET /accounts/{id}/events`: the account's event envelopes, oldest first.
+    /// `GET /accounts/{id}/events`: the account's event envelopes, oldest first, every page
+    /// (the projection answers at most 1000 per request and names the next page in the
+    /// `next-after-version` header).
     pub async fn events(&self, id: &str) -> Result<Value, CliError> {
-        self.get(&["accounts", id, "events"], &[]).await
+        askable(id)?;
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let params: Vec<(&str, String)> =
+                after.iter().map(|a| ("after_version", a.clone())).collect();
+            let (page, next) = self
+                .get_with_header(&["accounts", id, "events"], &params, "next-after-version")
+                .await?;
+            match page {
+                Value::Array(events) => all.extend(events),
+                other => return Ok(other),
+            }
+            match next {
+                Some(next) if after.as_deref() != Some(next.as_str()) => after = Some(next),
+                _ => return Ok(Value::Array(all)),
+            }
+        }
     }
 
     /// `GET /accounts?...`: `{"accounts": [...], "next": ...}`.
@@ -117,6 +137,16 @@ impl Projection {
     }
 
     async fn get(&self, segments: &[&str], params: &[(&str, String)]) -> Result<Value, CliError> {
+        Ok(self.get_with_header(segments, params, "").await?.0)
+    }
+
+    /// [`Projection::get`], with the value of the answer's `header` (if any).
+    async fn get_with_header(
+        &self,
+        segments: &[&str],
+        params: &[(&str, String)],
+        header: &str,
+    ) -> Result<(Value, Option<String>), CliError> {
         let mut url = self.url(segments);
         if !params.is_empty() {
             url.query_pairs_mut().extend_pairs(params);
@@ -128,8 +158,13 @@ impl Projection {
             .await
             .map_err(|e| self.unreachable(&e))?;
         let status = response.status();
+        let value = response
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = response.bytes().await.map_err(|e| self.unreachable(&e))?;
-        classify(self.base.as_str(), status, &body)
+        Ok((classify(self.base.as_str(), status, &body)?, value))
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> CliError {
@@ -204,9 +239,42 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// An id that can be one path segment: `.` and `..` cannot (URLs resolve them, even
+/// percent-encoded, so the request would name another resource, the account list).
+fn askable(id: &str) -> Result<(), CliError> {
+    if matches!(id, "." | "..") {
+        return Err(CliError::Usage(format!(
+            "the account id `{id}` cannot be asked for over HTTP (a URL resolves it as a dot \
+             segment)"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn dot_segment_ids_are_refused_not_resolved_to_the_list() {
+        let p = projection("http://127.0.0.1:1");
+        for id in [".", ".."] {
+            let refused = p.account(id, &AccountQuery::default()).await;
+            assert!(
+                matches!(refused, Err(CliError::Usage(_))),
+                "{id}: {refused:?}"
+            );
+            let refused = p.events(id).await;
+            assert!(
+                matches!(refused, Err(CliError::Usage(_))),
+                "{id}: {refused:?}"
+            );
+        }
+        assert!(
+            matches!(p.events("...").await, Err(CliError::Unavailable(_))),
+            "three dots are an ordinary segment (asked, and the closed port answers)"
+        );
+    }
 
     fn projection(base: &str) -> Projection {
         Projection::new(base, Duration::from_secs(1)).unwrap()

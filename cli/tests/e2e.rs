@@ -526,6 +526,12 @@ fn bad_input_is_refused_before_sending() {
             "more than 2 decimal places",
         ),
         (&["withdraw", "acc-1", "abc"][..], "is not a number"),
+        (
+            &["deposit", "acc-1", "1e3", "--currency", "EUR"][..],
+            "exponent",
+        ),
+        (&["get", ".."][..], "dot"),
+        (&["history", "."][..], "dot"),
         (&["deposit", "acc-1", "0"][..], "more than zero"),
         (
             &["withdraw", "acc-1", "-5", "--currency", "USD"][..],

@@ -28,10 +28,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use compact_str::CompactString;
 use rdkafka::Offset;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use shared::codec::{header, header_str};
-use shared::envelope::{Checkpoint, Snapshot};
+use shared::envelope::{Checkpoint, Quarantined, Snapshot, record_fingerprint};
 use shared::kafka::{SettleError, TopicReader, Topics, TransactionWatch, canonical_partition};
 use shared::{BankAccount, CommandResult, EventCodec, Settings};
 
@@ -105,9 +106,14 @@ pub fn restore(
     // Opened together so that their connections and offset look-ups overlap.
     let checkpoint_reader = reader.open_whole(&reader.topics.command_checkpoints())?;
     let snapshot_reader = reader.open_whole(&reader.topics.snapshots())?;
-    let checkpoints = reader.checkpoints(checkpoint_reader)?;
+    let mut checkpoints = reader.checkpoints(checkpoint_reader)?;
     let mut snapshots = reader.snapshots(snapshot_reader)?;
     restored.stats.snapshots = snapshots.read;
+    for (p, why) in reader.repaired(&checkpoints)? {
+        // The store changed under a quarantine (the documented repair): read it all again.
+        tracing::info!(partition = p, %why, "a quarantined record changed: the partition is read again from its first event");
+        checkpoints.remove(&p);
+    }
 
     let starts = usable_checkpoints(partitions, &checkpoints, &snapshots);
     let mut states = seed_states(&starts, &mut snapshots);
@@ -171,7 +177,7 @@ fn seed_states(
             let mut state = snapshots.seed(*p);
             if let Some(c) = checkpoint {
                 for q in &c.quarantined {
-                    state.quarantine(&q.aggregate_id, q.offset, q.reason.clone());
+                    state.quarantine(&q.aggregate_id, q.offset, q.reason.clone(), q.fingerprint);
                 }
                 // Older checkpoints lack the floor; their time is after every event they cover.
                 state.saw_event_at(c.last_event_at.unwrap_or(c.taken_at));
@@ -292,7 +298,8 @@ impl Tail {
                 reason,
             } => {
                 m::restore_unreadable("event");
-                state.quarantine(&aggregate_id, msg.offset(), reason);
+                let fingerprint = record_fingerprint(msg.key(), msg.payload());
+                state.quarantine(&aggregate_id, msg.offset(), reason, Some(fingerprint));
             }
             Folded::Unreadable {
                 aggregate_id: None,
@@ -515,6 +522,55 @@ impl<'a> Reader<'a> {
         Ok(tails)
     }
 
+    /// The partitions (with why) whose checkpoint quarantines an aggregate for a record that is
+    /// no longer the one it saw: missing, or with another fingerprint. Quarantines from before
+    /// fingerprints were recorded are kept as they are.
+    fn repaired(
+        &self,
+        checkpoints: &HashMap<i32, Checkpoint>,
+    ) -> Result<Vec<(i32, String)>, RestoreError> {
+        let checked: Vec<(i32, &Quarantined)> = checkpoints
+            .iter()
+            .flat_map(|(p, c)| c.quarantined.iter().map(move |q| (*p, q)))
+            .filter(|(_, q)| q.fingerprint.is_some())
+            .collect();
+        if checked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let topic = self.topics.events();
+        let kafka = |source| RestoreError::Kafka {
+            topic: topic.clone(),
+            source,
+        };
+        let consumer: BaseConsumer = self
+            .settings
+            .kafka
+            .client_config()
+            .set("group.id", &self.group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(kafka)?;
+        let mut repaired = Vec::new();
+        for (p, q) in checked {
+            if repaired.iter().any(|(r, _)| *r == p) {
+                continue;
+            }
+            let found = record_at(&consumer, &topic, p, q.offset).map_err(kafka)?;
+            if found != q.fingerprint {
+                repaired.push((
+                    p,
+                    format!(
+                        "the record of {} at offset {} is not the unreadable one any more",
+                        q.aggregate_id, q.offset
+                    ),
+                ));
+            }
+        }
+        Ok(repaired)
+    }
+
     /// Brings the dedupe store up to the end of each partition's results: from just before the
     /// store's changelog position (the record there must be the one the store saw: else the
     /// topic is another incarnation, or the store too old, and the partition is read again from
@@ -647,6 +703,38 @@ impl<'a> Reader<'a> {
         stale.extend(checks.keys().filter(|p| !verified.contains(*p)));
         Ok((read, stale))
     }
+}
+
+/// The fingerprint of the record at `offset` of the partition, `None` if there is none (the
+/// partition ends before it, or begins after it).
+fn record_at(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Option<u32>, KafkaError> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(msg)) if msg.offset() == offset => {
+                return Ok(Some(record_fingerprint(msg.key(), msg.payload())));
+            }
+            // Another offset first (the record is gone), or the end: no such record.
+            Some(Ok(_))
+            | Some(Err(
+                KafkaError::PartitionEOF(_)
+                | KafkaError::MessageConsumption(rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
+            )) => return Ok(None),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Err(KafkaError::MessageConsumption(
+        rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
+    ))
 }
 
 /// Whether the event keyed `id` is not this partition's to fold: its aggregate lives on

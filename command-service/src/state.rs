@@ -77,8 +77,15 @@ impl PartitionState {
             .count() as u64
     }
 
-    /// Sets an aggregate aside (the first unreadable record of it is the one reported).
-    pub fn quarantine(&mut self, aggregate_id: &str, offset: i64, reason: String) {
+    /// Sets an aggregate aside (the first unreadable record of it is the one reported, with its
+    /// fingerprint, so that a restore can tell when the record was repaired).
+    pub fn quarantine(
+        &mut self,
+        aggregate_id: &str,
+        offset: i64,
+        reason: String,
+        fingerprint: Option<u32>,
+    ) {
         if !self.quarantined.contains_key(aggregate_id) {
             tracing::error!(aggregate_id, offset, %reason, "unreadable event: the aggregate is unavailable until the record is repaired");
             self.quarantined.insert(
@@ -87,6 +94,7 @@ impl PartitionState {
                     aggregate_id: aggregate_id.to_owned(),
                     offset,
                     reason,
+                    fingerprint,
                 },
             );
         }

@@ -347,4 +347,19 @@ pub struct Quarantined {
     pub offset: i64,
     /// What is wrong with that record.
     pub reason: String,
+    /// [`record_fingerprint`] of that record: a restore that finds another record there (the
+    /// store was repaired) lifts the quarantine by reading the partition again. Absent in
+    /// checkpoints written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<u32>,
+}
+
+/// A fingerprint of a record's key and value (murmur2), to tell whether the record at an offset
+/// is still the one seen before.
+pub fn record_fingerprint(key: Option<&[u8]>, value: Option<&[u8]>) -> u32 {
+    let key_hash = murmur2::murmur2(key.unwrap_or_default(), murmur2::KAFKA_SEED);
+    murmur2::murmur2(
+        value.unwrap_or_default(),
+        key_hash ^ u32::from(key.is_some()),
+    )
 }

@@ -13,6 +13,10 @@ use super::transactions::Record;
 use super::{Engine, EngineConsumer, TakenCheckpoint, TxnError};
 use crate::state::PartitionState;
 
+/// At most this many quarantined aggregates are listed in a checkpoint (about 150 B each: the
+/// record stays far below the producer's 1 MB limit).
+pub const MAX_QUARANTINED: usize = 1000;
+
 /// A checkpoint ready to be produced: the snapshots (aggregate id, JSON) and the record.
 struct Prepared {
     snapshots: Vec<(String, Vec<u8>)>,
@@ -78,9 +82,24 @@ impl Engine {
     }
 
     /// Takes the partition's checkpoint bookkeeping into the open transaction (given back if it
-    /// aborts) and prepares the checkpoint at `end`.
+    /// aborts) and prepares the checkpoint at `end`. A partition with more quarantined
+    /// aggregates than a checkpoint record can list ([`MAX_QUARANTINED`]) is not checkpointed:
+    /// its restores read the events since its last checkpoint instead (slower, never wrong).
     fn take_checkpoint(&mut self, partition: i32, end: i64) -> Option<Prepared> {
         let (state, txn) = (self.partitions.get_mut(&partition)?, self.txn.as_mut()?);
+        if state.quarantined.len() > MAX_QUARANTINED {
+            tracing::error!(
+                partition,
+                quarantined = state.quarantined.len(),
+                "too many unreadable aggregates to list in a checkpoint: the partition is not \
+                 checkpointed until the store is repaired (its restores read more events)"
+            );
+            state.dirty.clear();
+            state.events_since_checkpoint = 0;
+            state.needs_checkpoint = false;
+            state.last_checkpoint = Instant::now();
+            return None;
+        }
         let taken = TakenCheckpoint {
             partition,
             dirty: std::mem::take(&mut state.dirty),

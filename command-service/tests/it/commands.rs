@@ -650,3 +650,77 @@ async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() 
     assert_eq!(s, 200);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_quarantine_lifts_once_the_store_is_repaired() {
+    let mut settings = shared::testing::test_settings(1);
+    settings.commit_interval = Duration::from_millis(20);
+    let topics = Topics::new(&settings.topic_prefix);
+    shared::kafka::ensure_topics(
+        &settings.kafka,
+        &command_service::topic_specs(&settings),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    // An account, then an unreadable record of it: quarantined; a checkpoint lists it.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, _) = app.send(&open("mended", "Mia", 10)).await;
+    assert_eq!(s, 200);
+    app.stop().await;
+    produce_to(&settings, &topics.events(), "mended", b"not an event", 0).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let deposit = cmd(
+        "mended",
+        Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        },
+    );
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("AggregateUnavailable"))
+    );
+    app.stop().await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("AggregateUnavailable")),
+        "the unchanged store keeps the quarantine across a restart from the checkpoint"
+    );
+    app.stop().await;
+
+    // The documented repair: the events partition restored from a backup without the bad
+    // record, the command-service's other topics kept as they were.
+    let mut repaired = shared::testing::test_settings(1);
+    repaired.commit_interval = Duration::from_millis(20);
+    repaired.instance_id = settings.instance_id.clone();
+    shared::kafka::ensure_topics(
+        &repaired.kafka,
+        &command_service::topic_specs(&repaired),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    copy_topic(&settings, &repaired, Topics::events, |m| {
+        m.payload() == Some(b"not an event".as_slice())
+    })
+    .await;
+    for topic in [
+        Topics::snapshots,
+        Topics::command_checkpoints,
+        Topics::command_results,
+    ] {
+        copy_topic(&settings, &repaired, topic, |_| false).await;
+    }
+    let app = TestApp::spawn_with(repaired.clone()).await;
+    assert!(
+        app.ready_json().await["restores"]["quarantined_aggregates"] == 0,
+        "the quarantine is lifted"
+    );
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    app.stop().await;
+}

@@ -453,3 +453,39 @@ pub async fn produce_and_wait(settings: &Settings, commands: &[CommandMessage]) 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Copies every record of one of `from`'s topics (named by `topic`) to the same topic of `to`,
+/// partition for partition with keys, values, headers and timestamps, leaving out those `skip`
+/// names: the way an operator restores a topic from a backup.
+pub async fn copy_topic(
+    from: &Settings,
+    to: &Settings,
+    topic: impl Fn(&Topics) -> String,
+    skip: impl Fn(&OwnedMessage) -> bool,
+) {
+    let target = topic(&Topics::new(&to.topic_prefix));
+    let producer = producer(to);
+    for m in read_topic(from, &topic(&Topics::new(&from.topic_prefix))) {
+        if skip(&m) {
+            continue;
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&target).partition(m.partition());
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(v) = m.payload() {
+            record = record.payload(v);
+        }
+        if let Some(h) = m.headers() {
+            record = record.headers(h.clone());
+        }
+        if let Some(ts) = m.timestamp().to_millis() {
+            record = record.timestamp(ts);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
