@@ -260,7 +260,9 @@ impl Bench {
             .iter()
             .filter(|r| r.status == shared::CommandStatus::Accepted)
             .count();
-        service.stop();
+        // SIGKILL, as the restarts after it: both histories' restarts start from the same kind of
+        // end (no checkpoint at a goodbye).
+        service.kill();
         let topics = Topics::new(&self.prefix);
         let produced: usize = [
             topics.events(),
@@ -799,7 +801,11 @@ async fn latency_run(
         &[("INSTANCE_ID", "bench-latency")],
     )?;
     command.wait_ready(Duration::from_secs(120)).await?;
-    let sqlite = format!("sqlite://{}", dir.join("latency.db").display());
+    // A database of this prefix's own: one read model per database.
+    let sqlite = format!(
+        "sqlite://{}",
+        dir.join(format!("latency-{prefix}.db")).display()
+    );
     let projection = Service::start(
         &args.bin_dir,
         "projection-service",
@@ -967,10 +973,20 @@ fn dedupe_store_bytes(vars: &[(String, String)], instance: &str) -> u64 {
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    let path = std::path::Path::new(&var("COMMAND_STATE_DIR"))
-        .join(var("TOPIC_PREFIX"))
-        .join(format!("{instance}.redb"));
-    std::fs::metadata(path).map_or(0, |m| m.len())
+    // `<dir>/<cluster id>/<prefix>/<instance>.redb`: the bench's broker is the one cluster.
+    let Ok(clusters) = std::fs::read_dir(var("COMMAND_STATE_DIR")) else {
+        return 0;
+    };
+    clusters
+        .flatten()
+        .map(|c| {
+            c.path()
+                .join(var("TOPIC_PREFIX"))
+                .join(format!("{instance}.redb"))
+        })
+        .filter_map(|path| std::fs::metadata(path).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 impl Drop for Service {

@@ -4,8 +4,8 @@
 //!
 //! Each entry is a command id and where its result is: the offset of its record on the
 //! partition's results topic (read back for the rare duplicate). Entries live in an embedded
-//! B-tree file ([`redb`]), one per instance and prefix (`<COMMAND_STATE_DIR>/<prefix>/
-//! <INSTANCE_ID>.redb`), with a bounded page cache: the memory of the window does not grow with
+//! B-tree file ([`redb`]), one per cluster, prefix and instance (`<COMMAND_STATE_DIR>/
+//! <cluster id>/<prefix>/<INSTANCE_ID>.redb`), with a bounded page cache: the memory of the window does not grow with
 //! the commands in it, and neither does a restart's reading, which starts where the file's
 //! changelog offset says. A partition new to this instance (or whose file is gone or belongs to
 //! another incarnation of the topic) reads the whole window from the results topic, into the
@@ -36,10 +36,10 @@ const BY_TIME: TableDefinition<(i32, i64, u128), ()> = TableDefinition::new("by_
 const CHANGELOG: TableDefinition<i32, (i64, u128)> = TableDefinition::new("changelog");
 
 /// The page cache: what the window costs in memory at most, whatever its size.
-const CACHE_BYTES: usize = 16 << 20;
+const CACHE_BYTES: usize = 8 << 20;
 /// How often the writes are made durable (a crash loses at most this much, which the next
 /// restore reads again from the results topic).
-const DURABLE_EVERY: Duration = Duration::from_secs(5);
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// How often expired entries are removed, and at most how many at a time.
 const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 const EXPIRE_BATCH: usize = 50_000;
@@ -118,9 +118,12 @@ fn key(partition: i32, id: Uuid) -> (i32, u128) {
 }
 
 impl DedupeStore {
-    /// The store file of this instance and prefix under `dir`.
-    pub fn path(dir: &Path, prefix: &str, instance_id: &str) -> PathBuf {
-        dir.join(prefix).join(format!("{instance_id}.redb"))
+    /// The store file of this instance and prefix of the Kafka cluster `cluster_id` under `dir`
+    /// (a new cluster with the same topic names is never mistaken for the old one).
+    pub fn path(dir: &Path, cluster_id: &str, prefix: &str, instance_id: &str) -> PathBuf {
+        dir.join(cluster_id)
+            .join(prefix)
+            .join(format!("{instance_id}.redb"))
     }
 
     /// Opens (or creates) the store at `path`, waiting a little for another process that holds
@@ -221,7 +224,18 @@ impl DedupeStore {
         entries: Vec<Entry>,
         positions: &HashMap<i32, Position>,
     ) -> Result<(), StoreError> {
-        let durable = {
+        self.record_with(entries, positions, false)
+    }
+
+    /// [`DedupeStore::record`], durable at once when `durable` (a restore's batches: memory
+    /// stays bounded however much it reads).
+    pub fn record_with(
+        &self,
+        entries: Vec<Entry>,
+        positions: &HashMap<i32, Position>,
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        let durable = durable || {
             let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
             let due = timers.durable.elapsed() >= DURABLE_EVERY;
             if due {
@@ -400,7 +414,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, DedupeStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = DedupeStore::open(&DedupeStore::path(dir.path(), "p", "i")).unwrap();
+        let store = DedupeStore::open(&DedupeStore::path(dir.path(), "c", "p", "i")).unwrap();
         (dir, store)
     }
 
@@ -431,7 +445,7 @@ mod tests {
         assert_eq!(store.get(1, a).unwrap(), None, "entries are per partition");
         assert_eq!(store.len(), 2);
         drop(store);
-        let store = DedupeStore::open(&DedupeStore::path(dir.path(), "p", "i")).unwrap();
+        let store = DedupeStore::open(&DedupeStore::path(dir.path(), "c", "p", "i")).unwrap();
         assert_eq!(store.get(1, b).unwrap(), Some(ResultRef::At(7)));
         assert_eq!(store.position(0).unwrap(), Some(position));
         assert_eq!(store.position(1).unwrap(), None);
@@ -476,7 +490,7 @@ mod tests {
     #[test]
     fn a_store_held_by_another_handle_gives_a_file_of_its_own_deleted_at_close() {
         let (dir, held) = store();
-        let path = DedupeStore::path(dir.path(), "p", "i");
+        let path = DedupeStore::path(dir.path(), "c", "p", "i");
         let own = DedupeStore::open(&path).unwrap();
         assert!(own.ephemeral, "the held file is not shared");
         assert_ne!(own.path, path);

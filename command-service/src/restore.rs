@@ -690,7 +690,7 @@ impl<'a> Reader<'a> {
                 None => {}
             }
             if batch.len() >= BATCH
-                && let Err(e) = dedupe.record(std::mem::take(&mut batch), &positions)
+                && let Err(e) = dedupe.record_with(std::mem::take(&mut batch), &positions, true)
             {
                 failed = Some(e);
             }
@@ -698,7 +698,7 @@ impl<'a> Reader<'a> {
         if let Some(e) = failed {
             return Err(e.into());
         }
-        dedupe.record(batch, &positions)?;
+        dedupe.record_with(batch, &positions, true)?;
         // A checked partition of which nothing came: the record it names is gone.
         stale.extend(checks.keys().filter(|p| !verified.contains(*p)));
         Ok((read, stale))

@@ -470,8 +470,17 @@ impl Engine {
                 what: "offsets client",
                 source,
             })?;
+        let cluster_id = producer
+            .client()
+            .fetch_cluster_id(Duration::from_secs(30))
+            .ok_or_else(|| {
+                EngineError::Fatal(
+                    "cannot learn the Kafka cluster's id (for the dedupe store's path)".into(),
+                )
+            })?;
         let dedupe_path = DedupeStore::path(
             &settings.command_state_dir,
+            &cluster_id,
             &settings.topic_prefix,
             &settings.instance_id,
         );

@@ -558,16 +558,8 @@ fn id_on(prefix: &str, partition: i32, partitions: i32) -> String {
 
 #[tokio::test]
 async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() {
-    let mut settings = shared::testing::test_settings(2);
-    settings.commit_interval = Duration::from_millis(20);
+    let settings = settings_with_topics(2).await;
     let topics = Topics::new(&settings.topic_prefix);
-    shared::kafka::ensure_topics(
-        &settings.kafka,
-        &command_service::topic_specs(&settings),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
     let garbage = id_on("garbage", 0, 2);
     let legacy = id_on("legacy", 0, 2);
     let neighbour = id_on("neighbour", 0, 2);
@@ -653,16 +645,8 @@ async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() 
 
 #[tokio::test]
 async fn a_quarantine_lifts_once_the_store_is_repaired() {
-    let mut settings = shared::testing::test_settings(1);
-    settings.commit_interval = Duration::from_millis(20);
+    let settings = settings_with_topics(1).await;
     let topics = Topics::new(&settings.topic_prefix);
-    shared::kafka::ensure_topics(
-        &settings.kafka,
-        &command_service::topic_specs(&settings),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
     // An account, then an unreadable record of it: quarantined; a checkpoint lists it.
     let app = TestApp::spawn_with(settings.clone()).await;
     let (s, _) = app.send(&open("mended", "Mia", 10)).await;
@@ -694,16 +678,8 @@ async fn a_quarantine_lifts_once_the_store_is_repaired() {
 
     // The documented repair: the events partition restored from a backup without the bad
     // record, the command-service's other topics kept as they were.
-    let mut repaired = shared::testing::test_settings(1);
-    repaired.commit_interval = Duration::from_millis(20);
+    let mut repaired = settings_with_topics(1).await;
     repaired.instance_id = settings.instance_id.clone();
-    shared::kafka::ensure_topics(
-        &repaired.kafka,
-        &command_service::topic_specs(&repaired),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
     copy_topic(&settings, &repaired, Topics::events, |m| {
         m.payload() == Some(b"not an event".as_slice())
     })

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::producer::{BaseProducer, Producer};
 use shared::kafka::{Topics, canonical_partition};
-use shared::{Command, Event, EventEnvelope};
+use shared::{Command, CommandMessage, Event, EventEnvelope, Settings};
 
 use crate::helpers::*;
 use crate::proxy::{END_TXN, INIT_PRODUCER_ID, LossyProxy, OFFSET_FETCH};
@@ -289,29 +289,47 @@ impl FlakyRegistry {
     }
 }
 
-#[tokio::test]
-async fn a_registry_refusing_for_a_while_delays_commands_but_never_rejects_them() {
+/// A command-service on a fresh prefix whose registry is a [`FlakyRegistry`] in front of the
+/// real one (settings changed by `adjust` first); `None` (said on stderr) without a registry.
+async fn behind_a_flaky_registry(
+    adjust: impl FnOnce(&mut Settings),
+) -> Option<(FlakyRegistry, Settings, TestApp)> {
     let Some(upstream) = shared::testing::schema_registry_url() else {
         eprintln!("SCHEMA_REGISTRY_URL is not set: the registry path is not exercised");
-        return;
+        return None;
     };
     let registry = FlakyRegistry::start(upstream).await;
     let mut settings = shared::testing::test_settings(1);
     settings.schema_registry_url = Some(registry.url.clone());
     settings.commit_interval = Duration::from_millis(20);
+    adjust(&mut settings);
     let app = TestApp::spawn_with(settings.clone()).await;
+    Some((registry, settings, app))
+}
 
-    // A restarted registry with in-memory storage answers 404 until the schemas are back.
+/// Makes the registry refuse, then POSTs `command` in the background: its answer.
+fn send_while_refused(
+    registry: &FlakyRegistry,
+    app: &TestApp,
+    command: &CommandMessage,
+) -> tokio::task::JoinHandle<(u16, serde_json::Value)> {
     registry.refusing.store(true, Ordering::SeqCst);
-    let open = open("flaky-1", "Fay", 10);
-    let answer = {
-        let (http, url, body) = (
-            app.http.clone(),
-            app.url.clone(),
-            open.to_json().to_string(),
-        );
-        tokio::spawn(async move { post(&http, &url, body).await })
+    let (http, url, body) = (
+        app.http.clone(),
+        app.url.clone(),
+        command.to_json().to_string(),
+    );
+    tokio::spawn(async move { post(&http, &url, body).await })
+}
+
+#[tokio::test]
+async fn a_registry_refusing_for_a_while_delays_commands_but_never_rejects_them() {
+    let Some((registry, settings, app)) = behind_a_flaky_registry(|_| {}).await else {
+        return;
     };
+    // A restarted registry with in-memory storage answers 404 until the schemas are back.
+    let open = open("flaky-1", "Fay", 10);
+    let answer = send_while_refused(&registry, &app, &open);
     let deadline = Instant::now() + Duration::from_secs(30);
     while registry.refused.load(Ordering::SeqCst) < 2 {
         assert!(
@@ -337,28 +355,13 @@ async fn a_registry_refusing_for_a_while_delays_commands_but_never_rejects_them(
 
 #[tokio::test]
 async fn an_engine_whose_transactions_keep_failing_reports_itself_stalled_until_one_commits() {
-    let Some(upstream) = shared::testing::schema_registry_url() else {
-        eprintln!("SCHEMA_REGISTRY_URL is not set: the registry path is not exercised");
+    let stalled = |s: &mut Settings| s.ready_stall_after = Duration::from_secs(2);
+    let Some((registry, _, app)) = behind_a_flaky_registry(stalled).await else {
         return;
     };
-    let registry = FlakyRegistry::start(upstream).await;
-    let mut settings = shared::testing::test_settings(1);
-    settings.schema_registry_url = Some(registry.url.clone());
-    settings.commit_interval = Duration::from_millis(20);
-    settings.ready_stall_after = Duration::from_secs(2);
-    let app = TestApp::spawn_with(settings.clone()).await;
-
     // Every transaction holding the command aborts while the registry refuses.
-    registry.refusing.store(true, Ordering::SeqCst);
     let open = open("stalled-1", "Sol", 10);
-    let answer = {
-        let (http, url, body) = (
-            app.http.clone(),
-            app.url.clone(),
-            open.to_json().to_string(),
-        );
-        tokio::spawn(async move { post(&http, &url, body).await })
-    };
+    let answer = send_while_refused(&registry, &app, &open);
     let ready = |app: &TestApp| {
         let (http, url) = (app.http.clone(), format!("{}/ready", app.url));
         async move {

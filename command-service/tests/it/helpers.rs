@@ -489,3 +489,18 @@ pub async fn copy_topic(
             .unwrap();
     }
 }
+
+/// Test settings on a fresh prefix (`partitions`, 20 ms commits) whose topics exist already, as
+/// the service creates them: for writing to them before the service starts.
+pub async fn settings_with_topics(partitions: i32) -> Settings {
+    let mut settings = shared::testing::test_settings(partitions);
+    settings.commit_interval = Duration::from_millis(20);
+    shared::kafka::ensure_topics(
+        &settings.kafka,
+        &command_service::topic_specs(&settings),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    settings
+}

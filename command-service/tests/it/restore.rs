@@ -145,15 +145,7 @@ async fn write_old_store(settings: &Settings, id: &str, deposits: u64) {
 
 #[tokio::test]
 async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
-    let mut settings = shared::testing::test_settings(1);
-    settings.commit_interval = Duration::from_millis(20);
-    shared::kafka::ensure_topics(
-        &settings.kafka,
-        &command_service::topic_specs(&settings),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
+    let settings = settings_with_topics(1).await;
     write_old_store(&settings, "old-1", 29).await;
 
     // First start: a full replay, then a checkpoint of its own.

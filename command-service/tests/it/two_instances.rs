@@ -124,6 +124,16 @@ fn signal(process: &ServiceProcess, signal: &str) {
     assert!(sent.success(), "kill {signal}");
 }
 
+/// POSTs a deposit of `amount_minor` on `id` to the service at `url`.
+async fn deposit(url: &str, id: &str, amount_minor: i64) -> (u16, serde_json::Value) {
+    let command = shared::Command::Deposit {
+        amount_minor,
+        currency: None,
+    };
+    let body = cmd(id, command).to_json().to_string();
+    post(&reqwest::Client::new(), url, body).await
+}
+
 /// Waits until `process` reports owning `partitions`.
 async fn wait_owning(process: &ServiceProcess, partitions: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -152,14 +162,7 @@ async fn a_writer_frozen_while_idle_and_replaced_never_checkpoints_over_its_repl
     )
     .await;
     assert_eq!(s, 200, "{body}");
-    let deposit = cmd(
-        "frozen-x",
-        shared::Command::Deposit {
-            amount_minor: 5,
-            currency: None,
-        },
-    );
-    let (s, body) = post(&http, &a.url, deposit.to_json().to_string()).await;
+    let (s, body) = deposit(&a.url, "frozen-x", 5).await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
     let b = ServiceProcess::start(&settings, "frozen-b", 1000);
     b.wait_ready().await;
@@ -174,14 +177,7 @@ async fn a_writer_frozen_while_idle_and_replaced_never_checkpoints_over_its_repl
     )
     .await;
     assert_eq!(s, 200, "{body}");
-    let deposit = cmd(
-        "frozen-x",
-        shared::Command::Deposit {
-            amount_minor: 7,
-            currency: None,
-        },
-    );
-    let (s, body) = post(&http, &b.url, deposit.to_json().to_string()).await;
+    let (s, body) = deposit(&b.url, "frozen-x", 7).await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
 
     // A resumes with a stop request pending: its way out checkpoints what it holds as dirty,
@@ -198,39 +194,13 @@ async fn a_writer_frozen_while_idle_and_replaced_never_checkpoints_over_its_repl
     b.kill();
     let c = ServiceProcess::start(&settings, "frozen-c", 1000);
     wait_owning(&c, 1, "C takes the partition over").await;
-    let (s, body) = post(
-        &http,
-        &c.url,
-        cmd(
-            "frozen-y",
-            shared::Command::Deposit {
-                amount_minor: 1,
-                currency: None,
-            },
-        )
-        .to_json()
-        .to_string(),
-    )
-    .await;
+    let (s, body) = deposit(&c.url, "frozen-y", 1).await;
     assert_eq!(
         (s, body["version"].as_u64()),
         (200, Some(2)),
         "the account B opened is still there: {body}"
     );
-    let (s, body) = post(
-        &http,
-        &c.url,
-        cmd(
-            "frozen-x",
-            shared::Command::Deposit {
-                amount_minor: 1,
-                currency: None,
-            },
-        )
-        .to_json()
-        .to_string(),
-    )
-    .await;
+    let (s, body) = deposit(&c.url, "frozen-x", 1).await;
     assert_eq!(
         (s, body["version"].as_u64()),
         (200, Some(4)),
