@@ -46,7 +46,7 @@ const EXPIRE_BATCH: usize = 50_000;
 /// How long opening waits for another process to let go of the file (a replaced twin of this
 /// INSTANCE_ID stops within seconds); then a file of this process's own is used, filled from the
 /// results topic (slower to restore, never wrong) and deleted at close.
-const OPEN_PATIENCE: Duration = Duration::from_secs(5);
+const OPEN_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Where a remembered result is.
 #[derive(Debug, Clone, PartialEq)]

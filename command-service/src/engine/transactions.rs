@@ -349,22 +349,8 @@ impl Engine {
     /// twin's process (a twin commits it before it serves anything), or the consumer learns it
     /// from its next heartbeats. Re-creating the producer then would fence the live replacement.
     fn replaced(&self, consumer: &EngineConsumer) -> Option<String> {
-        match super::twin_holder(&self.settings, &self.process) {
-            Ok(Some(twin)) => {
-                return Some(format!(
-                    "replaced while a transaction was pending: process {twin} holds \
-                     INSTANCE_ID={} now",
-                    self.settings.instance_id
-                ));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                return Some(format!(
-                    "a transaction timed out, and the lease of INSTANCE_ID={} cannot be read to \
-                     tell whether another instance took it ({e})",
-                    self.settings.instance_id
-                ));
-            }
+        if let Some(reason) = self.twin_lease() {
+            return Some(reason);
         }
         let deadline = Instant::now() + REPLACEMENT_NOTICE;
         loop {
@@ -374,10 +360,29 @@ impl Engine {
                 ));
             }
             if Instant::now() >= deadline {
-                return None;
+                // Read the lease again: this instance may have been stopped during the wait
+                // while a twin started (its lease is committed before it serves anything), and
+                // a new producer now would fence that twin.
+                return self.twin_lease();
             }
             // Heartbeats run on librdkafka's threads; polling here could re-enter the engine.
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Why to stop if the lease of this INSTANCE_ID names another process (or cannot be read).
+    fn twin_lease(&self) -> Option<String> {
+        match super::twin_holder(&self.settings, &self.process) {
+            Ok(Some(twin)) => Some(format!(
+                "replaced while a transaction was pending: process {twin} holds INSTANCE_ID={} now",
+                self.settings.instance_id
+            )),
+            Ok(None) => None,
+            Err(e) => Some(format!(
+                "a transaction timed out, and the lease of INSTANCE_ID={} cannot be read to tell \
+                 whether another instance took it ({e})",
+                self.settings.instance_id
+            )),
         }
     }
 
