@@ -95,7 +95,11 @@ impl Projection {
             let params: Vec<(&str, String)> =
                 after.iter().map(|a| ("after_version", a.clone())).collect();
             let (page, next) = self
-                .get_with_header(&["accounts", id, "events"], &params, "next-after-version")
+                .get_with_header(
+                    &["accounts", id, "events"],
+                    &params,
+                    Some("next-after-version"),
+                )
                 .await?;
             match page {
                 Value::Array(events) => all.extend(events),
@@ -137,15 +141,15 @@ impl Projection {
     }
 
     async fn get(&self, segments: &[&str], params: &[(&str, String)]) -> Result<Value, CliError> {
-        Ok(self.get_with_header(segments, params, "").await?.0)
+        Ok(self.get_with_header(segments, params, None).await?.0)
     }
 
-    /// [`Projection::get`], with the value of the answer's `header` (if any).
+    /// [`Projection::get`], with the value of the answer's `header` (if asked for and present).
     async fn get_with_header(
         &self,
         segments: &[&str],
         params: &[(&str, String)],
-        header: &str,
+        header: Option<&str>,
     ) -> Result<(Value, Option<String>), CliError> {
         let mut url = self.url(segments);
         if !params.is_empty() {
@@ -158,9 +162,8 @@ impl Projection {
             .await
             .map_err(|e| self.unreachable(&e))?;
         let status = response.status();
-        let value = response
-            .headers()
-            .get(header)
+        let value = header
+            .and_then(|h| response.headers().get(h))
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = response.bytes().await.map_err(|e| self.unreachable(&e))?;

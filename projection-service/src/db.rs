@@ -551,7 +551,10 @@ impl Database {
                 .as_str(),
             )
             .await?;
-        let migrations: Vec<(i64, Vec<String>)> = vec![(1, Tables::live().ddl("v1"))];
+        let migrations: Vec<(i64, Vec<String>)> = vec![
+            (1, Tables::live().ddl("v1")),
+            (2, vec![crate::identity::DDL.to_owned()]),
+        ];
         for attempt in 0..3 {
             match self.apply_migrations(&migrations).await {
                 // Two processes migrating at once: the loser retries and finds it done.

@@ -669,19 +669,8 @@ async fn list_accounts(
             )));
         }
     };
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::InvalidQuery(format!(
-                    "limit={text:?} must be a whole number from 1 to {MAX_LIMIT}"
-                ))
-            })?,
-    };
+    let limit =
+        number_param("limit", params.limit.as_deref(), 1..=MAX_LIMIT)?.unwrap_or(DEFAULT_LIMIT);
     let filter = AccountFilter {
         status,
         owner: params.owner.filter(|o| !o.is_empty()),
@@ -844,19 +833,8 @@ async fn dead_letters(
     params: Result<Query<DeadLetterParams>, QueryRejection>,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     let Query(params) = params?;
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_DEAD_LETTERS,
-        Some(text) => text
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_DEAD_LETTERS).contains(n))
-            .ok_or_else(|| {
-                ApiError::InvalidQuery(format!(
-                    "limit={text:?} must be a whole number from 1 to {MAX_DEAD_LETTERS}"
-                ))
-            })?,
-    };
+    let limit = number_param("limit", params.limit.as_deref(), 1..=MAX_DEAD_LETTERS)?
+        .unwrap_or(DEFAULT_DEAD_LETTERS);
     let reader = state.dead_letters.clone();
     let read = tokio::task::spawn_blocking(move || reader.newest(limit))
         .await

@@ -3,13 +3,16 @@
 //! read models (each is assigned every partition), and a database that holds another prefix's
 //! read model refuses to start instead of mixing two event stores in one set of tables.
 
-use chrono::{SecondsFormat, Utc};
-use sqlx::Executor;
-
 use crate::db::{Database, StoreError, Tables};
+use chrono::{SecondsFormat, Utc};
 
 /// The table holding the one identity row.
 const IDENTITY_TABLE: &str = "read_model_identity";
+
+/// Its `CREATE TABLE` (migration 2 of [`Database`]'s numbered migrations).
+pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS read_model_identity (
+    singleton BIGINT PRIMARY KEY, topic_prefix TEXT NOT NULL,
+    read_model_id TEXT NOT NULL, created_at TEXT NOT NULL)";
 
 /// The identity recorded in a read-model database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,17 +73,6 @@ pub enum IdentityError {
 /// before identities were recorded is adopted if its offsets are only of `prefix`'s events
 /// topic.
 pub async fn claim(db: &Database, prefix: &str, topic: &str) -> Result<Identity, IdentityError> {
-    db.pool()
-        .execute(
-            format!(
-                "CREATE TABLE IF NOT EXISTS {IDENTITY_TABLE} (
-                    singleton BIGINT PRIMARY KEY, topic_prefix TEXT NOT NULL,
-                    read_model_id TEXT NOT NULL, created_at TEXT NOT NULL)"
-            )
-            .as_str(),
-        )
-        .await
-        .map_err(StoreError::from)?;
     if let Some(found) = recorded(db).await? {
         return check(found, prefix);
     }
