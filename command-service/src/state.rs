@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use compact_str::CompactString;
-use shared::envelope::Quarantined;
+use shared::envelope::{Checkpoint, Quarantined};
 use shared::{AccountStatus, BankAccount, CommandResult};
 
 use crate::dedupe::{Entry, Position, ResultRef};
@@ -39,6 +39,22 @@ pub struct PartitionState {
     /// The latest event timestamp on the partition: new events are never stamped earlier, so
     /// `as_of` can only return states that existed, whatever the clocks of past writers said.
     pub last_event_at: Option<DateTime<Utc>>,
+    /// The checkpoint being written in pieces, if one is.
+    pub round: Option<CheckpointRound>,
+}
+
+/// A checkpoint written in pieces of at most `CHECKPOINT_PIECE` snapshots, each in a
+/// transaction of its own (fenced like any other), its record last. The record is prepared when
+/// the round begins: every aggregate changed before its `next_event_offset` is in `remaining`
+/// until a piece with its snapshot commits. A snapshot taken later than that offset covers more
+/// events, which a restore skips by version, so the record stays true whatever was written
+/// meanwhile.
+#[derive(Debug)]
+pub struct CheckpointRound {
+    /// The record written with the last piece.
+    pub checkpoint: Checkpoint,
+    /// Aggregates whose snapshot is not written yet.
+    pub remaining: Vec<CompactString>,
 }
 
 impl Default for PartitionState {
@@ -51,15 +67,18 @@ impl Default for PartitionState {
             needs_checkpoint: false,
             quarantined: HashMap::new(),
             last_event_at: None,
+            round: None,
         }
     }
 }
 
 impl PartitionState {
     /// The checkpoint policy: one is due when none covers the state, when `every` events were
-    /// appended since the last, or when changes have waited [`CHECKPOINT_INTERVAL`].
+    /// appended since the last, or when changes have waited [`CHECKPOINT_INTERVAL`]; and the
+    /// next piece of a round in progress is always due.
     pub fn checkpoint_due(&self, every: u64) -> bool {
-        checkpoint_due(
+        self.round.is_some()
+            || checkpoint_due(
             self.needs_checkpoint,
             self.events_since_checkpoint,
             !self.dirty.is_empty(),

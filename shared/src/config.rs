@@ -55,6 +55,9 @@ pub struct Settings {
     /// changed since the last one) at the latest after this many of the partition's events, so
     /// a restore reads at most about this many events per partition.
     pub checkpoint_every: u64,
+    /// `CHECKPOINT_PIECE`: at most this many snapshots go into one transaction; a larger
+    /// checkpoint (the first after a replay) is written in pieces, its record last.
+    pub checkpoint_piece: u64,
     /// `DEDUPE_WINDOW`: how long a command id is remembered (a retry gets its original result);
     /// beyond it `expected_version` is the protection. Also the results topic's retention.
     pub dedupe_window: Duration,
@@ -111,6 +114,7 @@ impl Settings {
             commit_interval: Duration::from_millis(v.commit_interval()?),
             snapshot_every: v.positive("SNAPSHOT_EVERY", "100")?,
             checkpoint_every: v.positive("CHECKPOINT_EVERY", "10000")?,
+            checkpoint_piece: v.positive("CHECKPOINT_PIECE", "10000")?,
             dedupe_window: v.window("DEDUPE_WINDOW", "7d")?,
             ready_stall_after: v.window("READY_STALL_AFTER", "60s")?,
             command_state_dir: v.get("COMMAND_STATE_DIR").map_or_else(

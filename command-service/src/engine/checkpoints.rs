@@ -1,6 +1,7 @@
 //! Partition checkpoints, written first in a transaction from the committed state: a snapshot
 //! of every aggregate changed since the previous checkpoint, then the checkpoint record with
-//! the events partition's end offset. [`crate::restore`] reads them back.
+//! the events partition's end offset, in pieces of at most `CHECKPOINT_PIECE` snapshots per
+//! transaction ([`CheckpointRound`]). [`crate::restore`] reads them back.
 
 use std::time::{Duration, Instant};
 
@@ -11,16 +12,35 @@ use shared::envelope::{Checkpoint, Snapshot};
 
 use super::transactions::Record;
 use super::{Engine, EngineConsumer, TakenCheckpoint, TxnError};
-use crate::state::PartitionState;
+use crate::state::{CheckpointRound, PartitionState};
 
 /// At most this many quarantined aggregates are listed in a checkpoint (about 150 B each: the
 /// record stays far below the producer's 1 MB limit).
 pub const MAX_QUARANTINED: usize = 1000;
 
-/// A checkpoint ready to be produced: the snapshots (aggregate id, JSON) and the record.
-struct Prepared {
+/// A piece of a checkpoint ready to be produced: snapshots (aggregate id, JSON), and the
+/// record if this piece is the round's last.
+struct Piece {
     snapshots: Vec<(String, Vec<u8>)>,
-    checkpoint: Checkpoint,
+    record: Option<Checkpoint>,
+}
+
+/// Begins a checkpoint round of `state` at the events' end offset `end`: the record of the
+/// state now, and every aggregate changed since the previous checkpoint to snapshot.
+fn begin_round(state: &mut PartitionState, partition: i32, end: i64) -> CheckpointRound {
+    state.events_since_checkpoint = 0;
+    state.needs_checkpoint = false;
+    CheckpointRound {
+        checkpoint: Checkpoint {
+            partition,
+            next_event_offset: end,
+            aggregates: state.aggregates(),
+            taken_at: Utc::now(),
+            last_event_at: state.last_event_at,
+            quarantined: state.quarantined.values().cloned().collect(),
+        },
+        remaining: std::mem::take(&mut state.dirty).into_iter().collect(),
+    }
 }
 
 impl Engine {
@@ -42,6 +62,19 @@ impl Engine {
         }
     }
 
+    /// On the way out: the due checkpoints, piece after piece, for at most `within` (a round
+    /// left unfinished costs the next start a longer tail, nothing else).
+    pub(super) fn checkpoint_all(&mut self, consumer: &EngineConsumer, within: Duration) {
+        let until = Instant::now() + within;
+        while !self.failed()
+            && Instant::now() < until
+            && self.checkpoint_retry_at.is_none_or(|at| Instant::now() >= at)
+            && self.partitions.values().any(|s| self.checkpoint_due(s))
+        {
+            self.checkpoint_idle(consumer);
+        }
+    }
+
     /// Whether `state` gets a checkpoint now: by the policy, or for anything changed once the
     /// engine is stopping (so that the next start reads no tail).
     fn checkpoint_due(&self, state: &PartitionState) -> bool {
@@ -49,9 +82,9 @@ impl Engine {
             || (self.shutdown.is_triggered() && !state.dirty.is_empty())
     }
 
-    /// Writes a checkpoint of every partition that is due. Called first in a transaction, so
-    /// the state written is the committed state and every event below the recorded offset is in
-    /// it. A partition whose end offset cannot be read is postponed.
+    /// Writes the next piece of every partition's checkpoint that is due, at most
+    /// `CHECKPOINT_PIECE` snapshots in all. Called first in a transaction, so the state written
+    /// is the committed state. A partition whose end offset cannot be read is postponed.
     pub(super) fn write_checkpoints(&mut self) -> Result<(), TxnError> {
         let due: Vec<i32> = self
             .partitions
@@ -60,7 +93,11 @@ impl Engine {
             .map(|(p, _)| *p)
             .collect();
         let events = self.topics.events();
+        let mut budget = usize::try_from(self.settings.checkpoint_piece).unwrap_or(usize::MAX);
         for partition in due {
+            if budget == 0 {
+                break;
+            }
             let end = match self.offsets.fetch_watermarks(
                 &events,
                 partition,
@@ -73,44 +110,45 @@ impl Engine {
                     continue;
                 }
             };
-            let Some(prepared) = self.take_checkpoint(partition, end) else {
+            let Some(piece) = self.take_piece(partition, end, budget) else {
                 continue;
             };
-            self.produce_checkpoint(partition, &prepared)?;
+            budget = budget.saturating_sub(piece.snapshots.len());
+            self.produce_piece(partition, &piece)?;
         }
         Ok(())
     }
 
-    /// Takes the partition's checkpoint bookkeeping into the open transaction (given back if it
-    /// aborts) and prepares the checkpoint at `end`. A partition with more quarantined
+    /// Takes the partition's next piece into the open transaction (given back if it aborts),
+    /// beginning a round at `end` if none is in progress. A partition with more quarantined
     /// aggregates than a checkpoint record can list ([`MAX_QUARANTINED`]) is not checkpointed:
     /// its restores read the events since its last checkpoint instead (slower, never wrong).
-    fn take_checkpoint(&mut self, partition: i32, end: i64) -> Option<Prepared> {
+    fn take_piece(&mut self, partition: i32, end: i64, budget: usize) -> Option<Piece> {
         let (state, txn) = (self.partitions.get_mut(&partition)?, self.txn.as_mut()?);
-        if state.quarantined.len() > MAX_QUARANTINED {
-            tracing::error!(
-                partition,
-                quarantined = state.quarantined.len(),
-                "too many unreadable aggregates to list in a checkpoint: the partition is not \
-                 checkpointed until the store is repaired (its restores read more events)"
-            );
-            state.dirty.clear();
-            state.events_since_checkpoint = 0;
-            state.needs_checkpoint = false;
-            state.last_checkpoint = Instant::now();
-            return None;
+        if state.round.is_none() {
+            if state.quarantined.len() > MAX_QUARANTINED {
+                tracing::error!(
+                    partition,
+                    quarantined = state.quarantined.len(),
+                    "too many unreadable aggregates to list in a checkpoint: the partition is not \
+                     checkpointed until the store is repaired (its restores read more events)"
+                );
+                state.dirty.clear();
+                state.events_since_checkpoint = 0;
+                state.needs_checkpoint = false;
+                state.last_checkpoint = Instant::now();
+                return None;
+            }
+            state.round = Some(begin_round(state, partition, end));
         }
-        let taken = TakenCheckpoint {
-            partition,
-            dirty: std::mem::take(&mut state.dirty),
-            events_since: std::mem::take(&mut state.events_since_checkpoint),
-            needed: std::mem::replace(&mut state.needs_checkpoint, false),
-        };
+        let round = state.round.as_mut()?;
+        let split = round.remaining.len().saturating_sub(budget);
+        let ids = round.remaining.split_off(split);
+        let record = round.remaining.is_empty().then(|| round.checkpoint.clone());
         let now = Utc::now();
         // A quarantined aggregate's state is not known: no snapshot of it; the checkpoint
         // lists it instead.
-        let snapshots = taken
-            .dirty
+        let snapshots = ids
             .iter()
             .filter(|id| !state.quarantined.contains_key(id.as_str()))
             .filter_map(|id| {
@@ -125,24 +163,17 @@ impl Engine {
                 Some((id.to_string(), serde_json::to_vec(&snapshot).ok()?))
             })
             .collect();
-        let checkpoint = Checkpoint {
+        txn.checkpoints.push(TakenCheckpoint {
             partition,
-            next_event_offset: end,
-            aggregates: state.aggregates(),
-            taken_at: now,
-            last_event_at: state.last_event_at,
-            quarantined: state.quarantined.values().cloned().collect(),
-        };
-        txn.checkpoints.push(taken);
-        Some(Prepared {
-            snapshots,
-            checkpoint,
-        })
+            ids,
+            completes: record.is_some(),
+        });
+        Some(Piece { snapshots, record })
     }
 
-    fn produce_checkpoint(&self, partition: i32, prepared: &Prepared) -> Result<(), TxnError> {
+    fn produce_piece(&self, partition: i32, piece: &Piece) -> Result<(), TxnError> {
         let topic = self.topics.snapshots();
-        for (id, payload) in &prepared.snapshots {
+        for (id, payload) in &piece.snapshots {
             let record = Record {
                 topic: &topic,
                 partition,
@@ -153,7 +184,15 @@ impl Engine {
             };
             self.send(record, None)?;
         }
-        let payload = serde_json::to_vec(&prepared.checkpoint).unwrap_or_default();
+        let Some(checkpoint) = &piece.record else {
+            tracing::debug!(
+                partition,
+                snapshots = piece.snapshots.len(),
+                "checkpoint piece written"
+            );
+            return Ok(());
+        };
+        let payload = serde_json::to_vec(checkpoint).unwrap_or_default();
         let key = partition.to_string();
         let topic = self.topics.command_checkpoints();
         let record = Record {
@@ -167,8 +206,8 @@ impl Engine {
         self.send(record, None)?;
         tracing::debug!(
             partition,
-            next_event_offset = prepared.checkpoint.next_event_offset,
-            snapshots = prepared.snapshots.len(),
+            next_event_offset = checkpoint.next_event_offset,
+            snapshots = piece.snapshots.len(),
             "checkpoint written"
         );
         Ok(())

@@ -319,12 +319,12 @@ struct DueSnapshot {
     state: BankAccount,
 }
 
-/// A checkpoint in an open transaction: the partition's checkpoint bookkeeping it reset.
+/// A checkpoint piece in an open transaction: the aggregates it snapshots (back to the round
+/// if it aborts), and whether it completes the round with the record.
 struct TakenCheckpoint {
     partition: i32,
-    dirty: HashSet<compact_str::CompactString>,
-    events_since: u64,
-    needed: bool,
+    ids: Vec<compact_str::CompactString>,
+    completes: bool,
 }
 
 /// A restore running on its own thread for some newly assigned partitions.
@@ -763,6 +763,9 @@ fn poll_once(consumer: &EngineConsumer) -> Option<String> {
     None
 }
 
+/// How long a leaving engine spends on checkpoint pieces at most.
+const LEAVE_CHECKPOINT_TIME: Duration = Duration::from_secs(5);
+
 /// Leaves the group: the open transaction commits (unless the engine failed), a checkpoint of
 /// whatever changed is written so that the next start reads a short tail, and the revocation
 /// callback is served.
@@ -772,7 +775,7 @@ fn leave(consumer: &EngineConsumer, status: &Status) {
         engine.cancel_restores();
         if !engine.failed() {
             engine.commit(consumer);
-            engine.checkpoint_idle(consumer);
+            engine.checkpoint_all(consumer, LEAVE_CHECKPOINT_TIME);
         }
     }
     tracing::info!("command engine leaving the group");

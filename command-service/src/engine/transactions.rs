@@ -243,10 +243,12 @@ impl Engine {
         let n = self.settings.partitions;
         let now_ms = Utc::now().timestamp_millis();
         if !txn.checkpoints.is_empty() {
-            let snapshots = txn.checkpoints.iter().map(|c| c.dirty.len()).sum();
-            m::checkpoints(txn.checkpoints.len(), snapshots);
-            for taken in &txn.checkpoints {
+            let snapshots = txn.checkpoints.iter().map(|c| c.ids.len()).sum();
+            let completed = txn.checkpoints.iter().filter(|c| c.completes).count();
+            m::checkpoints(completed, snapshots);
+            for taken in txn.checkpoints.iter().filter(|c| c.completes) {
                 if let Some(state) = self.partitions.get_mut(&taken.partition) {
+                    state.round = None;
                     state.last_checkpoint = Instant::now();
                 }
             }
@@ -281,15 +283,16 @@ impl Engine {
     }
 
     /// Drops the open transaction (aborted, or lost to a fatal error): its overlay goes, and
-    /// what its checkpoints took from the partitions comes back, so the next one covers it.
+    /// the aggregates its checkpoint pieces snapshotted go back to their round.
     pub(super) fn drop_txn(&mut self) {
         self.producer.context().clear();
         let Some(txn) = self.txn.take() else { return };
         for taken in txn.checkpoints {
             if let Some(state) = self.partitions.get_mut(&taken.partition) {
-                state.dirty.extend(taken.dirty);
-                state.events_since_checkpoint += taken.events_since;
-                state.needs_checkpoint |= taken.needed;
+                match &mut state.round {
+                    Some(round) => round.remaining.extend(taken.ids),
+                    None => state.dirty.extend(taken.ids),
+                }
             }
         }
     }

@@ -221,6 +221,56 @@ async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
 }
 
 #[tokio::test]
+async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
+    let mut settings = settings_with_topics(1).await;
+    settings.checkpoint_piece = 40;
+    let ids: Vec<String> = (0..400).map(|i| format!("piece-{i}")).collect();
+    for id in &ids {
+        write_old_store(&settings, id, 0).await;
+    }
+    let topics = Topics::new(&settings.topic_prefix);
+
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
+    let deposit = Command::Deposit {
+        amount_minor: 5,
+        currency: None,
+    };
+    let (s, body) = app.send(&cmd("piece-7", deposit.clone())).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read_topic(&settings, &topics.command_checkpoints()).is_empty() {
+        assert!(Instant::now() < deadline, "the replay is checkpointed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+
+    // A transaction's records have consecutive offsets, its commit marker takes the next one:
+    // the longest run of consecutive offsets is the largest piece.
+    let snapshots = read_topic(&settings, &topics.snapshots());
+    let keys: HashSet<&[u8]> = snapshots.iter().filter_map(|m| m.key()).collect();
+    assert_eq!(keys.len(), ids.len(), "every aggregate has a snapshot");
+    let mut longest = 0;
+    let mut run = 0;
+    let mut previous = None;
+    for m in &snapshots {
+        run = if previous == Some(m.offset() - 1) { run + 1 } else { 1 };
+        longest = longest.max(run);
+        previous = Some(m.offset());
+    }
+    assert!(longest <= 40, "pieces of at most 40 snapshots, not {longest}");
+
+    // The pieces and their record are a checkpoint a restart can prove.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let ready = app.ready_json().await;
+    assert_eq!(count(restores(&ready), "replayed_partitions"), 0, "{ready}");
+    let (s, body) = app.send(&cmd("piece-7", deposit)).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_second_instance_takes_partitions_without_restoring_the_ones_that_stay() {
     let settings = shared::testing::test_settings(4);
     let a = ServiceProcess::start(&settings, "join-a", 100);
