@@ -83,7 +83,7 @@ impl Engine {
     }
 
     /// Writes the next piece of every partition's checkpoint that is due, at most
-    /// `CHECKPOINT_PIECE` snapshots in all. Called first in a transaction, so the state written
+    /// `CHECKPOINT_PIECE` snapshots in all (fewer for a while after an expiry). Called first in a transaction, so the state written
     /// is the committed state. A partition whose end offset cannot be read is postponed.
     pub(super) fn write_checkpoints(&mut self) -> Result<(), TxnError> {
         let due: Vec<i32> = self
@@ -93,7 +93,9 @@ impl Engine {
             .map(|(p, _)| *p)
             .collect();
         let events = self.topics.events();
-        let mut budget = usize::try_from(self.settings.checkpoint_piece).unwrap_or(usize::MAX);
+        let mut budget = self
+            .shrink
+            .limit(usize::try_from(self.settings.checkpoint_piece).unwrap_or(usize::MAX));
         for partition in due {
             if budget == 0 {
                 break;

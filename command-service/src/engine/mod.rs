@@ -56,6 +56,32 @@ use crate::state::{Overlay, PartitionState};
 
 /// Commands per transaction at most; the transaction also commits every `COMMIT_INTERVAL_MS`.
 const MAX_COMMANDS_PER_TXN: usize = 1000;
+
+/// How much smaller than their maximum transactions are made for now: each transaction that
+/// expired ([`TXN_MAX_AGE`]) quarters the commands and checkpoint snapshots the next one may
+/// take, each commit doubles them back. A redo after an expiry is smaller than what expired,
+/// so it commits where the same size would expire again.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TxnShrink(u32);
+
+impl TxnShrink {
+    /// After a transaction expired.
+    #[must_use]
+    pub fn expired(self) -> Self {
+        TxnShrink((self.0 + 2).min(16))
+    }
+
+    /// After a transaction committed.
+    #[must_use]
+    pub fn committed(self) -> Self {
+        TxnShrink(self.0.saturating_sub(1))
+    }
+
+    /// `max` made smaller by the current shrink, at least 1.
+    pub fn limit(self, max: usize) -> usize {
+        (max >> self.0).max(1)
+    }
+}
 /// How long one transactional call may block. The coordinator aborts a transaction open for
 /// longer than `transaction.timeout.ms` (10 s) anyway, so waiting longer only freezes the
 /// engine through a broker failover.
@@ -382,6 +408,8 @@ pub struct Engine {
     checkpoint_retry_at: Option<Instant>,
     /// Consecutive aborted transactions: the pause before a redo grows with them.
     aborts_in_a_row: u32,
+    /// How much smaller transactions are for now, after an expiry.
+    shrink: TxnShrink,
     /// When the last transaction committed (or the engine started).
     last_commit: Instant,
     /// Set when the producer was fenced: the loop finds out whether by a twin instance.
@@ -522,6 +550,7 @@ impl Engine {
             assigned: false,
             checkpoint_retry_at: None,
             aborts_in_a_row: 0,
+            shrink: TxnShrink::default(),
             last_commit: Instant::now(),
             fenced: None,
             process,

@@ -124,11 +124,12 @@ impl Engine {
     /// Group commit: the open transaction commits as soon as no further command is waiting
     /// (`drained`), so an idle service answers at once and a busy one builds larger
     /// transactions while the previous commit runs; and at the latest after
-    /// [`MAX_COMMANDS_PER_TXN`] commands or `COMMIT_INTERVAL_MS`.
+    /// [`MAX_COMMANDS_PER_TXN`] commands (fewer for a while after an expiry,
+    /// [`super::TxnShrink`]) or `COMMIT_INTERVAL_MS`.
     pub(super) fn commit_due(&self, drained: bool) -> bool {
         self.txn.as_ref().is_some_and(|t| {
             drained
-                || t.commands >= MAX_COMMANDS_PER_TXN
+                || t.commands >= self.shrink.limit(MAX_COMMANDS_PER_TXN)
                 || t.started.elapsed() >= self.settings.commit_interval
         })
     }
@@ -238,6 +239,7 @@ impl Engine {
     fn committed(&mut self) {
         let Some(txn) = self.txn.take() else { return };
         self.aborts_in_a_row = 0;
+        self.shrink = self.shrink.committed();
         self.last_commit = Instant::now();
         *super::lock(&self.status.failing) = None;
         let n = self.settings.partitions;
@@ -412,6 +414,9 @@ impl Engine {
         if let Some(reason) = self.producer_unusable(&error) {
             self.fenced(reason);
             return;
+        }
+        if matches!(error, TxnError::Expired(_)) {
+            self.shrink = self.shrink.expired();
         }
         let indefinite =
             matches!(&error, TxnError::Kafka(KafkaError::Transaction(e)) if e.is_retriable());
@@ -685,5 +690,25 @@ mod tests {
             Outcome::Aborted,
             "a checkpoint-only transaction is redone harmlessly"
         );
+    }
+}
+
+#[cfg(test)]
+mod shrink_tests {
+    use super::super::TxnShrink;
+
+    #[test]
+    fn a_redo_after_an_expiry_is_smaller_and_commits_grow_it_back() {
+        let full = TxnShrink::default();
+        assert_eq!(full.limit(1000), 1000);
+        let after = full.expired();
+        assert_eq!(after.limit(1000), 250, "a quarter of what expired");
+        assert_eq!(after.expired().limit(1000), 62);
+        assert_eq!(after.committed().limit(1000), 500);
+        assert_eq!(after.committed().committed().limit(1000), 1000);
+        assert_eq!(after.committed().committed().committed(), full);
+        let floor = (0..20).fold(full, |s, _| s.expired());
+        assert_eq!(floor.limit(1000), 1, "never nothing");
+        assert_eq!(floor.limit(10_000), 1);
     }
 }
