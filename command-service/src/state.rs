@@ -79,12 +79,12 @@ impl PartitionState {
     pub fn checkpoint_due(&self, every: u64) -> bool {
         self.round.is_some()
             || checkpoint_due(
-            self.needs_checkpoint,
-            self.events_since_checkpoint,
-            !self.dirty.is_empty(),
-            self.last_checkpoint.elapsed(),
-            every,
-        )
+                self.needs_checkpoint,
+                self.events_since_checkpoint,
+                !self.dirty.is_empty(),
+                self.last_checkpoint.elapsed(),
+                every,
+            )
     }
 
     /// Aggregates that exist (have at least one event) and are not quarantined: the count a

@@ -68,7 +68,9 @@ impl Engine {
         let until = Instant::now() + within;
         while !self.failed()
             && Instant::now() < until
-            && self.checkpoint_retry_at.is_none_or(|at| Instant::now() >= at)
+            && self
+                .checkpoint_retry_at
+                .is_none_or(|at| Instant::now() >= at)
             && self.partitions.values().any(|s| self.checkpoint_due(s))
         {
             self.checkpoint_idle(consumer);

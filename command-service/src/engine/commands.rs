@@ -104,7 +104,9 @@ impl Engine {
             Ok(command) => command,
             Err(malformed) => return self.malformed(partition, malformed),
         };
-        if let Some(previous) = self.result_of(partition, command.command_id)? {
+        if let Some(previous) =
+            self.result_of(partition, command.command_id, &command.aggregate_id)?
+        {
             tracing::info!(command_id = %command.command_id, "duplicate command: original result sent again");
             self.send_result(partition, &previous, None)?;
             return Ok("duplicate");
@@ -187,12 +189,12 @@ impl Engine {
             tracing::warn!(partition, reason = %malformed.reason, "unreadable command without a command_id; skipped");
             return Ok("unreadable");
         };
-        if let Some(previous) = self.result_of(partition, command_id)? {
+        let aggregate_id = malformed.aggregate_id.clone().unwrap_or_default();
+        if let Some(previous) = self.result_of(partition, command_id, &aggregate_id)? {
             self.send_result(partition, &previous, None)?;
             return Ok("duplicate");
         }
         tracing::warn!(partition, %command_id, reason = %malformed.reason, "malformed command");
-        let aggregate_id = malformed.aggregate_id.clone().unwrap_or_default();
         let rejection = Rejection::new(RejectionCode::Malformed, malformed.reason);
         let decision = Decision::rejected(command_id, &aggregate_id, rejection);
         self.answer(partition, decision.result)?;
@@ -384,6 +386,7 @@ impl Engine {
         &self,
         partition: i32,
         command_id: Uuid,
+        aggregate_id: &str,
     ) -> Result<Option<CommandResult>, TxnError> {
         if let Some(decided) = self
             .txn
@@ -399,19 +402,24 @@ impl Engine {
         match remembered {
             None => Ok(None),
             Some(ResultRef::Held(result)) => Ok(Some(*result)),
-            Some(ResultRef::At(offset)) => {
-                self.read_result(partition, offset, command_id).map(Some)
-            }
+            Some(ResultRef::At(offset)) => Ok(Some(
+                self.read_result(partition, offset, command_id)?
+                    .unwrap_or_else(|| result_lost(command_id, aggregate_id, offset)),
+            )),
         }
     }
 
-    /// Reads the result at `offset` of the results partition (the rare duplicate's path).
+    /// Reads the result at `offset` of the results partition (the rare duplicate's path). When
+    /// that record is gone (deleted by retention or `kafka-delete-records.sh`, removed by
+    /// compaction) the copy a later duplicate re-sent under the same key is read instead;
+    /// `None` when no copy is left: the original result is lost, and the engine says so rather
+    /// than try the same offset again.
     fn read_result(
         &self,
         partition: i32,
         offset: i64,
         command_id: Uuid,
-    ) -> Result<CommandResult, TxnError> {
+    ) -> Result<Option<CommandResult>, TxnError> {
         let topic = self.topics.command_results();
         let unreadable = |reason: String| TxnError::ResultUnreadable {
             topic: topic.clone(),
@@ -419,25 +427,53 @@ impl Engine {
             offset,
             reason,
         };
+        let (low, high) = self
+            .results
+            .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+            .map_err(|e| unreadable(e.to_string()))?;
+        let start = offset.max(low);
+        if start >= high {
+            return Ok(None);
+        }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(start))
             .and_then(|()| self.results.assign(&tpl))
             .map_err(|e| unreadable(e.to_string()))?;
+        let key = command_id.to_string();
+        // Past the original's offset, a quiet fetch means the end: no copy.
+        let mut past = start > offset;
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut quiet_since = Instant::now();
         while Instant::now() < deadline {
             match self.results.poll(Duration::from_millis(100)) {
-                Some(Ok(msg)) if msg.offset() == offset => {
+                Some(Ok(msg)) => {
+                    quiet_since = Instant::now();
+                    past |= msg.offset() > offset;
+                    if msg.offset() != offset && msg.key() != Some(key.as_bytes()) {
+                        continue;
+                    }
                     let result: CommandResult =
                         serde_json::from_slice(msg.payload().unwrap_or_default())
                             .map_err(|e| unreadable(e.to_string()))?;
-                    if result.command_id != command_id {
+                    if result.command_id == command_id {
+                        if msg.offset() != offset {
+                            tracing::warn!(%command_id, partition, offset, copy = msg.offset(), "the original result record is gone; answering from a later copy");
+                        }
+                        return Ok(Some(result));
+                    }
+                    if msg.offset() == offset {
                         return Err(unreadable(format!("it answers {}", result.command_id)));
                     }
-                    return Ok(result);
                 }
-                Some(Ok(_)) | None => {}
+                None if past && quiet_since.elapsed() >= Duration::from_secs(1) => {
+                    return Ok(None);
+                }
+                None => {}
                 Some(Err(e)) => return Err(unreadable(e.to_string())),
             }
+        }
+        if past {
+            return Ok(None);
         }
         Err(unreadable("not fetched within 10 s".into()))
     }
@@ -455,4 +491,19 @@ impl Engine {
             })
             .unwrap_or_default()
     }
+}
+
+/// The answer to a command decided within the dedupe window whose result record is gone from
+/// the results topic: it is not decided again.
+fn result_lost(command_id: Uuid, aggregate_id: &str, offset: i64) -> CommandResult {
+    tracing::warn!(%command_id, offset, "a duplicate's original result record is gone; answered ResultLost");
+    let rejection = Rejection::new(
+        RejectionCode::ResultLost,
+        format!(
+            "command {command_id} was decided before, but its result (offset {offset} of the \
+             results topic) is gone; it is not decided again: its events name it in \
+             metadata.command_id"
+        ),
+    );
+    Decision::rejected(command_id, aggregate_id, rejection).result
 }

@@ -522,6 +522,8 @@ impl Engine {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "10")
+            // A result deleted below the log start: read on from there (its copy, or the end).
+            .set("auto.offset.reset", "earliest")
             .create()
             .map_err(|source| EngineError::Start {
                 what: "results reader",

@@ -700,3 +700,75 @@ async fn a_quarantine_lifts_once_the_store_is_repaired() {
     assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
     app.stop().await;
 }
+
+/// Deletes the records of the results partition below `before` (`Offset::End`: all of them), as
+/// retention or `kafka-delete-records.sh` would.
+async fn delete_results_below(
+    settings: &shared::Settings,
+    partition: i32,
+    before: rdkafka::Offset,
+) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = settings
+        .kafka
+        .client_config()
+        .create()
+        .expect("admin client");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let topic = Topics::new(&settings.topic_prefix).command_results();
+    tpl.add_partition_offset(&topic, partition, before).unwrap();
+    let deleted = admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("records deleted");
+    for e in deleted.elements() {
+        e.error().expect("deleted");
+    }
+}
+
+#[tokio::test]
+async fn a_retried_command_whose_result_record_was_deleted_is_answered_never_retried_forever() {
+    let settings = settings_with_topics(1).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let opened = open("gone", "Gus", 10);
+    let (s, body) = app.send(&opened).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(1)), "{body}");
+    // A retry: the original result is sent again, a copy under the same key.
+    let (s, body) = app.send(&opened).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(1)), "{body}");
+    let key = opened.command_id.to_string();
+    let copies: Vec<i64> = read_topic(
+        &settings,
+        &Topics::new(&settings.topic_prefix).command_results(),
+    )
+    .iter()
+    .filter(|m| m.key() == Some(key.as_bytes()))
+    .map(|m| m.offset())
+    .collect();
+    assert_eq!(copies.len(), 2, "the original and its copy: {copies:?}");
+
+    // The original record deleted: the copy answers.
+    delete_results_below(&settings, 0, rdkafka::Offset::Offset(copies[1])).await;
+    let (s, body) = app.send(&opened).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(1)), "{body}");
+
+    // Every record deleted: answered ResultLost, not decided again, and the partition goes on.
+    delete_results_below(&settings, 0, rdkafka::Offset::End).await;
+    let (s, body) = app.send(&opened).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("ResultLost")),
+        "{body}"
+    );
+    let deposit = cmd(
+        "gone",
+        Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        },
+    );
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    app.stop().await;
+}

@@ -255,11 +255,18 @@ async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
     let mut run = 0;
     let mut previous = None;
     for m in &snapshots {
-        run = if previous == Some(m.offset() - 1) { run + 1 } else { 1 };
+        run = if previous == Some(m.offset() - 1) {
+            run + 1
+        } else {
+            1
+        };
         longest = longest.max(run);
         previous = Some(m.offset());
     }
-    assert!(longest <= 40, "pieces of at most 40 snapshots, not {longest}");
+    assert!(
+        longest <= 40,
+        "pieces of at most 40 snapshots, not {longest}"
+    );
 
     // The pieces and their record are a checkpoint a restart can prove.
     let app = TestApp::spawn_with(settings.clone()).await;

@@ -154,6 +154,9 @@ pub enum RejectionCode {
     /// partition): nothing is decided on it until an operator repairs the store. Not final:
     /// the same command id is decided afresh when sent again.
     AggregateUnavailable,
+    /// A command id decided before, within the dedupe window, whose original result record is
+    /// gone from the results topic (deleted early): it is not decided again.
+    ResultLost,
 }
 
 impl RejectionCode {
@@ -170,6 +173,7 @@ impl RejectionCode {
             RejectionCode::VersionConflict => "VersionConflict",
             RejectionCode::Malformed => "Malformed",
             RejectionCode::AggregateUnavailable => "AggregateUnavailable",
+            RejectionCode::ResultLost => "ResultLost",
         }
     }
 
