@@ -19,7 +19,8 @@
 //! An event that cannot be folded (garbage, an upcast that fails, a version gap in a complete
 //! read) quarantines its aggregate instead of failing the restore: commands on it are answered
 //! `AggregateUnavailable`, every other aggregate is served. The checkpoint carries the list.
-//! An event on another partition than its aggregate's is ignored (counted and logged).
+//! An event on another partition than its aggregate's stops the restore with an error naming
+//! it and the fix: its aggregate's history would otherwise be ignored.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -60,6 +61,30 @@ pub enum RestoreError {
     /// A transaction stayed open below the end of a partition for [`HANGING_AFTER`].
     #[error(transparent)]
     Hanging(SettleError),
+    /// The events partition holds events of aggregates that live on other partitions.
+    #[error(
+        "events partition {partition} holds {count} event(s) of aggregates that live on other \
+         partitions with PARTITIONS={partitions} (first: {aggregate_id} at offset {offset}, which \
+         belongs on partition {belongs_on}). The partition count was changed after events were \
+         written, or a producer used another partitioner; serving would ignore those accounts' \
+         histories. Fix: set PARTITIONS (and the topics) back to the count the events were \
+         written with; to grow, copy the events into a new TOPIC_PREFIX keyed by aggregate id \
+         (README, \"Changing the partition count\")"
+    )]
+    Misplaced {
+        /// The events partition read.
+        partition: i32,
+        /// How many of its events are misplaced.
+        count: u64,
+        /// The first misplaced event's aggregate.
+        aggregate_id: String,
+        /// The first misplaced event's offset.
+        offset: i64,
+        /// Where that aggregate lives with `partitions`.
+        belongs_on: i32,
+        /// `PARTITIONS`.
+        partitions: i32,
+    },
 }
 
 /// How long a restore waits for a transaction open below the end before it calls it hanging and
@@ -272,6 +297,27 @@ struct Tail {
     opened: u64,
     /// The first version gap of a tail read from a checkpoint, if any.
     gap: Option<String>,
+    /// Events of aggregates that live on other partitions, and the first (offset, aggregate).
+    misplaced: u64,
+    first_misplaced: Option<(i64, String)>,
+}
+
+impl Tail {
+    /// An error if the partition holds events of aggregates that live elsewhere: serving it
+    /// would ignore those aggregates' histories (and let them be opened again).
+    fn check_placement(&self, partition: i32, partitions: i32) -> Result<(), RestoreError> {
+        match &self.first_misplaced {
+            None => Ok(()),
+            Some((offset, aggregate_id)) => Err(RestoreError::Misplaced {
+                partition,
+                count: self.misplaced,
+                offset: *offset,
+                belongs_on: canonical_partition(aggregate_id.as_bytes(), partitions),
+                aggregate_id: aggregate_id.clone(),
+                partitions,
+            }),
+        }
+    }
 }
 
 impl Tail {
@@ -288,6 +334,12 @@ impl Tail {
                 self.opened += u64::from(first);
             }
             Folded::Skipped => {}
+            Folded::Misplaced { aggregate_id } => {
+                m::restore_unreadable("misplaced_event");
+                self.misplaced += 1;
+                self.first_misplaced
+                    .get_or_insert((msg.offset(), aggregate_id));
+            }
             Folded::Gap { reason, .. } if !self.complete_read => self.gap = Some(reason),
             Folded::Gap {
                 aggregate_id,
@@ -320,8 +372,11 @@ enum Folded {
     Covered { first: bool },
     /// Applied to its aggregate.
     Applied { first: bool },
-    /// Not folded: its aggregate is quarantined, or it is not this partition's.
+    /// Not folded: its aggregate is quarantined.
     Skipped,
+    /// Its aggregate lives on another partition (the partition count changed, or a producer
+    /// used another partitioner).
+    Misplaced { aggregate_id: String },
     /// Its version does not follow the aggregate's.
     Gap {
         aggregate_id: String,
@@ -519,6 +574,9 @@ impl<'a> Reader<'a> {
             }
         })?;
         m::restored_events(tails.values().map(|t| t.events).sum());
+        for (p, tail) in &tails {
+            tail.check_placement(*p, partitions)?;
+        }
         Ok(tails)
     }
 
@@ -737,27 +795,6 @@ fn record_at(
     ))
 }
 
-/// Whether the event keyed `id` is not this partition's to fold: its aggregate lives on
-/// another partition (a misplaced record, counted and ignored) or is quarantined.
-fn not_foldable_here(
-    state: &PartitionState,
-    msg: &BorrowedMessage<'_>,
-    id: &str,
-    partitions: i32,
-) -> bool {
-    if canonical_partition(id.as_bytes(), partitions) != msg.partition() {
-        tracing::error!(
-            partition = msg.partition(),
-            offset = msg.offset(),
-            aggregate_id = id,
-            "event on another partition than its aggregate's ignored"
-        );
-        m::restore_unreadable("misplaced_event");
-        return true;
-    }
-    state.quarantined.contains_key(id)
-}
-
 /// Folds one event into its partition's state. Events a snapshot covers are recognised by
 /// their headers and not decoded; the others are decoded from the JSON inside the wire format
 /// (no registry round trip, so a registry outage cannot make a restore skip events).
@@ -768,7 +805,14 @@ fn fold_event(
     partitions: i32,
 ) -> Folded {
     let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
-    if key.is_some_and(|id| not_foldable_here(state, msg, id, partitions)) {
+    if let Some(id) = key
+        && canonical_partition(id.as_bytes(), partitions) != msg.partition()
+    {
+        return Folded::Misplaced {
+            aggregate_id: id.to_owned(),
+        };
+    }
+    if key.is_some_and(|id| state.quarantined.contains_key(id)) {
         return Folded::Skipped;
     }
     if let Some(at) = msg

@@ -35,21 +35,26 @@ impl TestApp {
 
     /// Starts an app with these settings (same settings = same topics, group and instance).
     pub async fn spawn_with(settings: Settings) -> TestApp {
+        let app = Self::start_with(settings).await;
+        app.wait_ready().await;
+        app
+    }
+
+    /// Starts an app with these settings without waiting until it is ready.
+    pub async fn start_with(settings: Settings) -> TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
         let handle = tokio::spawn(command_service::run(settings.clone(), listener, async {
             let _ = rx.await;
         }));
-        let app = TestApp {
+        TestApp {
             url,
             settings,
             shutdown: Some(tx),
             handle: Some(handle),
             http: reqwest::Client::new(),
-        };
-        app.wait_ready().await;
-        app
+        }
     }
 
     pub async fn wait_ready(&self) {

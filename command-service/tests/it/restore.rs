@@ -107,9 +107,14 @@ async fn a_retried_command_gets_its_original_result_after_two_restarts() {
 /// Writes `deposits` + 1 events of one account as a store from before checkpoints would hold
 /// them: no checkpoint, no snapshot.
 async fn write_old_store(settings: &Settings, id: &str, deposits: u64) {
+    let partition = canonical_partition(id.as_bytes(), settings.partitions);
+    write_old_store_on(settings, id, deposits, partition).await;
+}
+
+/// [`write_old_store`] on the given events partition, right or wrong.
+async fn write_old_store_on(settings: &Settings, id: &str, deposits: u64, partition: i32) {
     let codec = EventCodec::json("USD");
     let topic = Topics::new(&settings.topic_prefix).events();
-    let partition = canonical_partition(id.as_bytes(), settings.partitions);
     let producer = producer(settings);
     let mut account = BankAccount::default();
     let events = std::iter::once(Event::AccountOpened {
@@ -275,6 +280,25 @@ async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
     let (s, body) = app.send(&cmd("piece-7", deposit)).await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
     app.stop().await;
+}
+
+#[tokio::test]
+async fn events_on_another_partition_than_their_aggregates_stop_the_start_with_the_fix() {
+    // As after the partition count was changed under existing events: an account whose events
+    // are on a partition it does not live on with PARTITIONS.
+    let settings = settings_with_topics(2).await;
+    write_old_store(&settings, "placed", 1).await;
+    let wrong = 1 - canonical_partition(b"moved", 2);
+    write_old_store_on(&settings, "moved", 1, wrong).await;
+    let app = TestApp::start_with(settings.clone()).await;
+    let ended = app.stopped(Duration::from_secs(60)).await;
+    let reason = format!("{:#}", ended.expect_err("the start is refused"));
+    assert!(
+        reason.contains("first: moved at offset")
+            && reason.contains("set PARTITIONS")
+            && reason.contains(&format!("events partition {wrong} holds 2 event(s)")),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
