@@ -94,6 +94,9 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 const TXN_MAX_AGE: Duration = Duration::from_secs(9);
 /// How long reading the lease of an INSTANCE_ID may take (the brokers may be failing over).
 const LEASE_READ_LIMIT: Duration = Duration::from_secs(30);
+/// How long the lease of an INSTANCE_ID is tried again while the brokers cannot be reached
+/// before the engine stops: a broker outage of minutes does not stop the writer.
+pub(super) const OUTAGE_PATIENCE: Duration = Duration::from_secs(15 * 60);
 /// How long a fenced instance waits before reading the lease of its INSTANCE_ID.
 const LEASE_GRACE: Duration = Duration::from_secs(3);
 
@@ -585,13 +588,38 @@ impl Engine {
         self.shutdown.fail(reason);
     }
 
-    /// A new transactional producer (its `init_transactions` fences the old one); `Err` with the
-    /// reason when it cannot be created.
+    /// A new transactional producer (its `init_transactions` fences the old one), tried again
+    /// through a broker outage for [`OUTAGE_PATIENCE`]; `Err` with the reason when it cannot be
+    /// created.
     fn renew_producer(&mut self) -> Result<(), String> {
-        self.producer = new_producer(&self.producer_config)
-            .and_then(|p| take_lease(&p, &self.settings, &self.process).map(|()| p))
-            .map_err(|e| format!("cannot re-create the transactional producer: {e}"))?;
-        Ok(())
+        let since = Instant::now();
+        loop {
+            let renewed = new_producer(&self.producer_config)
+                .and_then(|p| take_lease(&p, &self.settings, &self.process).map(|()| p));
+            match renewed {
+                Ok(producer) => {
+                    self.producer = producer;
+                    return Ok(());
+                }
+                // A broker outage is waited out; a fenced id is not (a twin holds it).
+                Err(e)
+                    if since.elapsed() < OUTAGE_PATIENCE
+                        && !self.shutdown.is_triggered()
+                        && !matches!(
+                            e.rdkafka_error_code(),
+                            Some(
+                                RDKafkaErrorCode::ProducerFenced
+                                    | RDKafkaErrorCode::Fenced
+                                    | RDKafkaErrorCode::InvalidProducerEpoch
+                            )
+                        ) =>
+                {
+                    tracing::warn!(error = %e, waited_s = since.elapsed().as_secs(), "cannot re-create the transactional producer yet; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(format!("cannot re-create the transactional producer: {e}")),
+            }
+        }
     }
 
     /// Whether the engine stopped on a fatal error.
@@ -666,7 +694,7 @@ fn recover_from_fencing(
     while Instant::now() < deadline && !shutdown.is_triggered() {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let twin = twin_holder(settings, process);
+    let twin = twin_holder_patiently(settings, process, &shutdown);
     let mut engine_guard = lock(engine);
     let outcome = match twin {
         Ok(None) => engine_guard.renew_producer(),
@@ -690,6 +718,25 @@ fn recover_from_fencing(
     }
     drop(engine_guard);
     subscribe(settings, Arc::clone(engine), process)
+}
+
+/// [`twin_holder`], tried again while the brokers cannot be reached (each try takes up to
+/// [`LEASE_READ_LIMIT`]), for [`OUTAGE_PATIENCE`] at most or until shutdown.
+pub(super) fn twin_holder_patiently(
+    settings: &Settings,
+    process: &str,
+    shutdown: &Shutdown,
+) -> KafkaResult<Option<String>> {
+    let since = Instant::now();
+    loop {
+        match twin_holder(settings, process) {
+            Err(e) if since.elapsed() < OUTAGE_PATIENCE && !shutdown.is_triggered() => {
+                tracing::warn!(error = %e, waited_s = since.elapsed().as_secs(), "the lease of INSTANCE_ID={} cannot be read (the brokers are unreachable?); trying again", settings.instance_id);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            read => return read,
+        }
+    }
 }
 
 /// The process that holds this INSTANCE_ID now, if it is not this one: the latest committed

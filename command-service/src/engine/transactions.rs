@@ -312,10 +312,16 @@ impl Engine {
             tpl.add_partition(&commands, *p);
         }
         let mut attempt = 1;
+        let since = Instant::now();
         loop {
             let lookup = consumer.committed_offsets(tpl.clone(), Duration::from_secs(5));
             match outcome_of(&commands, &txn.next_offsets, lookup) {
-                Outcome::Unknown(why) if attempt < 5 && !self.shutdown.is_triggered() => {
+                Outcome::Unknown(why)
+                    if !self.shutdown.is_triggered()
+                        && (attempt < 5
+                            || (since.elapsed() < super::OUTAGE_PATIENCE
+                                && self.brokers_unreachable(consumer))) =>
+                {
                     tracing::warn!(attempt, %why, "the outcome of the timed-out transaction is not known yet; asking again");
                     attempt += 1;
                     std::thread::sleep(Duration::from_secs(1));
@@ -323,6 +329,16 @@ impl Engine {
                 outcome => return outcome,
             }
         }
+    }
+
+    /// Whether the brokers answer nothing (an outage, waited out) rather than refuse the one
+    /// lookup (which, answered otherwise, is no outage).
+    fn brokers_unreachable(&self, consumer: &EngineConsumer) -> bool {
+        let commands = self.topics.commands();
+        let partition = self.partitions.keys().next().copied().unwrap_or(0);
+        consumer
+            .fetch_watermarks(&commands, partition, Duration::from_secs(5))
+            .is_err()
     }
 
     /// The reason to stop when the producer can no longer be used by this instance: fenced by
@@ -377,7 +393,7 @@ impl Engine {
 
     /// Why to stop if the lease of this INSTANCE_ID names another process (or cannot be read).
     fn twin_lease(&self) -> Option<String> {
-        match super::twin_holder(&self.settings, &self.process) {
+        match super::twin_holder_patiently(&self.settings, &self.process, &self.shutdown) {
             Ok(Some(twin)) => Some(format!(
                 "replaced while a transaction was pending: process {twin} holds INSTANCE_ID={} now",
                 self.settings.instance_id

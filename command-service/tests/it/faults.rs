@@ -66,6 +66,53 @@ async fn a_commit_whose_outcome_cannot_be_learned_is_never_redone() {
 }
 
 #[tokio::test]
+async fn a_broker_outage_of_minutes_during_a_commit_does_not_stop_the_writer() {
+    let Some(proxy) = LossyProxy::start().await else {
+        return;
+    };
+    let mut settings = shared::testing::test_settings(1);
+    settings.commit_interval = Duration::from_millis(20);
+    settings.kafka.bootstrap_servers = proxy.bootstrap.clone();
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, _) = app.send(&open("outage-1", "Otto", 10)).await;
+    assert_eq!(s, 200);
+
+    // The broker commits the deposit's transaction but its answer is lost (the HTTP side reads
+    // the committed result); then the brokers are unreachable for 100 s, longer than the
+    // time-outs of the commit's recovery put together.
+    proxy.lose_responses(END_TXN, Some(INIT_PRODUCER_ID));
+    let deposit = cmd(
+        "outage-1",
+        Command::Deposit {
+            amount_minor: 5,
+            currency: None,
+        },
+    );
+    let (s, body) = app.send(&deposit).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    proxy.outage();
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    proxy.heal();
+
+    // The writer waited the outage out: it learns the commit's outcome and serves again.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (s, body) = loop {
+        let (s, body) = app.send(&deposit).await;
+        if s == 200 || Instant::now() > deadline {
+            break (s, body);
+        }
+        assert!(
+            app.ready_json().await["error"]["code"] != "EngineFailed",
+            "the engine stopped: {body}"
+        );
+    };
+    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
+    app.stop().await;
+    let (events, _) = verify_store(&settings).await;
+    assert_eq!(events, 2, "the deposit was appended once");
+}
+
+#[tokio::test]
 async fn a_restore_reads_what_committed_behind_another_writers_open_transaction() {
     let settings = shared::testing::test_settings(1);
     let events = Topics::new(&settings.topic_prefix).events();

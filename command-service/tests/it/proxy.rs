@@ -27,6 +27,8 @@ struct Rules {
     /// API key whose responses are lost → the request (API key) that ends the loss, if any.
     losing: HashMap<i16, Option<i16>>,
     lost: HashMap<i16, usize>,
+    /// Everything is lost both ways: the broker is unreachable.
+    outage: bool,
 }
 
 type Shared = Arc<Mutex<Rules>>;
@@ -35,12 +37,16 @@ fn lock(rules: &Shared) -> MutexGuard<'_, Rules> {
     rules.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Held by the running proxy: the port is fixed, so tests that use it take turns.
+static PORT: Mutex<()> = Mutex::new(());
+
 /// The proxy; it stops (with every connection through it) when dropped.
 pub struct LossyProxy {
     /// The address to bootstrap from.
     pub bootstrap: String,
     rules: Shared,
     stop: Option<oneshot::Sender<()>>,
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl LossyProxy {
@@ -57,6 +63,7 @@ impl LossyProxy {
             );
             return None;
         };
+        let turn = PORT.lock().unwrap_or_else(|e| e.into_inner());
         let upstream = format!("127.0.0.1:{port}");
         TcpStream::connect(&upstream).await.unwrap_or_else(|e| {
             panic!("the broker has no proxied listener on {upstream} ({e}): start it with KAFKA_PROXIED_PORT={port} scripts/kafka start --fresh")
@@ -86,6 +93,7 @@ impl LossyProxy {
             bootstrap,
             rules,
             stop: Some(stop),
+            _turn: turn,
         })
     }
 
@@ -95,9 +103,17 @@ impl LossyProxy {
         lock(&self.rules).losing.insert(api_key, until_request);
     }
 
+    /// Loses every request and every response from now on, until [`LossyProxy::heal`]: a
+    /// broker outage as its clients see it.
+    pub fn outage(&self) {
+        lock(&self.rules).outage = true;
+    }
+
     /// Loses nothing any more.
     pub fn heal(&self) {
-        lock(&self.rules).losing.clear();
+        let mut rules = lock(&self.rules);
+        rules.losing.clear();
+        rules.outage = false;
     }
 
     /// How many responses to `api_key` were lost.
@@ -173,7 +189,13 @@ async fn requests(
         ) else {
             return;
         };
-        lock(&rules).losing.retain(|_, until| *until != Some(api));
+        {
+            let mut rules = lock(&rules);
+            if rules.outage {
+                continue;
+            }
+            rules.losing.retain(|_, until| *until != Some(api));
+        }
         pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -200,6 +222,9 @@ async fn responses(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&correlation);
+        if lock(&rules).outage {
+            continue;
+        }
         if let Some(api) = api {
             let mut rules = lock(&rules);
             if rules.losing.contains_key(&api) {
