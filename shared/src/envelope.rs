@@ -335,6 +335,18 @@ pub struct InstanceLease {
     pub process: String,
     /// When it took the id.
     pub taken_at: DateTime<Utc>,
+    /// How many times in a row the id was taken from a holder that had itself taken it moments
+    /// before: two instances configured with one INSTANCE_ID, restarted by an orchestrator each
+    /// time the other fences them. The next taker backs off longer each time (absent: 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub takeovers: u32,
+    /// Written by the holding process as it stops gracefully: nobody holds the id.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// An aggregate set aside because one of its stored events cannot be read: commands on it are

@@ -425,13 +425,32 @@ pub struct Engine {
 
 /// Commits this process's lease of its INSTANCE_ID with a new producer (whose
 /// `init_transactions` just fenced every earlier holder).
-fn take_lease(producer: &TxnProducer, settings: &Settings, process: &str) -> KafkaResult<()> {
-    let lease = InstanceLease {
-        instance_id: settings.instance_id.clone(),
-        process: process.to_owned(),
-        taken_at: chrono::Utc::now(),
-    };
-    let payload = serde_json::to_vec(&lease).unwrap_or_default();
+fn take_lease(
+    producer: &TxnProducer,
+    settings: &Settings,
+    process: &str,
+    takeovers: u32,
+) -> KafkaResult<()> {
+    write_lease(
+        producer,
+        settings,
+        &InstanceLease {
+            instance_id: settings.instance_id.clone(),
+            process: process.to_owned(),
+            taken_at: chrono::Utc::now(),
+            takeovers,
+            released: false,
+        },
+    )
+}
+
+/// Commits `lease` of this INSTANCE_ID in a transaction of its own.
+fn write_lease(
+    producer: &TxnProducer,
+    settings: &Settings,
+    lease: &InstanceLease,
+) -> KafkaResult<()> {
+    let payload = serde_json::to_vec(lease).unwrap_or_default();
     let topic = Topics::new(&settings.topic_prefix).command_instances();
     let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
     producer.begin_transaction()?;
@@ -485,8 +504,9 @@ impl Engine {
             settings.instance_id,
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
+        let takeovers = back_off_from_twin(&settings, &shutdown);
         let producer = new_producer(&producer_config)
-            .and_then(|p| take_lease(&p, &settings, &process).map(|()| p))
+            .and_then(|p| take_lease(&p, &settings, &process, takeovers).map(|()| p))
             .map_err(|source| EngineError::Start {
                 what: "transactional producer",
                 source,
@@ -595,7 +615,7 @@ impl Engine {
         let since = Instant::now();
         loop {
             let renewed = new_producer(&self.producer_config)
-                .and_then(|p| take_lease(&p, &self.settings, &self.process).map(|()| p));
+                .and_then(|p| take_lease(&p, &self.settings, &self.process, 0).map(|()| p));
             match renewed {
                 Ok(producer) => {
                     self.producer = producer;
@@ -619,6 +639,24 @@ impl Engine {
                 }
                 Err(e) => return Err(format!("cannot re-create the transactional producer: {e}")),
             }
+        }
+    }
+
+    /// Releases the lease of the INSTANCE_ID on a graceful stop, so that the next start of it
+    /// is not counted as a takeover ([`twin_back_off`]). Best effort.
+    fn release_lease(&self) {
+        if self.txn.is_some() {
+            return;
+        }
+        let lease = InstanceLease {
+            instance_id: self.settings.instance_id.clone(),
+            process: self.process.clone(),
+            taken_at: chrono::Utc::now(),
+            takeovers: 0,
+            released: true,
+        };
+        if let Err(e) = write_lease(&self.producer, &self.settings, &lease) {
+            tracing::warn!(error = %e, "cannot release the lease of INSTANCE_ID={}", self.settings.instance_id);
         }
     }
 
@@ -742,6 +780,14 @@ pub(super) fn twin_holder_patiently(
 /// The process that holds this INSTANCE_ID now, if it is not this one: the latest committed
 /// lease of the id.
 pub(super) fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Option<String>> {
+    Ok(read_lease(settings)?
+        .filter(|lease| !lease.released)
+        .map(|lease| lease.process)
+        .filter(|h| h != process))
+}
+
+/// The latest committed lease of this INSTANCE_ID, if any.
+fn read_lease(settings: &Settings) -> KafkaResult<Option<InstanceLease>> {
     let topic = Topics::new(&settings.topic_prefix).command_instances();
     let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
     let reader = TopicReader::open_at(
@@ -750,13 +796,13 @@ pub(super) fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Opt
         &topic,
         &[(partition, Offset::Beginning)],
     )?;
-    let mut holder = None;
+    let mut latest = None;
     // Bounded: a broker that stays away must not hold the engine (and its lock) for ever.
     let read = reader.drain_for(LEASE_READ_LIMIT, |msg| {
         if msg.key() == Some(settings.instance_id.as_bytes())
             && let Some(Ok(lease)) = msg.payload().map(serde_json::from_slice::<InstanceLease>)
         {
-            holder = Some(lease.process);
+            latest = Some(lease);
         }
     });
     if !read {
@@ -764,7 +810,65 @@ pub(super) fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Opt
             RDKafkaErrorCode::RequestTimedOut,
         ));
     }
-    Ok(holder.filter(|h| h != process))
+    Ok(latest)
+}
+
+/// A lease taken less than this after the previous one counts as a takeover in a row.
+const TWIN_WINDOW: Duration = Duration::from_secs(120);
+
+/// The back-off before taking the id from `previous`: none for a holder that released it (a
+/// graceful stop) or kept it a while (a replacement); for one that took it moments ago itself (twins fencing each
+/// other under an orchestrator), 5 s at the second takeover in a row, doubling up to 5 min.
+/// Returns the takeovers in a row this taking makes, and the wait.
+pub fn twin_back_off(
+    previous: Option<&InstanceLease>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (u32, Duration) {
+    let Some(previous) = previous.filter(|p| !p.released) else {
+        return (0, Duration::ZERO);
+    };
+    let held = (now - previous.taken_at).to_std().unwrap_or(Duration::ZERO);
+    if held >= TWIN_WINDOW {
+        return (0, Duration::ZERO);
+    }
+    let takeovers = previous.takeovers.saturating_add(1);
+    let wait = match takeovers {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(5)
+            .saturating_mul(1 << (n - 2).min(6))
+            .min(Duration::from_secs(300)),
+    };
+    (takeovers, wait)
+}
+
+/// At start, before this instance's producer fences the current holder of its INSTANCE_ID:
+/// backs off if the id keeps changing hands ([`twin_back_off`]), saying why. Returns the
+/// takeovers in a row for the new lease (0 when the lease cannot be read).
+fn back_off_from_twin(settings: &Settings, shutdown: &Shutdown) -> u32 {
+    let previous = match read_lease(settings) {
+        Ok(previous) => previous,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the lease of INSTANCE_ID={}; taking it", settings.instance_id);
+            return 0;
+        }
+    };
+    let (takeovers, wait) = twin_back_off(previous.as_ref(), chrono::Utc::now());
+    if !wait.is_zero() {
+        tracing::error!(
+            instance_id = %settings.instance_id,
+            takeovers,
+            wait_s = wait.as_secs(),
+            "INSTANCE_ID={} has changed hands {takeovers} times in a row, each moments after \
+             the last: two instances are configured with the same INSTANCE_ID and fence each \
+             other. Give each instance its own INSTANCE_ID. Waiting before taking it",
+            settings.instance_id
+        );
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !shutdown.is_triggered() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    takeovers
 }
 
 /// The group member on `<prefix>.commands`, with the engine in its context.
@@ -854,6 +958,7 @@ fn leave(consumer: &EngineConsumer, status: &Status) {
         if !engine.failed() {
             engine.commit(consumer);
             engine.checkpoint_all(consumer, LEAVE_CHECKPOINT_TIME);
+            engine.release_lease();
         }
     }
     tracing::info!("command engine leaving the group");
@@ -917,4 +1022,49 @@ fn committed_offsets(
 /// `<prefix>.command-service`: the consumer group of all instances.
 fn group_id(settings: &Settings) -> String {
     format!("{}.command-service", settings.topic_prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(taken_secs_ago: i64, takeovers: u32, released: bool) -> InstanceLease {
+        InstanceLease {
+            instance_id: "i".into(),
+            process: "i.p".into(),
+            taken_at: chrono::Utc::now() - chrono::Duration::seconds(taken_secs_ago),
+            takeovers,
+            released,
+        }
+    }
+
+    #[test]
+    fn only_takeovers_in_a_row_of_a_held_id_back_off_and_ever_longer() {
+        let now = chrono::Utc::now();
+        assert_eq!(twin_back_off(None, now), (0, Duration::ZERO));
+        assert_eq!(
+            twin_back_off(Some(&lease(5, 0, true)), now),
+            (0, Duration::ZERO)
+        );
+        assert_eq!(
+            twin_back_off(Some(&lease(600, 4, false)), now),
+            (0, Duration::ZERO)
+        );
+        assert_eq!(
+            twin_back_off(Some(&lease(5, 0, false)), now),
+            (1, Duration::ZERO)
+        );
+        assert_eq!(
+            twin_back_off(Some(&lease(5, 1, false)), now),
+            (2, Duration::from_secs(5))
+        );
+        assert_eq!(
+            twin_back_off(Some(&lease(5, 2, false)), now),
+            (3, Duration::from_secs(10))
+        );
+        assert_eq!(
+            twin_back_off(Some(&lease(5, 40, false)), now),
+            (41, Duration::from_secs(300))
+        );
+    }
 }

@@ -209,3 +209,70 @@ async fn a_writer_frozen_while_idle_and_replaced_never_checkpoints_over_its_repl
     c.terminate();
     verify_store(&settings).await;
 }
+
+/// The latest lease of INSTANCE_ID `instance`, as JSON.
+fn latest_lease(settings: &shared::Settings, instance: &str) -> serde_json::Value {
+    let topic = shared::kafka::Topics::new(&settings.topic_prefix).command_instances();
+    read_topic(settings, &topic)
+        .iter()
+        .filter(|m| rdkafka::Message::key(*m) == Some(instance.as_bytes()))
+        .filter_map(|m| serde_json::from_slice(rdkafka::Message::payload(m)?).ok())
+        .last()
+        .expect("a lease")
+}
+
+#[tokio::test]
+async fn twins_restarted_by_an_orchestrator_back_off_instead_of_fencing_each_other_forever() {
+    let settings = shared::testing::test_settings(1);
+    let a = ServiceProcess::start(&settings, "twins", 100);
+    a.wait_ready().await;
+    let (s, body) = post(
+        &reqwest::Client::new(),
+        &a.url,
+        open("twins-1", "Tom", 10).to_json().to_string(),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    // B takes the id at once (one takeover is a replacement), and A stops.
+    let b = ServiceProcess::start(&settings, "twins", 100);
+    b.wait_ready().await;
+    let mut a = a;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the fenced instance stops");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(latest_lease(&settings, "twins")["takeovers"], 1);
+
+    // The orchestrator restarts A moments later: a second takeover in a row backs off, so B
+    // keeps serving meanwhile instead of being fenced at once.
+    let a = ServiceProcess::start(&settings, "twins", 100);
+    let started = Instant::now();
+    let mut amount = 1;
+    while started.elapsed() < Duration::from_secs(4) {
+        let (s, body) = deposit(&b.url, "twins-1", amount).await;
+        assert_eq!(
+            s,
+            200,
+            "B still serves {:?} after A restarted: {body}",
+            started.elapsed()
+        );
+        amount += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    a.wait_ready().await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "A backed off 5 s before taking the id"
+    );
+    assert_eq!(latest_lease(&settings, "twins")["takeovers"], 2);
+    drop(b);
+
+    // A graceful stop releases the id: the next start is no takeover and does not wait.
+    a.terminate();
+    assert_eq!(latest_lease(&settings, "twins")["released"], true);
+    let c = ServiceProcess::start(&settings, "twins", 100);
+    c.wait_ready().await;
+    assert!(latest_lease(&settings, "twins").get("takeovers").is_none());
+    c.terminate();
+}
