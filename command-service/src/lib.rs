@@ -37,8 +37,8 @@ pub const RESULTS_RETENTION_MARGIN: Duration = Duration::from_secs(24 * 3600);
 pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let topics = Topics::new(&settings.topic_prefix);
     let n = settings.partitions;
-    // A day beyond the window: results are deleted by the broker's clock against each
-    // record's timestamp, which the writer's clock set.
+    // A day beyond the window: a margin for records from before the topic was stamped by the
+    // brokers (their timestamps were set by writers' clocks).
     let results_retention = (settings
         .dedupe_window
         .max(std::time::Duration::from_secs(7 * 24 * 3600))
@@ -82,16 +82,23 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
         TopicSpec {
             name: topics.command_instances(),
             partitions: n,
-            config: vec![("cleanup.policy", "compact".into())],
+            // Stamped by the brokers: a lease's delivery tells a starting writer their time.
+            config: vec![
+                ("cleanup.policy", "compact".into()),
+                ("message.timestamp.type", "LogAppendTime".into()),
+            ],
         },
         // Co-partitioned too: results are written to the aggregate's partition, which makes a
         // partition's results readable on restore: the dedupe window, kept at least as long.
         TopicSpec {
             name: topics.command_results(),
             partitions: n,
+            // Stamped by the brokers: the dedupe window (its expiry, its restore, the broker's
+            // retention) rests on their clock, never on a writer's.
             config: vec![
                 ("retention.ms", results_retention),
                 ("retention.bytes", "-1".into()),
+                ("message.timestamp.type", "LogAppendTime".into()),
             ],
         },
     ]

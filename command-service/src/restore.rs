@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use compact_str::CompactString;
 use rdkafka::Offset;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -115,19 +115,21 @@ pub struct RestoreStats {
     pub replayed: Vec<i32>,
 }
 
-/// Restores the given partitions.
+/// Restores the given partitions. `now_ms` is the brokers' time (the dedupe window ends there,
+/// whatever this writer's clock says).
 pub fn restore(
     settings: &Settings,
     codec: &EventCodec,
     dedupe: &DedupeStore,
     partitions: &[i32],
     stop: &AtomicBool,
+    now_ms: i64,
 ) -> Result<Restored, RestoreError> {
     let mut restored = Restored::default();
     if partitions.is_empty() {
         return Ok(restored);
     }
-    let reader = Reader::new(settings, partitions, stop)?;
+    let reader = Reader::new(settings, partitions, stop, now_ms)?;
     // Opened together so that their connections and offset look-ups overlap.
     let checkpoint_reader = reader.open_whole(&reader.topics.command_checkpoints())?;
     let snapshot_reader = reader.open_whole(&reader.topics.snapshots())?;
@@ -408,8 +410,8 @@ impl<'a> Reader<'a> {
         settings: &'a Settings,
         partitions: &'a [i32],
         stop: &'a AtomicBool,
+        now_ms: i64,
     ) -> Result<Self, RestoreError> {
-        let now_ms = Utc::now().timestamp_millis();
         let watch =
             TransactionWatch::new(&settings.kafka).map_err(|source| RestoreError::Kafka {
                 topic: "(transaction watch)".into(),

@@ -234,9 +234,20 @@ const UNTRACKED: usize = 0;
 #[derive(Default)]
 pub struct DeliveryTracker {
     offsets: Mutex<HashMap<usize, Option<i64>>>,
+    /// The latest broker append time seen (results and leases are `LogAppendTime` topics),
+    /// and when it was seen: the brokers' clock, which the dedupe window rests on.
+    broker_time: Mutex<Option<(i64, Instant)>>,
 }
 
 impl DeliveryTracker {
+    /// The brokers' time now, if a delivery told it: the latest append time plus the
+    /// (monotonic) time since.
+    fn broker_now_ms(&self) -> Option<i64> {
+        lock(&self.broker_time).map(|(at_ms, seen)| {
+            at_ms.saturating_add(i64::try_from(seen.elapsed().as_millis()).unwrap_or(i64::MAX))
+        })
+    }
+
     /// The outcome of the delivery of the record sent with `token`, once it is known.
     fn take(&self, token: DeliveryToken) -> Option<Option<i64>> {
         lock(&self.offsets).remove(&token.0)
@@ -255,7 +266,15 @@ impl ProducerContext for DeliveryTracker {
 
     fn delivery(&self, result: &DeliveryResult<'_>, token: usize) {
         let outcome = match result {
-            Ok(msg) => Some(msg.offset()),
+            Ok(msg) => {
+                if let rdkafka::Timestamp::LogAppendTime(at_ms) = msg.timestamp() {
+                    let mut clock = lock(&self.broker_time);
+                    if clock.is_none_or(|(seen_ms, _)| at_ms >= seen_ms) {
+                        *clock = Some((at_ms, Instant::now()));
+                    }
+                }
+                Some(msg.offset())
+            }
             Err((e, msg)) => {
                 tracing::warn!(topic = msg.topic(), partition = msg.partition(), error = %e, "delivery failed; the transaction will abort");
                 None
@@ -658,6 +677,16 @@ impl Engine {
         if let Err(e) = write_lease(&self.producer, &self.settings, &lease) {
             tracing::warn!(error = %e, "cannot release the lease of INSTANCE_ID={}", self.settings.instance_id);
         }
+    }
+
+    /// The brokers' time now (ms since the epoch), which the dedupe window's expiry and
+    /// restore rest on; this writer's clock only until a delivery told the brokers' (topics
+    /// created before their `LogAppendTime`).
+    fn broker_now_ms(&self) -> i64 {
+        self.producer
+            .context()
+            .broker_now_ms()
+            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
     }
 
     /// Whether the engine stopped on a fatal error.

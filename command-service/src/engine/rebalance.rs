@@ -68,18 +68,18 @@ impl Engine {
         let codec = Arc::clone(&self.codec);
         let dedupe = Arc::clone(&self.dedupe);
         let done = self.restore_done.0.clone();
+        let now_ms = self.broker_now_ms();
         std::thread::Builder::new()
             .name(format!("restore-{id}"))
             .spawn(move || {
                 let started = Instant::now();
                 let outcome =
                     committed_offsets(&settings, &partitions, &cancel).and_then(|committed| {
-                        restore::restore(&settings, &codec, &dedupe, &partitions, &cancel).map(
-                            |restored| RestoredPartitions {
+                        restore::restore(&settings, &codec, &dedupe, &partitions, &cancel, now_ms)
+                            .map(|restored| RestoredPartitions {
                                 committed,
                                 restored,
-                            },
-                        )
+                            })
                     });
                 let _ = done.send(RestoreDone {
                     id,

@@ -243,7 +243,7 @@ impl Engine {
         self.last_commit = Instant::now();
         *super::lock(&self.status.failing) = None;
         let n = self.settings.partitions;
-        let now_ms = Utc::now().timestamp_millis();
+        let now_ms = self.broker_now_ms();
         if !txn.checkpoints.is_empty() {
             let snapshots = txn.checkpoints.iter().map(|c| c.ids.len()).sum();
             let completed = txn.checkpoints.iter().filter(|c| c.completes).count();

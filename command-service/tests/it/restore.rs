@@ -302,6 +302,50 @@ async fn events_on_another_partition_than_their_aggregates_stop_the_start_with_t
 }
 
 #[tokio::test]
+async fn a_result_written_by_a_writer_whose_clock_was_behind_still_answers_its_retry() {
+    // A past writer, its clock 31 minutes behind, opened an account: its event and its result,
+    // which it stamped with its own clock, outside the 30-minute window by that clock.
+    let mut settings = settings_with_topics(1).await;
+    settings.dedupe_window = Duration::from_secs(30 * 60);
+    let opened = open("late-1", "Lea", 10);
+    let codec = EventCodec::json("USD");
+    let topics = Topics::new(&settings.topic_prefix);
+    let event = Event::AccountOpened {
+        owner: "Lea".into(),
+        currency: "EUR".into(),
+        initial_balance_minor: 10,
+    };
+    let behind = chrono::Utc::now() - chrono::Duration::minutes(31);
+    let envelope = EventEnvelope::new("late-1", 1, &event, behind, Default::default());
+    let bytes = codec.encode(&topics.events(), &envelope).await.unwrap();
+    produce_to(&settings, &topics.events(), "late-1", &bytes, 0).await;
+    let result = shared::CommandResult::accepted(opened.command_id, "late-1", &[envelope]);
+    producer(&settings)
+        .send(
+            FutureRecord::to(&topics.command_results())
+                .key(&opened.command_id.to_string())
+                .payload(&serde_json::to_vec(&result).unwrap())
+                .partition(0)
+                .timestamp(behind.timestamp_millis()),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+
+    // A writer with a right clock restores the partition and gets the command again: the
+    // window rests on the brokers' time, so the result is within it.
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, body) = app.send(&opened).await;
+    assert_eq!(
+        (s, body["version"].as_u64()),
+        (200, Some(1)),
+        "the retry gets its original result, not a fresh decision: {body}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_second_instance_takes_partitions_without_restoring_the_ones_that_stay() {
     let settings = shared::testing::test_settings(4);
     let a = ServiceProcess::start(&settings, "join-a", 100);
