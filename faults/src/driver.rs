@@ -72,6 +72,8 @@ pub(crate) struct Driver {
     pub(crate) ledger: Mutex<Vec<Sent>>,
     /// Set when the run's faults are over: the account tasks finish their current command and stop.
     pub(crate) stop: AtomicBool,
+    /// While set, the account tasks send no new command (the load pauses).
+    pub(crate) paused: AtomicBool,
     /// How long to wait for an answer before sending the command again.
     pub(crate) retry_after: Duration,
     /// Set with `stop`: a command unanswered by then counts as a missing result.
@@ -141,6 +143,7 @@ impl Driver {
             answers,
             ledger: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             retry_after: Duration::from_secs(30),
             give_up_at: Mutex::new(None),
         }))
@@ -162,6 +165,25 @@ impl Driver {
             .map_err(|(e, _)| e)
             .with_context(|| format!("producing to {topic}"))?;
         Ok(())
+    }
+
+    /// Pauses the load and waits (at most `within`) until no command is waiting for its answer;
+    /// false if some still were.
+    pub(crate) async fn pause(&self, within: Duration) -> bool {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + within;
+        while !self.answers.waiting.lock().unwrap().is_empty() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// Lets the load go on.
+    pub(crate) fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     /// The run's topic names.
@@ -234,6 +256,9 @@ impl Driver {
         let mut state = Account::default();
         let mut n = 0;
         loop {
+            while self.paused.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             if (self.stop.load(Ordering::SeqCst) && n >= min_ops) || Instant::now() > deadline {
                 return state;
             }

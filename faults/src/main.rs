@@ -79,6 +79,8 @@ enum Fault {
     KillTransactionCoordinator,
     StopTakeoverOtherId,
     StopTakeoverSameId,
+    FreezeIdleResumeRunning,
+    FreezeIdleResumeStopping,
     RebuildUnderLoad,
     PostgresStopStart,
     RegistryStopStart,
@@ -120,6 +122,20 @@ const SCENARIOS: &[Scenario] = &[
         name: "stop-takeover",
         brokers: 1,
         faults: &[Fault::StopTakeoverOtherId, Fault::StopTakeoverSameId],
+        postgres: false,
+        registry: false,
+    },
+    Scenario {
+        name: "frozen-idle-writer-resumed",
+        brokers: 1,
+        faults: &[Fault::FreezeIdleResumeRunning],
+        postgres: false,
+        registry: false,
+    },
+    Scenario {
+        name: "frozen-idle-writer-stopped",
+        brokers: 1,
+        faults: &[Fault::FreezeIdleResumeStopping],
         postgres: false,
         registry: false,
     },
@@ -293,6 +309,8 @@ impl Run<'_> {
             Fault::KillTransactionCoordinator => self.kill_transaction_coordinator().await,
             Fault::StopTakeoverOtherId => self.stop_and_take_over_with_other_id().await,
             Fault::StopTakeoverSameId => self.stop_and_take_over_with_same_id().await,
+            Fault::FreezeIdleResumeRunning => self.freeze_idle_then_take_over(true).await,
+            Fault::FreezeIdleResumeStopping => self.freeze_idle_then_take_over(false).await,
             Fault::PostgresStopStart => self.stop_and_start_postgres().await,
             Fault::RegistryStopStart => self.stop_and_start_registry().await,
             Fault::RebuildUnderLoad => self.rebuild_under_load().await,
@@ -382,11 +400,7 @@ impl Run<'_> {
         // transaction for the transaction time-out (10 s); then another takes over.
         let stopped = self.commands[0].pid()?;
         signal(stopped, "STOP").await?;
-        let id = self.next_instance_id();
-        let mut other = self.launcher.command_service(&id, &format!("cmd-{id}"))?;
-        let taken = other
-            .wait_ready(&self.http, Some(PARTITIONS as usize), READY_TIMEOUT)
-            .await;
+        let (other, taken) = self.new_instance(Some(PARTITIONS as usize)).await?;
         // Resume the stopped one whatever happened (it must not stay frozen). It lost its
         // partitions and its transaction: it may rejoin, or stop as fenced.
         signal(stopped, "CONT").await?;
@@ -394,6 +408,73 @@ impl Run<'_> {
         taken?;
         self.commands.push(other);
         self.wait_progress(20, "a takeover by another INSTANCE_ID")
+            .await;
+        Ok(())
+    }
+
+    /// Starts a command-service with a new INSTANCE_ID and waits until it is ready (owning
+    /// `partitions`, if given); the instance, and whether it got ready.
+    async fn new_instance(&mut self, partitions: Option<usize>) -> Result<(Service, Result<()>)> {
+        let id = self.next_instance_id();
+        let mut service = self.launcher.command_service(&id, &format!("cmd-{id}"))?;
+        let ready = service
+            .wait_ready(&self.http, partitions, READY_TIMEOUT)
+            .await;
+        Ok((service, ready))
+    }
+
+    /// The owner of every partition frozen (SIGSTOP) while idle, with changes no checkpoint
+    /// covers yet; another INSTANCE_ID takes over and writes; the frozen one is resumed, either
+    /// left running once its idle checkpoint is due (frozen for 63 s) or stopped at once
+    /// (SIGTERM, whose goodbye checkpoints everything changed); the new owner is SIGKILLed
+    /// before its own checkpoint, and a third instance restores. A checkpoint of the frozen
+    /// one's stale state would make the third skip the new owner's events: versions repeat and
+    /// the load's answers disagree with the model.
+    async fn freeze_idle_then_take_over(&mut self, resumed_running: bool) -> Result<()> {
+        if !self.driver.pause(Duration::from_secs(60)).await {
+            log("    some commands were still unanswered when the load paused");
+        }
+        let frozen_at = Instant::now();
+        let mut owner = self.commands.remove(0);
+        let frozen = owner.pid()?;
+        owner.may_exit = true;
+        signal(frozen, "STOP").await?;
+        let (mut taker, taken) = self.new_instance(Some(PARTITIONS as usize)).await?;
+        if let Err(e) = taken {
+            signal(frozen, "CONT").await?;
+            self.commands.push(owner);
+            self.commands.push(taker);
+            self.driver.resume();
+            return Err(e);
+        }
+        self.driver.resume();
+        self.wait_progress(30, "a takeover of a frozen idle writer")
+            .await;
+        self.driver.pause(Duration::from_secs(60)).await;
+        if resumed_running {
+            // Its 60 s idle checkpoint is due the moment it runs again.
+            tokio::time::sleep(
+                (frozen_at + Duration::from_secs(63)).saturating_duration_since(Instant::now()),
+            )
+            .await;
+            signal(frozen, "CONT").await?;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } else {
+            signal(frozen, "TERM").await?;
+            signal(frozen, "CONT").await?;
+            let deadline = Instant::now() + FENCED_EXIT_LIMIT;
+            while owner.exited().is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // The new owner dies before a checkpoint of its own covers what it wrote.
+        taker.kill().await?;
+        self.commands.push(owner);
+        let (third, restored) = self.new_instance(None).await?;
+        self.commands.push(third);
+        self.driver.resume();
+        restored?;
+        self.wait_progress(20, "a restore after a frozen idle writer")
             .await;
         Ok(())
     }

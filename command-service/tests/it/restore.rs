@@ -107,45 +107,12 @@ async fn a_retried_command_gets_its_original_result_after_two_restarts() {
 /// Writes `deposits` + 1 events of one account as a store from before checkpoints would hold
 /// them: no checkpoint, no snapshot.
 async fn write_old_store(settings: &Settings, id: &str, deposits: u64) {
-    let partition = canonical_partition(id.as_bytes(), settings.partitions);
-    write_old_store_on(settings, id, deposits, partition).await;
+    write_old_accounts_on(settings, &[id.to_owned()], deposits, None).await;
 }
 
 /// [`write_old_store`] on the given events partition, right or wrong.
 async fn write_old_store_on(settings: &Settings, id: &str, deposits: u64, partition: i32) {
-    let codec = EventCodec::json("USD");
-    let topic = Topics::new(&settings.topic_prefix).events();
-    let producer = producer(settings);
-    let mut account = BankAccount::default();
-    let events = std::iter::once(Event::AccountOpened {
-        owner: "Olga".into(),
-        currency: "EUR".into(),
-        initial_balance_minor: 1000,
-    })
-    .chain((0..deposits).map(|_| Event::MoneyDeposited { amount_minor: 10 }));
-    for event in events {
-        account.apply(&event);
-        let envelope = EventEnvelope::new(
-            id,
-            account.version,
-            &event,
-            chrono::Utc::now(),
-            Default::default(),
-        );
-        let bytes = codec.encode(&topic, &envelope).await.unwrap();
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .key(id)
-                    .payload(&bytes)
-                    .partition(partition)
-                    .headers(shared::codec::event_headers(&envelope)),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
+    write_old_accounts_on(settings, &[id.to_owned()], deposits, Some(partition)).await;
 }
 
 #[tokio::test]
@@ -225,30 +192,100 @@ async fn a_store_from_before_checkpoints_is_replayed_once_then_checkpointed() {
     );
 }
 
+/// Writes the accounts `ids`, `deposits` + 1 events each, as a store from before checkpoints
+/// would hold them (on `partition`, else each on its own), many records in flight at once.
+async fn write_old_accounts_on(
+    settings: &Settings,
+    ids: &[String],
+    deposits: u64,
+    partition: Option<i32>,
+) {
+    let codec = EventCodec::json("USD");
+    let topic = Topics::new(&settings.topic_prefix).events();
+    let producer = producer(settings);
+    for chunk in ids.chunks(20_000) {
+        let mut records = Vec::with_capacity(chunk.len() * (deposits as usize + 1));
+        for id in chunk {
+            let mut account = BankAccount::default();
+            let events = std::iter::once(Event::AccountOpened {
+                owner: "Olga".into(),
+                currency: "EUR".into(),
+                initial_balance_minor: 1000,
+            })
+            .chain((0..deposits).map(|_| Event::MoneyDeposited { amount_minor: 10 }));
+            for event in events {
+                account.apply(&event);
+                let envelope = EventEnvelope::new(
+                    id,
+                    account.version,
+                    &event,
+                    chrono::Utc::now(),
+                    Default::default(),
+                );
+                let bytes = codec.encode(&topic, &envelope).await.unwrap();
+                records.push((id.clone(), bytes, shared::codec::event_headers(&envelope)));
+            }
+        }
+        let sends =
+            records.iter().map(|(id, bytes, headers)| {
+                producer.send(
+                    FutureRecord::to(&topic)
+                        .key(id)
+                        .payload(bytes)
+                        .partition(partition.unwrap_or_else(|| {
+                            canonical_partition(id.as_bytes(), settings.partitions)
+                        }))
+                        .headers(headers.clone()),
+                    Duration::from_secs(60),
+                )
+            });
+        for sent in futures::future::join_all(sends).await {
+            sent.map_err(|(e, _)| e).unwrap();
+        }
+    }
+}
+
+/// Set `PIECES_TEST_ACCOUNTS=1000000` to try it at scale once (3M events of 1M accounts, pieces
+/// of the default 10,000): the partition is checkpointed while it serves.
 #[tokio::test]
 async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
+    let accounts: usize = std::env::var("PIECES_TEST_ACCOUNTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(400);
+    let piece = if accounts > 10_000 { 10_000 } else { 40 };
     let mut settings = settings_with_topics(1).await;
-    settings.checkpoint_piece = 40;
-    let ids: Vec<String> = (0..400).map(|i| format!("piece-{i}")).collect();
-    for id in &ids {
-        write_old_store(&settings, id, 0).await;
-    }
+    settings.checkpoint_piece = piece as u64;
+    let ids: Vec<String> = (0..accounts).map(|i| format!("piece-{i}")).collect();
+    let seeded = Instant::now();
+    let deposits = if accounts > 10_000 { 2 } else { 0 };
+    write_old_accounts_on(&settings, &ids, deposits, None).await;
+    eprintln!("{accounts} accounts written in {:?}", seeded.elapsed());
     let topics = Topics::new(&settings.topic_prefix);
 
+    let started = Instant::now();
     let app = TestApp::spawn_with(settings.clone()).await;
     let ready = app.ready_json().await;
+    eprintln!("replayed and ready in {:?}", started.elapsed());
     assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
     let deposit = Command::Deposit {
         amount_minor: 5,
         currency: None,
     };
+    let before = 1 + deposits;
     let (s, body) = app.send(&cmd("piece-7", deposit.clone())).await;
-    assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    assert_eq!(
+        (s, body["version"].as_u64()),
+        (200, Some(before + 1)),
+        "{body}"
+    );
+    eprintln!("a deposit answered {:?} after ready", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(if accounts > 10_000 { 1800 } else { 60 });
     while read_topic(&settings, &topics.command_checkpoints()).is_empty() {
         assert!(Instant::now() < deadline, "the replay is checkpointed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    eprintln!("checkpointed {:?} after start", started.elapsed());
     app.stop().await;
 
     // A transaction's records have consecutive offsets, its commit marker takes the next one:
@@ -278,7 +315,11 @@ async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
     let ready = app.ready_json().await;
     assert_eq!(count(restores(&ready), "replayed_partitions"), 0, "{ready}");
     let (s, body) = app.send(&cmd("piece-7", deposit)).await;
-    assert_eq!((s, body["version"].as_u64()), (200, Some(3)), "{body}");
+    assert_eq!(
+        (s, body["version"].as_u64()),
+        (200, Some(before + 2)),
+        "{body}"
+    );
     app.stop().await;
 }
 
