@@ -58,7 +58,12 @@ impl TestApp {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_ready_within(Duration::from_secs(60)).await;
+    }
+
+    /// Waits until the app is ready, at most `within`.
+    pub async fn wait_ready_within(&self, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
             if let Ok(r) = self.http.get(format!("{}/ready", self.url)).send().await
                 && r.status() == 200
@@ -67,7 +72,7 @@ impl TestApp {
             }
             assert!(
                 Instant::now() < deadline,
-                "service at {} not ready within 60 s",
+                "service at {} not ready within {within:?}",
                 self.url
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -264,7 +264,13 @@ async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
     let topics = Topics::new(&settings.topic_prefix);
 
     let started = Instant::now();
-    let app = TestApp::spawn_with(settings.clone()).await;
+    let app = TestApp::start_with(settings.clone()).await;
+    app.wait_ready_within(Duration::from_secs(if accounts > 10_000 {
+        1800
+    } else {
+        60
+    }))
+    .await;
     let ready = app.ready_json().await;
     eprintln!("replayed and ready in {:?}", started.elapsed());
     assert_eq!(count(restores(&ready), "replayed_partitions"), 1, "{ready}");
@@ -279,7 +285,7 @@ async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
         (200, Some(before + 1)),
         "{body}"
     );
-    eprintln!("a deposit answered {:?} after ready", started.elapsed());
+    eprintln!("a deposit answered {:?} after the start", started.elapsed());
     let deadline = Instant::now() + Duration::from_secs(if accounts > 10_000 { 1800 } else { 60 });
     while read_topic(&settings, &topics.command_checkpoints()).is_empty() {
         assert!(Instant::now() < deadline, "the replay is checkpointed");
@@ -305,9 +311,13 @@ async fn a_replayed_partition_is_checkpointed_in_bounded_pieces() {
         longest = longest.max(run);
         previous = Some(m.offset());
     }
+    eprintln!(
+        "{} snapshots, the largest transaction held {longest}",
+        snapshots.len()
+    );
     assert!(
-        longest <= 40,
-        "pieces of at most 40 snapshots, not {longest}"
+        longest <= piece,
+        "pieces of at most {piece} snapshots, not {longest}"
     );
 
     // The pieces and their record are a checkpoint a restart can prove.
