@@ -38,7 +38,7 @@ fn lock(rules: &Shared) -> MutexGuard<'_, Rules> {
 }
 
 /// Held by the running proxy: the port is fixed, so tests that use it take turns.
-static PORT: Mutex<()> = Mutex::new(());
+static PORT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The proxy; it stops (with every connection through it) when dropped.
 pub struct LossyProxy {
@@ -46,7 +46,7 @@ pub struct LossyProxy {
     pub bootstrap: String,
     rules: Shared,
     stop: Option<oneshot::Sender<()>>,
-    _turn: MutexGuard<'static, ()>,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl LossyProxy {
@@ -63,7 +63,7 @@ impl LossyProxy {
             );
             return None;
         };
-        let turn = PORT.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = PORT.lock().await;
         let upstream = format!("127.0.0.1:{port}");
         TcpStream::connect(&upstream).await.unwrap_or_else(|e| {
             panic!("the broker has no proxied listener on {upstream} ({e}): start it with KAFKA_PROXIED_PORT={port} scripts/kafka start --fresh")

@@ -215,9 +215,9 @@ fn latest_lease(settings: &shared::Settings, instance: &str) -> serde_json::Valu
     let topic = shared::kafka::Topics::new(&settings.topic_prefix).command_instances();
     read_topic(settings, &topic)
         .iter()
+        .rev()
         .filter(|m| rdkafka::Message::key(*m) == Some(instance.as_bytes()))
-        .filter_map(|m| serde_json::from_slice(rdkafka::Message::payload(m)?).ok())
-        .last()
+        .find_map(|m| serde_json::from_slice(rdkafka::Message::payload(m)?).ok())
         .expect("a lease")
 }
 
