@@ -65,6 +65,11 @@ impl Decoder {
         }
     }
 
+    /// `PARTITIONS`: where each account lives.
+    pub(crate) fn partitions(&self) -> i32 {
+        self.settings.partitions
+    }
+
     fn codec(&self) -> Arc<EventCodec> {
         self.codec
             .lock()

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::message::OwnedHeaders;
 use shared::dlq::DeadLetterCode;
+use shared::kafka::canonical_partition;
 use shared::{BankAccount, DecodeError, EventEnvelope};
 
 use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, Unpark, format_ts};
@@ -116,15 +117,17 @@ struct Pending {
     refused: bool,
 }
 
-/// Decides what to do with a batch. `accounts` holds the stored state of the accounts the
-/// batch touches; `parked` their parked events.
+/// Decides what to do with a batch of `topic`, whose accounts live on `partitions`
+/// partitions. `accounts` holds the stored state of the accounts the batch touches; `parked`
+/// their parked events.
 pub fn plan_batch(
     topic: &str,
+    partitions: i32,
     messages: &[Incoming],
     accounts: HashMap<String, StoredAccount>,
     parked: Vec<ParkedRow>,
 ) -> Plan {
-    let mut planner = Planner::new(topic, accounts, parked);
+    let mut planner = Planner::new(topic, partitions, accounts, parked);
     for msg in messages {
         planner.take(msg);
     }
@@ -134,6 +137,7 @@ pub fn plan_batch(
 /// The state of planning one batch, message by message.
 struct Planner<'a> {
     topic: &'a str,
+    partitions: i32,
     plan: Plan,
     accounts: HashMap<String, StoredAccount>,
     /// Parked events per account by version: stored ones and those parked in this batch.
@@ -145,6 +149,7 @@ struct Planner<'a> {
 impl<'a> Planner<'a> {
     fn new(
         topic: &'a str,
+        partitions: i32,
         accounts: HashMap<String, StoredAccount>,
         parked: Vec<ParkedRow>,
     ) -> Self {
@@ -162,6 +167,7 @@ impl<'a> Planner<'a> {
         }
         Planner {
             topic,
+            partitions,
             plan: Plan::default(),
             accounts,
             pending,
@@ -180,6 +186,20 @@ impl<'a> Planner<'a> {
             }
         };
         let id = envelope.aggregate_id.clone();
+        let home = canonical_partition(id.as_bytes(), self.partitions);
+        if home != msg.partition {
+            let refusal = Refusal::new(
+                DeadLetterCode::Misplaced,
+                format!(
+                    "an event of {id} on partition {}, but the account lives on partition \
+                     {home} with PARTITIONS={}: the partition count changed under existing \
+                     events, or a producer used another partitioner",
+                    msg.partition, self.partitions
+                ),
+            );
+            self.plan.dead_letters.push(DeadLetter::of(msg, refusal));
+            return;
+        }
         let account = self
             .accounts
             .entry(id.clone())
@@ -418,6 +438,7 @@ mod tests {
     fn applies_in_order_and_skips_duplicates() {
         let plan = plan_batch(
             "t",
+            1,
             &[
                 msg(0, "a", 1, &opened()),
                 msg(1, "a", 2, &deposit(50)),
@@ -438,6 +459,7 @@ mod tests {
     fn a_gap_is_parked_then_applied_when_the_missing_version_arrives() {
         let plan = plan_batch(
             "t",
+            1,
             &[
                 msg(0, "a", 1, &opened()),
                 msg(1, "a", 3, &deposit(7)),
@@ -457,6 +479,7 @@ mod tests {
         let accounts = HashMap::from([("a".to_string(), stored)]);
         let later = plan_batch(
             "t",
+            1,
             &[msg(3, "a", 2, &deposit(1))],
             accounts,
             plan.write.parked,
@@ -489,6 +512,7 @@ mod tests {
         };
         let plan = plan_batch(
             "t",
+            1,
             &[
                 msg(0, "nul\u{0}id", 1, &opened()),
                 msg(1, "b", 1, &long_owner),
@@ -509,6 +533,7 @@ mod tests {
         bad.decoded = Err(DecodeError::UnknownFormat(b'x'));
         let plan = plan_batch(
             "t",
+            1,
             &[msg(0, "a", 1, &deposit(5)), bad, msg(2, "c", 1, &opened())],
             HashMap::new(),
             vec![],
@@ -521,5 +546,22 @@ mod tests {
         assert_eq!(plan.applied, 1);
         assert_eq!(plan.write.accounts.len(), 1);
         assert_eq!(plan.write.accounts[0].id, "c");
+    }
+
+    #[test]
+    fn an_event_on_another_partition_than_its_account_is_dead_lettered() {
+        let home = canonical_partition(b"a", 2);
+        let mut stray = msg(0, "a", 1, &opened());
+        stray.partition = 1 - home;
+        let mut placed = msg(1, "a", 1, &opened());
+        placed.partition = home;
+        let plan = plan_batch("t", 2, &[stray, placed], HashMap::new(), Vec::new());
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(codes, [DeadLetterCode::Misplaced]);
+        assert_eq!(plan.dead_letters[0].partition, 1 - home);
+        assert_eq!(
+            plan.applied, 1,
+            "the event on its account's partition is applied"
+        );
     }
 }

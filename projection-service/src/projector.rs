@@ -754,7 +754,8 @@ impl Projector {
         } else {
             Vec::new()
         };
-        let mut plan = plan_batch(&self.topic, messages, accounts, parked);
+        let partitions = self.decoder.partitions();
+        let mut plan = plan_batch(&self.topic, partitions, messages, accounts, parked);
         plan.write.offsets = next_offsets(messages)
             .into_iter()
             .map(|(partition, next)| OffsetAdvance {

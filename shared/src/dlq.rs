@@ -72,6 +72,9 @@ pub enum DeadLetterCode {
     NotApplicable,
     /// A value the read model cannot store (NUL byte, oversized text).
     Unstorable,
+    /// An event on another partition than its account's (the partition count changed under
+    /// existing events, or a producer used another partitioner).
+    Misplaced,
 }
 
 impl DeadLetterCode {
@@ -89,6 +92,7 @@ impl DeadLetterCode {
             DeadLetterCode::InvalidEventData => "InvalidEventData",
             DeadLetterCode::NotApplicable => "NotApplicable",
             DeadLetterCode::Unstorable => "Unstorable",
+            DeadLetterCode::Misplaced => "Misplaced",
         }
     }
 }
