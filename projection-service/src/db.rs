@@ -503,6 +503,10 @@ impl Database {
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
+                        // First, on every connection (whichever creates the file's first table
+                        // sets it; a no-op for an existing file): pages freed by a rebuild's
+                        // swap can then be given back ([`Database::give_back_free_pages`]).
+                        conn.execute("PRAGMA auto_vacuum = INCREMENTAL").await?;
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
@@ -665,7 +669,36 @@ impl Database {
             tx.execute(format!("DROP TABLE {gone}").as_str()).await?;
         }
         tx.commit().await?;
+        self.give_back_free_pages().await;
         Ok(Swap::Done)
+    }
+
+    /// SQLite keeps the pages of dropped tables in its file: after a swap the file would stay
+    /// the size of two read models. A file created with `auto_vacuum = INCREMENTAL` (every file
+    /// this version creates) gives them back to the file system here; an older one keeps them
+    /// until a `VACUUM` (logged). Best effort: a failure costs disk space, nothing else.
+    async fn give_back_free_pages(&self) {
+        if self.backend != Backend::Sqlite {
+            return;
+        }
+        let mode: Result<i64, _> = sqlx::query_scalar("PRAGMA auto_vacuum")
+            .fetch_one(&self.pool)
+            .await;
+        match mode {
+            Ok(2) => {
+                if let Err(e) = sqlx::query("PRAGMA incremental_vacuum")
+                    .execute(&self.pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot give the retired tables' pages back");
+                }
+            }
+            _ => tracing::info!(
+                "the SQLite file keeps the retired tables' pages (created before auto_vacuum \
+                 was set): run `sqlite3 FILE VACUUM` while the projection-service is stopped \
+                 to shrink it"
+            ),
+        }
     }
 
     /// The stored next offsets of `topic`, per partition.

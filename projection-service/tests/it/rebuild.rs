@@ -237,3 +237,45 @@ async fn committed_offsets(
     .await
     .expect("lookup")
 }
+
+/// Pages of the SQLite file in use (the WAL included).
+async fn sqlite_pages(db: &projection_service::db::Database) -> i64 {
+    sqlx::query_scalar("PRAGMA page_count")
+        .fetch_one(db.pool())
+        .await
+        .expect("page count")
+}
+
+#[tokio::test]
+async fn a_rebuild_leaves_the_sqlite_file_the_size_of_one_read_model() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let settings = settings_for(&db);
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let histories = generate(&ids("rbs"), 300, 20, 5);
+    produce(&writer, &codec, &histories).await;
+    let first = rebuild(&settings, Progress::Quiet, std::future::pending())
+        .await
+        .expect("the first rebuild");
+    assert!(first.applied > 0, "{first:?}");
+    let store = db.open().await;
+    let one = sqlite_pages(&store).await;
+    rebuild(&settings, Progress::Quiet, std::future::pending())
+        .await
+        .expect("the second rebuild");
+    let after = sqlite_pages(&store).await;
+    let mode: i64 = sqlx::query_scalar("PRAGMA auto_vacuum")
+        .fetch_one(store.pool())
+        .await
+        .expect("mode");
+    let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+        .fetch_one(store.pool())
+        .await
+        .expect("free");
+    eprintln!("auto_vacuum {mode}, free pages {free}");
+    assert!(
+        after * 10 <= one * 13,
+        "the file holds {after} pages after a rebuild, {one} before: the retired tables' pages \
+         were kept"
+    );
+}
