@@ -40,6 +40,21 @@ pub struct Account {
     /// RFC 3339.
     #[serde(default)]
     pub updated_at: String,
+    /// Later events waiting behind a version gap, if any.
+    #[serde(default)]
+    pub parked: Option<Parked>,
+}
+
+/// Events of an account parked behind a version gap (`parked` of `GET /accounts/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Parked {
+    /// How many wait.
+    pub events: u64,
+    /// The missing version they wait for.
+    pub waiting_for_version: u64,
+    /// When the oldest was parked.
+    #[serde(default)]
+    pub since: String,
 }
 
 impl Account {
@@ -104,6 +119,17 @@ pub fn account(a: &Account) -> String {
         ("opened at", a.opened_at.clone()),
         ("updated at", a.updated_at.clone()),
     ];
+    let parked = a.parked.as_ref().map(|p| {
+        (
+            "parked",
+            format!(
+                "{} later event(s) wait for version {} since {}: the account is shown as of \
+                 version {} until it arrives (bank dlq list may say why it is missing)",
+                p.events, p.waiting_for_version, p.since, a.version
+            ),
+        )
+    });
+    let rows: Vec<(&str, String)> = rows.into_iter().chain(parked).collect();
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     rows.iter()
         .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
@@ -268,6 +294,25 @@ mod tests {
             command_result(&rejected),
             "rejected: InsufficientFunds: balance is 150.25"
         );
+    }
+
+    #[test]
+    fn an_account_waiting_behind_a_gap_says_so() {
+        let mut a = alice();
+        a.parked = Some(Parked {
+            events: 2,
+            waiting_for_version: a.version + 1,
+            since: "2026-12-07T08:00:00Z".into(),
+        });
+        let text = account(&a);
+        assert!(
+            text.contains(&format!(
+                "parked:       2 later event(s) wait for version {} since 2026-12-07T08:00:00Z",
+                a.version + 1
+            )),
+            "{text}"
+        );
+        assert!(!account(&alice()).contains("parked"));
     }
 
     #[test]

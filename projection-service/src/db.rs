@@ -1024,6 +1024,18 @@ impl Database {
         row.map(|r| account_view(&r)).transpose()
     }
 
+    /// The events of an account parked behind a version gap: how many, and since when (the
+    /// oldest `parked_at`); `None` when none is.
+    pub(crate) async fn parked_of(&self, id: &str) -> StoreResult<Option<(u64, String)>> {
+        let (count, since): (i64, Option<String>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(parked_at) FROM parked_events WHERE aggregate_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((count > 0).then(|| (u64::try_from(count).unwrap_or(0), since.unwrap_or_default())))
+    }
+
     /// The state of an account right after version `version`.
     pub(crate) async fn account_at_version(
         &self,

@@ -190,6 +190,7 @@ pub struct ErrorDetail {
         ErrorBody,
         ErrorDetail,
         AccountJson,
+        ParkedJson,
         AccountPage,
         EventJson,
         EventJsonV1,
@@ -267,6 +268,21 @@ pub struct AccountJson {
     pub opened_at: String,
     /// RFC 3339.
     pub updated_at: String,
+    /// Present when later events of the account wait behind a version gap (the current state
+    /// only): the account is shown as of `version` until the missing one arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<ParkedJson>,
+}
+
+/// Events of an account parked behind a version gap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ParkedJson {
+    /// How many events wait.
+    pub events: u64,
+    /// The version they wait for (the account's version + 1).
+    pub waiting_for_version: u64,
+    /// RFC 3339: when the oldest of them was parked.
+    pub since: String,
 }
 
 impl From<AccountView> for AccountJson {
@@ -282,6 +298,7 @@ impl From<AccountView> for AccountJson {
             transaction_count: v.transaction_count,
             opened_at: v.opened_at,
             updated_at: v.updated_at,
+            parked: None,
         }
     }
 }
@@ -392,11 +409,25 @@ async fn get_account(
                 ApiError::AccountNotFound(format!("account {id} has no version {v}"))
             })?
         }
-        (None, None) => state
-            .db
-            .account(&id)
-            .await?
-            .ok_or_else(|| ApiError::AccountNotFound(format!("account {id} does not exist")))?,
+        (None, None) => {
+            let parked = state.db.parked_of(&id).await?;
+            let Some(found) = state.db.account(&id).await? else {
+                return Err(ApiError::AccountNotFound(match parked {
+                    None => format!("account {id} does not exist"),
+                    Some((events, since)) => format!(
+                        "account {id} has no applied event: {events} of its events wait for \
+                         version 1 (parked since {since})"
+                    ),
+                }));
+            };
+            let mut account = AccountJson::from(found);
+            account.parked = parked.map(|(events, since)| ParkedJson {
+                events,
+                waiting_for_version: account.version + 1,
+                since,
+            });
+            return Ok(Json(account));
+        }
     };
     Ok(Json(found.into()))
 }

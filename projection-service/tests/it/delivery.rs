@@ -71,18 +71,56 @@ async fn duplicates_are_skipped_and_gaps_parked_until_filled(backend: Backend) {
     .await;
     let (_, still) = app.get(&format!("/accounts/{id}")).await;
     assert_eq!(still["version"], 5);
+    // The account says so: one later event waits for version 6.
+    assert_eq!(still["parked"]["events"], 1, "{still}");
+    assert_eq!(still["parked"]["waiting_for_version"], 6, "{still}");
+    assert!(
+        still["parked"]["since"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{still}"
+    );
+    // An account of which only a later event arrived says what it waits for.
+    let orphan = ids("orphan");
+    let orphan_second = EventEnvelope::new(
+        &orphan,
+        2,
+        &Event::MoneyDeposited { amount_minor: 100 },
+        Utc::now(),
+        Metadata::new(),
+    );
+    writer.envelope(&codec, &orphan_second).await;
+    wait_for(
+        "the orphan to be parked",
+        Duration::from_secs(30),
+        || async { (app.metric("projection_events_parked_total").await >= 2.0).then_some(()) },
+    )
+    .await;
+    let (status, missing) = app.get(&format!("/accounts/{orphan}")).await;
+    assert_eq!(status, 404, "{missing}");
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("wait for version 1")),
+        "{missing}"
+    );
     let store = db.open().await;
     let parked = store.counts().await.expect("counts").parked;
-    assert_eq!(parked, 1, "one parked event row");
+    assert_eq!(parked, 2, "two parked event rows");
 
     // Version 6 fills the gap: 6 and the parked 7 are applied, the parked row is gone.
     writer.envelope(&codec, &events[5]).await;
     let filled = app.wait_version(&id, 7).await;
+    assert!(filled.get("parked").is_none(), "{filled}");
     assert_eq!(filled["balance_minor"], 1000 + (1..=6).sum::<i64>() * 100);
     assert_eq!(filled["transaction_count"], 6);
     let counts = store.counts().await.expect("counts");
     let (events_after, parked) = (counts.events, counts.parked);
-    assert_eq!((events_after, parked), (7, 0));
+    assert_eq!(
+        (events_after, parked),
+        (7, 1),
+        "the orphan's event stays parked"
+    );
     assert_eq!(app.metric("projection_events_unparked_total").await, 1.0);
     assert_eq!(
         app.metric("projection_events_duplicates_skipped_total")
