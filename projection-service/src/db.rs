@@ -472,10 +472,13 @@ fn placeholders(rows: usize, cols: usize) -> String {
 /// Rows per multi-row `INSERT` (well below both engines' parameter limits).
 const ROWS_PER_INSERT: usize = 100;
 
-/// The read-model database.
+/// The read-model database: a pool for the projection's writes and one of their own for the
+/// API's queries, so that slow or many queries never queue the projection's batches behind
+/// them.
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: AnyPool,
+    reads: AnyPool,
     backend: Backend,
 }
 
@@ -497,25 +500,37 @@ impl Database {
         } else {
             (Backend::Postgres, url.to_owned())
         };
-        let options = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 8 } else { 10 })
-            .acquire_timeout(Duration::from_secs(30))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // First, on every connection (whichever creates the file's first table
-                        // sets it; a no-op for an existing file): pages freed by a rebuild's
-                        // swap can then be given back ([`Database::give_back_free_pages`]).
-                        conn.execute("PRAGMA auto_vacuum = INCREMENTAL").await?;
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                    }
-                    Ok(())
+        let options = |max_connections| {
+            AnyPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(30))
+                .after_connect(move |conn, _meta| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            // First, on every connection (whichever creates the file's first table
+                            // sets it; a no-op for an existing file): pages freed by a rebuild's
+                            // swap can then be given back ([`Database::give_back_free_pages`]).
+                            conn.execute("PRAGMA auto_vacuum = INCREMENTAL").await?;
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        }
+                        Ok(())
+                    })
                 })
-            });
-        let pool = options.connect(&url).await?;
-        let db = Database { pool, backend };
+        };
+        let pool = options(4).connect(&url).await?;
+        // An in-memory SQLite database exists once per connection pool: one pool serves both.
+        let reads = if url.contains(":memory:") {
+            pool.clone()
+        } else {
+            options(8).connect_lazy(&url)?
+        };
+        let db = Database {
+            pool,
+            reads,
+            backend,
+        };
         db.migrate().await?;
         Ok(db)
     }
@@ -530,8 +545,14 @@ impl Database {
         &self.pool
     }
 
-    /// Closes the pool.
+    /// The queries' pool, for tests.
+    pub fn reads(&self) -> &AnyPool {
+        &self.reads
+    }
+
+    /// Closes the pools.
     pub async fn close(&self) {
+        self.reads.close().await;
         self.pool.close().await;
     }
 
@@ -1019,7 +1040,7 @@ impl Database {
             "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.map(|r| account_view(&r)).transpose()
     }
@@ -1031,7 +1052,7 @@ impl Database {
             "SELECT COUNT(*), MIN(parked_at) FROM parked_events WHERE aggregate_id = $1",
         )
         .bind(id)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reads)
         .await?;
         Ok((count > 0).then(|| (u64::try_from(count).unwrap_or(0), since.unwrap_or_default())))
     }
@@ -1047,7 +1068,7 @@ impl Database {
         ))
         .bind(id)
         .bind(to_i64(version))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.map(|r| account_view(&r)).transpose()
     }
@@ -1064,7 +1085,7 @@ impl Database {
         ))
         .bind(id)
         .bind(ts_nanos(at))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.map(|r| account_view(&r)).transpose()
     }
@@ -1115,7 +1136,7 @@ impl Database {
         }
         let rows = query
             .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         rows.iter().map(account_view).collect()
     }
@@ -1135,14 +1156,14 @@ impl Database {
         .bind(id)
         .bind(i64::try_from(after_version).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?)
     }
 
     /// Row counts of the live tables.
     pub async fn counts(&self) -> StoreResult<RowCounts> {
         let count = |table: &'static str| {
-            let pool = self.pool.clone();
+            let pool = self.reads.clone();
             async move {
                 sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {table}"))
                     .fetch_one(&pool)

@@ -18,8 +18,28 @@ both_backends!(
     a_poison_message_near_one_megabyte_is_dead_lettered_cut,
     a_stored_offset_beyond_the_end_stops_the_service,
     a_rebuild_swap_never_takes_a_version_back,
-    a_schema_id_the_registry_learns_late_is_applied
+    a_schema_id_the_registry_learns_late_is_applied,
+    queries_never_hold_the_connections_the_projection_writes_with
 );
+
+/// Readers of the API (16 slow history queries, say) hold query connections only: the
+/// projection still gets its connection at once.
+async fn queries_never_hold_the_connections_the_projection_writes_with(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.open().await;
+    let mut busy = Vec::new();
+    for _ in 0..8 {
+        busy.push(store.reads().acquire().await.expect("a query connection"));
+    }
+    let write = tokio::time::timeout(Duration::from_secs(2), store.pool().acquire()).await;
+    assert!(
+        write.is_ok_and(|c| c.is_ok()),
+        "the projection waited behind {} busy query connections",
+        busy.len()
+    );
+    drop(busy);
+    store.close().await;
+}
 
 fn opened(id: &str, currency: &str) -> EventEnvelope {
     EventEnvelope::new(
