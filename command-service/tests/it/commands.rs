@@ -563,9 +563,8 @@ async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() 
     let garbage = id_on("garbage", 0, 2);
     let legacy = id_on("legacy", 0, 2);
     let neighbour = id_on("neighbour", 0, 2);
-    let stray = id_on("stray", 1, 2);
-    // Garbage bytes; a v1 event whose amount cannot be upcast (three decimals); a valid event
-    // of an aggregate of partition 1 written to partition 0.
+    // Garbage bytes; a v1 event whose amount cannot be upcast (three decimals). (A valid event
+    // on another partition than its aggregate's stops the start instead: restore.rs tests it.)
     produce_to(&settings, &topics.events(), &garbage, b"not an event", 0).await;
     let bad_v1 = json!({"id": "a6a3a450-6513-270e-269e-0d37f2a74de4", "aggregate_id": legacy,
         "aggregate_type": "BankAccount", "event_type": "AccountOpened",
@@ -579,19 +578,6 @@ async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() 
         0,
     )
     .await;
-    let misplaced = json!({"id": "1600a35a-0999-50d8-36f6-75cc81e74ef5", "aggregate_id": stray,
-        "aggregate_type": "BankAccount", "event_type": "AccountOpened",
-        "data": {"name": "Stray", "initial_balance": 1}, "metadata": {},
-        "version": 1, "timestamp": "2025-03-01T00:01:00"});
-    produce_to(
-        &settings,
-        &topics.events(),
-        &stray,
-        misplaced.to_string().as_bytes(),
-        0,
-    )
-    .await;
-
     let app = TestApp::spawn_with(settings.clone()).await;
     let deposit = cmd(
         &garbage,
@@ -609,12 +595,6 @@ async fn unreadable_events_quarantine_their_aggregates_and_the_rest_is_served() 
     }
     let (s, body) = app.send(&open(&neighbour, "Bea", 10)).await;
     assert_eq!((s, body["version"].as_u64()), (200, Some(1)), "{body}");
-    let (s, body) = app.send(&open(&stray, "Stray", 10)).await;
-    assert_eq!(
-        (s, body["version"].as_u64()),
-        (200, Some(1)),
-        "the misplaced record is not the aggregate's: {body}"
-    );
     assert_eq!(
         app.ready_json().await["restores"]["quarantined_aggregates"],
         2
