@@ -46,6 +46,8 @@ pub struct LossyProxy {
     pub bootstrap: String,
     rules: Shared,
     stop: Option<oneshot::Sender<()>>,
+    /// The proxy's thread: joined on drop, so the port is free before the next turn.
+    thread: Option<std::thread::JoinHandle<()>>,
     _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -69,14 +71,26 @@ impl LossyProxy {
             panic!("the broker has no proxied listener on {upstream} ({e}): start it with KAFKA_PROXIED_PORT={port} scripts/kafka start --fresh")
         });
         let bootstrap = format!("127.0.0.1:{}", port + 1);
-        let listener = std::net::TcpListener::bind(&bootstrap).expect("proxy port free");
+        // The previous proxy's thread is joined before its turn ends; a moment more for the
+        // port to be given back by the kernel.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let listener = loop {
+            match std::net::TcpListener::bind(&bootstrap) {
+                Ok(listener) => break listener,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("proxy port {bootstrap} busy ({e}); trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("proxy port {bootstrap} free: {e}"),
+            }
+        };
         listener
             .set_nonblocking(true)
             .expect("non-blocking listener");
         let rules = Shared::default();
         let (stop, stopped) = oneshot::channel();
         let shared = Arc::clone(&rules);
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -93,6 +107,7 @@ impl LossyProxy {
             bootstrap,
             rules,
             stop: Some(stop),
+            thread: Some(thread),
             _turn: turn,
         })
     }
@@ -126,6 +141,9 @@ impl Drop for LossyProxy {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
