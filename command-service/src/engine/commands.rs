@@ -431,8 +431,11 @@ impl Engine {
             .results
             .fetch_watermarks(&topic, partition, Duration::from_secs(5))
             .map_err(|e| unreadable(e.to_string()))?;
+        // `high` is the last stable offset (the reader is read_committed): right after a commit
+        // it can still be below the record, until the coordinator's markers land. Only a record
+        // below the log start is known to be gone; one at or above `high` is waited for.
         let start = offset.max(low);
-        if start >= high {
+        if start > offset && start >= high {
             return Ok(None);
         }
         let mut tpl = TopicPartitionList::new();

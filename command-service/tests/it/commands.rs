@@ -752,3 +752,107 @@ async fn a_retried_command_whose_result_record_was_deleted_is_answered_never_ret
     assert_eq!((s, body["version"].as_u64()), (200, Some(2)), "{body}");
     app.stop().await;
 }
+
+/// The commands partition's offset the writer's group has committed (its transactions commit it).
+fn committed_commands_offset(settings: &shared::Settings) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .set(
+            "group.id",
+            format!("{}.command-service", settings.topic_prefix),
+        )
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(&Topics::new(&settings.topic_prefix).commands(), 0);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    match committed.elements()[0].offset() {
+        rdkafka::Offset::Offset(o) => o,
+        _ => 0,
+    }
+}
+
+/// Waits (at most `within`) until the writer has committed the commands partition past `offset`.
+async fn committed_past(settings: &shared::Settings, offset: i64, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if committed_commands_offset(settings) > offset {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_retry_while_the_results_partition_is_not_yet_stable_gets_the_original_result() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let settings = settings_with_topics(1).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let results_topic = Topics::new(&settings.topic_prefix).command_results();
+    // A transaction left open on the results partition holds its last stable offset back, as the
+    // commit markers of the writer's own last transaction do for a moment after each commit.
+    let hold: ThreadedProducer<DefaultProducerContext> = settings
+        .kafka
+        .client_config()
+        .set(
+            "transactional.id",
+            shared::testing::unique_name("hold-the-lso"),
+        )
+        .create()
+        .unwrap();
+    hold.init_transactions(Duration::from_secs(30)).unwrap();
+    hold.begin_transaction().unwrap();
+    hold.send(
+        BaseRecord::to(&results_topic)
+            .partition(0)
+            .key("hold")
+            .payload("{}"),
+    )
+    .map_err(|(e, _)| e)
+    .unwrap();
+    hold.flush(Duration::from_secs(10)).unwrap();
+
+    let opened = open("stable", "Sia", 10);
+    let producer = producer(&settings);
+    produce_raw(&producer, &settings, "stable", &opened.to_bytes(), None).await;
+    assert!(
+        committed_past(&settings, 0, Duration::from_secs(60)).await,
+        "the command was decided and committed"
+    );
+    // The retry is read while the original result is written but not yet stable. The old code
+    // took the result for gone and answered ResultLost (and committed that at once).
+    produce_raw(&producer, &settings, "stable", &opened.to_bytes(), None).await;
+    committed_past(&settings, 1, Duration::from_secs(5)).await;
+    hold.abort_transaction(Duration::from_secs(30)).unwrap();
+
+    let key = opened.command_id.to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answers = loop {
+        let answers: Vec<serde_json::Value> = read_topic(&settings, &results_topic)
+            .iter()
+            .filter(|m| m.key() == Some(key.as_bytes()))
+            .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+            .collect();
+        if answers.len() >= 2 {
+            break answers;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both answers written: {answers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for answer in &answers {
+        assert_eq!(
+            (answer["status"].as_str(), answer["version"].as_u64()),
+            (Some("accepted"), Some(1)),
+            "the retry repeats the original: {answers:?}"
+        );
+    }
+    app.stop().await;
+}
