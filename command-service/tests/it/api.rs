@@ -144,7 +144,8 @@ async fn openapi_document_and_error_shape() {
 #[tokio::test]
 async fn metrics_pass_promtool() {
     let app = TestApp::spawn(1).await;
-    assert_eq!(app.send(&open("acc-1", "Ida", 100)).await.0, 200);
+    let (status, body) = app.send(&open("acc-1", "Ida", 100)).await;
+    assert_eq!(status, 200, "{body}");
     let (status, body) = app
         .send(&cmd(
             "acc-1",
@@ -156,7 +157,8 @@ async fn metrics_pass_promtool() {
         .await;
     assert_eq!(
         (status, &body["error"]["code"]),
-        (422, &"InsufficientFunds".into())
+        (422, &"InsufficientFunds".into()),
+        "{body}"
     );
     let r = app
         .http
