@@ -32,6 +32,7 @@ use rdkafka::Offset;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
+use shared::aggregate::Aggregate;
 use shared::codec::{header, header_str};
 use shared::envelope::{Checkpoint, Quarantined, Snapshot, record_fingerprint};
 use shared::kafka::{SettleError, TopicReader, Topics, TransactionWatch, canonical_partition};
@@ -872,9 +873,13 @@ fn fold_event(
         Ok(event) => event,
         Err(e) => return unreadable(e.to_string()),
     };
-    state.events_since_checkpoint += 1;
     let mut folded = BankAccount::from(&*account);
-    folded.apply(&event);
+    if let Err(e) = folded.evolve(&event) {
+        // Not a possible next event (say, a deposit on an account never opened): folding it
+        // would make up a state no decision produced.
+        return unreadable(e.to_string());
+    }
+    state.events_since_checkpoint += 1;
     *account = StoredAccount::from(&folded);
     state
         .dirty

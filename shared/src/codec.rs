@@ -17,7 +17,8 @@ use schema_registry_converter::schema_registry_common::{
 };
 use serde_json::{Value, json};
 
-use crate::bank_account::{AGGREGATE_TYPE, Event, EventDataError};
+use crate::aggregate::Aggregate;
+use crate::bank_account::{AGGREGATE_TYPE, BankAccount, Event, EventDataError};
 use crate::envelope::{CURRENT_SCHEMA_VERSION, EventEnvelope};
 use crate::upcast::{UpcastContext, UpcastError, Upcasters};
 
@@ -381,21 +382,10 @@ pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<
 
 /// The JSON Schema of one event type at one schema version (the whole envelope).
 pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
-    let data = match (event_type, schema_version) {
-        ("AccountOpened", 2) => json!({
-            "type": "object",
-            "required": ["owner", "currency", "initial_balance_minor"],
-            "properties": {
-                "owner": {"type": "string", "minLength": 1},
-                "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
-                "initial_balance_minor": {"type": "integer", "minimum": 0}
-            }
-        }),
-        ("MoneyDeposited" | "MoneyWithdrawn", 2) => json!({
-            "type": "object",
-            "required": ["amount_minor"],
-            "properties": {"amount_minor": {"type": "integer", "minimum": 1}}
-        }),
+    let current = (schema_version == BankAccount::SCHEMA_VERSION)
+        .then(|| BankAccount::event_schema(event_type))
+        .flatten();
+    let data = current.unwrap_or_else(|| match (event_type, schema_version) {
         // v1: the holder was `name`, amounts were decimals in major units, no currency.
         ("AccountOpened", 1) => json!({
             "type": "object",
@@ -411,7 +401,7 @@ pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
             "properties": {"amount": {"type": ["number", "string"]}}
         }),
         _ => json!({"type": "object"}),
-    };
+    });
     json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": schema_name(event_type, schema_version),

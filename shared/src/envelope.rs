@@ -12,7 +12,8 @@ use crate::bank_account::{
 };
 
 /// The schema version every event is written in today. Older versions are upcast on read.
-pub const CURRENT_SCHEMA_VERSION: u32 = 2;
+pub const CURRENT_SCHEMA_VERSION: u32 =
+    <BankAccount as crate::aggregate::Aggregate>::SCHEMA_VERSION;
 
 /// Free-form metadata carried by commands and events (`correlation_id`, `causation_id`, `user`…).
 pub type Metadata = Map<String, Value>;

@@ -1,5 +1,6 @@
 //! What both services and the CLI share.
 //!
+//! - [`aggregate`]: the decide/evolve seam every aggregate type implements; no I/O.
 //! - [`bank_account`]: the domain — commands, events, rules (`handle`) and fold (`apply`); no I/O.
 //! - [`envelope`]: the messages of the wire contract (command, result, event envelope).
 //! - [`client`]: producing commands and waiting for their results (CLI, benchmarks).
@@ -15,6 +16,7 @@
 //! - [`trace`]: W3C `traceparent` carried on commands, events and results.
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
 
+pub mod aggregate;
 pub mod bank_account;
 pub mod client;
 pub mod codec;

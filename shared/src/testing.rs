@@ -1,7 +1,11 @@
 //! Test support shared by every crate: the given/when/then harness for the aggregate and the
 //! helpers integration tests use to reach the real broker with unique names.
 
-use crate::bank_account::{BankAccount, Command, Event, RejectionCode};
+use chrono::{DateTime, Utc};
+
+use crate::aggregate::{self, Aggregate, Context, DomainEvent};
+use crate::bank_account::{BankAccount, Event, Rejection, RejectionCode};
+use crate::envelope::Metadata;
 
 /// The seed-era v1 events (one JSON envelope per line), as the first producers wrote them: the
 /// fixture every crate's upcasting tests read.
@@ -10,51 +14,75 @@ pub const SEED_V1_EVENTS: &str = include_str!("../tests/data/seed-v1-events.json
 /// The account states folding [`SEED_V1_EVENTS`] must give, by account id.
 pub const SEED_V1_EXPECTED: &str = include_str!("../tests/data/seed-v1-expected.json");
 
-/// Starts a scenario from the account's past events.
-pub fn given(events: impl IntoIterator<Item = Event>) -> Given {
-    let history: Vec<Event> = events.into_iter().collect();
-    Given {
-        account: BankAccount::from_events(&history),
-    }
+/// Starts a bank-account scenario from the account's past events.
+pub fn given(events: impl IntoIterator<Item = Event>) -> Given<BankAccount> {
+    Given::history(events)
 }
 
-/// A scenario with its history folded.
+/// A given/when/then scenario for any aggregate type: its history folded with
+/// [`Aggregate::evolve`] (which must accept every event of it).
 #[derive(Debug)]
-pub struct Given {
-    account: BankAccount,
+pub struct Given<A: Aggregate> {
+    state: A,
+    version: u64,
+    metadata: Metadata,
+    now: DateTime<Utc>,
 }
 
-impl Given {
-    /// The command under test.
-    pub fn when(self, command: Command) -> When {
-        let outcome = self.account.handle(&command);
-        When {
-            account: self.account,
-            command,
-            outcome,
+impl<A: Aggregate> Given<A> {
+    /// Starts a scenario from an aggregate's past events.
+    #[track_caller]
+    pub fn history(events: impl IntoIterator<Item = A::Event>) -> Self {
+        let mut state = A::default();
+        let mut version = 0;
+        for event in events {
+            if let Err(e) = state.evolve(&event) {
+                panic!("the given history is not one {} accepts: {e}", A::TYPE);
+            }
+            version += 1;
         }
+        Given {
+            state,
+            version,
+            metadata: Metadata::new(),
+            now: Utc::now(),
+        }
+    }
+
+    /// The command under test, decided as the engine decides it ([`aggregate::execute`]).
+    pub fn when(self, command: A::Command) -> When<A> {
+        self.when_expecting(None, command)
+    }
+
+    /// The command under test, sent with an `expected_version`.
+    pub fn when_expecting(self, expected_version: Option<u64>, command: A::Command) -> When<A> {
+        let ctx = Context {
+            aggregate_id: "given",
+            version: self.version,
+            now: self.now,
+            metadata: &self.metadata,
+        };
+        let outcome = aggregate::execute(self.state.clone(), expected_version, &command, &ctx);
+        When { command, outcome }
     }
 }
 
 /// A scenario after the command ran.
 #[derive(Debug)]
-pub struct When {
-    account: BankAccount,
-    command: Command,
-    outcome: Result<Vec<Event>, crate::bank_account::Rejection>,
+pub struct When<A: Aggregate> {
+    command: A::Command,
+    outcome: Result<(Vec<A::Event>, A), Rejection>,
 }
 
-impl When {
+impl<A: Aggregate> When<A> {
     /// Asserts the command was accepted with exactly these events; returns the new state.
     #[track_caller]
-    pub fn then_expect(self, expected: impl IntoIterator<Item = Event>) -> BankAccount {
-        let expected: Vec<Event> = expected.into_iter().collect();
+    pub fn then_expect(self, expected: impl IntoIterator<Item = A::Event>) -> A {
+        let expected: Vec<A::Event> = expected.into_iter().collect();
         match self.outcome {
-            Ok(events) => {
+            Ok((events, state)) => {
                 assert_eq!(events, expected, "events for {:?}", self.command);
-                let mut account = self.account;
-                events.iter().for_each(|e| account.apply(e));
-                account
+                state
             }
             Err(rejection) => panic!(
                 "{:?} was rejected ({rejection}), expected {expected:?}",
@@ -68,11 +96,60 @@ impl When {
     pub fn then_expect_error(self, code: RejectionCode) {
         match self.outcome {
             Err(rejection) => assert_eq!(rejection.code, code, "{rejection}"),
-            Ok(events) => panic!(
+            Ok((events, _)) => panic!(
                 "{:?} was accepted with {events:?}, expected {code}",
                 self.command
             ),
         }
+    }
+}
+
+/// Checks the laws every aggregate type must keep, over one sequence of commands (drive it with
+/// proptest): `decide` is deterministic; every event it emits is accepted by `evolve`, in order;
+/// replaying the accepted events from nothing rebuilds the same state; and an event the state
+/// refuses leaves the state unchanged. Returns the accepted history, or which law broke.
+pub fn check_laws<A: Aggregate>(commands: &[A::Command]) -> Result<Vec<A::Event>, String> {
+    let metadata = Metadata::new();
+    let now = Utc::now();
+    let mut live = A::default();
+    let mut history: Vec<A::Event> = Vec::new();
+    for command in commands {
+        let ctx = Context {
+            aggregate_id: "law",
+            version: history.len() as u64,
+            now,
+            metadata: &metadata,
+        };
+        let first = live.decide(command, &ctx);
+        if live.decide(command, &ctx) != first {
+            return Err(format!("decide is not deterministic for {command:?}"));
+        }
+        let Ok(events) = first else { continue };
+        for event in events {
+            if let Err(e) = live.evolve(&event) {
+                return Err(format!(
+                    "{command:?} emitted {} which evolve refuses: {e}",
+                    event.event_type()
+                ));
+            }
+            history.push(event);
+        }
+        for event in &history {
+            let mut probe = live.clone();
+            if probe.evolve(event).is_err() && probe != live {
+                return Err(format!(
+                    "a refused {} changed the state",
+                    event.event_type()
+                ));
+            }
+        }
+    }
+    match A::from_events(&history) {
+        Ok(replayed) if replayed == live => Ok(history),
+        Ok(replayed) => Err(format!(
+            "replaying the history gives {replayed:?}, the live state is {live:?}"
+        )),
+        Err(e) => Err(format!("replaying the history fails: {e}")),
     }
 }
 

@@ -10,6 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
+use shared::aggregate::{self, Aggregate, Context};
 use shared::envelope::{MalformedCommand, Metadata};
 use shared::kafka::canonical_partition;
 use shared::trace::{METADATA_TRACE_ID, TraceContext};
@@ -142,11 +143,20 @@ impl Engine {
             return Ok(Decision::rejected(id, aggregate_id, rejection));
         }
         let state = self.account(partition, aggregate_id);
-        let events = match state.decide(command.expected_version, &command.command) {
-            Ok(events) => events,
-            Err(rejection) => return Ok(Decision::rejected(id, aggregate_id, rejection)),
+        let before = state.version;
+        let at = event_time(Utc::now(), self.clock_floor(partition));
+        let ctx = Context {
+            aggregate_id,
+            version: before,
+            now: at,
+            metadata: &command.metadata,
         };
-        match self.append(partition, command, state, &events) {
+        let (events, state) =
+            match aggregate::execute(state, command.expected_version, &command.command, &ctx) {
+                Ok(decided) => decided,
+                Err(rejection) => return Ok(Decision::rejected(id, aggregate_id, rejection)),
+            };
+        match self.append(partition, command, before, at, state, &events) {
             Ok(envelopes) => Ok(Decision {
                 result: CommandResult::accepted(id, aggregate_id, &envelopes),
                 outcome: "accepted",
@@ -201,31 +211,32 @@ impl Engine {
         Ok(decision.outcome)
     }
 
-    /// Produces the events of an accepted command (and a snapshot when one is due) and records
-    /// the new state in the overlay.
+    /// Produces the events of an accepted command (versions from `before + 1`, stamped `at`, a
+    /// snapshot when one is due) and records the new state in the overlay.
     fn append(
         &mut self,
         partition: i32,
         command: &CommandMessage,
-        mut state: BankAccount,
+        before: u64,
+        at: chrono::DateTime<Utc>,
+        state: BankAccount,
         events: &[Event],
     ) -> Result<Vec<EventEnvelope>, AppendError> {
         let metadata = self.event_metadata(command);
-        let at = event_time(Utc::now(), self.clock_floor(partition));
         let mut envelopes = Vec::with_capacity(events.len());
         let mut snapshot = None;
-        for event in events {
-            state.apply(event);
-            let envelope = EventEnvelope::new(
-                &command.aggregate_id,
-                state.version,
-                event,
-                at,
-                metadata.clone(),
-            );
-            let token = snapshot_due(state.version, self.settings.snapshot_every).then(|| {
+        for (i, event) in (1..).zip(events) {
+            let version = before + i;
+            let envelope =
+                EventEnvelope::new(&command.aggregate_id, version, event, at, metadata.clone());
+            let token = snapshot_due(version, self.settings.snapshot_every).then(|| {
                 let token = self.new_token();
-                snapshot = Some((token, state.clone()));
+                let last = i as usize == events.len();
+                let prefix = &events[..i as usize];
+                snapshot = Some((
+                    token,
+                    (!last).then(|| self.state_at(partition, command, prefix)),
+                ));
                 token
             });
             let first = envelopes.is_empty();
@@ -233,12 +244,12 @@ impl Engine {
             envelopes.push(envelope);
         }
         if let Some(txn) = self.txn.as_mut() {
-            if let Some((token, state)) = snapshot {
+            if let Some((token, snapshot_state)) = snapshot {
                 txn.snapshots.push(DueSnapshot {
                     token,
                     partition,
                     aggregate_id: command.aggregate_id.clone(),
-                    state,
+                    state: snapshot_state.unwrap_or_else(|| state.clone()),
                 });
             }
             txn.overlay.last_event_at.insert(partition, at);
@@ -247,6 +258,16 @@ impl Engine {
                 .insert(command.aggregate_id.clone(), state);
         }
         Ok(envelopes)
+    }
+
+    /// The state after the first `events` of a command, for a snapshot due before its last
+    /// event (rare: most commands emit one). [`aggregate::execute`] already folded them all.
+    fn state_at(&self, partition: i32, command: &CommandMessage, events: &[Event]) -> BankAccount {
+        let mut state = self.account(partition, &command.aggregate_id);
+        for event in events {
+            let _ = state.evolve(event);
+        }
+        state
     }
 
     /// The metadata of a command's events: the command's own, plus causation, correlation and

@@ -856,3 +856,41 @@ async fn a_retry_while_the_results_partition_is_not_yet_stable_gets_the_original
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_that_cannot_follow_its_aggregates_history_quarantines_it_on_restore() {
+    let settings = settings_with_topics(1).await;
+    let topics = Topics::new(&settings.topic_prefix);
+    // A well-formed deposit as the first event of an account never opened (written by another
+    // producer): not a history the rules can make. The old restore folded it anyway, and then
+    // accepted an OpenAccount as the account's version 2.
+    let orphan = json!({"event_id": "0b6f2d3e-8a9b-4c1d-9e2f-3a4b5c6d7e8f", "aggregate_id": "orphan",
+        "aggregate_type": "BankAccount", "event_type": "MoneyDeposited", "schema_version": 2,
+        "version": 1, "timestamp": "2026-01-01T00:00:00Z", "metadata": {},
+        "data": {"amount_minor": 500}});
+    produce_to(
+        &settings,
+        &topics.events(),
+        "orphan",
+        orphan.to_string().as_bytes(),
+        0,
+    )
+    .await;
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (s, body) = app.send(&open("orphan", "Otto", 0)).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("AggregateUnavailable")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never opened"),
+        "{body}"
+    );
+    let (s, body) = app.send(&open("neighbour", "Nia", 1)).await;
+    assert_eq!((s, body["version"].as_u64()), (200, Some(1)), "{body}");
+    app.stop().await;
+}

@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use serde_json::{Value, json};
+
 use super::{Command, Event, Rejection, RejectionCode};
+use crate::aggregate::{Aggregate, Context, DomainCommand, DomainEvent, Inapplicable};
 
 /// Lifecycle of an account.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,25 +69,6 @@ impl BankAccount {
 }
 
 impl BankAccount {
-    /// Decides a command sent with an optional `expected_version` (optimistic concurrency):
-    /// a version conflict when the account is elsewhere, otherwise [`BankAccount::handle`].
-    pub fn decide(
-        &self,
-        expected_version: Option<u64>,
-        command: &Command,
-    ) -> Result<Vec<Event>, Rejection> {
-        match expected_version {
-            Some(expected) if expected != self.version => reject(
-                RejectionCode::VersionConflict,
-                format!(
-                    "expected version {expected}, but the account is at version {}",
-                    self.version
-                ),
-            ),
-            _ => self.handle(command),
-        }
-    }
-
     /// Decides what a command means for this account: the events to append, or why not.
     /// Never changes the state.
     pub fn handle(&self, command: &Command) -> Result<Vec<Event>, Rejection> {
@@ -210,13 +194,85 @@ impl BankAccount {
         self.version += 1;
     }
 
-    /// Rebuilds a state from a whole event history.
-    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a Event>) -> Self {
+    /// Rebuilds a state from a whole event history (folding every event, applicable or not).
+    pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Self {
         let mut account = BankAccount::default();
         for event in events {
             account.apply(event);
         }
         account
+    }
+}
+
+/// The bank account as an implementation of the seam: `decide` is [`BankAccount::handle`],
+/// `evolve` is [`BankAccount::check_applicable`] then [`BankAccount::apply`].
+impl Aggregate for BankAccount {
+    const TYPE: &'static str = super::AGGREGATE_TYPE;
+    const SCHEMA_VERSION: u32 = 2;
+    type Command = Command;
+    type Event = Event;
+
+    fn decide(&self, command: &Command, _ctx: &Context<'_>) -> Result<Vec<Event>, Rejection> {
+        self.handle(command)
+    }
+
+    fn evolve(&mut self, event: &Event) -> Result<(), Inapplicable> {
+        self.check_applicable(event).map_err(Inapplicable)?;
+        self.apply(event);
+        Ok(())
+    }
+
+    fn event_schema(event_type: &str) -> Option<Value> {
+        Some(match event_type {
+            "AccountOpened" => json!({
+                "type": "object",
+                "required": ["owner", "currency", "initial_balance_minor"],
+                "properties": {
+                    "owner": {"type": "string", "minLength": 1},
+                    "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                    "initial_balance_minor": {"type": "integer", "minimum": 0}
+                }
+            }),
+            "MoneyDeposited" | "MoneyWithdrawn" => json!({
+                "type": "object",
+                "required": ["amount_minor"],
+                "properties": {"amount_minor": {"type": "integer", "minimum": 1}}
+            }),
+            "AccountClosed" => json!({"type": "object"}),
+            _ => return None,
+        })
+    }
+}
+
+impl DomainCommand for Command {
+    const TYPES: &'static [&'static str] = &["OpenAccount", "Deposit", "Withdraw", "CloseAccount"];
+
+    fn type_name(&self) -> &'static str {
+        Command::type_name(self)
+    }
+
+    fn payload(&self) -> Value {
+        Command::payload(self)
+    }
+
+    fn from_parts(type_name: &str, payload: Value) -> Result<Self, String> {
+        Command::from_parts(type_name, payload)
+    }
+}
+
+impl DomainEvent for Event {
+    const TYPES: &'static [&'static str] = &Event::TYPES;
+
+    fn event_type(&self) -> &'static str {
+        Event::event_type(self)
+    }
+
+    fn data(&self) -> Value {
+        Event::data(self)
+    }
+
+    fn from_parts(event_type: &str, data: &Value) -> Result<Self, super::EventDataError> {
+        Event::from_parts(event_type, data)
     }
 }
 

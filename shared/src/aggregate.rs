@@ -1,0 +1,154 @@
+//! The seam between the machinery and a domain: an aggregate type is a *decider*. It decides
+//! what a command means for its current state (`decide`, pure and synchronous) and folds the
+//! events it emitted (`evolve`). Nothing here knows about Kafka, codecs or databases; the engine
+//! owns versions, the `expected_version` check, the clock floor, metadata, snapshots,
+//! checkpoints and quarantine.
+//!
+//! [`crate::BankAccount`] is the first implementation; `docs/aggregates.md` walks through
+//! adding another.
+
+use std::fmt::Debug;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::bank_account::{EventDataError, Rejection, RejectionCode};
+use crate::envelope::Metadata;
+
+/// A command of an aggregate type as it travels in the command message: a wire `type` name and
+/// a JSON `payload`.
+pub trait DomainCommand: Clone + Debug + PartialEq + Send + Sync + 'static {
+    /// Every command type name of the aggregate, as written on the wire.
+    const TYPES: &'static [&'static str];
+
+    /// The wire name (`type` field of the command message).
+    fn type_name(&self) -> &'static str;
+
+    /// The wire payload (`payload` field of the command message).
+    fn payload(&self) -> Value;
+
+    /// Reads a command from its wire `type` and `payload`; the error says what is wrong.
+    fn from_parts(type_name: &str, payload: Value) -> Result<Self, String>;
+}
+
+/// An event of an aggregate type at its current schema version: a wire `event_type` name and a
+/// JSON `data` object.
+pub trait DomainEvent: Clone + Debug + PartialEq + Send + Sync + 'static {
+    /// Every event type name of the aggregate, as written on the wire.
+    const TYPES: &'static [&'static str];
+
+    /// The wire name (`event_type` of the envelope).
+    fn event_type(&self) -> &'static str;
+
+    /// The envelope's `data` at the current schema version.
+    fn data(&self) -> Value;
+
+    /// Reads an event from its type and current-version `data`.
+    fn from_parts(event_type: &str, data: &Value) -> Result<Self, EventDataError>;
+}
+
+/// What a decision may know besides the state: the aggregate's id and version (the number of
+/// events folded), the event time the engine will stamp, and the command's metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The aggregate the command is for.
+    pub aggregate_id: &'a str,
+    /// Events folded into the state so far.
+    pub version: u64,
+    /// The timestamp the events will carry (never earlier than the partition's latest event).
+    pub now: DateTime<Utc>,
+    /// The command's metadata (`correlation_id`, `user`…).
+    pub metadata: &'a Metadata,
+}
+
+/// An event that is not a possible next event of the state it is folded into: restore
+/// quarantines the aggregate, the projection dead-letters the event. Never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inapplicable event: {0}")]
+pub struct Inapplicable(pub String);
+
+/// An aggregate type: its state (`Self`, folded from events, serialisable for snapshots), its
+/// commands, its events and the two functions between them.
+pub trait Aggregate:
+    Default + Clone + Debug + PartialEq + Send + Sync + Serialize + DeserializeOwned + 'static
+{
+    /// The stable type name: `aggregate_type` in every event envelope.
+    const TYPE: &'static str;
+    /// The schema version every event of this type is written in.
+    const SCHEMA_VERSION: u32;
+    /// The aggregate's commands.
+    type Command: DomainCommand;
+    /// The aggregate's events.
+    type Event: DomainEvent;
+
+    /// Decides what `command` means for this state: the events to append (in order), or why
+    /// not. Pure and synchronous: no I/O, no clock but `ctx.now`, the same answer every time.
+    /// A decision emitting several events must account for each one's effect (fold as you
+    /// emit); [`execute`] checks that every one is applicable.
+    fn decide(
+        &self,
+        command: &Self::Command,
+        ctx: &Context<'_>,
+    ) -> Result<Vec<Self::Event>, Rejection>;
+
+    /// Folds one event into the state. An event that cannot follow this state is
+    /// [`Inapplicable`] and leaves the state as it was.
+    fn evolve(&mut self, event: &Self::Event) -> Result<(), Inapplicable>;
+
+    /// The JSON Schema of an event type's `data` at [`Aggregate::SCHEMA_VERSION`], registered
+    /// with the schema registry; `None` for a type this aggregate does not have.
+    fn event_schema(event_type: &str) -> Option<Value>;
+
+    /// Rebuilds a state from a whole history, stopping at the first inapplicable event.
+    fn from_events<'a>(
+        events: impl IntoIterator<Item = &'a Self::Event>,
+    ) -> Result<Self, Inapplicable> {
+        let mut state = Self::default();
+        for event in events {
+            state.evolve(event)?;
+        }
+        Ok(state)
+    }
+}
+
+/// What the engine does with a command: checks `expected_version` against `ctx.version`
+/// (`VersionConflict`), asks [`Aggregate::decide`], and folds each emitted event into the
+/// state. Returns the events and the new state. An
+/// emitted event the state refuses is a bug in the decider, answered as a rejection rather than
+/// appended.
+pub fn execute<A: Aggregate>(
+    mut state: A,
+    expected_version: Option<u64>,
+    command: &A::Command,
+    ctx: &Context<'_>,
+) -> Result<(Vec<A::Event>, A), Rejection> {
+    if let Some(expected) = expected_version
+        && expected != ctx.version
+    {
+        return Err(Rejection::new(
+            RejectionCode::VersionConflict,
+            format!(
+                "expected version {expected}, but the {} is at version {}",
+                A::TYPE,
+                ctx.version
+            ),
+        ));
+    }
+    let events = state.decide(command, ctx)?;
+    for event in &events {
+        state.evolve(event).map_err(|e| {
+            tracing::error!(aggregate_type = A::TYPE, aggregate_id = ctx.aggregate_id, %e, "the decider emitted an event its state refuses");
+            Rejection::new(
+                RejectionCode::Malformed,
+                format!(
+                    "{} decided {} which its state refuses ({e}); nothing was appended",
+                    A::TYPE,
+                    event.event_type()
+                ),
+            )
+        })?;
+    }
+    Ok((events, state))
+}
