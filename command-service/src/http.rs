@@ -18,6 +18,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
+use shared::aggregate::DomainCommand;
+use shared::envelope::MalformedCommand;
 use shared::kafka::{Topics, canonical_partition};
 use shared::trace::{TRACEPARENT, TraceContext};
 use shared::{CommandMessage, CommandResult, CommandStatus, RejectionCode, Settings};
@@ -46,6 +48,8 @@ pub struct AppState {
     pub shutdown: shared::shutdown::Shutdown,
     /// Metrics renderer.
     pub metrics: PrometheusHandle,
+    /// Reads a command of the served aggregate type ([`read_command`]).
+    pub read_command: fn(&[u8]) -> Result<CheckedCommand, MalformedCommand>,
 }
 
 /// An error answer: `{"error": {"code", "message"}}` with its status.
@@ -340,6 +344,28 @@ pub fn result_status(result: &CommandResult) -> StatusCode {
     }
 }
 
+/// What the HTTP side needs of a command it checked: its ids and its bytes to produce.
+#[derive(Debug)]
+pub struct CheckedCommand {
+    /// The command's idempotency key.
+    pub command_id: uuid::Uuid,
+    /// Its aggregate (the record key).
+    pub aggregate_id: String,
+    /// The command message as produced to `<prefix>.commands`.
+    pub bytes: Vec<u8>,
+}
+
+/// Reads a command of the served aggregate type (`C`), refusing what the engine would refuse
+/// as malformed.
+pub fn read_command<C: DomainCommand>(body: &[u8]) -> Result<CheckedCommand, MalformedCommand> {
+    let command = CommandMessage::<C>::parse(body)?;
+    Ok(CheckedCommand {
+        command_id: command.command_id,
+        bytes: command.to_bytes(),
+        aggregate_id: command.aggregate_id,
+    })
+}
+
 /// `POST /commands`: produces the command and waits for its result.
 #[utoipa::path(
     post,
@@ -372,7 +398,7 @@ async fn post_command(
         .and_then(TraceContext::parse)
         .map_or_else(TraceContext::new_root, |parent| parent.child());
     let traceparent = trace.to_header();
-    let command = CommandMessage::from_bytes(&body)
+    let command = (state.read_command)(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "Malformed", e.reason))?;
     let wait = params
         .timeout_ms
@@ -381,13 +407,13 @@ async fn post_command(
     let waiter = state.waiters.wait_for(command.command_id);
     let topic = Topics::new(&state.settings.topic_prefix).commands();
     let partition = canonical_partition(command.aggregate_id.as_bytes(), state.settings.partitions);
-    let payload = command.to_bytes();
+    let payload = &command.bytes;
     state
         .producer
         .send(
             FutureRecord::to(&topic)
                 .key(&command.aggregate_id)
-                .payload(&payload)
+                .payload(payload)
                 .partition(partition)
                 .headers(OwnedHeaders::new().insert(Header {
                     key: TRACEPARENT,

@@ -25,9 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use shared::aggregate::Aggregate;
 use shared::kafka::{RetentionFloor, TopicSpec, Topics, check_copartitioned, ensure_topics};
 use shared::shutdown::Shutdown;
-use shared::{EventCodec, Settings};
+use shared::{BankAccount, EventCodec, Settings};
 use tokio::net::TcpListener;
 
 /// How much longer than the dedupe window a new results topic keeps its records.
@@ -139,8 +140,19 @@ async fn prepare_registry(url: &str, topic: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Runs the service until `shutdown` resolves or the engine stops on a fatal error.
+/// Runs the service for bank accounts until `shutdown` resolves or the engine stops on a fatal
+/// error.
 pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_aggregate::<BankAccount>(settings, listener, shutdown).await
+}
+
+/// Runs the service for the aggregate type `A` (its commands on `<prefix>.commands`, its events
+/// on `<prefix>.events`) until `shutdown` resolves or the engine stops on a fatal error.
+pub async fn run_aggregate<A: Aggregate>(
     settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -179,7 +191,7 @@ pub async fn run(
     let listener_task = waiters
         .start(&settings)
         .context("cannot start the result listener")?;
-    let engine_thread = start_engine(&settings, &codec, &status, &stop)?;
+    let engine_thread = start_engine::<A>(&settings, &codec, &status, &stop)?;
 
     let producer = settings
         .kafka
@@ -196,6 +208,7 @@ pub async fn run(
         status: Arc::clone(&status),
         shutdown: stop.clone(),
         metrics,
+        read_command: http::read_command::<A::Command>,
     };
     tracing::info!(addr = %listener.local_addr()?, "command-service listening");
 
@@ -228,7 +241,7 @@ pub async fn run(
 
 /// Starts the engine on a thread of its own. However it ends (an error at start, a fatal error,
 /// a panic), `stop` is failed with the reason, which stops the HTTP side too.
-fn start_engine(
+fn start_engine<A: Aggregate>(
     settings: &Arc<Settings>,
     codec: &Arc<EventCodec>,
     status: &Arc<engine::Status>,
@@ -245,7 +258,7 @@ fn start_engine(
         .name("command-engine".into())
         .spawn(move || {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine::run_engine(settings, codec, runtime, status, stop.clone())
+                engine::run_engine::<A>(settings, codec, runtime, status, stop.clone())
             }));
             match outcome {
                 Ok(Ok(())) => {}

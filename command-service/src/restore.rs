@@ -36,11 +36,11 @@ use shared::aggregate::Aggregate;
 use shared::codec::{header, header_str};
 use shared::envelope::{Checkpoint, Quarantined, Snapshot, record_fingerprint};
 use shared::kafka::{SettleError, TopicReader, Topics, TransactionWatch, canonical_partition};
-use shared::{BankAccount, CommandResult, EventCodec, Settings};
+use shared::{CommandResult, EventCodec, Settings};
 
 use crate::dedupe::{DedupeStore, Entry, Position, ResultRef};
 use crate::metrics as m;
-use crate::state::{PartitionState, StoredAccount};
+use crate::state::{Held, PartitionState};
 
 /// Why a partition could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +94,21 @@ pub enum RestoreError {
 pub const HANGING_AFTER: Duration = Duration::from_secs(300);
 
 /// The restored partitions and what it took.
-#[derive(Debug, Default)]
-pub struct Restored {
+#[derive(Debug)]
+pub struct Restored<A> {
     /// State per restored partition.
-    pub states: HashMap<i32, PartitionState>,
+    pub states: HashMap<i32, PartitionState<A>>,
     /// What was read.
     pub stats: RestoreStats,
+}
+
+impl<A> Default for Restored<A> {
+    fn default() -> Self {
+        Restored {
+            states: HashMap::new(),
+            stats: RestoreStats::default(),
+        }
+    }
 }
 
 /// What a restore read: the figures that must stay flat as history grows.
@@ -118,15 +127,15 @@ pub struct RestoreStats {
 
 /// Restores the given partitions. `now_ms` is the brokers' time (the dedupe window ends there,
 /// whatever this writer's clock says).
-pub fn restore(
+pub fn restore<A: Aggregate>(
     settings: &Settings,
     codec: &EventCodec,
     dedupe: &DedupeStore,
     partitions: &[i32],
     stop: &AtomicBool,
     now_ms: i64,
-) -> Result<Restored, RestoreError> {
-    let mut restored = Restored::default();
+) -> Result<Restored<A>, RestoreError> {
+    let mut restored = Restored::<A>::default();
     if partitions.is_empty() {
         return Ok(restored);
     }
@@ -177,10 +186,10 @@ pub fn restore(
 
 /// Each partition's checkpoint, if it can be used (none when a snapshot of the partition is
 /// unreadable: the partition is replayed).
-fn usable_checkpoints<'c>(
+fn usable_checkpoints<'c, A>(
     partitions: &[i32],
     checkpoints: &'c HashMap<i32, Checkpoint>,
-    snapshots: &Snapshots,
+    snapshots: &Snapshots<A>,
 ) -> HashMap<i32, Option<&'c Checkpoint>> {
     partitions
         .iter()
@@ -195,10 +204,10 @@ fn usable_checkpoints<'c>(
 
 /// Each partition's state as its snapshots and checkpoint hold it: the aggregates, the
 /// quarantined ones and the clock floor.
-fn seed_states(
+fn seed_states<A>(
     starts: &HashMap<i32, Option<&Checkpoint>>,
-    snapshots: &mut Snapshots,
-) -> HashMap<i32, PartitionState> {
+    snapshots: &mut Snapshots<A>,
+) -> HashMap<i32, PartitionState<A>> {
     starts
         .iter()
         .map(|(p, checkpoint)| {
@@ -231,10 +240,10 @@ fn tail_starts(starts: &HashMap<i32, Option<&Checkpoint>>) -> Vec<(i32, Offset)>
 /// The proof: the partitions (with why) whose restore is not complete. One without a
 /// checkpoint was read from its beginning already; a checkpointed one whose tail has a gap,
 /// or whose snapshots miss an aggregate the checkpoint counted, must be replayed.
-fn incomplete(
+fn incomplete<A>(
     starts: &HashMap<i32, Option<&Checkpoint>>,
     tails: &HashMap<i32, Tail>,
-    states: &HashMap<i32, PartitionState>,
+    states: &HashMap<i32, PartitionState<A>>,
 ) -> Vec<(i32, String)> {
     let mut incomplete = Vec::new();
     for (p, checkpoint) in starts {
@@ -272,17 +281,26 @@ fn replay_needed(stats: &mut RestoreStats, partition: i32, why: &str) {
 
 /// The latest readable snapshot of every aggregate of the partitions being restored, by
 /// partition (a snapshot is written to its aggregate's partition).
-#[derive(Default)]
-struct Snapshots {
-    latest: HashMap<i32, HashMap<CompactString, StoredAccount>>,
+struct Snapshots<A> {
+    latest: HashMap<i32, HashMap<CompactString, Held<A>>>,
     /// Partitions with an unreadable snapshot: their aggregates fall back to the events.
     unreadable_in: HashSet<i32>,
     read: usize,
 }
 
-impl Snapshots {
+impl<A> Default for Snapshots<A> {
+    fn default() -> Self {
+        Snapshots {
+            latest: HashMap::new(),
+            unreadable_in: HashSet::new(),
+            read: 0,
+        }
+    }
+}
+
+impl<A> Snapshots<A> {
     /// A partition's state made of its snapshots (moved out).
-    fn seed(&mut self, partition: i32) -> PartitionState {
+    fn seed(&mut self, partition: i32) -> PartitionState<A> {
         PartitionState {
             accounts: self.latest.remove(&partition).unwrap_or_default(),
             ..PartitionState::default()
@@ -325,10 +343,10 @@ impl Tail {
 
 impl Tail {
     /// Folds one event, quarantining its aggregate when it cannot be read.
-    fn fold(
+    fn fold<A: Aggregate>(
         &mut self,
         codec: &EventCodec,
-        state: &mut PartitionState,
+        state: &mut PartitionState<A>,
         msg: &BorrowedMessage<'_>,
         partitions: i32,
     ) {
@@ -506,13 +524,13 @@ impl<'a> Reader<'a> {
 
     /// The latest snapshot of each aggregate; an unreadable one drops the aggregate's snapshot
     /// and marks its partition for a replay.
-    fn snapshots(&self, reader: TopicReader) -> Result<Snapshots, RestoreError> {
-        let mut snapshots = Snapshots::default();
+    fn snapshots<A: Aggregate>(&self, reader: TopicReader) -> Result<Snapshots<A>, RestoreError> {
+        let mut snapshots = Snapshots::<A>::default();
         let partitions = self.settings.partitions;
         self.drain(reader, |msg| {
             snapshots.read += 1;
             let latest = snapshots.latest.entry(msg.partition()).or_default();
-            match msg.payload().map(serde_json::from_slice::<Snapshot>) {
+            match msg.payload().map(serde_json::from_slice::<Snapshot<A>>) {
                 Some(Ok(s))
                     if canonical_partition(s.aggregate_id.as_bytes(), partitions)
                         != msg.partition() =>
@@ -525,7 +543,11 @@ impl<'a> Reader<'a> {
                         .get(s.aggregate_id.as_str())
                         .is_none_or(|old| old.version < s.version) =>
                 {
-                    latest.insert(s.aggregate_id.into(), StoredAccount::from(&s.state));
+                    let held = Held {
+                        version: s.version,
+                        state: s.state,
+                    };
+                    latest.insert(s.aggregate_id.into(), held);
                 }
                 // Older than one already read.
                 Some(Ok(_)) => {}
@@ -547,11 +569,11 @@ impl<'a> Reader<'a> {
     /// Folds the events from `starts` into `states`. A partition read from its beginning is
     /// read in full: a version gap there quarantines the aggregate. A partition read from a
     /// checkpoint reports its first gap in its [`Tail`] (the caller replays it).
-    fn fold_events(
+    fn fold_events<A: Aggregate>(
         &self,
         codec: &EventCodec,
         starts: &[(i32, Offset)],
-        states: &mut HashMap<i32, PartitionState>,
+        states: &mut HashMap<i32, PartitionState<A>>,
     ) -> Result<HashMap<i32, Tail>, RestoreError> {
         let mut tails: HashMap<i32, Tail> = starts
             .iter()
@@ -801,9 +823,9 @@ fn record_at(
 /// Folds one event into its partition's state. Events a snapshot covers are recognised by
 /// their headers and not decoded; the others are decoded from the JSON inside the wire format
 /// (no registry round trip, so a registry outage cannot make a restore skip events).
-fn fold_event(
+fn fold_event<A: Aggregate>(
     codec: &EventCodec,
-    state: &mut PartitionState,
+    state: &mut PartitionState<A>,
     msg: &BorrowedMessage<'_>,
     partitions: i32,
 ) -> Folded {
@@ -869,18 +891,17 @@ fn fold_event(
             aggregate_id: envelope.aggregate_id,
         };
     }
-    let event = match envelope.event() {
+    let event = match envelope.event_of::<A>() {
         Ok(event) => event,
         Err(e) => return unreadable(e.to_string()),
     };
-    let mut folded = BankAccount::from(&*account);
-    if let Err(e) = folded.evolve(&event) {
+    if let Err(e) = account.state.evolve(&event) {
         // Not a possible next event (say, a deposit on an account never opened): folding it
-        // would make up a state no decision produced.
+        // would make up a state no decision produced. (`evolve` left the state as it was.)
         return unreadable(e.to_string());
     }
+    account.version += 1;
     state.events_since_checkpoint += 1;
-    *account = StoredAccount::from(&folded);
     state
         .dirty
         .insert(CompactString::from(envelope.aggregate_id));

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use compact_str::CompactString;
+use shared::CommandResult;
 use shared::envelope::{Checkpoint, Quarantined};
-use shared::{AccountStatus, BankAccount, CommandResult};
 
 use crate::dedupe::{Entry, Position, ResultRef};
 use uuid::Uuid;
@@ -21,9 +21,9 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 /// The state of one owned partition of `<prefix>.commands` (and of the co-partitioned events,
 /// snapshots, checkpoints and results partitions).
 #[derive(Debug)]
-pub struct PartitionState {
+pub struct PartitionState<A> {
     /// Folded state of every aggregate living on the partition.
-    pub accounts: HashMap<CompactString, StoredAccount>,
+    pub accounts: HashMap<CompactString, Held<A>>,
     /// Aggregates changed since the partition's last checkpoint: the next one snapshots them.
     pub dirty: HashSet<CompactString>,
     /// Events appended since the last checkpoint (the restore tail it would leave).
@@ -57,7 +57,7 @@ pub struct CheckpointRound {
     pub remaining: Vec<CompactString>,
 }
 
-impl Default for PartitionState {
+impl<A> Default for PartitionState<A> {
     fn default() -> Self {
         PartitionState {
             accounts: HashMap::new(),
@@ -72,7 +72,7 @@ impl Default for PartitionState {
     }
 }
 
-impl PartitionState {
+impl<A> PartitionState<A> {
     /// The checkpoint policy: one is due when none covers the state, when `every` events were
     /// appended since the last, or when changes have waited [`CHECKPOINT_INTERVAL`]; and the
     /// next piece of a round in progress is always due.
@@ -125,45 +125,15 @@ impl PartitionState {
     }
 }
 
-/// An aggregate's state as the writer keeps it for every aggregate it owns: a [`BankAccount`]
-/// whose text fields are stored inline when they fit in 24 bytes (every currency, most owners),
-/// so an aggregate costs no heap allocation besides its map entry. Converted to a
-/// [`BankAccount`] to decide or fold.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StoredAccount {
-    /// Events applied.
+/// An aggregate as the writer holds it for every aggregate it owns: the engine's version (the
+/// events folded) and the aggregate type's state. What an aggregate costs in memory is its
+/// state's size (the bank account keeps its text inline).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Held<A> {
+    /// Events folded into `state`; the next event gets `version + 1`.
     pub version: u64,
-    status: AccountStatus,
-    owner: CompactString,
-    currency: CompactString,
-    balance_minor: i64,
-    transaction_count: u64,
-}
-
-impl From<&BankAccount> for StoredAccount {
-    fn from(a: &BankAccount) -> Self {
-        StoredAccount {
-            version: a.version,
-            status: a.status,
-            owner: CompactString::from(a.owner.as_str()),
-            currency: CompactString::from(a.currency.as_str()),
-            balance_minor: a.balance_minor,
-            transaction_count: a.transaction_count,
-        }
-    }
-}
-
-impl From<&StoredAccount> for BankAccount {
-    fn from(a: &StoredAccount) -> Self {
-        BankAccount {
-            version: a.version,
-            status: a.status,
-            owner: a.owner.to_string(),
-            currency: a.currency.to_string(),
-            balance_minor: a.balance_minor,
-            transaction_count: a.transaction_count,
-        }
-    }
+    /// The folded state.
+    pub state: A,
 }
 
 /// The timestamp of a new event: now, but never earlier than the partition's latest event.
@@ -190,10 +160,10 @@ pub fn checkpoint_due(
 
 /// Changes made by the open transaction, kept apart until it commits: an abort simply drops
 /// them.
-#[derive(Debug, Default)]
-pub struct Overlay {
+#[derive(Debug)]
+pub struct Overlay<A> {
     /// Aggregates changed in the transaction (their new state).
-    pub accounts: HashMap<String, BankAccount>,
+    pub accounts: HashMap<String, Held<A>>,
     /// Results decided in the transaction.
     pub results: HashMap<Uuid, Decided>,
     /// The latest event timestamp per partition written in the transaction.
@@ -211,7 +181,17 @@ pub struct Decided {
     pub delivery: usize,
 }
 
-impl Overlay {
+impl<A> Default for Overlay<A> {
+    fn default() -> Self {
+        Overlay {
+            accounts: HashMap::new(),
+            results: HashMap::new(),
+            last_event_at: HashMap::new(),
+        }
+    }
+}
+
+impl<A> Overlay<A> {
     /// Moves the overlay's changes into the committed partition states (decided at `now_ms`),
     /// marking the changed aggregates for the next checkpoint. `offset_of` gives a result
     /// record's offset from its delivery token. Returns the results to remember and, per
@@ -219,7 +199,7 @@ impl Overlay {
     /// position.
     pub fn merge_into(
         self,
-        partitions: &mut HashMap<i32, PartitionState>,
+        partitions: &mut HashMap<i32, PartitionState<A>>,
         partition_of: impl Fn(&str) -> i32,
         mut offset_of: impl FnMut(usize) -> Option<i64>,
         now_ms: i64,
@@ -230,7 +210,7 @@ impl Overlay {
                 state.events_since_checkpoint += account.version.saturating_sub(before);
                 let id = CompactString::from(id);
                 state.dirty.insert(id.clone());
-                state.accounts.insert(id, StoredAccount::from(&account));
+                state.accounts.insert(id, account);
             }
         }
         let mut entries = Vec::with_capacity(self.results.len());

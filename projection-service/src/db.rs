@@ -1191,8 +1191,8 @@ fn stored_account(row: &AnyRow) -> StoreResult<StoredAccount> {
     Ok(StoredAccount {
         id: row.try_get("id")?,
         state: BankAccount {
-            owner: row.try_get("owner")?,
-            currency: row.try_get("currency")?,
+            owner: row.try_get::<String, _>("owner")?.into(),
+            currency: row.try_get::<String, _>("currency")?.into(),
             balance_minor: row.try_get("balance_minor")?,
             status: status_from(&status)?,
             version: get_u64(row, "version")?,

@@ -7,9 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::bank_account::{
-    AGGREGATE_TYPE, BankAccount, Command, Event, EventDataError, Rejection, RejectionCode,
-};
+use crate::aggregate::{Aggregate, DomainCommand, DomainEvent};
+use crate::bank_account::{BankAccount, Command, Event, EventDataError, Rejection, RejectionCode};
 
 /// The schema version every event is written in today. Older versions are upcast on read.
 pub const CURRENT_SCHEMA_VERSION: u32 =
@@ -18,15 +17,16 @@ pub const CURRENT_SCHEMA_VERSION: u32 =
 /// Free-form metadata carried by commands and events (`correlation_id`, `causation_id`, `user`…).
 pub type Metadata = Map<String, Value>;
 
-/// A command as it travels on `<prefix>.commands` (key = `aggregate_id`).
+/// A command as it travels on `<prefix>.commands` (key = `aggregate_id`), for the aggregate
+/// type whose commands are `C` (the bank account's by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandMessage {
+pub struct CommandMessage<C = Command> {
     /// Idempotency key: a retried command with the same id gets the original result.
     pub command_id: Uuid,
     /// The account the command is for; also the Kafka key.
     pub aggregate_id: String,
     /// What to do.
-    pub command: Command,
+    pub command: C,
     /// Optimistic concurrency: the version the sender believes the account has.
     pub expected_version: Option<u64>,
     /// Passed through to the events (`correlation_id`, `user`…).
@@ -61,9 +61,9 @@ pub struct MalformedCommand {
     pub reason: String,
 }
 
-impl CommandMessage {
+impl<C: DomainCommand> CommandMessage<C> {
     /// A new command with a fresh `command_id` and a fresh `correlation_id`.
-    pub fn new(aggregate_id: impl Into<String>, command: Command) -> Self {
+    pub fn new(aggregate_id: impl Into<String>, command: C) -> Self {
         let mut metadata = Metadata::new();
         metadata.insert(
             "correlation_id".into(),
@@ -96,8 +96,9 @@ impl CommandMessage {
         self.to_json().to_string().into_bytes()
     }
 
-    /// Reads a command message, saying precisely what is wrong with bytes it cannot read.
-    pub fn from_bytes(bytes: &[u8]) -> Result<CommandMessage, MalformedCommand> {
+    /// Reads a command message of the aggregate type whose commands are `C`, saying precisely
+    /// what is wrong with bytes it cannot read.
+    pub fn parse(bytes: &[u8]) -> Result<Self, MalformedCommand> {
         let value: Value = serde_json::from_slice(bytes).map_err(|e| MalformedCommand {
             command_id: None,
             aggregate_id: None,
@@ -119,7 +120,7 @@ impl CommandMessage {
         let wire: WireCommand =
             serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
         crate::bank_account::check_text("aggregate_id", &wire.aggregate_id).map_err(malformed)?;
-        let command = Command::from_parts(&wire.type_name, wire.payload).map_err(malformed)?;
+        let command = C::from_parts(&wire.type_name, wire.payload).map_err(malformed)?;
         Ok(CommandMessage {
             command_id: wire.command_id,
             aggregate_id: wire.aggregate_id,
@@ -127,6 +128,13 @@ impl CommandMessage {
             expected_version: wire.expected_version,
             metadata: wire.metadata,
         })
+    }
+}
+
+impl CommandMessage {
+    /// Reads a bank-account command message ([`CommandMessage::parse`]).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, MalformedCommand> {
+        Self::parse(bytes)
     }
 }
 
@@ -228,7 +236,7 @@ pub struct EventEnvelope {
     pub event_id: Uuid,
     /// The account.
     pub aggregate_id: String,
-    /// Always `BankAccount` today.
+    /// The aggregate type ([`Aggregate::TYPE`]): `BankAccount` for accounts.
     pub aggregate_type: String,
     /// `AccountOpened`, `MoneyDeposited`, `MoneyWithdrawn` or `AccountClosed`.
     pub event_type: String,
@@ -246,7 +254,7 @@ pub struct EventEnvelope {
 }
 
 impl EventEnvelope {
-    /// Wraps a domain event at the current schema version.
+    /// Wraps a bank-account event at the current schema version.
     pub fn new(
         aggregate_id: &str,
         version: u64,
@@ -254,12 +262,23 @@ impl EventEnvelope {
         timestamp: DateTime<Utc>,
         metadata: Metadata,
     ) -> Self {
+        Self::of::<BankAccount>(aggregate_id, version, event, timestamp, metadata)
+    }
+
+    /// Wraps an event of aggregate type `A` at its current schema version.
+    pub fn of<A: Aggregate>(
+        aggregate_id: &str,
+        version: u64,
+        event: &A::Event,
+        timestamp: DateTime<Utc>,
+        metadata: Metadata,
+    ) -> Self {
         EventEnvelope {
             event_id: Uuid::new_v4(),
             aggregate_id: aggregate_id.to_owned(),
-            aggregate_type: AGGREGATE_TYPE.to_owned(),
+            aggregate_type: A::TYPE.to_owned(),
             event_type: event.event_type().to_owned(),
-            schema_version: CURRENT_SCHEMA_VERSION,
+            schema_version: A::SCHEMA_VERSION,
             version,
             timestamp,
             metadata,
@@ -267,9 +286,23 @@ impl EventEnvelope {
         }
     }
 
-    /// The domain event (only meaningful at the current schema version).
+    /// The bank-account event (only meaningful at the current schema version).
     pub fn event(&self) -> Result<Event, EventDataError> {
-        Event::from_parts(&self.event_type, &self.data)
+        self.event_of::<BankAccount>()
+    }
+
+    /// The event of aggregate type `A` (only meaningful at its current schema version); an
+    /// envelope of another aggregate type is [`EventDataError::UnknownType`].
+    pub fn event_of<A: Aggregate>(&self) -> Result<A::Event, EventDataError> {
+        if self.aggregate_type != A::TYPE {
+            return Err(EventDataError::UnknownType(format!(
+                "{} of aggregate type {} (expected {})",
+                self.event_type,
+                self.aggregate_type,
+                A::TYPE
+            )));
+        }
+        A::Event::from_parts(&self.event_type, &self.data)
     }
 
     /// The command that caused the event (`metadata.causation_id`), when recorded.
@@ -282,10 +315,10 @@ impl EventEnvelope {
 }
 
 /// An aggregate snapshot (value of `<prefix>.snapshots`, key = `aggregate_id`, compacted): the
-/// state after `version` events, none of which is after `event_offset` in the aggregate's
-/// partition of `<prefix>.events`.
+/// state `S` (an [`Aggregate`]; the bank account's by default) after `version` events, none of
+/// which is after `event_offset` in the aggregate's partition of `<prefix>.events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct Snapshot<S = BankAccount> {
     /// The account.
     pub aggregate_id: String,
     /// Number of events folded into `state`.
@@ -294,7 +327,7 @@ pub struct Snapshot {
     /// [`Checkpoint`], the partition's last offset at that moment (an upper bound).
     pub event_offset: i64,
     /// The folded state.
-    pub state: BankAccount,
+    pub state: S,
     /// When the snapshot was taken.
     pub taken_at: DateTime<Utc>,
 }

@@ -3,11 +3,11 @@
 //! the events partition's end offset, in pieces of at most `CHECKPOINT_PIECE` snapshots per
 //! transaction ([`CheckpointRound`]). [`crate::restore`] reads them back.
 
+use shared::aggregate::Aggregate;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rdkafka::consumer::Consumer;
-use shared::BankAccount;
 use shared::envelope::{Checkpoint, Snapshot};
 
 use super::transactions::Record;
@@ -27,7 +27,7 @@ struct Piece {
 
 /// Begins a checkpoint round of `state` at the events' end offset `end`: the record of the
 /// state now, and every aggregate changed since the previous checkpoint to snapshot.
-fn begin_round(state: &mut PartitionState, partition: i32, end: i64) -> CheckpointRound {
+fn begin_round<A>(state: &mut PartitionState<A>, partition: i32, end: i64) -> CheckpointRound {
     state.events_since_checkpoint = 0;
     state.needs_checkpoint = false;
     CheckpointRound {
@@ -43,13 +43,13 @@ fn begin_round(state: &mut PartitionState, partition: i32, end: i64) -> Checkpoi
     }
 }
 
-impl Engine {
+impl<A: Aggregate> Engine<A> {
     /// When no command is coming, a due checkpoint gets a transaction of its own.
     /// After a postponed checkpoint (the end offset could not be read) not before a second
     /// has passed, so that it does not spin transactions. Never while the consumer knows its
     /// assignment lost (the rebalance is served first); the commit's offsets fence the rest
     /// ([`Engine::commit`]).
-    pub(super) fn checkpoint_idle(&mut self, consumer: &EngineConsumer) {
+    pub(super) fn checkpoint_idle(&mut self, consumer: &EngineConsumer<A>) {
         if self.txn.is_none()
             && !consumer.assignment_lost()
             && self
@@ -64,7 +64,7 @@ impl Engine {
 
     /// On the way out: the due checkpoints, piece after piece, for at most `within` (a round
     /// left unfinished costs the next start a longer tail, nothing else).
-    pub(super) fn checkpoint_all(&mut self, consumer: &EngineConsumer, within: Duration) {
+    pub(super) fn checkpoint_all(&mut self, consumer: &EngineConsumer<A>, within: Duration) {
         let until = Instant::now() + within;
         while !self.failed()
             && Instant::now() < until
@@ -79,7 +79,7 @@ impl Engine {
 
     /// Whether `state` gets a checkpoint now: by the policy, or for anything changed once the
     /// engine is stopping (so that the next start reads no tail).
-    fn checkpoint_due(&self, state: &PartitionState) -> bool {
+    fn checkpoint_due(&self, state: &PartitionState<A>) -> bool {
         state.checkpoint_due(self.settings.checkpoint_every)
             || (self.shutdown.is_triggered() && !state.dirty.is_empty())
     }
@@ -161,7 +161,7 @@ impl Engine {
                     aggregate_id: id.to_string(),
                     version: account.version,
                     event_offset: end - 1,
-                    state: BankAccount::from(account),
+                    state: &account.state,
                     taken_at: now,
                 };
                 Some((id.to_string(), serde_json::to_vec(&snapshot).ok()?))

@@ -14,14 +14,12 @@ use shared::aggregate::{self, Aggregate, Context};
 use shared::envelope::{MalformedCommand, Metadata};
 use shared::kafka::canonical_partition;
 use shared::trace::{METADATA_TRACE_ID, TraceContext};
-use shared::{
-    BankAccount, CommandMessage, CommandResult, Event, EventEnvelope, Rejection, RejectionCode,
-};
+use shared::{CommandMessage, CommandResult, EventEnvelope, Rejection, RejectionCode};
 use uuid::Uuid;
 
 use super::{DeliveryToken, DueSnapshot, Engine, EngineConsumer, Processed, TxnError};
 use crate::dedupe::ResultRef;
-use crate::state::{Decided, event_time, snapshot_due};
+use crate::state::{Decided, Held, event_time, snapshot_due};
 
 /// Why a command's events could not be produced.
 enum AppendError {
@@ -53,8 +51,8 @@ impl Decision {
     }
 }
 
-impl Engine {
-    pub(super) fn on_message(&mut self, consumer: &EngineConsumer, msg: &BorrowedMessage<'_>) {
+impl<A: Aggregate> Engine<A> {
+    pub(super) fn on_message(&mut self, consumer: &EngineConsumer<A>, msg: &BorrowedMessage<'_>) {
         let partition = msg.partition();
         if !self.partitions.contains_key(&partition) {
             tracing::debug!(partition, "message for a partition not owned; ignored");
@@ -96,7 +94,7 @@ impl Engine {
     /// Handles one command inside the open transaction; returns its outcome label.
     fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<&'static str, TxnError> {
         let partition = msg.partition();
-        let parsed = CommandMessage::from_bytes(msg.payload().unwrap_or_default());
+        let parsed = CommandMessage::<A::Command>::parse(msg.payload().unwrap_or_default());
         if let Some(canonical) = self.misrouted(msg, &parsed) {
             self.forward(msg, canonical)?;
             return Ok("forwarded");
@@ -122,7 +120,7 @@ impl Engine {
     fn misrouted(
         &self,
         msg: &BorrowedMessage<'_>,
-        parsed: &Result<CommandMessage, MalformedCommand>,
+        parsed: &Result<CommandMessage<A::Command>, MalformedCommand>,
     ) -> Option<i32> {
         let routing_key: &[u8] = match parsed {
             Ok(c) => c.aggregate_id.as_bytes(),
@@ -137,13 +135,19 @@ impl Engine {
     }
 
     /// What the aggregate makes of the command; its events are produced when accepted.
-    fn decide(&mut self, partition: i32, command: &CommandMessage) -> Result<Decision, TxnError> {
+    fn decide(
+        &mut self,
+        partition: i32,
+        command: &CommandMessage<A::Command>,
+    ) -> Result<Decision, TxnError> {
         let (id, aggregate_id) = (command.command_id, command.aggregate_id.as_str());
         if let Some(rejection) = self.unavailable(partition, aggregate_id) {
             return Ok(Decision::rejected(id, aggregate_id, rejection));
         }
-        let state = self.account(partition, aggregate_id);
-        let before = state.version;
+        let Held {
+            version: before,
+            state,
+        } = self.held(partition, aggregate_id);
         let at = event_time(Utc::now(), self.clock_floor(partition));
         let ctx = Context {
             aggregate_id,
@@ -216,11 +220,11 @@ impl Engine {
     fn append(
         &mut self,
         partition: i32,
-        command: &CommandMessage,
+        command: &CommandMessage<A::Command>,
         before: u64,
         at: chrono::DateTime<Utc>,
-        state: BankAccount,
-        events: &[Event],
+        state: A,
+        events: &[A::Event],
     ) -> Result<Vec<EventEnvelope>, AppendError> {
         let metadata = self.event_metadata(command);
         let mut envelopes = Vec::with_capacity(events.len());
@@ -228,14 +232,14 @@ impl Engine {
         for (i, event) in (1..).zip(events) {
             let version = before + i;
             let envelope =
-                EventEnvelope::new(&command.aggregate_id, version, event, at, metadata.clone());
+                EventEnvelope::of::<A>(&command.aggregate_id, version, event, at, metadata.clone());
             let token = snapshot_due(version, self.settings.snapshot_every).then(|| {
                 let token = self.new_token();
                 let last = i as usize == events.len();
                 let prefix = &events[..i as usize];
                 snapshot = Some((
                     token,
-                    (!last).then(|| self.state_at(partition, command, prefix)),
+                    (!last).then(|| self.held_after(partition, command, prefix)),
                 ));
                 token
             });
@@ -243,36 +247,46 @@ impl Engine {
             self.produce_event(partition, &envelope, token, first)?;
             envelopes.push(envelope);
         }
+        let held = Held {
+            version: before + events.len() as u64,
+            state,
+        };
         if let Some(txn) = self.txn.as_mut() {
-            if let Some((token, snapshot_state)) = snapshot {
+            if let Some((token, taken)) = snapshot {
                 txn.snapshots.push(DueSnapshot {
                     token,
                     partition,
                     aggregate_id: command.aggregate_id.clone(),
-                    state: snapshot_state.unwrap_or_else(|| state.clone()),
+                    held: taken.unwrap_or_else(|| held.clone()),
                 });
             }
             txn.overlay.last_event_at.insert(partition, at);
             txn.overlay
                 .accounts
-                .insert(command.aggregate_id.clone(), state);
+                .insert(command.aggregate_id.clone(), held);
         }
         Ok(envelopes)
     }
 
-    /// The state after the first `events` of a command, for a snapshot due before its last
+    /// The aggregate after the first `events` of a command, for a snapshot due before its last
     /// event (rare: most commands emit one). [`aggregate::execute`] already folded them all.
-    fn state_at(&self, partition: i32, command: &CommandMessage, events: &[Event]) -> BankAccount {
-        let mut state = self.account(partition, &command.aggregate_id);
+    fn held_after(
+        &self,
+        partition: i32,
+        command: &CommandMessage<A::Command>,
+        events: &[A::Event],
+    ) -> Held<A> {
+        let mut held = self.held(partition, &command.aggregate_id);
         for event in events {
-            let _ = state.evolve(event);
+            let _ = held.state.evolve(event);
+            held.version += 1;
         }
-        state
+        held
     }
 
     /// The metadata of a command's events: the command's own, plus causation, correlation and
     /// trace ids.
-    fn event_metadata(&self, command: &CommandMessage) -> Metadata {
+    fn event_metadata(&self, command: &CommandMessage<A::Command>) -> Metadata {
         let mut metadata: Metadata = command.metadata.clone();
         let command_id = Value::String(command.command_id.to_string());
         metadata.insert("causation_id".into(), command_id.clone());
@@ -502,17 +516,13 @@ impl Engine {
         Err(unreadable("not fetched within 10 s".into()))
     }
 
-    fn account(&self, partition: i32, aggregate_id: &str) -> BankAccount {
+    /// The aggregate as the open transaction left it, or as committed, or new.
+    fn held(&self, partition: i32, aggregate_id: &str) -> Held<A> {
         self.txn
             .as_ref()
-            .and_then(|t| t.overlay.accounts.get(aggregate_id).cloned())
-            .or_else(|| {
-                self.partitions
-                    .get(&partition)?
-                    .accounts
-                    .get(aggregate_id)
-                    .map(BankAccount::from)
-            })
+            .and_then(|t| t.overlay.accounts.get(aggregate_id))
+            .or_else(|| self.partitions.get(&partition)?.accounts.get(aggregate_id))
+            .cloned()
             .unwrap_or_default()
     }
 }

@@ -9,7 +9,7 @@
 //! progress commit or vanish together. A transaction opens with the partition checkpoints that
 //! are due ([`checkpoints`], read back by [`crate::restore`]).
 //!
-//! State changes of the open transaction live in an [`Overlay`] and reach the partition state
+//! State changes of the open transaction live in an [`Overlay<A>`] and reach the partition state
 //! only after the commit: an abort drops them and seeks the consumer back to the committed
 //! offsets. The group uses the cooperative-sticky assignor and static membership
 //! (`group.instance.id` = `INSTANCE_ID`): a rebalance moves only the partitions that change
@@ -42,17 +42,18 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
+use shared::aggregate::Aggregate;
 use shared::codec::EncodeError;
 use shared::envelope::InstanceLease;
 use shared::kafka::{TopicReader, Topics, canonical_partition};
 use shared::shutdown::Shutdown;
 use shared::trace::TraceContext;
-use shared::{BankAccount, EventCodec, Settings};
+use shared::{EventCodec, Settings};
 
 use crate::dedupe::DedupeStore;
 use crate::metrics as m;
 use crate::restore;
-use crate::state::{Overlay, PartitionState};
+use crate::state::{Held, Overlay, PartitionState};
 
 /// Commands per transaction at most; the transaction also commits every `COMMIT_INTERVAL_MS`.
 const MAX_COMMANDS_PER_TXN: usize = 1000;
@@ -293,13 +294,13 @@ type TxnProducer = BaseProducer<DeliveryTracker>;
 
 /// Consumer context: rebalance callbacks reach the engine through it. The engine outlives a
 /// consumer that must be replaced (see [`run_engine`]).
-pub struct EngineContext {
-    engine: Arc<Mutex<Engine>>,
+pub struct EngineContext<A: Aggregate> {
+    engine: Arc<Mutex<Engine<A>>>,
 }
 
-impl ClientContext for EngineContext {}
+impl<A: Aggregate> ClientContext for EngineContext<A> {}
 
-impl ConsumerContext for EngineContext {
+impl<A: Aggregate> ConsumerContext for EngineContext<A> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -319,26 +320,26 @@ impl ConsumerContext for EngineContext {
     }
 }
 
-type EngineConsumer = BaseConsumer<EngineContext>;
+type EngineConsumer<A> = BaseConsumer<EngineContext<A>>;
 
 /// The open transaction.
-struct Txn {
+struct Txn<A> {
     started: Instant,
     commands: usize,
     /// Per partition of the commands topic, the offset after the last command processed.
     next_offsets: HashMap<i32, i64>,
-    overlay: Overlay,
+    overlay: Overlay<A>,
     /// Per command processed: its outcome label and when it was received (for the metrics).
     outcomes: Vec<Processed>,
     /// Snapshots due in this transaction, written just before it commits, when the offsets of
     /// the events they cover are known.
-    snapshots: Vec<DueSnapshot>,
+    snapshots: Vec<DueSnapshot<A>>,
     /// Checkpoints written at the start of this transaction, with what they took from their
     /// partition's state, given back if the transaction aborts.
     checkpoints: Vec<TakenCheckpoint>,
 }
 
-impl Txn {
+impl<A> Txn<A> {
     fn new() -> Self {
         Txn {
             started: Instant::now(),
@@ -360,11 +361,12 @@ struct Processed {
 
 /// A snapshot due in the open transaction: the aggregate's state after the event sent with
 /// `token`, whose offset the snapshot records.
-struct DueSnapshot {
+struct DueSnapshot<A> {
     token: DeliveryToken,
     partition: i32,
     aggregate_id: String,
-    state: BankAccount,
+    /// The aggregate after the event.
+    held: Held<A>,
 }
 
 /// A checkpoint piece in an open transaction: the aggregates it snapshots (back to the round
@@ -382,20 +384,20 @@ struct PendingRestore {
 }
 
 /// What a restore thread sends back.
-struct RestoreDone {
+struct RestoreDone<A> {
     id: u64,
     started: Instant,
-    outcome: Result<RestoredPartitions, restore::RestoreError>,
+    outcome: Result<RestoredPartitions<A>, restore::RestoreError>,
 }
 
 /// A finished restore: where the partitions' commands resume, and their state.
-struct RestoredPartitions {
+struct RestoredPartitions<A> {
     committed: HashMap<i32, Offset>,
-    restored: restore::Restored,
+    restored: restore::Restored<A>,
 }
 
 /// The command processor. Lives inside the consumer's context, driven by [`run_engine`].
-pub struct Engine {
+pub struct Engine<A: Aggregate> {
     settings: Arc<Settings>,
     topics: Topics,
     codec: Arc<EventCodec>,
@@ -410,9 +412,9 @@ pub struct Engine {
     results: BaseConsumer,
     /// The dedupe window: which command ids were decided, and where their results are.
     dedupe: Arc<DedupeStore>,
-    partitions: HashMap<i32, PartitionState>,
+    partitions: HashMap<i32, PartitionState<A>>,
     committed_next: HashMap<i32, Offset>,
-    txn: Option<Txn>,
+    txn: Option<Txn<A>>,
     next_token: usize,
     /// The trace of the command being processed (its record's `traceparent`): events and the
     /// result get child spans of it.
@@ -423,7 +425,7 @@ pub struct Engine {
     skipped_while_restoring: HashSet<i32>,
     restores: HashMap<u64, PendingRestore>,
     next_restore: u64,
-    restore_done: (mpsc::Sender<RestoreDone>, mpsc::Receiver<RestoreDone>),
+    restore_done: (mpsc::Sender<RestoreDone<A>>, mpsc::Receiver<RestoreDone<A>>),
     /// An assignment (possibly empty) was received: readiness needs one.
     assigned: bool,
     /// Set when a checkpoint was postponed: no idle checkpoint before then.
@@ -500,7 +502,7 @@ fn new_producer(config: &ClientConfig) -> KafkaResult<TxnProducer> {
     Ok(producer)
 }
 
-impl Engine {
+impl<A: Aggregate> Engine<A> {
     fn new(
         settings: Arc<Settings>,
         codec: Arc<EventCodec>,
@@ -706,14 +708,14 @@ pub fn transactional_id(settings: &Settings) -> String {
 
 /// Runs the engine on the current (dedicated) thread until `shutdown` is triggered; fails
 /// `shutdown` (and returns the reason) on a fatal error.
-pub fn run_engine(
+pub fn run_engine<A: Aggregate>(
     settings: Arc<Settings>,
     codec: Arc<EventCodec>,
     runtime: tokio::runtime::Handle,
     status: Arc<Status>,
     shutdown: Shutdown,
 ) -> Result<(), EngineError> {
-    let engine = Arc::new(Mutex::new(Engine::new(
+    let engine = Arc::new(Mutex::new(Engine::<A>::new(
         Arc::clone(&settings),
         codec,
         runtime,
@@ -743,12 +745,12 @@ pub fn run_engine(
 /// producer of an id commits `<prefix>.command-instances` naming its process before it joins
 /// the group. If the latest lease is still this process's, a new producer (with a new lease)
 /// and a new member take over, and the partitions are restored.
-fn recover_from_fencing(
+fn recover_from_fencing<A: Aggregate>(
     settings: &Settings,
-    engine: &Arc<Mutex<Engine>>,
+    engine: &Arc<Mutex<Engine<A>>>,
     process: &str,
     fenced: &str,
-) -> Result<EngineConsumer, EngineError> {
+) -> Result<EngineConsumer<A>, EngineError> {
     tracing::warn!(%fenced, "fenced: checking whether another instance took INSTANCE_ID={}", settings.instance_id);
     let shutdown = {
         let mut engine = lock(engine);
@@ -901,16 +903,16 @@ fn back_off_from_twin(settings: &Settings, shutdown: &Shutdown) -> u32 {
 }
 
 /// The group member on `<prefix>.commands`, with the engine in its context.
-fn subscribe(
+fn subscribe<A: Aggregate>(
     settings: &Settings,
-    engine: Arc<Mutex<Engine>>,
+    engine: Arc<Mutex<Engine<A>>>,
     process: &str,
-) -> Result<EngineConsumer, EngineError> {
+) -> Result<EngineConsumer<A>, EngineError> {
     let start = |source| EngineError::Start {
         what: "consumer",
         source,
     };
-    let consumer: EngineConsumer = settings
+    let consumer: EngineConsumer<A> = settings
         .kafka
         .client_config()
         .set("group.id", group_id(settings))
@@ -941,7 +943,7 @@ fn subscribe(
 /// One turn of the loop: take a command (or wait a little for one), serve delivery reports,
 /// install finished restores, commit when due, checkpoint when idle. Returns why this instance
 /// was fenced (its consumer's fatal error, or its producer's), if it was.
-fn poll_once(consumer: &EngineConsumer) -> Option<String> {
+fn poll_once<A: Aggregate>(consumer: &EngineConsumer<A>) -> Option<String> {
     // With a transaction open, only what is already fetched is taken (then it commits);
     // without one, wait a little for the next command.
     let open = lock(&consumer.context().engine).txn.is_some();
@@ -980,7 +982,7 @@ const LEAVE_CHECKPOINT_TIME: Duration = Duration::from_secs(5);
 /// Leaves the group: the open transaction commits (unless the engine failed), a checkpoint of
 /// whatever changed is written so that the next start reads a short tail, and the revocation
 /// callback is served.
-fn leave(consumer: &EngineConsumer, status: &Status) {
+fn leave<A: Aggregate>(consumer: &EngineConsumer<A>, status: &Status) {
     {
         let mut engine = lock(&consumer.context().engine);
         engine.cancel_restores();

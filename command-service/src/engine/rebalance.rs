@@ -2,6 +2,7 @@
 //! own; finished restores are installed and resumed from the poll loop; revoked partitions
 //! commit the open transaction and drop their state.
 
+use shared::aggregate::Aggregate;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +19,10 @@ use crate::metrics as m;
 use crate::restore;
 use crate::state::PartitionState;
 
-impl Engine {
+impl<A: Aggregate> Engine<A> {
     /// Pauses newly assigned partitions and restores them on a thread of their own;
     /// [`Engine::install_restores`] resumes them.
-    pub(super) fn on_assign(&mut self, consumer: &EngineConsumer, partitions: &[i32]) {
+    pub(super) fn on_assign(&mut self, consumer: &EngineConsumer<A>, partitions: &[i32]) {
         self.assigned = true;
         if partitions.is_empty() {
             self.update_status();
@@ -92,7 +93,7 @@ impl Engine {
 
     /// Installs the restores that finished: their state, their committed offsets, and the
     /// partitions resumed from there.
-    pub(super) fn install_restores(&mut self, consumer: &EngineConsumer) {
+    pub(super) fn install_restores(&mut self, consumer: &EngineConsumer<A>) {
         while let Ok(done) = self.restore_done.1.try_recv() {
             let Some(pending) = self.restores.remove(&done.id) else {
                 continue;
@@ -128,14 +129,14 @@ impl Engine {
     /// that failed (the engine then stops).
     fn install(
         &mut self,
-        consumer: &EngineConsumer,
+        consumer: &EngineConsumer<A>,
         partitions: Vec<i32>,
-        found: RestoredPartitions,
+        found: RestoredPartitions<A>,
     ) -> Option<Vec<i32>> {
         let commands = self.topics.commands();
         let mut resume = TopicPartitionList::new();
         let mut installed = Vec::new();
-        let mut states: HashMap<i32, PartitionState> = found.restored.states;
+        let mut states: HashMap<i32, PartitionState<A>> = found.restored.states;
         for p in partitions {
             let Some(state) = states.remove(&p) else {
                 continue;
@@ -198,7 +199,7 @@ impl Engine {
         );
     }
 
-    pub(super) fn on_revoke(&mut self, consumer: &EngineConsumer, partitions: &[i32]) {
+    pub(super) fn on_revoke(&mut self, consumer: &EngineConsumer<A>, partitions: &[i32]) {
         self.commit(consumer);
         for p in partitions {
             self.partitions.remove(p);

@@ -2,6 +2,7 @@
 //! on failure abort and rewind, or stop when the outcome cannot be learned or the producer is
 //! fenced (redoing then could append a command's events twice, or fence the live instance).
 
+use shared::aggregate::Aggregate;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -105,10 +106,10 @@ fn timed<T>(phase: &'static str, run: impl FnOnce() -> T) -> T {
     outcome
 }
 
-impl Engine {
+impl<A: Aggregate> Engine<A> {
     /// Begins a transaction and writes the checkpoints that are due into it; false (and the
     /// error handled) when that failed.
-    pub(super) fn begin(&mut self, consumer: &EngineConsumer) -> bool {
+    pub(super) fn begin(&mut self, consumer: &EngineConsumer<A>) -> bool {
         if let Err(e) = self.producer.begin_transaction() {
             self.on_txn_error(consumer, e.into());
             return false;
@@ -135,7 +136,7 @@ impl Engine {
     }
 
     /// Commits the open transaction with its offsets; on failure aborts and rewinds.
-    pub(super) fn commit(&mut self, consumer: &EngineConsumer) {
+    pub(super) fn commit(&mut self, consumer: &EngineConsumer<A>) {
         let Some(txn) = self.txn.as_ref() else { return };
         let commands = self.topics.commands();
         let offsets = match self.fence_offsets(consumer, txn) {
@@ -187,8 +188,8 @@ impl Engine {
     /// A checkpoint that cannot be fenced is not committed: `Err` names its partition.
     fn fence_offsets(
         &self,
-        consumer: &EngineConsumer,
-        txn: &super::Txn,
+        consumer: &EngineConsumer<A>,
+        txn: &super::Txn<A>,
     ) -> Result<Vec<(i32, i64)>, TxnError> {
         let mut offsets: Vec<(i32, i64)> = txn.next_offsets.iter().map(|(p, o)| (*p, *o)).collect();
         for taken in &txn.checkpoints {
@@ -204,7 +205,7 @@ impl Engine {
 
     /// Where the partition's commands resume: its committed offset, else (nothing committed
     /// yet) the commands partition's first offset.
-    fn resume_offset(&self, consumer: &EngineConsumer, partition: i32) -> Option<i64> {
+    fn resume_offset(&self, consumer: &EngineConsumer<A>, partition: i32) -> Option<i64> {
         if let Some(Offset::Offset(o)) = self.committed_next.get(&partition) {
             return Some(*o);
         }
@@ -302,7 +303,7 @@ impl Engine {
     /// After an indefinite failure and a new producer (whose `init_transactions` finished the
     /// old transaction one way or the other): what became of it. The lookup is retried for a
     /// while before the outcome is called unknown.
-    fn txn_outcome(&self, consumer: &EngineConsumer) -> Outcome {
+    fn txn_outcome(&self, consumer: &EngineConsumer<A>) -> Outcome {
         let Some(txn) = self.txn.as_ref() else {
             return Outcome::Aborted;
         };
@@ -333,7 +334,7 @@ impl Engine {
 
     /// Whether the brokers answer nothing (an outage, waited out) rather than refuse the one
     /// lookup (which, answered otherwise, is no outage).
-    fn brokers_unreachable(&self, consumer: &EngineConsumer) -> bool {
+    fn brokers_unreachable(&self, consumer: &EngineConsumer<A>) -> bool {
         let commands = self.topics.commands();
         let partition = self.partitions.keys().next().copied().unwrap_or(0);
         consumer
@@ -369,7 +370,7 @@ impl Engine {
     /// its session time-out and a twin took its INSTANCE_ID): then the lease of the id names the
     /// twin's process (a twin commits it before it serves anything), or the consumer learns it
     /// from its next heartbeats. Re-creating the producer then would fence the live replacement.
-    fn replaced(&self, consumer: &EngineConsumer) -> Option<String> {
+    fn replaced(&self, consumer: &EngineConsumer<A>) -> Option<String> {
         if let Some(reason) = self.twin_lease() {
             return Some(reason);
         }
@@ -418,7 +419,7 @@ impl Engine {
     /// the producer, whose `init_transactions` fences and finishes what the old one left open,
     /// and the committed offsets then say whether it committed; a fenced producer, or an
     /// outcome that cannot be learned, stops the engine.
-    pub(super) fn on_txn_error(&mut self, consumer: &EngineConsumer, error: TxnError) {
+    pub(super) fn on_txn_error(&mut self, consumer: &EngineConsumer<A>, error: TxnError) {
         {
             let mut failing = super::lock(&self.status.failing);
             let since = failing.as_ref().map_or(self.last_commit, |f| f.since);
@@ -483,7 +484,7 @@ impl Engine {
     /// Seeks every owned partition back to its committed offset, after a pause that grows with
     /// consecutive aborts (whatever failed, the registry or a broker, gets a moment). A failed
     /// seek stops the engine: going on would commit offsets past commands never processed.
-    fn rewind(&mut self, consumer: &EngineConsumer) {
+    fn rewind(&mut self, consumer: &EngineConsumer<A>) {
         self.aborts_in_a_row = self.aborts_in_a_row.saturating_add(1);
         let exponent = self.aborts_in_a_row.min(6) - 1;
         std::thread::sleep(Duration::from_millis(200 << exponent));
@@ -512,9 +513,9 @@ impl Engine {
                 .ok_or(TxnError::SnapshotEventUndelivered)?;
             let snapshot = Snapshot {
                 aggregate_id: due.aggregate_id,
-                version: due.state.version,
+                version: due.held.version,
                 event_offset,
-                state: due.state,
+                state: due.held.state,
                 taken_at: Utc::now(),
             };
             let payload = serde_json::to_vec(&snapshot).unwrap_or_default();

@@ -1,5 +1,6 @@
 //! The bank-account state, the rules ([`BankAccount::handle`]) and the fold ([`BankAccount::apply`]).
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use serde_json::{Value, json};
@@ -38,10 +39,10 @@ pub struct BankAccount {
     pub version: u64,
     /// Where the account is in its lifecycle.
     pub status: AccountStatus,
-    /// Account holder.
-    pub owner: String,
+    /// Account holder (stored inline up to 24 bytes: a writer holds millions of these).
+    pub owner: CompactString,
     /// ISO 4217 code.
-    pub currency: String,
+    pub currency: CompactString,
     /// Balance in minor units, never negative.
     pub balance_minor: i64,
     /// Deposits plus withdrawals (opening and closing are not transactions).
@@ -177,8 +178,8 @@ impl BankAccount {
                 initial_balance_minor,
             } => {
                 self.status = AccountStatus::Active;
-                self.owner.clone_from(owner);
-                self.currency.clone_from(currency);
+                self.owner = CompactString::from(owner.as_str());
+                self.currency = CompactString::from(currency.as_str());
                 self.balance_minor = *initial_balance_minor;
             }
             Event::MoneyDeposited { amount_minor } => {
