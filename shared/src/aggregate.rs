@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::bank_account::{EventDataError, Rejection, RejectionCode};
 use crate::envelope::Metadata;
+use crate::upcast::Upcasters;
 
 /// A command of an aggregate type as it travels in the command message: a wire `type` name and
 /// a JSON `payload`.
@@ -100,6 +101,13 @@ pub trait Aggregate:
     /// The JSON Schema of an event type's `data` at [`Aggregate::SCHEMA_VERSION`], registered
     /// with the schema registry; `None` for a type this aggregate does not have.
     fn event_schema(event_type: &str) -> Option<Value>;
+
+    /// Registers the steps that bring older schema versions of this type's events to
+    /// [`Aggregate::SCHEMA_VERSION`] (and back, for old readers), keyed by (event type,
+    /// version). None by default: a type still at its first version needs none.
+    fn register_upcasters(upcasters: &mut Upcasters) {
+        let _ = upcasters;
+    }
 
     /// Rebuilds a state from a whole history, stopping at the first inapplicable event.
     fn from_events<'a>(

@@ -6,6 +6,7 @@
 //! bytes are read without schema validation), upcasts to the current schema version and checks
 //! that the data fits the event type, so a decoded [`EventEnvelope`] is always usable.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -125,6 +126,15 @@ pub struct EventCodec {
     upcasters: Upcasters,
     context: UpcastContext,
     registry: Option<Registry>,
+    /// Per aggregate type it reads, the check that an envelope's data is one of its events.
+    types: HashMap<&'static str, EventCheck>,
+}
+
+/// Checks that an envelope's `event_type` and `data` are an event of its aggregate type.
+type EventCheck = fn(&EventEnvelope) -> Result<(), EventDataError>;
+
+fn check_event<A: Aggregate>(envelope: &EventEnvelope) -> Result<(), EventDataError> {
+    envelope.event_of::<A>().map(drop)
 }
 
 impl std::fmt::Debug for EventCodec {
@@ -147,7 +157,15 @@ impl EventCodec {
                 currency: default_currency.to_owned(),
             },
             registry: None,
+            types: HashMap::from([(BankAccount::TYPE, check_event::<BankAccount> as EventCheck)]),
         }
+    }
+
+    /// The codec reading (and upcasting) the events of aggregate type `A` too.
+    pub fn serving<A: Aggregate>(mut self) -> Self {
+        self.upcasters.register_aggregate::<A>();
+        self.types.insert(A::TYPE, check_event::<A>);
+        self
     }
 
     /// A codec that writes the Confluent wire format through the registry at `url` (a
@@ -266,7 +284,16 @@ impl EventCodec {
                 "aggregate_id must not be empty".into(),
             ));
         }
-        envelope.event()?;
+        let check = self
+            .types
+            .get(envelope.aggregate_type.as_str())
+            .ok_or_else(|| {
+                EventDataError::UnknownType(format!(
+                    "{} of aggregate type {}, which this program does not serve",
+                    envelope.event_type, envelope.aggregate_type
+                ))
+            })?;
+        check(&envelope)?;
         Ok(envelope)
     }
 

@@ -213,13 +213,13 @@ impl CommandResult {
 
     /// The rejection code, if rejected.
     pub fn rejection_code(&self) -> Option<RejectionCode> {
-        self.error.as_ref().map(|e| e.code)
+        self.error.as_ref().map(|e| e.code.clone())
     }
 
     /// Whether this is the command's final answer (remembered for the dedupe window): every
     /// result but a rejection whose code is not final ([`RejectionCode::is_final`]).
     pub fn is_final(&self) -> bool {
-        self.rejection_code().is_none_or(RejectionCode::is_final)
+        self.error.as_ref().is_none_or(|e| e.code.is_final())
     }
 
     /// JSON bytes of the result.

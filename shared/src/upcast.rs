@@ -44,8 +44,8 @@ pub enum UpcastError {
         from: u32,
     },
     /// The event is newer than this program understands.
-    #[error("schema version {0} is newer than the supported {CURRENT_SCHEMA_VERSION}")]
-    FromTheFuture(u32),
+    #[error("schema version {0} is newer than the supported {1}")]
+    FromTheFuture(u32, u32),
     /// A v1 amount that is not an exact number of minor units.
     #[error("field `{field}`: {source}")]
     Amount {
@@ -75,6 +75,8 @@ pub type Step = fn(&mut Map<String, Value>, &UpcastContext) -> Result<(), Upcast
 pub struct Upcasters {
     up: HashMap<(String, u32), Step>,
     down: HashMap<(String, u32), Step>,
+    /// The current schema version per aggregate type (absent: [`CURRENT_SCHEMA_VERSION`]).
+    current: HashMap<String, u32>,
 }
 
 impl std::fmt::Debug for Upcasters {
@@ -98,21 +100,33 @@ impl Upcasters {
         Upcasters {
             up: HashMap::new(),
             down: HashMap::new(),
+            current: HashMap::new(),
         }
     }
 
     /// The steps of the bank-account events: v1 ↔ v2.
     pub fn standard() -> Self {
         let mut u = Self::empty();
-        u.register_up("AccountOpened", 1, v1_to_v2::account_opened);
-        u.register_up("MoneyDeposited", 1, v1_to_v2::amount);
-        u.register_up("MoneyWithdrawn", 1, v1_to_v2::amount);
-        u.register_up("AccountClosed", 1, |_, _| Ok(()));
-        u.register_down("AccountOpened", 2, v2_to_v1::account_opened);
-        u.register_down("MoneyDeposited", 2, v2_to_v1::amount);
-        u.register_down("MoneyWithdrawn", 2, v2_to_v1::amount);
-        u.register_down("AccountClosed", 2, |_, _| Ok(()));
+        u.register_aggregate::<crate::BankAccount>();
         u
+    }
+
+    /// Registers an aggregate type: its current schema version and its steps.
+    pub fn register_aggregate<A: crate::aggregate::Aggregate>(&mut self) {
+        self.current.insert(A::TYPE.to_owned(), A::SCHEMA_VERSION);
+        A::register_upcasters(self);
+    }
+
+    /// The bank account's steps (its [`crate::aggregate::Aggregate::register_upcasters`]).
+    pub fn register_bank_account(&mut self) {
+        self.register_up("AccountOpened", 1, v1_to_v2::account_opened);
+        self.register_up("MoneyDeposited", 1, v1_to_v2::amount);
+        self.register_up("MoneyWithdrawn", 1, v1_to_v2::amount);
+        self.register_up("AccountClosed", 1, |_, _| Ok(()));
+        self.register_down("AccountOpened", 2, v2_to_v1::account_opened);
+        self.register_down("MoneyDeposited", 2, v2_to_v1::amount);
+        self.register_down("MoneyWithdrawn", 2, v2_to_v1::amount);
+        self.register_down("AccountClosed", 2, |_, _| Ok(()));
     }
 
     /// Registers the step that takes `event_type` from `from` to `from + 1`.
@@ -125,7 +139,8 @@ impl Upcasters {
         self.down.insert((event_type.to_owned(), from), step);
     }
 
-    /// Brings a raw envelope of any known version to [`CURRENT_SCHEMA_VERSION`].
+    /// Brings a raw envelope of any known version to its aggregate type's current version
+    /// ([`CURRENT_SCHEMA_VERSION`] for the bank account and unregistered types).
     pub fn upcast(&self, envelope: Value, ctx: &UpcastContext) -> Result<Value, UpcastError> {
         let mut env = match envelope {
             Value::Object(map) => map,
@@ -137,11 +152,16 @@ impl Upcasters {
         };
         normalize_envelope(&mut env)?;
         let mut version = schema_version(&env)?;
-        if version > CURRENT_SCHEMA_VERSION {
-            return Err(UpcastError::FromTheFuture(version));
+        let current = env
+            .get("aggregate_type")
+            .and_then(Value::as_str)
+            .and_then(|t| self.current.get(t).copied())
+            .unwrap_or(CURRENT_SCHEMA_VERSION);
+        if version > current {
+            return Err(UpcastError::FromTheFuture(version, current));
         }
         let event_type = event_type(&env)?;
-        while version < CURRENT_SCHEMA_VERSION {
+        while version < current {
             let step =
                 self.up
                     .get(&(event_type.clone(), version))
@@ -488,7 +508,7 @@ mod tests {
         env["schema_version"] = json!(9);
         assert_eq!(
             Upcasters::standard().upcast(env, &ctx()),
-            Err(UpcastError::FromTheFuture(9))
+            Err(UpcastError::FromTheFuture(9, CURRENT_SCHEMA_VERSION))
         );
     }
 

@@ -45,7 +45,7 @@ struct Decision {
 impl Decision {
     fn rejected(command_id: Uuid, aggregate_id: &str, rejection: Rejection) -> Self {
         Decision {
-            outcome: rejection.code.as_str(),
+            outcome: rejection.code.static_name(),
             result: CommandResult::rejected(command_id, aggregate_id, rejection),
         }
     }

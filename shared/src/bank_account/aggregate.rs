@@ -223,6 +223,10 @@ impl Aggregate for BankAccount {
         Ok(())
     }
 
+    fn register_upcasters(upcasters: &mut crate::upcast::Upcasters) {
+        upcasters.register_bank_account();
+    }
+
     fn event_schema(event_type: &str) -> Option<Value> {
         Some(match event_type {
             "AccountOpened" => json!({

@@ -1,5 +1,6 @@
 //! Commands of the bank-account aggregate and the rejections they can meet.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -128,8 +129,8 @@ impl Command {
 }
 
 /// Stable machine-readable reason for refusing a command. The names are part of the wire
-/// contract: clients match on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// contract: clients match on them. Written as a plain string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RejectionCode {
     /// `OpenAccount` for an id that already exists.
     AccountExists,
@@ -157,11 +158,37 @@ pub enum RejectionCode {
     /// A command id decided before, within the dedupe window, whose original result record is
     /// gone from the results topic (deleted early): it is not decided again.
     ResultLost,
+    /// A rule of an aggregate type other than the bank account, by its own stable code
+    /// (UpperCamelCase, not one of the names above), written as it is.
+    Domain(CompactString),
 }
 
 impl RejectionCode {
-    /// The code as written on the wire.
-    pub fn as_str(self) -> &'static str {
+    const NAMED: [RejectionCode; 11] = [
+        RejectionCode::AccountExists,
+        RejectionCode::AccountNotFound,
+        RejectionCode::AccountClosed,
+        RejectionCode::InvalidAmount,
+        RejectionCode::InsufficientFunds,
+        RejectionCode::CurrencyMismatch,
+        RejectionCode::NonZeroBalance,
+        RejectionCode::VersionConflict,
+        RejectionCode::Malformed,
+        RejectionCode::AggregateUnavailable,
+        RejectionCode::ResultLost,
+    ];
+
+    /// A code of an aggregate type's own rules: one of the named codes when it is one.
+    pub fn domain(code: &str) -> Self {
+        Self::NAMED
+            .into_iter()
+            .find(|c| c.as_str() == code)
+            .unwrap_or_else(|| RejectionCode::Domain(CompactString::from(code)))
+    }
+
+    /// A static name for the code (metric labels): the code itself, or `Rejected` for
+    /// [`RejectionCode::Domain`] codes.
+    pub fn static_name(&self) -> &'static str {
         match self {
             RejectionCode::AccountExists => "AccountExists",
             RejectionCode::AccountNotFound => "AccountNotFound",
@@ -174,13 +201,35 @@ impl RejectionCode {
             RejectionCode::Malformed => "Malformed",
             RejectionCode::AggregateUnavailable => "AggregateUnavailable",
             RejectionCode::ResultLost => "ResultLost",
+            RejectionCode::Domain(_) => "Rejected",
+        }
+    }
+
+    /// The code as written on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            RejectionCode::Domain(code) => code.as_str(),
+            named => named.static_name(),
         }
     }
 
     /// Whether the rejection is the command's final answer, remembered for the dedupe window.
     /// [`RejectionCode::AggregateUnavailable`] is not: the command was never decided.
-    pub fn is_final(self) -> bool {
+    pub fn is_final(&self) -> bool {
         !matches!(self, RejectionCode::AggregateUnavailable)
+    }
+}
+
+impl Serialize for RejectionCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for RejectionCode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let code = CompactString::deserialize(deserializer)?;
+        Ok(RejectionCode::domain(&code))
     }
 }
 
@@ -207,5 +256,32 @@ impl Rejection {
             code,
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_plain_strings_and_other_aggregates_codes_pass_through() {
+        for code in RejectionCode::NAMED {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<RejectionCode>(&json).unwrap(), code);
+            assert_eq!(code.static_name(), code.as_str());
+        }
+        let own = RejectionCode::domain("OverLimit");
+        assert_eq!(own, RejectionCode::Domain("OverLimit".into()));
+        assert_eq!(serde_json::to_string(&own).unwrap(), "\"OverLimit\"");
+        assert_eq!(
+            serde_json::from_str::<RejectionCode>("\"OverLimit\"").unwrap(),
+            own
+        );
+        assert_eq!(own.static_name(), "Rejected", "metric labels stay bounded");
+        assert_eq!(
+            RejectionCode::domain("VersionConflict"),
+            RejectionCode::VersionConflict
+        );
     }
 }
