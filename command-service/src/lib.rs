@@ -113,11 +113,11 @@ const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// stops the service here, with the registry's reason. A registry that cannot be reached is
 /// retried for a while; any other refusal is tried again twice (instances starting together make
 /// the registry write the same schemas concurrently) before it stops the service.
-async fn prepare_registry(url: &str, topic: &str) -> anyhow::Result<()> {
+async fn prepare_registry<A: Aggregate>(url: &str, topic: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + REGISTRY_START_TIMEOUT;
     let mut refusals = 0;
     loop {
-        match shared::registry::prepare(url, topic).await {
+        match shared::registry::prepare_for::<A>(url, topic).await {
             Ok(subjects) => {
                 for (subject, id) in &subjects {
                     tracing::info!(%subject, id, compatibility = shared::registry::COMPATIBILITY, "event schema registered");
@@ -138,6 +138,34 @@ async fn prepare_registry(url: &str, topic: &str) -> anyhow::Result<()> {
             Err(e) => return Err(anyhow::anyhow!(e).context("cannot prepare the schema registry")),
         }
     }
+}
+
+/// The whole process for the aggregate type `A`: tracing, settings from the environment, the
+/// HTTP listener on `COMMAND_HTTP_ADDR`, [`run_aggregate`] until SIGTERM or Ctrl-C; exits 1
+/// with the reason on a fatal error. `name` names the program in that message.
+pub async fn main_for<A: Aggregate>(name: &str) {
+    shared::runtime::init_tracing();
+    let outcome = start::<A>().await;
+    // Exported spans not sent yet go out now (nothing to do unless OTLP export is on).
+    let _ = tokio::task::spawn_blocking(shared::runtime::shutdown_tracing).await;
+    if let Err(e) = outcome {
+        tracing::error!("{e:#}");
+        eprintln!("{name}: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn start<A: Aggregate>() -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    let listener = TcpListener::bind(settings.command_http_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on COMMAND_HTTP_ADDR={}",
+                settings.command_http_addr
+            )
+        })?;
+    run_aggregate::<A>(settings, listener, shared::runtime::shutdown_signal()).await
 }
 
 /// Runs the service for bank accounts until `shutdown` resolves or the engine stops on a fatal
@@ -181,7 +209,7 @@ pub async fn run_aggregate<A: Aggregate>(
     }
     let codec = Arc::new(EventCodec::from_settings(&settings)?.serving::<A>());
     if let Some(url) = &settings.schema_registry_url {
-        prepare_registry(url, &Topics::new(&settings.topic_prefix).events()).await?;
+        prepare_registry::<A>(url, &Topics::new(&settings.topic_prefix).events()).await?;
     }
     let metrics = metrics::handle();
     let status = Arc::new(engine::Status::default());

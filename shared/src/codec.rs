@@ -18,9 +18,9 @@ use schema_registry_converter::schema_registry_common::{
 };
 use serde_json::{Value, json};
 
-use crate::aggregate::Aggregate;
-use crate::bank_account::{AGGREGATE_TYPE, BankAccount, Event, EventDataError};
-use crate::envelope::{CURRENT_SCHEMA_VERSION, EventEnvelope};
+use crate::aggregate::{Aggregate, DomainEvent};
+use crate::bank_account::{AGGREGATE_TYPE, BankAccount, EventDataError};
+use crate::envelope::EventEnvelope;
 use crate::upcast::{UpcastContext, UpcastError, Upcasters};
 
 /// Header names that repeat envelope fields for routing without decoding.
@@ -126,15 +126,26 @@ pub struct EventCodec {
     upcasters: Upcasters,
     context: UpcastContext,
     registry: Option<Registry>,
-    /// Per aggregate type it reads, the check that an envelope's data is one of its events.
-    types: HashMap<&'static str, EventCheck>,
+    /// The aggregate types it reads and writes, by `aggregate_type`.
+    types: HashMap<&'static str, TypeEntry>,
 }
 
-/// Checks that an envelope's `event_type` and `data` are an event of its aggregate type.
-type EventCheck = fn(&EventEnvelope) -> Result<(), EventDataError>;
+/// What the codec knows of one aggregate type.
+#[derive(Clone, Copy)]
+struct TypeEntry {
+    /// Checks that an envelope's `event_type` and `data` are an event of the type.
+    check: fn(&EventEnvelope) -> Result<(), EventDataError>,
+    /// The JSON Schema of an event type at a schema version (the whole envelope).
+    schema: fn(&str, u32) -> Value,
+}
 
-fn check_event<A: Aggregate>(envelope: &EventEnvelope) -> Result<(), EventDataError> {
-    envelope.event_of::<A>().map(drop)
+impl TypeEntry {
+    fn of<A: Aggregate>() -> Self {
+        TypeEntry {
+            check: |envelope| envelope.event_of::<A>().map(drop),
+            schema: aggregate_schema::<A>,
+        }
+    }
 }
 
 impl std::fmt::Debug for EventCodec {
@@ -157,14 +168,14 @@ impl EventCodec {
                 currency: default_currency.to_owned(),
             },
             registry: None,
-            types: HashMap::from([(BankAccount::TYPE, check_event::<BankAccount> as EventCheck)]),
+            types: HashMap::from([(BankAccount::TYPE, TypeEntry::of::<BankAccount>())]),
         }
     }
 
     /// The codec reading (and upcasting) the events of aggregate type `A` too.
     pub fn serving<A: Aggregate>(mut self) -> Self {
         self.upcasters.register_aggregate::<A>();
-        self.types.insert(A::TYPE, check_event::<A>);
+        self.types.insert(A::TYPE, TypeEntry::of::<A>());
         self
     }
 
@@ -201,6 +212,17 @@ impl EventCodec {
         }
     }
 
+    fn type_of(&self, envelope: &EventEnvelope) -> Result<&TypeEntry, EventDataError> {
+        self.types
+            .get(envelope.aggregate_type.as_str())
+            .ok_or_else(|| {
+                EventDataError::UnknownType(format!(
+                    "{} of aggregate type {}, which this program does not serve",
+                    envelope.event_type, envelope.aggregate_type
+                ))
+            })
+    }
+
     /// The upcasters and their context, for downcasting on request.
     pub fn upcasters(&self) -> &Upcasters {
         &self.upcasters
@@ -216,9 +238,24 @@ impl EventCodec {
         match &self.registry {
             None => Ok(value.to_string().into_bytes()),
             Some(registry) => {
+                let schema = self
+                    .type_of(envelope)
+                    .map_err(|e| EncodeError::Registry {
+                        message: e.to_string(),
+                        retriable: false,
+                    })?
+                    .schema;
                 let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
                     topic.to_owned(),
-                    supplied_schema(&envelope.event_type, envelope.schema_version),
+                    SuppliedSchema::new(
+                        Some(record_name(
+                            &envelope.aggregate_type,
+                            &envelope.event_type,
+                            envelope.schema_version,
+                        )),
+                        SchemaType::Json,
+                        schema(&envelope.event_type, envelope.schema_version).to_string(),
+                    ),
                 );
                 registry
                     .encoder
@@ -284,16 +321,7 @@ impl EventCodec {
                 "aggregate_id must not be empty".into(),
             ));
         }
-        let check = self
-            .types
-            .get(envelope.aggregate_type.as_str())
-            .ok_or_else(|| {
-                EventDataError::UnknownType(format!(
-                    "{} of aggregate type {}, which this program does not serve",
-                    envelope.event_type, envelope.aggregate_type
-                ))
-            })?;
-        check(&envelope)?;
+        (self.type_of(&envelope)?.check)(&envelope)?;
         Ok(envelope)
     }
 
@@ -407,7 +435,8 @@ pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
-/// The JSON Schema of one event type at one schema version (the whole envelope).
+/// The JSON Schema of one bank-account event type at one schema version (the whole envelope),
+/// older versions included.
 pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
     let current = (schema_version == BankAccount::SCHEMA_VERSION)
         .then(|| BankAccount::event_schema(event_type))
@@ -429,16 +458,40 @@ pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
         }),
         _ => json!({"type": "object"}),
     });
+    envelope_schema(AGGREGATE_TYPE, event_type, schema_version, data)
+}
+
+/// The JSON Schema of an event type of `A` at a schema version: `A`'s
+/// [`Aggregate::event_schema`] at its current version (the bank account's own older versions
+/// too), an open object otherwise.
+pub fn aggregate_schema<A: Aggregate>(event_type: &str, schema_version: u32) -> Value {
+    if A::TYPE == AGGREGATE_TYPE {
+        return json_schema(event_type, schema_version);
+    }
+    let data = (schema_version == A::SCHEMA_VERSION)
+        .then(|| A::event_schema(event_type))
+        .flatten()
+        .unwrap_or_else(|| json!({"type": "object"}));
+    envelope_schema(A::TYPE, event_type, schema_version, data)
+}
+
+/// The envelope around an event type's `data` schema.
+fn envelope_schema(
+    aggregate_type: &str,
+    event_type: &str,
+    schema_version: u32,
+    data: Value,
+) -> Value {
     json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": schema_name(event_type, schema_version),
+        "title": record_name(aggregate_type, event_type, schema_version),
         "type": "object",
         "required": ["event_id", "aggregate_id", "aggregate_type", "event_type",
                      "schema_version", "version", "timestamp", "data"],
         "properties": {
             "event_id": {"type": "string", "format": "uuid"},
             "aggregate_id": {"type": "string", "minLength": 1},
-            "aggregate_type": {"const": AGGREGATE_TYPE},
+            "aggregate_type": {"const": aggregate_type},
             "event_type": {"const": event_type},
             "schema_version": {"const": schema_version},
             "version": {"type": "integer", "minimum": 1},
@@ -449,28 +502,31 @@ pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
     })
 }
 
-/// The record name of an event type's schema: `BankAccount.<EventType>.v<N>`; the registry
-/// subject is `<topic>-<record name>` (TopicRecordNameStrategy).
+/// The record name of a bank-account event type's schema: `BankAccount.<EventType>.v<N>`; the
+/// registry subject is `<topic>-<record name>` (TopicRecordNameStrategy).
 pub fn schema_name(event_type: &str, schema_version: u32) -> String {
-    format!("{AGGREGATE_TYPE}.{event_type}.v{schema_version}")
+    record_name(AGGREGATE_TYPE, event_type, schema_version)
 }
 
-fn supplied_schema(event_type: &str, schema_version: u32) -> SuppliedSchema {
-    SuppliedSchema::new(
-        Some(schema_name(event_type, schema_version)),
-        SchemaType::Json,
-        json_schema(event_type, schema_version).to_string(),
-    )
+/// The record name of any aggregate type's event schema: `<AggregateType>.<EventType>.v<N>`.
+pub fn record_name(aggregate_type: &str, event_type: &str, schema_version: u32) -> String {
+    format!("{aggregate_type}.{event_type}.v{schema_version}")
 }
 
-/// Every event type's schema at the current version, for tools that register them up front.
+/// Every bank-account event type's schema at the current version, for tools that register them
+/// up front.
 pub fn current_schemas() -> Vec<(String, Value)> {
-    Event::TYPES
+    schemas_of::<BankAccount>()
+}
+
+/// Every event type's schema of `A` at its current version, by record name.
+pub fn schemas_of<A: Aggregate>() -> Vec<(String, Value)> {
+    A::Event::TYPES
         .iter()
         .map(|t| {
             (
-                schema_name(t, CURRENT_SCHEMA_VERSION),
-                json_schema(t, CURRENT_SCHEMA_VERSION),
+                record_name(A::TYPE, t, A::SCHEMA_VERSION),
+                aggregate_schema::<A>(t, A::SCHEMA_VERSION),
             )
         })
         .collect()

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::codec::{json_schema, schema_name};
+use crate::codec::schema_name;
 
 /// The compatibility level set on every event subject: a new schema must read what the previous
 /// one wrote.
@@ -210,16 +210,21 @@ impl SchemaRegistry {
 /// Returns each subject with its schema id. A schema changed incompatibly since it was first
 /// registered is refused here, before any event is written with it.
 pub async fn prepare(url: &str, topic: &str) -> Result<Vec<(String, u32)>, RegistryError> {
+    prepare_for::<crate::BankAccount>(url, topic).await
+}
+
+/// [`prepare`] for the event types of aggregate type `A`.
+pub async fn prepare_for<A: crate::aggregate::Aggregate>(
+    url: &str,
+    topic: &str,
+) -> Result<Vec<(String, u32)>, RegistryError> {
     let registry = SchemaRegistry::new(url)?;
     let mut registered = Vec::new();
-    for event_type in crate::Event::TYPES {
-        let version = crate::envelope::CURRENT_SCHEMA_VERSION;
-        let subject = subject(topic, event_type, version);
+    for (record, schema) in crate::codec::schemas_of::<A>() {
+        let subject = format!("{topic}-{record}");
         // Register first: a rule on a subject that does not exist yet is not kept by every
         // registry. The first version has nothing to be compatible with.
-        let id = registry
-            .register(&subject, &json_schema(event_type, version))
-            .await?;
+        let id = registry.register(&subject, &schema).await?;
         registry.set_compatibility(&subject, COMPATIBILITY).await?;
         registered.push((subject, id));
     }

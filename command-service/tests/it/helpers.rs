@@ -146,8 +146,20 @@ impl ServiceProcess {
         snapshot_every: u64,
         env: &[(&str, &str)],
     ) -> ServiceProcess {
+        let program = Process::new(env!("CARGO_BIN_EXE_command-service"));
+        Self::spawn(program, settings, instance, snapshot_every, env)
+    }
+
+    /// Runs `program` as the service, configured like [`ServiceProcess::start_with`].
+    pub fn spawn(
+        mut program: Process,
+        settings: &Settings,
+        instance: &str,
+        snapshot_every: u64,
+        env: &[(&str, &str)],
+    ) -> ServiceProcess {
         let port = free_port();
-        let child = Process::new(env!("CARGO_BIN_EXE_command-service"))
+        let child = program
             .envs(env.iter().copied())
             .env("KAFKA_BOOTSTRAP_SERVERS", &settings.kafka.bootstrap_servers)
             .env("TOPIC_PREFIX", &settings.topic_prefix)

@@ -10,4 +10,6 @@ mod faults;
 mod interop;
 mod proxy;
 mod restore;
+mod stock;
+mod stock_item;
 mod two_instances;

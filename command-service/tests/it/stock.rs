@@ -1,0 +1,209 @@
+//! The unmodified engine serving a second aggregate type, the test-only [`StockItem`]: commands
+//! and its own rejection codes, `expected_version`, dedupe, snapshots, and a SIGKILL followed by
+//! a restore from them, against the real broker. The service runs as a child process: this test
+//! binary itself, asked to run [`stock_service_child`].
+
+use rdkafka::Message;
+use serde_json::Value;
+use shared::CommandMessage;
+use shared::envelope::Snapshot;
+use shared::kafka::Topics;
+
+use crate::helpers::*;
+use crate::stock_item::{StockCommand, StockItem};
+
+/// Set in the child's environment: [`stock_service_child`] then runs the service.
+const CHILD: &str = "STOCK_SERVICE_CHILD";
+
+/// Not a test of its own: the body of the child process (idle in a normal run).
+#[test]
+fn stock_service_child() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
+    }
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(command_service::main_for::<StockItem>("stock-service"));
+}
+
+fn stock_service(settings: &shared::Settings, instance: &str) -> ServiceProcess {
+    let mut program = std::process::Command::new(std::env::current_exe().unwrap());
+    program
+        .args(["--exact", "stock::stock_service_child", "--nocapture"])
+        .env(CHILD, "1");
+    ServiceProcess::spawn(program, settings, instance, 2, &[])
+}
+
+fn stock(id: &str, command: StockCommand) -> CommandMessage<StockCommand> {
+    CommandMessage::new(id, command)
+}
+
+async fn send(service: &ServiceProcess, command: &CommandMessage<StockCommand>) -> (u16, Value) {
+    post(
+        &reqwest::Client::new(),
+        &service.url,
+        command.to_json().to_string(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_second_aggregate_type_is_served_end_to_end_and_restored_after_a_kill() {
+    let settings = shared::testing::test_settings(2);
+    let service = stock_service(&settings, "stock-a");
+    service.wait_ready().await;
+
+    let register = stock(
+        "sku-1",
+        StockCommand::Register {
+            name: "Bolt".into(),
+        },
+    );
+    let receive = stock("sku-1", StockCommand::Receive { quantity: 10 });
+    let ship = stock("sku-1", StockCommand::Ship { quantity: 3 });
+    let mut answers = Vec::new();
+    for (command, version) in [(&register, 1), (&receive, 2), (&ship, 3)] {
+        let (status, body) = send(&service, command).await;
+        assert_eq!(
+            (status, body["version"].as_u64()),
+            (200, Some(version)),
+            "{body}"
+        );
+        answers.push(body);
+    }
+    // Its own rules and codes; the engine's expected_version; the engine's dedupe.
+    let (status, body) = send(
+        &service,
+        &stock("sku-1", StockCommand::Ship { quantity: 8 }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("OutOfStock")),
+        "{body}"
+    );
+    let mut stale = stock("sku-1", StockCommand::Receive { quantity: 1 });
+    stale.expected_version = Some(1);
+    let (status, body) = send(&service, &stale).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("VersionConflict")),
+        "{body}"
+    );
+    assert_eq!(
+        send(&service, &receive).await,
+        (200, answers[1].clone()),
+        "a duplicate"
+    );
+    // A bank-account command is not one of this service's.
+    let bank = open("acc-1", "Ann", 5).to_json().to_string();
+    let (status, body) = post(&reqwest::Client::new(), &service.url, bank).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("Malformed")),
+        "{body}"
+    );
+
+    // SIGKILL: no checkpoint at leave; the restore starts from the snapshots (every 2 versions).
+    service.kill();
+    let service = stock_service(&settings, "stock-a");
+    let ready = service.wait_ready().await;
+    assert!(
+        ready["restores"]["snapshots"].as_u64().unwrap_or(0) >= 1,
+        "restored from snapshots: {ready}"
+    );
+    assert_eq!(
+        send(&service, &ship).await,
+        (200, answers[2].clone()),
+        "a duplicate after the kill"
+    );
+    let (status, body) = send(
+        &service,
+        &stock("sku-1", StockCommand::Ship { quantity: 7 }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["version"].as_u64()),
+        (200, Some(4)),
+        "7 on hand: {body}"
+    );
+    let (status, body) = send(
+        &service,
+        &stock("sku-1", StockCommand::Ship { quantity: 1 }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("OutOfStock")),
+        "{body}"
+    );
+    service.terminate();
+
+    // The store: the item's events in order, typed StockItem; its snapshots are StockItem states.
+    let topics = Topics::new(&settings.topic_prefix);
+    // Read as the service wrote them (plain JSON, or the registry's wire format).
+    let codec = shared::EventCodec::from_settings(&settings)
+        .unwrap()
+        .serving::<StockItem>();
+    let mut events = Vec::new();
+    for m in read_topic(&settings, &topics.events()) {
+        events.push(codec.decode(m.payload().unwrap()).await.unwrap());
+    }
+    let seen: Vec<(u64, &str, &str)> = events
+        .iter()
+        .map(|e| (e.version, e.aggregate_type.as_str(), e.event_type.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "StockItem", "Registered"),
+            (2, "StockItem", "Received"),
+            (3, "StockItem", "Shipped"),
+            (4, "StockItem", "Shipped"),
+        ]
+    );
+    let snapshots: Vec<Snapshot<StockItem>> = read_topic(&settings, &topics.snapshots())
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    let last = snapshots
+        .iter()
+        .max_by_key(|s| s.version)
+        .expect("snapshots");
+    assert_eq!(
+        (last.version, &last.state),
+        (
+            4,
+            &StockItem {
+                registered: true,
+                name: "Bolt".into(),
+                on_hand: 0
+            }
+        )
+    );
+}
+
+#[test]
+fn the_stock_item_keeps_the_laws() {
+    use proptest::prelude::*;
+    let command = prop_oneof![
+        "[a-z]{0,3}".prop_map(|name| StockCommand::Register { name }),
+        (-3i64..20).prop_map(|quantity| StockCommand::Receive { quantity }),
+        (-3i64..20).prop_map(|quantity| StockCommand::Ship { quantity }),
+    ];
+    proptest!(|(commands in prop::collection::vec(command, 0..30))| {
+        shared::testing::check_laws::<StockItem>(&commands).map_err(TestCaseError::fail)?;
+    });
+}
+
+#[test]
+fn the_stock_item_in_given_when_then() {
+    use shared::testing::Given;
+    Given::<StockItem>::history([crate::stock_item::StockEvent::Registered { name: "Nut".into() }])
+        .when(StockCommand::Ship { quantity: 1 })
+        .then_expect_error(shared::RejectionCode::domain("OutOfStock"));
+    let item = Given::<StockItem>::history([])
+        .when(StockCommand::Register { name: "Nut".into() })
+        .then_expect([crate::stock_item::StockEvent::Registered { name: "Nut".into() }]);
+    assert!(item.registered);
+}
