@@ -98,9 +98,10 @@ pub trait Aggregate:
     /// [`Inapplicable`] and leaves the state as it was.
     fn evolve(&mut self, event: &Self::Event) -> Result<(), Inapplicable>;
 
-    /// The JSON Schema of an event type's `data` at [`Aggregate::SCHEMA_VERSION`], registered
-    /// with the schema registry; `None` for a type this aggregate does not have.
-    fn event_schema(event_type: &str) -> Option<Value>;
+    /// The JSON Schema of an event type's `data` at a schema version (at least
+    /// [`Aggregate::SCHEMA_VERSION`], which the registry gets at start; older ones for readers
+    /// that ask); `None` for a type or version this aggregate does not have.
+    fn event_schema(event_type: &str, schema_version: u32) -> Option<Value>;
 
     /// Registers the steps that bring older schema versions of this type's events to
     /// [`Aggregate::SCHEMA_VERSION`] (and back, for old readers), keyed by (event type,

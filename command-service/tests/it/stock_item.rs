@@ -208,13 +208,13 @@ impl Aggregate for StockItem {
         Ok(())
     }
 
-    fn event_schema(event_type: &str) -> Option<Value> {
-        match event_type {
-            "Registered" => Some(json!({
+    fn event_schema(event_type: &str, schema_version: u32) -> Option<Value> {
+        match (event_type, schema_version) {
+            ("Registered", 1) => Some(json!({
                 "type": "object", "required": ["name"],
                 "properties": {"name": {"type": "string", "minLength": 1}}
             })),
-            "Received" | "Shipped" => Some(json!({
+            ("Received" | "Shipped", 1) => Some(json!({
                 "type": "object", "required": ["quantity"],
                 "properties": {"quantity": {"type": "integer", "minimum": 1}}
             })),

@@ -227,9 +227,9 @@ impl Aggregate for BankAccount {
         upcasters.register_bank_account();
     }
 
-    fn event_schema(event_type: &str) -> Option<Value> {
-        Some(match event_type {
-            "AccountOpened" => json!({
+    fn event_schema(event_type: &str, schema_version: u32) -> Option<Value> {
+        Some(match (event_type, schema_version) {
+            ("AccountOpened", 2) => json!({
                 "type": "object",
                 "required": ["owner", "currency", "initial_balance_minor"],
                 "properties": {
@@ -238,12 +238,26 @@ impl Aggregate for BankAccount {
                     "initial_balance_minor": {"type": "integer", "minimum": 0}
                 }
             }),
-            "MoneyDeposited" | "MoneyWithdrawn" => json!({
+            ("MoneyDeposited" | "MoneyWithdrawn", 2) => json!({
                 "type": "object",
                 "required": ["amount_minor"],
                 "properties": {"amount_minor": {"type": "integer", "minimum": 1}}
             }),
-            "AccountClosed" => json!({"type": "object"}),
+            // v1: the holder was `name`, amounts were decimals in major units, no currency.
+            ("AccountOpened", 1) => json!({
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "initial_balance": {"type": ["number", "string"]}
+                }
+            }),
+            ("MoneyDeposited" | "MoneyWithdrawn", 1) => json!({
+                "type": "object",
+                "required": ["amount"],
+                "properties": {"amount": {"type": ["number", "string"]}}
+            }),
+            ("AccountClosed", 1 | 2) => json!({"type": "object"}),
             _ => return None,
         })
     }
