@@ -29,6 +29,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::db::{AccountFilter, AccountView, Database, RowCounts, StoreError};
 use crate::dlq::{DeadLetterReader, DeadLetterView};
 use crate::projector::{PartitionLag, Status};
+use shared::dlq::PageCursor;
 
 /// Default and largest page size of `GET /accounts`.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -833,6 +834,7 @@ pub const MAX_DEAD_LETTERS: usize = 500;
 #[derive(Debug, Default, Deserialize)]
 pub struct DeadLetterParams {
     limit: Option<String>,
+    before: Option<String>,
 }
 
 /// The body of `GET /dead-letters`.
@@ -842,16 +844,25 @@ pub struct DeadLetterPage {
     pub topic: String,
     /// Messages in it.
     pub total: i64,
-    /// The newest ones, newest first.
+    /// The newest ones (older than `before`, when given), newest first.
     pub dead_letters: Vec<DeadLetterView>,
+    /// The `before` of the next, older page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
-/// `GET /dead-letters?limit=N`: the newest dead letters with their reasons.
+/// How many `GET /dead-letters` read the topic at once (each has a Kafka client of its own);
+/// more wait their turn.
+const DEAD_LETTER_READERS: usize = 4;
+
+/// `GET /dead-letters?limit=N&before=CURSOR`: the newest dead letters with their reasons, a page
+/// at a time.
 #[utoipa::path(
     get,
     path = "/dead-letters",
     params(
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "How many (default 50)"),
+        ("before" = Option<String>, Query, description = "The `next` of the previous page (`<partition>:<offset>,…`): the letters older than it"),
     ),
     responses(
         (status = 200, description = "The newest dead letters, newest first", body = DeadLetterPage),
@@ -866,15 +877,24 @@ async fn dead_letters(
     let Query(params) = params?;
     let limit = number_param("limit", params.limit.as_deref(), 1..=MAX_DEAD_LETTERS)?
         .unwrap_or(DEFAULT_DEAD_LETTERS);
+    let before = params
+        .before
+        .as_deref()
+        .map(PageCursor::parse)
+        .transpose()
+        .map_err(|reason| ApiError::InvalidQuery(format!("before: {reason}")))?;
+    static READERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DEAD_LETTER_READERS);
+    let _turn = READERS.acquire().await.map_err(|_| ApiError::Internal)?;
     let reader = state.dead_letters.clone();
-    let read = tokio::task::spawn_blocking(move || reader.newest(limit))
+    let read = tokio::task::spawn_blocking(move || reader.page(limit, before.as_ref()))
         .await
         .map_err(|_| ApiError::Internal)?;
     match read {
-        Ok(newest) => Ok(Json(DeadLetterPage {
+        Ok(page) => Ok(Json(DeadLetterPage {
             topic: state.dead_letters.topic().to_owned(),
-            total: newest.total,
-            dead_letters: newest.letters,
+            total: page.total,
+            dead_letters: page.letters,
+            next: page.next.map(|c| c.to_string()),
         })),
         Err(e) => {
             tracing::warn!(error = %e, "reading dead letters failed");

@@ -202,13 +202,46 @@ impl DeadLetterView {
     }
 }
 
-/// What [`DeadLetterReader::newest`] read.
+/// What [`DeadLetterReader::page`] read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewestDeadLetters {
     /// Dead letters in the topic.
     pub total: i64,
-    /// The newest of them, newest first.
+    /// The newest of them (below the page's cursor), newest first.
     pub letters: Vec<DeadLetterView>,
+    /// Where the next, older page starts; `None` on the last page.
+    pub next: Option<PageCursor>,
+}
+
+/// Where a page of dead letters ends: per partition of the dead-letter topic, the offset below
+/// which the next page reads (`<partition>:<offset>,…`). A partition it does not name has
+/// nothing older left.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageCursor(BTreeMap<i32, i64>);
+
+impl PageCursor {
+    /// Reads a cursor as [`PageCursor`]'s `Display` writes it; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut ends = BTreeMap::new();
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (p, o) = part
+                .split_once(':')
+                .ok_or_else(|| format!("`{part}` is not <partition>:<offset>"))?;
+            let p: i32 = p.parse().map_err(|_| format!("`{p}` is not a partition"))?;
+            let o: i64 = o.parse().map_err(|_| format!("`{o}` is not an offset"))?;
+            if p < 0 || o < 0 || ends.insert(p, o).is_some() {
+                return Err(format!("`{part}` is not a new <partition>:<offset>"));
+            }
+        }
+        Ok(PageCursor(ends))
+    }
+}
+
+impl std::fmt::Display for PageCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+        f.write_str(&parts.join(","))
+    }
 }
 
 /// A dead letter with the original message exactly as it was: what a replay sends back.
@@ -263,37 +296,95 @@ impl DeadLetterReader {
         &self.topic
     }
 
-    /// The total count and the newest `limit` dead letters, newest first (by `failed_at`, then
-    /// offset). Reads at most `limit` messages from the end of each partition, for at most 5 s.
-    /// Blocking: call from `spawn_blocking`.
+    /// The total count and the newest `limit` dead letters, newest first.
     pub fn newest(&self, limit: usize) -> Result<NewestDeadLetters, KafkaError> {
+        self.page(limit, None)
+    }
+
+    /// A page of at most `limit` dead letters, newest first, older than `before` (a cursor from
+    /// an earlier page; `None`: from the newest). Partitions are merged by `failed_at` and each
+    /// is taken from its end down, so paging on from `next` shows every letter once. Reads at
+    /// most `limit` messages per partition and keeps their views (payloads cut at 4 KiB): the
+    /// cost is bounded by `limit`, not by the topic. Fails when a partition cannot be read to its
+    /// page's end within 5 s. Blocking: call from `spawn_blocking`.
+    pub fn page(
+        &self,
+        limit: usize,
+        before: Option<&PageCursor>,
+    ) -> Result<NewestDeadLetters, KafkaError> {
         let want = i64::try_from(limit).unwrap_or(i64::MAX);
-        let (total, letters) = self.read(|low, high| (high - want).max(low), true)?;
-        let mut letters: Vec<DeadLetterView> = letters.into_iter().map(|l| l.view).collect();
-        letters.sort_by(|a, b| {
-            b.failed_at
-                .cmp(&a.failed_at)
-                .then(a.partition.cmp(&b.partition))
-                .then(b.offset.cmp(&a.offset))
-        });
-        letters.truncate(limit);
-        Ok(NewestDeadLetters { total, letters })
+        let mut ranges = BTreeMap::new();
+        let (total, read) = self.read(
+            |m| {
+                let end = match before {
+                    None => m.high,
+                    Some(cursor) => cursor
+                        .0
+                        .get(&m.partition)
+                        .map_or(m.low, |e| (*e).min(m.high)),
+                };
+                let start = (end - want).max(m.low);
+                ranges.insert(m.partition, (m.low, end));
+                (start < end).then_some((start, end))
+            },
+            |m| view(m),
+        )?;
+        // Each partition newest (highest offset) first; the k-way merge takes the newest head.
+        let mut lists: BTreeMap<i32, Vec<DeadLetterView>> = BTreeMap::new();
+        for letter in read {
+            lists.entry(letter.partition).or_default().push(letter);
+        }
+        for list in lists.values_mut() {
+            list.sort_by_key(|l| l.offset);
+        }
+        let mut letters = Vec::with_capacity(limit.min(total.max(0) as usize));
+        while letters.len() < limit {
+            let newest = lists
+                .iter()
+                .filter_map(|(p, list)| Some((*p, list.last()?)))
+                .max_by(|(_, a), (_, b)| {
+                    a.failed_at
+                        .cmp(&b.failed_at)
+                        .then(b.partition.cmp(&a.partition))
+                });
+            let Some((p, _)) = newest else { break };
+            letters.extend(lists.get_mut(&p).and_then(Vec::pop));
+        }
+        let mut ends = BTreeMap::new();
+        for (p, (low, end)) in ranges {
+            let next_end = letters
+                .iter()
+                .filter(|l| l.partition == p)
+                .map(|l| l.offset)
+                .min()
+                .unwrap_or(end);
+            if next_end > low {
+                ends.insert(p, next_end);
+            }
+        }
+        let next = (!ends.is_empty()).then_some(PageCursor(ends));
+        Ok(NewestDeadLetters {
+            total,
+            letters,
+            next,
+        })
     }
 
     /// Every dead letter, by partition then offset, with the original messages. Reads until the
-    /// end of every partition; gives up when no message came for 5 s. Blocking.
+    /// end of every partition; fails when a partition goes 5 s without a message. Blocking.
     pub fn all(&self) -> Result<Vec<StoredDeadLetter>, KafkaError> {
-        let (_, mut letters) = self.read(|low, _| low, false)?;
+        let (_, mut letters) = self.read(|m| Some((m.low, m.high)), |m| dead_letter(m))?;
         letters.sort_by_key(|l| (l.view.partition, l.view.offset));
         Ok(letters)
     }
 
-    /// Reads each partition from `start(low, high)` to its high watermark.
-    fn read(
+    /// Reads the offsets `range(marks)` (start, end) of each partition, each message through
+    /// `keep`; fails when one goes [`READ_TIMEOUT`] without a message before its end.
+    fn read<T>(
         &self,
-        start: impl Fn(i64, i64) -> i64,
-        overall_deadline: bool,
-    ) -> Result<(i64, Vec<StoredDeadLetter>), KafkaError> {
+        mut range: impl FnMut(&PartitionMarks) -> Option<(i64, i64)>,
+        keep: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
+    ) -> Result<(i64, Vec<T>), KafkaError> {
         let client: BaseConsumer = self
             .kafka
             .client_config()
@@ -307,35 +398,40 @@ impl DeadLetterReader {
         let mut tpl = TopicPartitionList::new();
         let mut ends = BTreeMap::new();
         for m in &marks {
-            if m.high > m.low {
-                tpl.add_partition_offset(
-                    &self.topic,
-                    m.partition,
-                    Offset::Offset(start(m.low, m.high)),
-                )?;
-                ends.insert(m.partition, m.high);
+            if let Some((start, end)) = range(m).filter(|(start, end)| start < end) {
+                tpl.add_partition_offset(&self.topic, m.partition, Offset::Offset(start))?;
+                ends.insert(m.partition, end);
             }
         }
-        let mut letters = Vec::new();
+        let mut kept = Vec::new();
         if ends.is_empty() {
-            return Ok((total, letters));
+            return Ok((total, kept));
         }
         client.assign(&tpl)?;
         let mut deadline = Instant::now() + READ_TIMEOUT;
-        while !ends.is_empty() && Instant::now() < deadline {
+        while !ends.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(KafkaError::MessageConsumption(
+                    rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                ));
+            }
             let Some(message) = client.poll(Duration::from_millis(100)) else {
                 continue;
             };
             let m = message?;
-            if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(0) {
+            let Some(end) = ends.get(&m.partition()).copied() else {
+                continue;
+            };
+            if m.offset() >= end {
+                continue;
+            }
+            if m.offset() + 1 >= end {
                 ends.remove(&m.partition());
             }
-            letters.push(dead_letter(&m));
-            if !overall_deadline {
-                deadline = Instant::now() + READ_TIMEOUT;
-            }
+            kept.push(keep(&m));
+            deadline = Instant::now() + READ_TIMEOUT;
         }
-        Ok((total, letters))
+        Ok((total, kept))
     }
 }
 

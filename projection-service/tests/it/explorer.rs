@@ -182,10 +182,13 @@ async fn explorer_api(backend: Backend) {
     assert_eq!(letter["key"], format!("{p}-poison"), "{body}");
     assert_eq!(letter["original_topic"], app.topic.as_str(), "{body}");
     assert_eq!(letter["payload"], "{not json", "{body}");
+    assert!(body.get("next").is_none(), "one letter: one page: {body}");
     for bad in [
         "/dead-letters?limit=0",
         "/dead-letters?limit=501",
         "/dead-letters?limit=x",
+        "/dead-letters?before=0",
+        "/dead-letters?before=0:1,0:2",
     ] {
         let (code, body) = app.get(bad).await;
         assert_eq!(

@@ -5,8 +5,10 @@
 mod aggregate;
 mod codec;
 mod decoders;
+mod dlq;
 mod kafka;
 mod properties;
 mod registry;
 mod seed;
+mod stored;
 mod topics;
