@@ -6,7 +6,7 @@
 //! Rules, per event in offset order:
 //! - version <= stored version: a duplicate (re-delivery), skipped and counted;
 //! - version > stored + 1: a gap, parked (never applied out of order);
-//! - version == stored + 1: applied if [`BankAccount::check_applicable`] allows it, else
+//! - version == stored + 1: applied if the aggregate's [`Aggregate::evolve`] takes it, else
 //!   dead-lettered (`NotApplicable`); after an apply, parked events that now follow on are
 //!   applied too, in version order.
 //!
@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use rdkafka::message::OwnedHeaders;
 use shared::dlq::DeadLetterCode;
 use shared::kafka::canonical_partition;
+use shared::aggregate::{Aggregate, Inapplicable};
 use shared::{BankAccount, DecodeError, EventEnvelope};
 
 use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, Unpark, format_ts};
@@ -373,9 +374,8 @@ fn apply_one(
     check_storable(envelope, &event)?;
     account
         .state
-        .check_applicable(&event)
-        .map_err(|reason| Refusal::new(DeadLetterCode::NotApplicable, reason))?;
-    account.state.apply(&event);
+        .evolve(&event)
+        .map_err(|Inapplicable(reason)| Refusal::new(DeadLetterCode::NotApplicable, reason))?;
     let ts = format_ts(&envelope.timestamp);
     if account.state.version == 1 || account.opened_at.is_empty() {
         account.opened_at.clone_from(&ts);
