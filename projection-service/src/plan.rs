@@ -15,9 +15,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::message::OwnedHeaders;
+use shared::aggregate::{Aggregate, Inapplicable};
 use shared::dlq::DeadLetterCode;
 use shared::kafka::canonical_partition;
-use shared::aggregate::{Aggregate, Inapplicable};
 use shared::{BankAccount, DecodeError, EventEnvelope};
 
 use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, Unpark, format_ts};

@@ -73,8 +73,9 @@ pub type Step = fn(&mut Map<String, Value>, &UpcastContext) -> Result<(), Upcast
 /// The registry of upcasting and downcasting steps.
 #[derive(Clone)]
 pub struct Upcasters {
-    up: HashMap<(String, u32), Step>,
-    down: HashMap<(String, u32), Step>,
+    /// Steps by (aggregate type, event type, version they start from).
+    up: HashMap<(String, String, u32), Step>,
+    down: HashMap<(String, String, u32), Step>,
     /// The current schema version per aggregate type (absent: [`CURRENT_SCHEMA_VERSION`]).
     current: HashMap<String, u32>,
 }
@@ -119,24 +120,27 @@ impl Upcasters {
 
     /// The bank account's steps (its [`crate::aggregate::Aggregate::register_upcasters`]).
     pub fn register_bank_account(&mut self) {
-        self.register_up("AccountOpened", 1, v1_to_v2::account_opened);
-        self.register_up("MoneyDeposited", 1, v1_to_v2::amount);
-        self.register_up("MoneyWithdrawn", 1, v1_to_v2::amount);
-        self.register_up("AccountClosed", 1, |_, _| Ok(()));
-        self.register_down("AccountOpened", 2, v2_to_v1::account_opened);
-        self.register_down("MoneyDeposited", 2, v2_to_v1::amount);
-        self.register_down("MoneyWithdrawn", 2, v2_to_v1::amount);
-        self.register_down("AccountClosed", 2, |_, _| Ok(()));
+        let bank = crate::bank_account::AGGREGATE_TYPE;
+        self.register_up(bank, "AccountOpened", 1, v1_to_v2::account_opened);
+        self.register_up(bank, "MoneyDeposited", 1, v1_to_v2::amount);
+        self.register_up(bank, "MoneyWithdrawn", 1, v1_to_v2::amount);
+        self.register_up(bank, "AccountClosed", 1, |_, _| Ok(()));
+        self.register_down(bank, "AccountOpened", 2, v2_to_v1::account_opened);
+        self.register_down(bank, "MoneyDeposited", 2, v2_to_v1::amount);
+        self.register_down(bank, "MoneyWithdrawn", 2, v2_to_v1::amount);
+        self.register_down(bank, "AccountClosed", 2, |_, _| Ok(()));
     }
 
-    /// Registers the step that takes `event_type` from `from` to `from + 1`.
-    pub fn register_up(&mut self, event_type: &str, from: u32, step: Step) {
-        self.up.insert((event_type.to_owned(), from), step);
+    /// Registers the step that takes `event_type` of `aggregate_type` from `from` to `from + 1`.
+    pub fn register_up(&mut self, aggregate_type: &str, event_type: &str, from: u32, step: Step) {
+        let key = (aggregate_type.to_owned(), event_type.to_owned(), from);
+        self.up.insert(key, step);
     }
 
-    /// Registers the step that takes `event_type` from `from` to `from - 1`.
-    pub fn register_down(&mut self, event_type: &str, from: u32, step: Step) {
-        self.down.insert((event_type.to_owned(), from), step);
+    /// Registers the step that takes `event_type` of `aggregate_type` from `from` to `from - 1`.
+    pub fn register_down(&mut self, aggregate_type: &str, event_type: &str, from: u32, step: Step) {
+        let key = (aggregate_type.to_owned(), event_type.to_owned(), from);
+        self.down.insert(key, step);
     }
 
     /// Brings a raw envelope of any known version to its aggregate type's current version
@@ -152,24 +156,25 @@ impl Upcasters {
         };
         normalize_envelope(&mut env)?;
         let mut version = schema_version(&env)?;
-        let current = env
-            .get("aggregate_type")
-            .and_then(Value::as_str)
-            .and_then(|t| self.current.get(t).copied())
+        let aggregate_type = aggregate_type(&env);
+        let current = self
+            .current
+            .get(&aggregate_type)
+            .copied()
             .unwrap_or(CURRENT_SCHEMA_VERSION);
         if version > current {
             return Err(UpcastError::FromTheFuture(version, current));
         }
         let event_type = event_type(&env)?;
         while version < current {
-            let step =
-                self.up
-                    .get(&(event_type.clone(), version))
-                    .ok_or_else(|| UpcastError::NoStep {
-                        direction: "upcast",
-                        event_type: event_type.clone(),
-                        from: version,
-                    })?;
+            let step = self
+                .up
+                .get(&(aggregate_type.clone(), event_type.clone(), version))
+                .ok_or_else(|| UpcastError::NoStep {
+                    direction: "upcast",
+                    event_type: event_type.clone(),
+                    from: version,
+                })?;
             step(data_mut(&mut env)?, ctx)?;
             version += 1;
         }
@@ -189,6 +194,7 @@ impl Upcasters {
             return Err(UpcastError::Invalid("envelope is not an object".into()));
         };
         let mut version = schema_version(&env)?;
+        let aggregate_type = aggregate_type(&env);
         let event_type = event_type(&env)?;
         if target == 0 || target > version {
             return Err(UpcastError::Invalid(format!(
@@ -198,7 +204,7 @@ impl Upcasters {
         while version > target {
             let step = self
                 .down
-                .get(&(event_type.clone(), version))
+                .get(&(aggregate_type.clone(), event_type.clone(), version))
                 .ok_or_else(|| UpcastError::NoStep {
                     direction: "downcast",
                     event_type: event_type.clone(),
@@ -249,6 +255,14 @@ fn schema_version(env: &Map<String, Value>) -> Result<u32, UpcastError> {
         .ok_or_else(|| {
             UpcastError::Invalid("schema_version is not a small positive integer".into())
         })
+}
+
+/// The envelope's `aggregate_type` (empty when it has none: no type's steps apply).
+fn aggregate_type(env: &Map<String, Value>) -> String {
+    env.get("aggregate_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn event_type(env: &Map<String, Value>) -> Result<String, UpcastError> {
@@ -388,6 +402,25 @@ mod tests {
             "timestamp":"2025-03-01T00:01:00.098702"}}"#
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn steps_are_per_aggregate_type() {
+        let mut u = Upcasters::standard();
+        // Another type with an event of the same name and a step that always fails.
+        u.register_up("Other", "MoneyDeposited", 1, |_, _| {
+            Err(UpcastError::Invalid("the other type's step".into()))
+        });
+        let bank = u
+            .upcast(v1("MoneyDeposited", r#"{"amount": 1.5}"#), &ctx())
+            .unwrap();
+        assert_eq!(bank["data"]["amount_minor"], 150, "the bank's own step ran");
+        let mut other = v1("MoneyDeposited", r#"{"amount": 1.5}"#);
+        other["aggregate_type"] = json!("Other");
+        assert_eq!(
+            u.upcast(other, &ctx()),
+            Err(UpcastError::Invalid("the other type's step".into()))
+        );
     }
 
     #[test]

@@ -467,8 +467,19 @@ impl<A: Aggregate> Engine<A> {
             .fetch_watermarks(&topic, partition, Duration::from_secs(5))
             .map_err(|e| unreadable(e.to_string()))?;
         // `high` is the last stable offset (the reader is read_committed): right after a commit
-        // it can still be below the record, until the coordinator's markers land. Only a record
-        // below the log start is known to be gone; one at or above `high` is waited for.
+        // it can still be below the record, until the coordinator's markers land. A record at or
+        // above it is waited for if the log holds it (below the end of everything written, which
+        // the read_uncommitted client gives), and gone if not (a log truncated by an unclean
+        // leader election); a record below the log start is gone too.
+        if offset >= high {
+            let (_, end) = self
+                .offsets
+                .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                .map_err(|e| unreadable(e.to_string()))?;
+            if offset >= end {
+                return Ok(None);
+            }
+        }
         let start = offset.max(low);
         if start > offset && start >= high {
             return Ok(None);
