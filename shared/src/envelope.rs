@@ -377,6 +377,13 @@ pub struct InstanceLease {
     /// Written by the holding process as it stops gracefully: nobody holds the id.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub released: bool,
+    /// Written (outside a transaction) by a process that found the id taken by another running
+    /// process and stops: the id is contested by two instances. Not a lease: `process` names
+    /// the one that stops, `takeovers` those of the lease that replaced it, and the next taker
+    /// backs off. A holder that died without a word (SIGKILL, a crash) writes none, so its
+    /// restart takes the id at once. (Absent: false.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub contested: bool,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -43,6 +43,17 @@ fn begin_round<A>(state: &mut PartitionState<A>, partition: i32, end: i64) -> Ch
     }
 }
 
+/// How long a transaction waits at most for an events partition's end offset before it
+/// postpones the checkpoints.
+const END_OFFSET_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long checkpoints wait after `failures` postponements in a row: 1 s, doubling up to 30 s.
+fn postponement(failures: u32) -> Duration {
+    Duration::from_secs(1)
+        .saturating_mul(1 << failures.min(5))
+        .min(Duration::from_secs(30))
+}
+
 impl<A: Aggregate> Engine<A> {
     /// When no command is coming, a due checkpoint gets a transaction of its own.
     /// After a postponed checkpoint (the end offset could not be read) not before a second
@@ -94,6 +105,15 @@ impl<A: Aggregate> Engine<A> {
             .filter(|(_, s)| self.checkpoint_due(s))
             .map(|(p, _)| *p)
             .collect();
+        // Postponed: this transaction carries commands only. A checkpoint can always wait; a
+        // command must not wait for one (a partition whose leader is away made every
+        // transaction spend its time here, and expire).
+        if self
+            .checkpoint_retry_at
+            .is_some_and(|at| Instant::now() < at)
+        {
+            return Ok(());
+        }
         let events = self.topics.events();
         let mut budget = self
             .shrink
@@ -102,16 +122,20 @@ impl<A: Aggregate> Engine<A> {
             if budget == 0 {
                 break;
             }
-            let end = match self.offsets.fetch_watermarks(
-                &events,
-                partition,
-                Duration::from_secs(5),
-            ) {
-                Ok((_, high)) => high,
+            let end = match self
+                .offsets
+                .fetch_watermarks(&events, partition, END_OFFSET_TIMEOUT)
+            {
+                Ok((_, high)) => {
+                    self.checkpoints_postponed = 0;
+                    high
+                }
                 Err(e) => {
-                    tracing::warn!(partition, error = %e, "cannot read the events' end offset; checkpoint postponed");
-                    self.checkpoint_retry_at = Some(Instant::now() + Duration::from_secs(1));
-                    continue;
+                    let wait = postponement(self.checkpoints_postponed);
+                    self.checkpoints_postponed = self.checkpoints_postponed.saturating_add(1);
+                    tracing::warn!(partition, error = %e, retry_in_s = wait.as_secs(), "cannot read the events' end offset; checkpoints postponed");
+                    self.checkpoint_retry_at = Some(Instant::now() + wait);
+                    break;
                 }
             };
             let Some(piece) = self.take_piece(partition, end, budget) else {
@@ -215,5 +239,16 @@ impl<A: Aggregate> Engine<A> {
             "checkpoint written"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postponed_checkpoints_wait_ever_longer_up_to_half_a_minute() {
+        let waits: Vec<u64> = (0..8).map(|n| postponement(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 }

@@ -430,6 +430,8 @@ pub struct Engine<A: Aggregate> {
     assigned: bool,
     /// Set when a checkpoint was postponed: no idle checkpoint before then.
     checkpoint_retry_at: Option<Instant>,
+    /// Checkpoints postponed in a row (the wait before the next try doubles with them).
+    checkpoints_postponed: u32,
     /// Consecutive aborted transactions: the pause before a redo grows with them.
     aborts_in_a_row: u32,
     /// How much smaller transactions are for now, after an expiry.
@@ -461,6 +463,7 @@ fn take_lease(
             taken_at: chrono::Utc::now(),
             takeovers,
             released: false,
+            contested: false,
         },
     )
 }
@@ -595,6 +598,7 @@ impl<A: Aggregate> Engine<A> {
             restore_done: mpsc::channel(),
             assigned: false,
             checkpoint_retry_at: None,
+            checkpoints_postponed: 0,
             aborts_in_a_row: 0,
             shrink: TxnShrink::default(),
             last_commit: Instant::now(),
@@ -663,8 +667,7 @@ impl<A: Aggregate> Engine<A> {
         }
     }
 
-    /// Releases the lease of the INSTANCE_ID on a graceful stop, so that the next start of it
-    /// is not counted as a takeover ([`twin_back_off`]). Best effort.
+    /// Releases the lease of the INSTANCE_ID on a graceful stop: nobody holds it. Best effort.
     fn release_lease(&self) {
         if self.txn.is_some() {
             return;
@@ -675,6 +678,7 @@ impl<A: Aggregate> Engine<A> {
             taken_at: chrono::Utc::now(),
             takeovers: 0,
             released: true,
+            contested: false,
         };
         if let Err(e) = write_lease(&self.producer, &self.settings, &lease) {
             tracing::warn!(error = %e, "cannot release the lease of INSTANCE_ID={}", self.settings.instance_id);
@@ -767,11 +771,14 @@ fn recover_from_fencing<A: Aggregate>(
     let mut engine_guard = lock(engine);
     let outcome = match twin {
         Ok(None) => engine_guard.renew_producer(),
-        Ok(Some(twin)) => Err(format!(
-            "fenced by another instance with INSTANCE_ID={} (process {twin} holds it now); \
-             stopping",
-            settings.instance_id
-        )),
+        Ok(Some(twin)) => {
+            mark_contested(settings, process, &twin);
+            Err(format!(
+                "fenced by another instance with INSTANCE_ID={} (process {} holds it now); \
+                 stopping",
+                settings.instance_id, twin.process
+            ))
+        }
         Err(e) => Err(format!(
             "fenced ({fenced}), and the group cannot be described to tell a twin instance \
              from a broker failover: {e}"
@@ -795,7 +802,7 @@ pub(super) fn twin_holder_patiently(
     settings: &Settings,
     process: &str,
     shutdown: &Shutdown,
-) -> KafkaResult<Option<String>> {
+) -> KafkaResult<Option<InstanceLease>> {
     let since = Instant::now();
     loop {
         match twin_holder(settings, process) {
@@ -808,17 +815,28 @@ pub(super) fn twin_holder_patiently(
     }
 }
 
-/// The process that holds this INSTANCE_ID now, if it is not this one: the latest committed
-/// lease of the id.
-pub(super) fn twin_holder(settings: &Settings, process: &str) -> KafkaResult<Option<String>> {
+/// The lease of the process that holds this INSTANCE_ID now, if it is not this one: the
+/// latest committed lease of the id (a contested mark is no lease).
+pub(super) fn twin_holder(
+    settings: &Settings,
+    process: &str,
+) -> KafkaResult<Option<InstanceLease>> {
     Ok(read_lease(settings)?
-        .filter(|lease| !lease.released)
-        .map(|lease| lease.process)
-        .filter(|h| h != process))
+        .holder
+        .filter(|lease| !lease.released && lease.process != process))
 }
 
-/// The latest committed lease of this INSTANCE_ID, if any.
-fn read_lease(settings: &Settings) -> KafkaResult<Option<InstanceLease>> {
+/// What `<prefix>.command-instances` says of this INSTANCE_ID.
+#[derive(Debug, Default)]
+struct LeaseRecords {
+    /// The latest lease (taken or released).
+    holder: Option<InstanceLease>,
+    /// The latest record: the lease, or a contested mark written after it.
+    latest: Option<InstanceLease>,
+}
+
+/// The latest records of this INSTANCE_ID.
+fn read_lease(settings: &Settings) -> KafkaResult<LeaseRecords> {
     let topic = Topics::new(&settings.topic_prefix).command_instances();
     let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
     let reader = TopicReader::open_at(
@@ -827,13 +845,16 @@ fn read_lease(settings: &Settings) -> KafkaResult<Option<InstanceLease>> {
         &topic,
         &[(partition, Offset::Beginning)],
     )?;
-    let mut latest = None;
+    let mut records = LeaseRecords::default();
     // Bounded: a broker that stays away must not hold the engine (and its lock) for ever.
     let read = reader.drain_for(LEASE_READ_LIMIT, |msg| {
         if msg.key() == Some(settings.instance_id.as_bytes())
             && let Some(Ok(lease)) = msg.payload().map(serde_json::from_slice::<InstanceLease>)
         {
-            latest = Some(lease);
+            if !lease.contested {
+                records.holder = Some(lease.clone());
+            }
+            records.latest = Some(lease);
         }
     });
     if !read {
@@ -841,43 +862,75 @@ fn read_lease(settings: &Settings) -> KafkaResult<Option<InstanceLease>> {
             RDKafkaErrorCode::RequestTimedOut,
         ));
     }
-    Ok(latest)
+    Ok(records)
 }
 
-/// A lease taken less than this after the previous one counts as a takeover in a row.
+/// Says (outside a transaction: this process's producer is fenced) that this process stops
+/// because `holder` took its INSTANCE_ID while it ran: the next taker backs off
+/// ([`twin_back_off`]). Best effort: unwritten, the next taker just does not wait.
+pub(super) fn mark_contested(settings: &Settings, process: &str, holder: &InstanceLease) {
+    let mark = InstanceLease {
+        instance_id: settings.instance_id.clone(),
+        process: process.to_owned(),
+        taken_at: chrono::Utc::now(),
+        takeovers: holder.takeovers,
+        released: false,
+        contested: true,
+    };
+    let written = settings
+        .kafka
+        .producer_config()
+        .create::<rdkafka::producer::BaseProducer>()
+        .and_then(|producer| {
+            let payload = serde_json::to_vec(&mark).unwrap_or_default();
+            let topic = Topics::new(&settings.topic_prefix).command_instances();
+            let partition =
+                canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
+            producer
+                .send(
+                    rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&topic)
+                        .partition(partition)
+                        .key(settings.instance_id.as_bytes())
+                        .payload(&payload),
+                )
+                .map_err(|(e, _)| e)?;
+            producer.flush(Duration::from_secs(5))
+        });
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot mark INSTANCE_ID={} as contested", settings.instance_id);
+    }
+}
+
+/// A contested mark older than this no longer counts: the fight it records is over.
 const TWIN_WINDOW: Duration = Duration::from_secs(120);
 
-/// The back-off before taking the id from `previous`: none for a holder that released it (a
-/// graceful stop) or kept it a while (a replacement); for one that took it moments ago itself (twins fencing each
-/// other under an orchestrator), 5 s at the second takeover in a row, doubling up to 5 min.
-/// Returns the takeovers in a row this taking makes, and the wait.
+/// The back-off before taking the id after the `previous` record of it: none after a lease
+/// (held, released, or left by a holder that died without a word: a crash or SIGKILL restarts
+/// at once); after a contested mark (its writer found the id taken while it ran, and stopped:
+/// two instances configured with one INSTANCE_ID, restarted by an orchestrator each time the
+/// other fences them), 5 s, doubling with each takeover in a row up to 5 min. Returns the
+/// takeovers in a row this taking makes, and the wait.
 pub fn twin_back_off(
     previous: Option<&InstanceLease>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> (u32, Duration) {
-    let Some(previous) = previous.filter(|p| !p.released) else {
+    let Some(previous) = previous.filter(|p| p.contested) else {
         return (0, Duration::ZERO);
     };
-    let held = (now - previous.taken_at).to_std().unwrap_or(Duration::ZERO);
-    if held >= TWIN_WINDOW {
+    let since = (now - previous.taken_at).to_std().unwrap_or(Duration::ZERO);
+    if since >= TWIN_WINDOW {
         return (0, Duration::ZERO);
     }
     let takeovers = previous.takeovers.saturating_add(1);
-    let wait = match takeovers {
-        0 | 1 => Duration::ZERO,
-        n => Duration::from_secs(5)
-            .saturating_mul(1 << (n - 2).min(6))
-            .min(Duration::from_secs(300)),
-    };
+    let wait = Duration::from_secs(5)
+        .saturating_mul(1 << (takeovers - 1).min(6))
+        .min(Duration::from_secs(300));
     (takeovers, wait)
 }
 
-/// At start, before this instance's producer fences the current holder of its INSTANCE_ID:
-/// backs off if the id keeps changing hands ([`twin_back_off`]), saying why. Returns the
-/// takeovers in a row for the new lease (0 when the lease cannot be read).
 fn back_off_from_twin(settings: &Settings, shutdown: &Shutdown) -> u32 {
     let previous = match read_lease(settings) {
-        Ok(previous) => previous,
+        Ok(records) => records.latest,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the lease of INSTANCE_ID={}; taking it", settings.instance_id);
             return 0;
@@ -1059,43 +1112,52 @@ fn group_id(settings: &Settings) -> String {
 mod tests {
     use super::*;
 
-    fn lease(taken_secs_ago: i64, takeovers: u32, released: bool) -> InstanceLease {
+    fn record(
+        taken_secs_ago: i64,
+        takeovers: u32,
+        released: bool,
+        contested: bool,
+    ) -> InstanceLease {
         InstanceLease {
             instance_id: "i".into(),
             process: "i.p".into(),
             taken_at: chrono::Utc::now() - chrono::Duration::seconds(taken_secs_ago),
             takeovers,
             released,
+            contested,
         }
     }
 
     #[test]
-    fn only_takeovers_in_a_row_of_a_held_id_back_off_and_ever_longer() {
+    fn only_a_contested_id_backs_off_and_ever_longer() {
         let now = chrono::Utc::now();
-        assert_eq!(twin_back_off(None, now), (0, Duration::ZERO));
+        let none = (0, Duration::ZERO);
+        assert_eq!(twin_back_off(None, now), none);
+        // A released lease, a lease held a while, a lease taken moments ago by a process that
+        // then died (a crash loop): no wait.
+        assert_eq!(twin_back_off(Some(&record(5, 0, true, false)), now), none);
         assert_eq!(
-            twin_back_off(Some(&lease(5, 0, true)), now),
-            (0, Duration::ZERO)
+            twin_back_off(Some(&record(600, 4, false, false)), now),
+            none
+        );
+        assert_eq!(twin_back_off(Some(&record(1, 3, false, false)), now), none);
+        // A contested mark: its writer was fenced by a running twin.
+        assert_eq!(
+            twin_back_off(Some(&record(5, 0, false, true)), now),
+            (1, Duration::from_secs(5))
         );
         assert_eq!(
-            twin_back_off(Some(&lease(600, 4, false)), now),
-            (0, Duration::ZERO)
+            twin_back_off(Some(&record(5, 1, false, true)), now),
+            (2, Duration::from_secs(10))
         );
         assert_eq!(
-            twin_back_off(Some(&lease(5, 0, false)), now),
-            (1, Duration::ZERO)
-        );
-        assert_eq!(
-            twin_back_off(Some(&lease(5, 1, false)), now),
-            (2, Duration::from_secs(5))
-        );
-        assert_eq!(
-            twin_back_off(Some(&lease(5, 2, false)), now),
-            (3, Duration::from_secs(10))
-        );
-        assert_eq!(
-            twin_back_off(Some(&lease(5, 40, false)), now),
+            twin_back_off(Some(&record(5, 40, false, true)), now),
             (41, Duration::from_secs(300))
+        );
+        assert_eq!(
+            twin_back_off(Some(&record(600, 5, false, true)), now),
+            none,
+            "an old fight is over"
         );
     }
 }

@@ -395,10 +395,13 @@ impl<A: Aggregate> Engine<A> {
     /// Why to stop if the lease of this INSTANCE_ID names another process (or cannot be read).
     fn twin_lease(&self) -> Option<String> {
         match super::twin_holder_patiently(&self.settings, &self.process, &self.shutdown) {
-            Ok(Some(twin)) => Some(format!(
-                "replaced while a transaction was pending: process {twin} holds INSTANCE_ID={} now",
-                self.settings.instance_id
-            )),
+            Ok(Some(twin)) => {
+                super::mark_contested(&self.settings, &self.process, &twin);
+                Some(format!(
+                    "replaced while a transaction was pending: process {} holds INSTANCE_ID={} now",
+                    twin.process, self.settings.instance_id
+                ))
+            }
             Ok(None) => None,
             Err(e) => Some(format!(
                 "a transaction timed out, and the lease of INSTANCE_ID={} cannot be read to tell \
