@@ -68,7 +68,12 @@ impl RegistryError {
 
 /// The subject of an event type's schema at a schema version, for events on `topic`.
 pub fn subject(topic: &str, event_type: &str, schema_version: u32) -> String {
-    format!("{topic}-{}", schema_name(event_type, schema_version))
+    record_subject(topic, &schema_name(event_type, schema_version))
+}
+
+/// The subject of a schema by its record name (`<topic>-<record name>`, TopicRecordNameStrategy).
+fn record_subject(topic: &str, record: &str) -> String {
+    format!("{topic}-{record}")
 }
 
 /// A client of the registry's Confluent API at `url` (e.g.
@@ -221,7 +226,7 @@ pub async fn prepare_for<A: crate::aggregate::Aggregate>(
     let registry = SchemaRegistry::new(url)?;
     let mut registered = Vec::new();
     for (record, schema) in crate::codec::schemas_of::<A>() {
-        let subject = format!("{topic}-{record}");
+        let subject = record_subject(topic, &record);
         // Register first: a rule on a subject that does not exist yet is not kept by every
         // registry. The first version has nothing to be compatible with.
         let id = registry.register(&subject, &schema).await?;

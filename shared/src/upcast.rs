@@ -167,14 +167,7 @@ impl Upcasters {
         }
         let event_type = event_type(&env)?;
         while version < current {
-            let step = self
-                .up
-                .get(&(aggregate_type.clone(), event_type.clone(), version))
-                .ok_or_else(|| UpcastError::NoStep {
-                    direction: "upcast",
-                    event_type: event_type.clone(),
-                    from: version,
-                })?;
+            let step = find_step(&self.up, "upcast", &aggregate_type, &event_type, version)?;
             step(data_mut(&mut env)?, ctx)?;
             version += 1;
         }
@@ -202,14 +195,13 @@ impl Upcasters {
             )));
         }
         while version > target {
-            let step = self
-                .down
-                .get(&(aggregate_type.clone(), event_type.clone(), version))
-                .ok_or_else(|| UpcastError::NoStep {
-                    direction: "downcast",
-                    event_type: event_type.clone(),
-                    from: version,
-                })?;
+            let step = find_step(
+                &self.down,
+                "downcast",
+                &aggregate_type,
+                &event_type,
+                version,
+            )?;
             step(data_mut(&mut env)?, ctx)?;
             version -= 1;
         }
@@ -223,6 +215,22 @@ impl Upcasters {
         }
         Ok(Value::Object(env))
     }
+}
+
+/// The step of `table` for (aggregate type, event type, version), or why there is none.
+fn find_step(
+    table: &HashMap<(String, String, u32), Step>,
+    direction: &'static str,
+    aggregate_type: &str,
+    event_type: &str,
+    version: u32,
+) -> Result<Step, UpcastError> {
+    let key = (aggregate_type.to_owned(), event_type.to_owned(), version);
+    table.get(&key).copied().ok_or_else(|| UpcastError::NoStep {
+        direction,
+        event_type: event_type.to_owned(),
+        from: version,
+    })
 }
 
 /// Seed-era envelopes: `id` → `event_id`, absent `schema_version` → 1, a zone-less timestamp is

@@ -99,12 +99,6 @@ impl<A: Aggregate> Engine<A> {
     /// `CHECKPOINT_PIECE` snapshots in all (fewer for a while after an expiry). Called first in a transaction, so the state written
     /// is the committed state. A partition whose end offset cannot be read is postponed.
     pub(super) fn write_checkpoints(&mut self) -> Result<(), TxnError> {
-        let due: Vec<i32> = self
-            .partitions
-            .iter()
-            .filter(|(_, s)| self.checkpoint_due(s))
-            .map(|(p, _)| *p)
-            .collect();
         // Postponed: this transaction carries commands only. A checkpoint can always wait; a
         // command must not wait for one (a partition whose leader is away made every
         // transaction spend its time here, and expire).
@@ -114,6 +108,12 @@ impl<A: Aggregate> Engine<A> {
         {
             return Ok(());
         }
+        let due: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| self.checkpoint_due(s))
+            .map(|(p, _)| *p)
+            .collect();
         let events = self.topics.events();
         let mut budget = self
             .shrink

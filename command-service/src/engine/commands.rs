@@ -235,12 +235,7 @@ impl<A: Aggregate> Engine<A> {
                 EventEnvelope::of::<A>(&command.aggregate_id, version, event, at, metadata.clone());
             let token = snapshot_due(version, self.settings.snapshot_every).then(|| {
                 let token = self.new_token();
-                let last = i as usize == events.len();
-                let prefix = &events[..i as usize];
-                snapshot = Some((
-                    token,
-                    (!last).then(|| self.held_after(partition, command, prefix)),
-                ));
+                snapshot = Some((token, i as usize));
                 token
             });
             let first = envelopes.is_empty();
@@ -251,13 +246,22 @@ impl<A: Aggregate> Engine<A> {
             version: before + events.len() as u64,
             state,
         };
+        // The state the snapshot covers: after the command, or (rare) after one of its events.
+        let snapshot = snapshot.map(|(token, after)| {
+            let taken = if after == events.len() {
+                held.clone()
+            } else {
+                self.held_after(partition, command, &events[..after])
+            };
+            (token, taken)
+        });
         if let Some(txn) = self.txn.as_mut() {
             if let Some((token, taken)) = snapshot {
                 txn.snapshots.push(DueSnapshot {
                     token,
                     partition,
                     aggregate_id: command.aggregate_id.clone(),
-                    held: taken.unwrap_or_else(|| held.clone()),
+                    held: taken,
                 });
             }
             txn.overlay.last_event_at.insert(partition, at);

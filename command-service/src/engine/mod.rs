@@ -469,14 +469,21 @@ fn take_lease(
 }
 
 /// Commits `lease` of this INSTANCE_ID in a transaction of its own.
+/// Where the records of this INSTANCE_ID live: `<prefix>.command-instances`, on the id's
+/// canonical partition.
+fn lease_place(settings: &Settings) -> (String, i32) {
+    let topic = Topics::new(&settings.topic_prefix).command_instances();
+    let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
+    (topic, partition)
+}
+
 fn write_lease(
     producer: &TxnProducer,
     settings: &Settings,
     lease: &InstanceLease,
 ) -> KafkaResult<()> {
     let payload = serde_json::to_vec(lease).unwrap_or_default();
-    let topic = Topics::new(&settings.topic_prefix).command_instances();
-    let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
+    let (topic, partition) = lease_place(settings);
     producer.begin_transaction()?;
     let record = rdkafka::producer::BaseRecord::with_opaque_to(&topic, UNTRACKED)
         .partition(partition)
@@ -837,8 +844,7 @@ struct LeaseRecords {
 
 /// The latest records of this INSTANCE_ID.
 fn read_lease(settings: &Settings) -> KafkaResult<LeaseRecords> {
-    let topic = Topics::new(&settings.topic_prefix).command_instances();
-    let partition = canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
+    let (topic, partition) = lease_place(settings);
     let reader = TopicReader::open_at(
         &settings.kafka,
         &format!("{}.lease-check", group_id(settings)),
@@ -883,9 +889,7 @@ pub(super) fn mark_contested(settings: &Settings, process: &str, holder: &Instan
         .create::<rdkafka::producer::BaseProducer>()
         .and_then(|producer| {
             let payload = serde_json::to_vec(&mark).unwrap_or_default();
-            let topic = Topics::new(&settings.topic_prefix).command_instances();
-            let partition =
-                canonical_partition(settings.instance_id.as_bytes(), settings.partitions);
+            let (topic, partition) = lease_place(settings);
             producer
                 .send(
                     rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&topic)

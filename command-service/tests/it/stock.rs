@@ -47,6 +47,21 @@ async fn send(service: &ServiceProcess, command: &CommandMessage<StockCommand>) 
     .await
 }
 
+/// Sends `command` and checks that it is refused with `status` and `code`.
+async fn refused(
+    service: &ServiceProcess,
+    command: &CommandMessage<StockCommand>,
+    status: u16,
+    code: &str,
+) {
+    let (s, body) = send(service, command).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn a_second_aggregate_type_is_served_end_to_end_and_restored_after_a_kill() {
     let settings = shared::testing::test_settings(2);
@@ -72,24 +87,11 @@ async fn a_second_aggregate_type_is_served_end_to_end_and_restored_after_a_kill(
         answers.push(body);
     }
     // Its own rules and codes; the engine's expected_version; the engine's dedupe.
-    let (status, body) = send(
-        &service,
-        &stock("sku-1", StockCommand::Ship { quantity: 8 }),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (422, Some("OutOfStock")),
-        "{body}"
-    );
+    let too_many = stock("sku-1", StockCommand::Ship { quantity: 8 });
+    refused(&service, &too_many, 422, "OutOfStock").await;
     let mut stale = stock("sku-1", StockCommand::Receive { quantity: 1 });
     stale.expected_version = Some(1);
-    let (status, body) = send(&service, &stale).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("VersionConflict")),
-        "{body}"
-    );
+    refused(&service, &stale, 409, "VersionConflict").await;
     assert_eq!(
         send(&service, &receive).await,
         (200, answers[1].clone()),
@@ -127,16 +129,8 @@ async fn a_second_aggregate_type_is_served_end_to_end_and_restored_after_a_kill(
         (200, Some(4)),
         "7 on hand: {body}"
     );
-    let (status, body) = send(
-        &service,
-        &stock("sku-1", StockCommand::Ship { quantity: 1 }),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (422, Some("OutOfStock")),
-        "{body}"
-    );
+    let one_more = stock("sku-1", StockCommand::Ship { quantity: 1 });
+    refused(&service, &one_more, 422, "OutOfStock").await;
     service.terminate();
 
     // The store: the item's events in order, typed StockItem; its snapshots are StockItem states.
