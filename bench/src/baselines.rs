@@ -7,6 +7,7 @@ use std::process::Command as Process;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use projection_service::accounts::{ACCOUNT_EVENTS, ACCOUNTS};
 use projection_service::db::{Backend, Database, Tables};
 
 /// Kafka's `ProducerPerformance`: `records` of `record_size` bytes, acks=all, idempotent, in
@@ -200,7 +201,7 @@ async fn write_row_by_row(
              timestamp_ns, data, envelope, balance_minor, status, transaction_count, \
              source_partition, source_offset) VALUES ($1, $2, $3, 'MoneyDeposited', $4, \
              $5, '{{\"amount_minor\":100}}', '{{}}', $6, 'active', $7, 0, $8)",
-            t.events
+            t.model(ACCOUNT_EVENTS)
         ))
         .bind(format!("acc-{}", row.account))
         .bind(row.version)
@@ -220,7 +221,7 @@ async fn write_row_by_row(
              'active', $3, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET \
              balance_minor = excluded.balance_minor, version = excluded.version, \
              transaction_count = excluded.transaction_count, updated_at = excluded.updated_at",
-            t.accounts
+            t.model(ACCOUNTS)
         ))
         .bind(format!("acc-{account}"))
         .bind(*v * 100)
@@ -243,7 +244,7 @@ async fn write_multi_row(
         "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\", \
          timestamp_ns, data, envelope, balance_minor, status, transaction_count, \
          source_partition, source_offset) VALUES {}",
-        t.events,
+        t.model(ACCOUNT_EVENTS),
         placeholders(batch.rows.len(), 13)
     );
     let mut query = sqlx::query(&sql);
@@ -269,7 +270,7 @@ async fn write_multi_row(
          transaction_count, opened_at, updated_at) VALUES {} ON CONFLICT (id) DO UPDATE SET \
          balance_minor = excluded.balance_minor, version = excluded.version, \
          transaction_count = excluded.transaction_count, updated_at = excluded.updated_at",
-        t.accounts,
+        t.model(ACCOUNTS),
         placeholders(batch.last.len(), 9)
     );
     let mut query = sqlx::query(&sql);
@@ -334,9 +335,9 @@ mod tests {
                     .unwrap()
             }
         };
-        let events = count(format!("SELECT COUNT(*) FROM {}", t.events)).await;
-        let accounts = count(format!("SELECT COUNT(*) FROM {}", t.accounts)).await;
-        let top = count(format!("SELECT MAX(version) FROM {}", t.accounts)).await;
+        let events = count(format!("SELECT COUNT(*) FROM {}", t.model(ACCOUNT_EVENTS))).await;
+        let accounts = count(format!("SELECT COUNT(*) FROM {}", t.model(ACCOUNTS))).await;
+        let top = count(format!("SELECT MAX(version) FROM {}", t.model(ACCOUNTS))).await;
         let next = count(format!("SELECT MAX(next_offset) FROM {}", t.offsets)).await;
         db.close().await;
         (events, accounts, top, next)

@@ -1,8 +1,10 @@
 //! The read model's storage: one code path for SQLite and PostgreSQL through `sqlx::Any`.
 //!
-//! - [`Database`]: the pool, the backend, migrations and every query the service runs.
-//! - [`Tables`]: the names of one set of read-model tables. The live set is `accounts`,
-//!   `account_events`, `projection_offsets` and `parked_events`; a rebuild fills a `_rebuild` set
+//! - [`Database`]: the pool, the backend, migrations and the machinery's queries (offsets,
+//!   parked events, the batch write around the read model's, a rebuild's swap). A read model's
+//!   own queries live with it ([`crate::accounts`] for the bank account).
+//! - [`Tables`]: the names of one set of tables: `projection_offsets` and `parked_events`, plus
+//!   the read model's ([`crate::model::ReadModel::TABLES`]); a rebuild fills a `_rebuild` set
 //!   and [`Database::swap_in`] renames it into place in one transaction.
 //! - [`StoreError`]: backend errors translated in one place (a compare-and-set that found another
 //!   value is a [`StoreError::Conflict`], a locked database or a lost connection is
@@ -21,7 +23,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::error::ErrorKind;
 use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 
-use shared::{AccountStatus, BankAccount};
+use crate::model::{Applied, ReadModel, Stored};
 
 /// Which database engine the URL named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,89 +94,89 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Result alias of this module.
-pub(crate) type StoreResult<T> = Result<T, StoreError>;
+pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The names of one set of read-model tables.
+/// The names of one set of read-model tables: the machinery's (offsets, parked events) and the
+/// read model's ([`ReadModel::TABLES`]), all with the same suffix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tables {
-    /// Current state per account.
-    pub accounts: String,
-    /// Every applied event with the state after it (history and temporal queries).
-    pub events: String,
+    /// Appended to every base name: empty for the live set.
+    suffix: String,
     /// Next offset to read per (topic, partition): the consumer's source of truth.
     pub offsets: String,
     /// Events that arrived after a version gap, kept aside until the gap is filled.
     pub parked: String,
+    /// The read model's tables, in [`ReadModel::TABLES`] order; the first is its state table.
+    model: Vec<String>,
+    /// The table counted as `events` in `GET /status`.
+    history: Option<String>,
 }
 
+/// The machinery's offsets table (live name).
+pub const OFFSETS_TABLE: &str = "projection_offsets";
+/// The machinery's parked-events table (live name).
+pub const PARKED_TABLE: &str = "parked_events";
+
 impl Tables {
-    fn with_suffix(suffix: &str) -> Self {
+    fn with_suffix<M: ReadModel>(suffix: &str) -> Self {
         Tables {
-            accounts: format!("accounts{suffix}"),
-            events: format!("account_events{suffix}"),
-            offsets: format!("projection_offsets{suffix}"),
-            parked: format!("parked_events{suffix}"),
+            suffix: suffix.to_owned(),
+            offsets: format!("{OFFSETS_TABLE}{suffix}"),
+            parked: format!("{PARKED_TABLE}{suffix}"),
+            model: M::TABLES.iter().map(|t| format!("{t}{suffix}")).collect(),
+            history: M::HISTORY_TABLE.map(|t| format!("{t}{suffix}")),
         }
     }
 
-    /// The tables the service reads and writes.
-    pub fn live() -> Self {
-        Self::with_suffix("")
+    /// The tables read model `M` reads and writes.
+    pub fn live_of<M: ReadModel>() -> Self {
+        Self::with_suffix::<M>("")
     }
 
-    /// The tables a rebuild fills before swapping them in.
-    pub(crate) fn rebuild() -> Self {
-        Self::with_suffix("_rebuild")
+    /// The tables a rebuild of read model `M` fills before swapping them in.
+    pub(crate) fn rebuild_of<M: ReadModel>() -> Self {
+        Self::with_suffix::<M>("_rebuild")
     }
 
-    fn all(&self) -> [&str; 4] {
-        [&self.accounts, &self.events, &self.offsets, &self.parked]
+    /// The same set under another suffix.
+    fn resuffixed(&self, suffix: &str) -> Self {
+        let rename = |t: &str| format!("{}{suffix}", t.strip_suffix(&self.suffix).unwrap_or(t));
+        Tables {
+            suffix: suffix.to_owned(),
+            offsets: rename(&self.offsets),
+            parked: rename(&self.parked),
+            model: self.model.iter().map(|t| rename(t)).collect(),
+            history: self.history.as_deref().map(rename),
+        }
     }
 
-    /// `CREATE TABLE` and `CREATE INDEX` statements. Index names carry `tag` because index names
-    /// are per schema, and a swapped-in table keeps the index names it was built with.
-    fn ddl(&self, tag: &str) -> Vec<String> {
+    /// The name in this set of the read model's table `base` (one of [`ReadModel::TABLES`]).
+    pub fn model(&self, base: &str) -> String {
+        format!("{base}{}", self.suffix)
+    }
+
+    /// The read model's state table (one row per aggregate, `id` and `version` columns).
+    fn state(&self) -> &str {
+        self.model.first().map_or("", String::as_str)
+    }
+
+    /// Every table of the set, the read model's first (the order the projector locks them in).
+    fn all(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self.model.iter().map(String::as_str).collect();
+        all.push(&self.offsets);
+        all.push(&self.parked);
+        all
+    }
+
+    /// The machinery's `CREATE TABLE` and `CREATE INDEX` statements, then the read model's.
+    /// Index names carry `tag` because index names are per schema, and a swapped-in table keeps
+    /// the index names it was built with.
+    fn ddl<M: ReadModel>(&self, tag: &str) -> Vec<String> {
         let Tables {
-            accounts,
-            events,
-            offsets,
-            parked,
+            offsets, parked, ..
         } = self;
-        vec![
-            format!(
-                "CREATE TABLE {accounts} (
-                    id TEXT PRIMARY KEY,
-                    owner TEXT NOT NULL,
-                    currency TEXT NOT NULL,
-                    balance_minor BIGINT NOT NULL,
-                    status TEXT NOT NULL,
-                    version BIGINT NOT NULL,
-                    transaction_count BIGINT NOT NULL,
-                    opened_at TEXT NOT NULL,
-                    updated_at TEXT NOT NULL
-                )"
-            ),
-            format!("CREATE INDEX ix_accounts_owner_{tag} ON {accounts} (owner, id)"),
-            format!("CREATE INDEX ix_accounts_status_{tag} ON {accounts} (status, id)"),
-            format!(
-                "CREATE TABLE {events} (
-                    aggregate_id TEXT NOT NULL,
-                    version BIGINT NOT NULL,
-                    event_id TEXT NOT NULL,
-                    event_type TEXT NOT NULL,
-                    \"timestamp\" TEXT NOT NULL,
-                    timestamp_ns BIGINT NOT NULL,
-                    data TEXT NOT NULL,
-                    envelope TEXT NOT NULL,
-                    balance_minor BIGINT NOT NULL,
-                    status TEXT NOT NULL,
-                    transaction_count BIGINT NOT NULL,
-                    source_partition BIGINT NOT NULL,
-                    source_offset BIGINT NOT NULL,
-                    PRIMARY KEY (aggregate_id, version)
-                )"
-            ),
-            format!("CREATE INDEX ix_events_time_{tag} ON {events} (aggregate_id, timestamp_ns)"),
+        let mut ddl = M::ddl(self, tag);
+        ddl.extend([
             format!(
                 "CREATE TABLE {offsets} (
                     topic TEXT NOT NULL,
@@ -199,50 +201,9 @@ impl Tables {
                 )"
             ),
             format!("CREATE INDEX ix_parked_aggregate_{tag} ON {parked} (aggregate_id, version)"),
-        ]
+        ]);
+        ddl
     }
-}
-
-/// One account as stored: the folded domain state plus what the read model adds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct StoredAccount {
-    /// Account id (the aggregate id).
-    pub id: String,
-    /// The folded state.
-    pub state: BankAccount,
-    /// Timestamp of version 1 (RFC 3339).
-    pub opened_at: String,
-    /// Timestamp of the latest applied event (RFC 3339).
-    pub updated_at: String,
-}
-
-/// One applied event, as written to the events table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct EventRow {
-    /// The account.
-    pub aggregate_id: String,
-    /// Its version.
-    pub version: u64,
-    /// The event id.
-    pub event_id: String,
-    /// The event type.
-    pub event_type: String,
-    /// When it happened.
-    pub timestamp: DateTime<Utc>,
-    /// Its `data` at the current schema version (JSON text).
-    pub data: String,
-    /// The whole envelope at the current schema version (JSON text), as `/events` serves it.
-    pub envelope: String,
-    /// State after the event: balance.
-    pub balance_minor: i64,
-    /// State after the event: status.
-    pub status: AccountStatus,
-    /// State after the event: deposits plus withdrawals so far.
-    pub transaction_count: u64,
-    /// Where the event was read from.
-    pub source_partition: i32,
-    /// Where the event was read from.
-    pub source_offset: i64,
 }
 
 /// An event kept aside because its version is ahead of the stored one.
@@ -269,18 +230,30 @@ pub(crate) struct ParkedRow {
 }
 
 /// Everything one batch writes, in one transaction.
-#[derive(Debug, Default)]
-pub(crate) struct BatchWrite {
-    /// Applied events.
-    pub events: Vec<EventRow>,
-    /// Final state of every account the batch changed.
-    pub accounts: Vec<StoredAccount>,
+#[derive(Debug)]
+pub(crate) struct BatchWrite<A> {
+    /// Applied events, in order.
+    pub applied: Vec<Applied<A>>,
+    /// Final state of every aggregate the batch changed.
+    pub changed: Vec<Stored<A>>,
     /// Newly parked events.
     pub parked: Vec<ParkedRow>,
     /// Accounts whose parked events up to a version were applied or became duplicates.
     pub unpark: Vec<Unpark>,
     /// The offsets to compare-and-set, per partition.
     pub offsets: Vec<OffsetAdvance>,
+}
+
+impl<A> Default for BatchWrite<A> {
+    fn default() -> Self {
+        BatchWrite {
+            applied: Vec::new(),
+            changed: Vec::new(),
+            parked: Vec::new(),
+            unpark: Vec::new(),
+            offsets: Vec::new(),
+        }
+    }
 }
 
 /// Parked events of an account that are resolved: every one up to `through_version` goes.
@@ -301,29 +274,6 @@ pub(crate) struct OffsetAdvance {
     pub expected: Option<i64>,
     /// The new next offset.
     pub next: i64,
-}
-
-/// An account as of some point, as the HTTP API shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct AccountView {
-    /// Account id.
-    pub id: String,
-    /// Holder.
-    pub owner: String,
-    /// ISO 4217.
-    pub currency: String,
-    /// Minor units.
-    pub balance_minor: i64,
-    /// `active` or `closed`.
-    pub status: String,
-    /// Aggregate version.
-    pub version: u64,
-    /// Deposits plus withdrawals.
-    pub transaction_count: u64,
-    /// RFC 3339.
-    pub opened_at: String,
-    /// RFC 3339.
-    pub updated_at: String,
 }
 
 /// The next offset of one partition.
@@ -362,32 +312,17 @@ pub(crate) struct LiveAhead {
 /// Row counts of the live tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowCounts {
-    /// `accounts`.
+    /// The read model's state table (`accounts`): one row per aggregate.
     pub accounts: i64,
-    /// `account_events`.
+    /// The read model's history table (`account_events`), 0 without one.
     pub events: i64,
     /// `parked_events`.
     pub parked: i64,
 }
 
-/// Filters and cursor of `GET /accounts`.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct AccountFilter {
-    /// `active` / `closed`.
-    pub status: Option<String>,
-    /// Exact owner.
-    pub owner: Option<String>,
-    /// Only ids greater than this (the previous page's `next`).
-    pub after: Option<String>,
-    /// Search: only accounts whose id or owner contains this text, ignoring ASCII case.
-    pub q: Option<String>,
-    /// Page size.
-    pub limit: u32,
-}
-
 /// `%text%` for `LOWER(column) LIKE … ESCAPE '\'`, lower-cased, with `%`, `_` and `\` taken
 /// literally.
-pub(crate) fn contains_pattern(text: &str) -> String {
+pub fn contains_pattern(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('%');
     for c in text.chars() {
@@ -401,12 +336,12 @@ pub(crate) fn contains_pattern(text: &str) -> String {
 }
 
 /// A timestamp as RFC 3339 text (UTC, `Z`, as many fraction digits as needed).
-pub(crate) fn format_ts(ts: &DateTime<Utc>) -> String {
+pub fn format_ts(ts: &DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// Nanoseconds since the epoch, saturating outside 1677–2262 (the range an `i64` holds).
-pub(crate) fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
+pub fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
     ts.timestamp_nanos_opt().unwrap_or(if ts.timestamp() > 0 {
         i64::MAX
     } else {
@@ -414,31 +349,13 @@ pub(crate) fn ts_nanos(ts: &DateTime<Utc>) -> i64 {
     })
 }
 
-/// The columns of an accounts row, in the order every query selects and inserts them.
-const ACCOUNT_COLUMNS: &str =
-    "id, owner, currency, balance_minor, status, version, transaction_count, opened_at, updated_at";
-/// How many [`ACCOUNT_COLUMNS`] there are.
-const ACCOUNT_COLUMN_COUNT: usize = 9;
-
-/// A stored status text as the domain's status; an unknown text is an error.
-fn status_from(text: &str) -> StoreResult<AccountStatus> {
-    [
-        AccountStatus::New,
-        AccountStatus::Active,
-        AccountStatus::Closed,
-    ]
-    .into_iter()
-    .find(|s| s.as_str() == text)
-    .ok_or_else(|| StoreError::Invalid(format!("unknown account status `{text}`")))
-}
-
 /// A count or version for a `BIGINT` column (saturating: no count reaches `i64::MAX`).
-fn to_i64(n: u64) -> i64 {
+pub fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// A `BIGINT` column that must not be negative, read by name.
-fn get_u64(row: &AnyRow, column: &str) -> StoreResult<u64> {
+pub fn get_u64(row: &AnyRow, column: &str) -> StoreResult<u64> {
     let n: i64 = row.try_get(column)?;
     u64::try_from(n).map_err(|_| StoreError::Invalid(format!("{column} is negative: {n}")))
 }
@@ -450,7 +367,7 @@ fn get_partition(row: &AnyRow, column: &str) -> StoreResult<i32> {
 }
 
 /// `($1,$2,…),($k+1,…)` for `rows` rows of `cols` columns.
-fn placeholders(rows: usize, cols: usize) -> String {
+pub fn placeholders(rows: usize, cols: usize) -> String {
     let mut s = String::with_capacity(rows * cols * 5);
     for r in 0..rows {
         if r > 0 {
@@ -469,8 +386,31 @@ fn placeholders(rows: usize, cols: usize) -> String {
     s
 }
 
+/// Runs `select` (a `SELECT … FROM table` without a `WHERE`) for the rows whose `column` is one
+/// of `ids`, in chunks of 500 (below both engines' parameter limits).
+pub async fn fetch_by_ids(
+    tx: &mut Transaction<'static, Any>,
+    select: &str,
+    column: &str,
+    ids: &[&str],
+) -> StoreResult<Vec<AnyRow>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "{select} WHERE {column} IN ({})",
+            placeholders(1, chunk.len()).trim_matches(['(', ')'])
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        out.extend(query.fetch_all(&mut **tx).await?);
+    }
+    Ok(out)
+}
+
 /// Rows per multi-row `INSERT` (well below both engines' parameter limits).
-const ROWS_PER_INSERT: usize = 100;
+pub const ROWS_PER_INSERT: usize = 100;
 
 /// The read-model database: a pool for the projection's writes and one of their own for the
 /// API's queries, so that slow or many queries never queue the projection's batches behind
@@ -485,8 +425,9 @@ pub struct Database {
 const MIGRATIONS_TABLE: &str = "projection_schema";
 
 impl Database {
-    /// Connects (creating a SQLite file if missing, in WAL mode) and runs the migrations.
-    pub async fn connect(url: &str) -> StoreResult<Database> {
+    /// Connects (creating a SQLite file if missing, in WAL mode) and runs the migrations of
+    /// the machinery's tables and read model `M`'s.
+    pub async fn connect_for<M: ReadModel>(url: &str) -> StoreResult<Database> {
         sqlx::any::install_default_drivers();
         let (backend, url) = if url.starts_with("sqlite:") {
             let url = if url.contains("mode=") || url.contains(":memory:") {
@@ -531,7 +472,7 @@ impl Database {
             reads,
             backend,
         };
-        db.migrate().await?;
+        db.migrate::<M>().await?;
         Ok(db)
     }
 
@@ -566,7 +507,7 @@ impl Database {
     }
 
     /// Creates the live tables once (numbered migrations recorded in `projection_schema`).
-    async fn migrate(&self) -> StoreResult<()> {
+    async fn migrate<M: ReadModel>(&self) -> StoreResult<()> {
         self.pool
             .execute(
                 format!(
@@ -577,7 +518,7 @@ impl Database {
             )
             .await?;
         let migrations: Vec<(i64, Vec<String>)> = vec![
-            (1, Tables::live().ddl("v1")),
+            (1, Tables::live_of::<M>().ddl::<M>("v1")),
             (2, vec![crate::identity::DDL.to_owned()]),
         ];
         for attempt in 0..3 {
@@ -621,13 +562,17 @@ impl Database {
     }
 
     /// Drops and re-creates a table set (for a rebuild). `tag` makes index names unique.
-    pub(crate) async fn recreate_tables(&self, tables: &Tables, tag: &str) -> StoreResult<()> {
+    pub(crate) async fn recreate_tables<M: ReadModel>(
+        &self,
+        tables: &Tables,
+        tag: &str,
+    ) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
         for table in tables.all() {
             tx.execute(format!("DROP TABLE IF EXISTS {table}").as_str())
                 .await?;
         }
-        for statement in tables.ddl(tag) {
+        for statement in tables.ddl::<M>(tag) {
             tx.execute(statement.as_str()).await?;
         }
         tx.commit().await?;
@@ -642,12 +587,12 @@ impl Database {
     /// projection cannot move between the check and the swap. Readers keep querying by name
     /// and see either the old or the new set, never a mix, and never an older one.
     pub(crate) async fn swap_in(&self, from: &Tables, tag: &str, topic: &str) -> StoreResult<Swap> {
-        let live = Tables::live();
-        let retired = Tables::with_suffix(&format!("_retired_{tag}"));
+        let live = from.resuffixed("");
+        let retired = from.resuffixed(&format!("_retired_{tag}"));
         let mut tx = self.begin_write().await?;
         if self.backend == Backend::Postgres {
             // Take every lock up front, in the order the projector takes them: no deadlock.
-            let mut names: Vec<&str> = live.all().to_vec();
+            let mut names: Vec<&str> = live.all();
             names.extend(from.all());
             tx.execute(
                 format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", names.join(", ")).as_str(),
@@ -672,7 +617,7 @@ impl Database {
         let back: Vec<(String, i64, Option<i64>)> = sqlx::query_as(&format!(
             "SELECT l.id, l.version, r.version FROM {} l LEFT JOIN {} r ON r.id = l.id
              WHERE r.id IS NULL OR r.version < l.version ORDER BY l.id LIMIT 5",
-            live.accounts, from.accounts
+            live.state(), from.state()
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -748,32 +693,6 @@ impl Database {
         Self::load_offsets(&self.pool, tables, topic).await
     }
 
-    /// The current state of the given accounts (missing ids are simply absent).
-    pub(crate) async fn load_accounts(
-        tx: &mut Transaction<'static, Any>,
-        tables: &Tables,
-        ids: &[&str],
-    ) -> StoreResult<HashMap<String, StoredAccount>> {
-        let mut out = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(500) {
-            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT {ACCOUNT_COLUMNS} FROM {} WHERE id IN ({})",
-                tables.accounts,
-                list.join(",")
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut **tx).await? {
-                let account = stored_account(&row)?;
-                out.insert(account.id.clone(), account);
-            }
-        }
-        Ok(out)
-    }
-
     /// Number of parked events (cheap check before loading any).
     pub(crate) async fn parked_count(
         tx: &mut Transaction<'static, Any>,
@@ -792,119 +711,41 @@ impl Database {
         tables: &Tables,
         ids: &[&str],
     ) -> StoreResult<Vec<ParkedRow>> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(500) {
-            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT topic, \"partition\", source_offset, aggregate_id, version,
-                        expected_version, event_id, reason, envelope
-                 FROM {} WHERE aggregate_id IN ({}) ORDER BY aggregate_id, version",
-                tables.parked,
-                list.join(",")
-            );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for row in query.fetch_all(&mut **tx).await? {
-                out.push(ParkedRow {
-                    topic: row.try_get("topic")?,
-                    partition: get_partition(&row, "partition")?,
-                    offset: row.try_get("source_offset")?,
-                    aggregate_id: row.try_get("aggregate_id")?,
-                    version: get_u64(&row, "version")?,
-                    expected_version: get_u64(&row, "expected_version")?,
-                    event_id: row.try_get("event_id")?,
-                    reason: row.try_get("reason")?,
-                    envelope: row.try_get("envelope")?,
-                });
-            }
+        let select = format!(
+            "SELECT topic, \"partition\", source_offset, aggregate_id, version,
+                    expected_version, event_id, reason, envelope FROM {}",
+            tables.parked
+        );
+        let rows = fetch_by_ids(tx, &select, "aggregate_id", ids).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(ParkedRow {
+                topic: row.try_get("topic")?,
+                partition: get_partition(&row, "partition")?,
+                offset: row.try_get("source_offset")?,
+                aggregate_id: row.try_get("aggregate_id")?,
+                version: get_u64(&row, "version")?,
+                expected_version: get_u64(&row, "expected_version")?,
+                event_id: row.try_get("event_id")?,
+                reason: row.try_get("reason")?,
+                envelope: row.try_get("envelope")?,
+            });
         }
         Ok(out)
     }
 
     /// Writes a batch. Offsets are compare-and-set: if a partition's stored offset is not the
     /// expected one, nothing is written and [`StoreError::Conflict`] names the partition.
-    pub(crate) async fn write_batch(
+    pub(crate) async fn write_batch<M: ReadModel>(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         topic: &str,
-        batch: &BatchWrite,
+        batch: &BatchWrite<M::Aggregate>,
     ) -> StoreResult<()> {
-        Self::insert_events(tx, tables, &batch.events).await?;
-        Self::upsert_accounts(tx, tables, &batch.accounts).await?;
+        M::write(tx, tables, &batch.applied, &batch.changed).await?;
         Self::insert_parked(tx, tables, &batch.parked).await?;
         Self::delete_unparked(tx, tables, &batch.unpark).await?;
         Self::advance_offsets(tx, tables, topic, &batch.offsets).await
-    }
-
-    async fn insert_events(
-        tx: &mut Transaction<'static, Any>,
-        tables: &Tables,
-        events: &[EventRow],
-    ) -> StoreResult<()> {
-        for chunk in events.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\",
-                    timestamp_ns, data, envelope, balance_minor, status, transaction_count,
-                    source_partition, source_offset) VALUES {}",
-                tables.events,
-                placeholders(chunk.len(), 13)
-            );
-            let mut query = sqlx::query(&sql);
-            for e in chunk {
-                query = query
-                    .bind(e.aggregate_id.as_str())
-                    .bind(to_i64(e.version))
-                    .bind(e.event_id.as_str())
-                    .bind(e.event_type.as_str())
-                    .bind(format_ts(&e.timestamp))
-                    .bind(ts_nanos(&e.timestamp))
-                    .bind(e.data.as_str())
-                    .bind(e.envelope.as_str())
-                    .bind(e.balance_minor)
-                    .bind(e.status.as_str())
-                    .bind(to_i64(e.transaction_count))
-                    .bind(i64::from(e.source_partition))
-                    .bind(e.source_offset);
-            }
-            query.execute(&mut **tx).await?;
-        }
-        Ok(())
-    }
-
-    async fn upsert_accounts(
-        tx: &mut Transaction<'static, Any>,
-        tables: &Tables,
-        accounts: &[StoredAccount],
-    ) -> StoreResult<()> {
-        for chunk in accounts.chunks(ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO {} ({ACCOUNT_COLUMNS}) VALUES {}
-                 ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,
-                    currency = excluded.currency, balance_minor = excluded.balance_minor,
-                    status = excluded.status, version = excluded.version,
-                    transaction_count = excluded.transaction_count,
-                    opened_at = excluded.opened_at, updated_at = excluded.updated_at",
-                tables.accounts,
-                placeholders(chunk.len(), ACCOUNT_COLUMN_COUNT)
-            );
-            let mut query = sqlx::query(&sql);
-            for a in chunk {
-                query = query
-                    .bind(a.id.as_str())
-                    .bind(a.state.owner.as_str())
-                    .bind(a.state.currency.as_str())
-                    .bind(a.state.balance_minor)
-                    .bind(a.state.status.as_str())
-                    .bind(to_i64(a.state.version))
-                    .bind(to_i64(a.state.transaction_count))
-                    .bind(a.opened_at.as_str())
-                    .bind(a.updated_at.as_str());
-            }
-            query.execute(&mut **tx).await?;
-        }
-        Ok(())
     }
 
     async fn insert_parked(
@@ -1034,22 +875,13 @@ impl Database {
         Ok(())
     }
 
-    /// The current state of an account.
-    pub(crate) async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
-        let row = sqlx::query(&format!(
-            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.reads)
-        .await?;
-        row.map(|r| account_view(&r)).transpose()
-    }
-
     /// The events of an account parked behind a version gap: how many, and since when (the
     /// oldest `parked_at`); `None` when none is.
     pub(crate) async fn parked_of(&self, id: &str) -> StoreResult<Option<(u64, String)>> {
         let (count, since): (i64, Option<String>) = sqlx::query_as(
-            "SELECT COUNT(*), MIN(parked_at) FROM parked_events WHERE aggregate_id = $1",
+            &format!(
+                "SELECT COUNT(*), MIN(parked_at) FROM {PARKED_TABLE} WHERE aggregate_id = $1"
+            ),
         )
         .bind(id)
         .fetch_one(&self.reads)
@@ -1057,112 +889,10 @@ impl Database {
         Ok((count > 0).then(|| (u64::try_from(count).unwrap_or(0), since.unwrap_or_default())))
     }
 
-    /// The state of an account right after version `version`.
-    pub(crate) async fn account_at_version(
-        &self,
-        id: &str,
-        version: u64,
-    ) -> StoreResult<Option<AccountView>> {
-        let row = sqlx::query(&format!(
-            "{HISTORY_SELECT} WHERE e.aggregate_id = $1 AND e.version = $2"
-        ))
-        .bind(id)
-        .bind(to_i64(version))
-        .fetch_optional(&self.reads)
-        .await?;
-        row.map(|r| account_view(&r)).transpose()
-    }
-
-    /// The state of an account after the highest version whose timestamp is at or before `at`.
-    pub(crate) async fn account_as_of(
-        &self,
-        id: &str,
-        at: &DateTime<Utc>,
-    ) -> StoreResult<Option<AccountView>> {
-        let row = sqlx::query(&format!(
-            "{HISTORY_SELECT} WHERE e.aggregate_id = $1 AND e.timestamp_ns <= $2
-             ORDER BY e.version DESC LIMIT 1"
-        ))
-        .bind(id)
-        .bind(ts_nanos(at))
-        .fetch_optional(&self.reads)
-        .await?;
-        row.map(|r| account_view(&r)).transpose()
-    }
-
-    /// A page of accounts ordered by id.
-    pub(crate) async fn list_accounts(
-        &self,
-        filter: &AccountFilter,
-    ) -> StoreResult<Vec<AccountView>> {
-        let mut conditions = Vec::new();
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            format!("${n}")
-        };
-        if filter.status.is_some() {
-            conditions.push(format!("status = {}", next()));
-        }
-        if filter.owner.is_some() {
-            conditions.push(format!("owner = {}", next()));
-        }
-        if filter.after.is_some() {
-            conditions.push(format!("id > {}", next()));
-        }
-        // Case-insensitive on PostgreSQL; on SQLite for ASCII letters (its LOWER is ASCII-only).
-        let pattern = filter.q.as_deref().map(contains_pattern);
-        if pattern.is_some() {
-            let p = next();
-            conditions.push(format!(
-                "(LOWER(id) LIKE {p} ESCAPE '\\' OR LOWER(owner) LIKE {p} ESCAPE '\\')"
-            ));
-        }
-        let limit = next();
-        let sql = format!(
-            "SELECT {ACCOUNT_COLUMNS} FROM accounts {} ORDER BY id LIMIT {limit}",
-            if conditions.is_empty() {
-                String::new()
-            } else {
-                format!("WHERE {}", conditions.join(" AND "))
-            }
-        );
-        let mut query = sqlx::query(&sql);
-        for value in [&filter.status, &filter.owner, &filter.after, &pattern]
-            .into_iter()
-            .flatten()
-        {
-            query = query.bind(value.as_str());
-        }
-        let rows = query
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.reads)
-            .await?;
-        rows.iter().map(account_view).collect()
-    }
-
-    /// An account's events (envelope JSON text at the current schema version) after
-    /// `after_version`, oldest first, at most `limit`.
-    pub(crate) async fn events(
-        &self,
-        id: &str,
-        after_version: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT envelope FROM account_events WHERE aggregate_id = $1 AND version > $2
-             ORDER BY version LIMIT $3",
-        )
-        .bind(id)
-        .bind(i64::try_from(after_version).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await?)
-    }
-
-    /// Row counts of the live tables.
-    pub async fn counts(&self) -> StoreResult<RowCounts> {
-        let count = |table: &'static str| {
+    /// Row counts of `tables` (the read model's state and history tables, parked events).
+    pub async fn counts_of(&self, tables: &Tables) -> StoreResult<RowCounts> {
+        let count = |table: &str| {
+            let table = table.to_owned();
             let pool = self.reads.clone();
             async move {
                 sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {table}"))
@@ -1171,68 +901,19 @@ impl Database {
             }
         };
         Ok(RowCounts {
-            accounts: count("accounts").await?,
-            events: count("account_events").await?,
-            parked: count("parked_events").await?,
+            accounts: count(tables.state()).await?,
+            events: match &tables.history {
+                Some(history) => count(history).await?,
+                None => 0,
+            },
+            parked: count(&tables.parked).await?,
         })
     }
-}
-
-/// An account as of one of its events, with the columns named as in [`ACCOUNT_COLUMNS`].
-const HISTORY_SELECT: &str = "SELECT e.aggregate_id AS id, a.owner AS owner,
-        a.currency AS currency, e.balance_minor AS balance_minor, e.status AS status,
-        e.version AS version, e.transaction_count AS transaction_count,
-        a.opened_at AS opened_at, e.\"timestamp\" AS updated_at
-     FROM account_events e JOIN accounts a ON a.id = e.aggregate_id";
-
-/// An accounts row ([`ACCOUNT_COLUMNS`]) as the projector's state.
-fn stored_account(row: &AnyRow) -> StoreResult<StoredAccount> {
-    let status: String = row.try_get("status")?;
-    Ok(StoredAccount {
-        id: row.try_get("id")?,
-        state: BankAccount {
-            owner: row.try_get::<String, _>("owner")?.into(),
-            currency: row.try_get::<String, _>("currency")?.into(),
-            balance_minor: row.try_get("balance_minor")?,
-            status: status_from(&status)?,
-            version: get_u64(row, "version")?,
-            transaction_count: get_u64(row, "transaction_count")?,
-        },
-        opened_at: row.try_get("opened_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
-}
-
-/// An accounts row ([`ACCOUNT_COLUMNS`], or [`HISTORY_SELECT`]) as the API shows it.
-fn account_view(row: &AnyRow) -> StoreResult<AccountView> {
-    let status: String = row.try_get("status")?;
-    Ok(AccountView {
-        id: row.try_get("id")?,
-        owner: row.try_get("owner")?,
-        currency: row.try_get("currency")?,
-        balance_minor: row.try_get("balance_minor")?,
-        status: status_from(&status)?.as_str().to_owned(),
-        version: get_u64(row, "version")?,
-        transaction_count: get_u64(row, "transaction_count")?,
-        opened_at: row.try_get("opened_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stored_values_out_of_range_are_errors() {
-        assert!(matches!(status_from("frozen"), Err(StoreError::Invalid(_))));
-        assert_eq!(status_from("closed").ok(), Some(AccountStatus::Closed));
-        assert_eq!(
-            ACCOUNT_COLUMNS.split(',').count(),
-            ACCOUNT_COLUMN_COUNT,
-            "the count follows the list"
-        );
-    }
 
     #[test]
     fn placeholders_number_every_column() {

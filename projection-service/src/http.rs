@@ -26,7 +26,9 @@ use shared::money::{format_minor, minor_digits};
 use shared::{EventCodec, EventEnvelope};
 use utoipa::{OpenApi, ToSchema};
 
-use crate::db::{AccountFilter, AccountView, Database, RowCounts, StoreError};
+use crate::accounts::{AccountFilter, AccountView};
+use crate::db::{Database, RowCounts, StoreError, Tables};
+use crate::model::ReadModel;
 use crate::dlq::{DeadLetterReader, DeadLetterView};
 use crate::projector::{PartitionLag, Status};
 use shared::dlq::PageCursor;
@@ -45,6 +47,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub struct AppState {
     /// The read model.
     pub db: Database,
+    /// The read model's live tables (`GET /status` counts their rows).
+    pub tables: Tables,
     /// Readiness and the commit signal.
     pub status: Arc<Status>,
     /// For downcasting events to old schema versions.
@@ -219,20 +223,26 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(openapi())
 }
 
-/// The router with every route.
-pub fn router(state: AppState) -> Router {
+/// The bank account's routes: `/accounts…` and the explorer page
+/// ([`crate::accounts::Accounts::routes`]).
+pub(crate) fn account_routes() -> Router<AppState> {
     Router::new()
         .route("/accounts", get(list_accounts))
         .route("/accounts/{id}", get(get_account))
         .route("/accounts/{id}/events", get(account_events))
+        .route("/", get(explorer::page))
+        .route("/assets/explorer.js", get(explorer::script))
+        .route("/assets/explorer.css", get(explorer::style))
+}
+
+/// The router with every route: the service's own and read model `M`'s.
+pub fn router<M: ReadModel>(state: AppState) -> Router {
+    M::routes()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/status", get(status))
         .route("/dead-letters", get(dead_letters))
-        .route("/", get(explorer::page))
-        .route("/assets/explorer.js", get(explorer::script))
-        .route("/assets/explorer.css", get(explorer::style))
         .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -807,7 +817,7 @@ async fn status(State(state): State<AppState>) -> Result<Json<StatusJson>, ApiEr
         accounts,
         events,
         parked,
-    } = state.db.counts().await?;
+    } = state.db.counts_of(&state.tables).await?;
     let partitions = state.status.lags();
     let stalled = state.status.stalled(state.stall_after);
     Ok(Json(StatusJson {

@@ -3,7 +3,7 @@
 //! read models (each is assigned every partition), and a database that holds another prefix's
 //! read model refuses to start instead of mixing two event stores in one set of tables.
 
-use crate::db::{Database, StoreError, Tables};
+use crate::db::{Database, StoreError};
 use chrono::{SecondsFormat, Utc};
 
 /// The table holding the one identity row.
@@ -78,7 +78,7 @@ pub async fn claim(db: &Database, prefix: &str, topic: &str) -> Result<Identity,
     }
     let others: Vec<String> = sqlx::query_scalar::<_, String>(&format!(
         "SELECT DISTINCT topic FROM {}",
-        Tables::live().offsets
+        crate::db::OFFSETS_TABLE
     ))
     .fetch_all(db.pool())
     .await

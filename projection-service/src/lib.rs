@@ -3,7 +3,9 @@
 //! including the state of an account as of a time or a version.
 //!
 //! Parts:
-//! - [`db`]: the read-model tables, migrations, queries and backend-error translation.
+//! - [`model`]: the seam: what one aggregate type's read model provides ([`model::ReadModel`]).
+//! - [`accounts`]: the bank account's read model (its tables, writes and queries).
+//! - [`db`]: the machinery's tables, migrations, batch write, swap and backend-error translation.
 //! - [`plan`]: the pure rules of a batch (apply / duplicate / park / dead-letter).
 //! - [`projector`]: the consumer loop: batches, one transaction per batch with the offsets,
 //!   rebalance handling, lag and readiness.
@@ -13,15 +15,18 @@
 //! - [`rebuild`]: replay the whole topic into fresh tables and swap them in.
 //! - [`metrics`]: Prometheus series.
 //!
-//! [`run`] wires them together; `main.rs` only parses the command line and calls it (or
-//! [`rebuild::rebuild`]). Tests call [`run`] in-process with a listener on port 0.
+//! [`run_model`] wires them together for any read model, [`run`] for the bank account's;
+//! `main.rs` only parses the command line and calls it (or [`rebuild::rebuild`]). Tests call
+//! [`run`] in-process with a listener on port 0.
 
+pub mod accounts;
 pub mod db;
 pub mod decode;
 pub(crate) mod dlq;
 pub(crate) mod http;
 pub mod identity;
 pub(crate) mod metrics;
+pub mod model;
 pub(crate) mod plan;
 pub mod projector;
 pub mod rebuild;
@@ -39,7 +44,9 @@ use shared::shutdown::Shutdown;
 use shared::{EventCodec, Settings};
 use tokio::net::TcpListener;
 
+use crate::accounts::Accounts;
 use crate::db::{Database, StoreError, Tables};
+use crate::model::ReadModel;
 use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
 use crate::projector::{OffsetBook, ProjectionContext, Projector, ProjectorError, Status};
@@ -127,10 +134,20 @@ pub async fn ensure_projection_topics(settings: &Settings) -> Result<i32, TopicE
     Ok(counts.first().map_or(settings.partitions, |(_, n)| *n))
 }
 
-/// Runs the projection and its HTTP API on `listener` until `shutdown` resolves: then the
-/// current batch is finished and committed, the consumer leaves its group and the server
-/// drains. Returns an error if the projection cannot go on.
+/// Runs the bank account's projection and its HTTP API: [`run_model`] with
+/// [`accounts::Accounts`].
 pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    run_model::<Accounts>(settings, listener, shutdown).await
+}
+
+/// Runs read model `M`'s projection and its HTTP API on `listener` until `shutdown` resolves:
+/// then the current batch is finished and committed, the consumer leaves its group and the
+/// server drains. Returns an error if the projection cannot go on.
+pub async fn run_model<M: ReadModel>(
     settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -138,17 +155,18 @@ pub async fn run(
     let topics = Topics::new(&settings.topic_prefix);
     let topic = topics.events();
     ensure_projection_topics(&settings).await?;
-    let db = Database::connect(&settings.projection_database_url).await?;
+    let db = Database::connect_for::<M>(&settings.projection_database_url).await?;
     let identity = identity::claim(&db, &settings.topic_prefix, &topic).await?;
     let group = identity.group_id(settings.projection_group_id.as_deref());
-    let codec = Arc::new(EventCodec::from_settings(&settings)?);
-    let book = Arc::new(OffsetBook::new(db.offsets(&Tables::live(), &topic).await?));
+    let codec = Arc::new(EventCodec::from_settings(&settings)?.serving::<M::Aggregate>());
+    let tables = Tables::live_of::<M>();
+    let book = Arc::new(OffsetBook::new(db.offsets(&tables, &topic).await?));
     let status = Arc::new(Status::default());
     let metrics_handle = metrics::handle();
     let consumer = subscribe(&settings, &group, &topic, &book)?;
     let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
     let unknown_schema_retry = settings.projection_unknown_schema_retry;
-    let projector = Projector::live(
+    let projector = Projector::<M>::live(
         db.clone(),
         topic.clone(),
         Decoder::new(&settings, codec.clone(), unknown_schema_retry),
@@ -157,8 +175,9 @@ pub async fn run(
         status.clone(),
     );
     let stop = stop_on(shutdown);
-    let app = http::router(http::AppState {
+    let app = http::router::<M>(http::AppState {
         db: db.clone(),
+        tables,
         status: status.clone(),
         codec,
         metrics: metrics_handle.clone(),

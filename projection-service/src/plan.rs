@@ -1,5 +1,5 @@
 //! The pure part of projecting a batch: given the decoded messages and the stored state of the
-//! accounts they touch, decide for each message whether it is applied, skipped as a duplicate,
+//! aggregates they touch (of read model `M`'s aggregate type), decide for each message whether it is applied, skipped as a duplicate,
 //! parked behind a version gap or dead-lettered, and compute the rows to write. No I/O here, so
 //! the rules are unit-tested directly.
 //!
@@ -15,12 +15,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::message::OwnedHeaders;
-use shared::aggregate::{Aggregate, Inapplicable};
+use shared::aggregate::{Aggregate, Inapplicable, check_text};
 use shared::dlq::DeadLetterCode;
 use shared::kafka::canonical_partition;
-use shared::{BankAccount, DecodeError, EventEnvelope};
+use shared::{DecodeError, EventEnvelope};
 
-use crate::db::{BatchWrite, EventRow, ParkedRow, StoredAccount, Unpark, format_ts};
+use crate::db::{BatchWrite, ParkedRow, Unpark, format_ts};
+use crate::model::{Applied, ReadModel, Stored};
 
 /// One consumed message after decoding.
 #[derive(Debug)]
@@ -92,10 +93,10 @@ impl Refusal {
 }
 
 /// What a batch amounts to.
-#[derive(Debug, Default)]
-pub struct Plan {
+#[derive(Debug)]
+pub struct Plan<A> {
     /// Rows to write (offsets are added by the caller).
-    pub write: BatchWrite,
+    pub write: BatchWrite<A>,
     /// Messages to dead-letter before the batch commits.
     pub dead_letters: Vec<DeadLetter>,
     /// Events applied (including parked ones that now fit).
@@ -106,8 +107,22 @@ pub struct Plan {
     pub parked: u64,
     /// Previously parked events applied in this batch.
     pub unparked: u64,
-    /// New version of every account the batch changed.
+    /// New version of every aggregate the batch changed.
     pub versions: HashMap<String, u64>,
+}
+
+impl<A> Default for Plan<A> {
+    fn default() -> Self {
+        Plan {
+            write: BatchWrite::default(),
+            dead_letters: Vec::new(),
+            applied: 0,
+            duplicates: 0,
+            parked: 0,
+            unparked: 0,
+            versions: HashMap::new(),
+        }
+    }
 }
 
 struct Pending {
@@ -118,17 +133,17 @@ struct Pending {
     refused: bool,
 }
 
-/// Decides what to do with a batch of `topic`, whose accounts live on `partitions`
-/// partitions. `accounts` holds the stored state of the accounts the batch touches; `parked`
+/// Decides what to do with a batch of `topic`, whose aggregates live on `partitions`
+/// partitions. `stored` holds the stored state of the aggregates the batch touches; `parked`
 /// their parked events.
-pub fn plan_batch(
+pub(crate) fn plan_batch<M: ReadModel>(
     topic: &str,
     partitions: i32,
     messages: &[Incoming],
-    accounts: HashMap<String, StoredAccount>,
+    stored: HashMap<String, Stored<M::Aggregate>>,
     parked: Vec<ParkedRow>,
-) -> Plan {
-    let mut planner = Planner::new(topic, partitions, accounts, parked);
+) -> Plan<M::Aggregate> {
+    let mut planner = Planner::<M>::new(topic, partitions, stored, parked);
     for msg in messages {
         planner.take(msg);
     }
@@ -136,22 +151,22 @@ pub fn plan_batch(
 }
 
 /// The state of planning one batch, message by message.
-struct Planner<'a> {
+struct Planner<'a, M: ReadModel> {
     topic: &'a str,
     partitions: i32,
-    plan: Plan,
-    accounts: HashMap<String, StoredAccount>,
-    /// Parked events per account by version: stored ones and those parked in this batch.
+    plan: Plan<M::Aggregate>,
+    stored: HashMap<String, Stored<M::Aggregate>>,
+    /// Parked events per aggregate by version: stored ones and those parked in this batch.
     pending: HashMap<String, BTreeMap<u64, Pending>>,
-    /// Accounts changed by the batch, in first-changed order.
+    /// Aggregates changed by the batch, in first-changed order.
     dirty: Vec<String>,
 }
 
-impl<'a> Planner<'a> {
+impl<'a, M: ReadModel> Planner<'a, M> {
     fn new(
         topic: &'a str,
         partitions: i32,
-        accounts: HashMap<String, StoredAccount>,
+        stored: HashMap<String, Stored<M::Aggregate>>,
         parked: Vec<ParkedRow>,
     ) -> Self {
         let mut pending: HashMap<String, BTreeMap<u64, Pending>> = HashMap::new();
@@ -170,7 +185,7 @@ impl<'a> Planner<'a> {
             topic,
             partitions,
             plan: Plan::default(),
-            accounts,
+            stored,
             pending,
             dirty: Vec::new(),
         }
@@ -192,7 +207,7 @@ impl<'a> Planner<'a> {
             let refusal = Refusal::new(
                 DeadLetterCode::Misplaced,
                 format!(
-                    "an event of {id} on partition {}, but the account lives on partition \
+                    "an event of {id} on partition {}, but the aggregate lives on partition \
                      {home} with PARTITIONS={}: the partition count changed under existing \
                      events, or a producer used another partitioner",
                     msg.partition, self.partitions
@@ -201,16 +216,11 @@ impl<'a> Planner<'a> {
             self.plan.dead_letters.push(DeadLetter::of(msg, refusal));
             return;
         }
-        let account = self
-            .accounts
+        let aggregate = self
+            .stored
             .entry(id.clone())
-            .or_insert_with(|| StoredAccount {
-                id: id.clone(),
-                state: BankAccount::default(),
-                opened_at: String::new(),
-                updated_at: String::new(),
-            });
-        let stored = account.state.version;
+            .or_insert_with(|| Stored::new(&id));
+        let stored = aggregate.version;
         if envelope.version <= stored {
             self.plan.duplicates += 1;
             return;
@@ -219,9 +229,9 @@ impl<'a> Planner<'a> {
             self.park(msg, envelope, stored + 1);
             return;
         }
-        match apply_one(account, envelope, msg.partition, msg.offset) {
+        match apply_one::<M>(aggregate, envelope, msg.partition, msg.offset) {
             Ok(row) => {
-                self.plan.write.events.push(row);
+                self.plan.write.applied.push(row);
                 self.plan.applied += 1;
             }
             Err(refusal) => {
@@ -272,21 +282,23 @@ impl<'a> Planner<'a> {
     /// Applies the parked events of `id` that now follow on, in version order, until one is
     /// missing or refused (a refused one is dead-lettered, stays parked and ends the chain).
     fn apply_parked_followers(&mut self, id: &str) {
-        let (Some(account), Some(waiting)) = (self.accounts.get_mut(id), self.pending.get_mut(id))
+        let (Some(aggregate), Some(waiting)) = (self.stored.get_mut(id), self.pending.get_mut(id))
         else {
             return;
         };
-        while let Some(next) = waiting.get_mut(&(account.state.version + 1)) {
+        while let Some(next) = waiting.get_mut(&(aggregate.version + 1)) {
             if next.refused {
                 break;
             }
             let outcome = match serde_json::from_str::<EventEnvelope>(&next.row.envelope) {
-                Ok(envelope) => apply_one(account, &envelope, next.row.partition, next.row.offset),
+                Ok(envelope) => {
+                    apply_one::<M>(aggregate, &envelope, next.row.partition, next.row.offset)
+                }
                 Err(e) => Err(Refusal::new(DeadLetterCode::InvalidEnvelope, e.to_string())),
             };
             match outcome {
                 Ok(row) => {
-                    self.plan.write.events.push(row);
+                    self.plan.write.applied.push(row);
                     self.plan.applied += 1;
                     self.plan.unparked += 1;
                 }
@@ -307,10 +319,10 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// The rows to write: new parked events, resolved parked ones, changed accounts.
-    fn finish(mut self) -> Plan {
+    /// The rows to write: new parked events, resolved parked ones, changed aggregates.
+    fn finish(mut self) -> Plan<M::Aggregate> {
         for (id, waiting) in self.pending {
-            let version = self.accounts.get(&id).map_or(0, |a| a.state.version);
+            let version = self.stored.get(&id).map_or(0, |a| a.version);
             let mut resolved_stored = false;
             for (v, p) in waiting {
                 if v <= version {
@@ -327,61 +339,43 @@ impl<'a> Planner<'a> {
             }
         }
         for id in self.dirty {
-            if let Some(account) = self.accounts.remove(&id) {
-                self.plan.versions.insert(id, account.state.version);
-                self.plan.write.accounts.push(account);
+            if let Some(aggregate) = self.stored.remove(&id) {
+                self.plan.versions.insert(id, aggregate.version);
+                self.plan.write.changed.push(aggregate);
             }
         }
         self.plan
     }
 }
 
-/// Checks every string of the event the read model stores as text: PostgreSQL refuses a NUL
-/// byte anywhere, and b-tree index rows are bounded. Such an event is dead-lettered
-/// (`Unstorable`) here rather than failing its whole batch over and over. The id and the owner
-/// follow the command rules ([`shared::bank_account::check_text`]); the currency may not hold
-/// a control character or exceed the same length. The `data` and envelope columns are JSON
-/// text, in which a NUL is escaped.
-fn check_storable(envelope: &EventEnvelope, event: &shared::Event) -> Result<(), Refusal> {
-    use shared::bank_account::{MAX_TEXT_BYTES, check_text};
-    let unstorable = |reason: String| Refusal::new(DeadLetterCode::Unstorable, reason);
-    check_text("aggregate_id", &envelope.aggregate_id).map_err(unstorable)?;
-    if let shared::Event::AccountOpened {
-        owner, currency, ..
-    } = event
-    {
-        check_text("owner", owner).map_err(unstorable)?;
-        if currency.len() > MAX_TEXT_BYTES || currency.chars().any(char::is_control) {
-            return Err(unstorable(format!(
-                "currency {currency:?} holds a control character or is longer than \
-                 {MAX_TEXT_BYTES} bytes"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Applies one event to an account, returning the history row, or a dead-letter reason.
-fn apply_one(
-    account: &mut StoredAccount,
+/// Applies one event to an aggregate, returning the history row, or a dead-letter reason. The
+/// id must be storable text (PostgreSQL refuses a NUL byte anywhere, b-tree index rows are
+/// bounded) and so must the event's fields the read model stores ([`ReadModel::check_storable`]):
+/// such an event is dead-lettered (`Unstorable`) here rather than failing its whole batch over
+/// and over.
+fn apply_one<M: ReadModel>(
+    stored: &mut Stored<M::Aggregate>,
     envelope: &EventEnvelope,
     partition: i32,
     offset: i64,
-) -> Result<EventRow, Refusal> {
+) -> Result<Applied<M::Aggregate>, Refusal> {
     let event = envelope
-        .event()
+        .event_of::<M::Aggregate>()
         .map_err(|e| Refusal::new(DeadLetterCode::InvalidEventData, e.to_string()))?;
-    check_storable(envelope, &event)?;
-    account
+    let unstorable = |reason: String| Refusal::new(DeadLetterCode::Unstorable, reason);
+    check_text("aggregate_id", &envelope.aggregate_id).map_err(unstorable)?;
+    M::check_storable(&envelope.aggregate_id, &event).map_err(unstorable)?;
+    stored
         .state
         .evolve(&event)
         .map_err(|Inapplicable(reason)| Refusal::new(DeadLetterCode::NotApplicable, reason))?;
+    stored.version = envelope.version;
     let ts = format_ts(&envelope.timestamp);
-    if account.state.version == 1 || account.opened_at.is_empty() {
-        account.opened_at.clone_from(&ts);
+    if stored.version == 1 || stored.first_at.is_empty() {
+        stored.first_at.clone_from(&ts);
     }
-    account.updated_at = ts;
-    Ok(EventRow {
+    stored.updated_at = ts;
+    Ok(Applied {
         aggregate_id: envelope.aggregate_id.clone(),
         version: envelope.version,
         event_id: envelope.event_id.to_string(),
@@ -389,9 +383,7 @@ fn apply_one(
         timestamp: envelope.timestamp,
         data: envelope.data.to_string(),
         envelope: serde_json::to_string(envelope).unwrap_or_default(),
-        balance_minor: account.state.balance_minor,
-        status: account.state.status,
-        transaction_count: account.state.transaction_count,
+        after: stored.state.clone(),
         source_partition: partition,
         source_offset: offset,
     })
@@ -404,6 +396,7 @@ mod tests {
     use shared::envelope::Metadata;
 
     use super::*;
+    use crate::accounts::Accounts;
 
     fn msg(offset: i64, id: &str, version: u64, event: &Event) -> Incoming {
         Incoming {
@@ -436,7 +429,7 @@ mod tests {
 
     #[test]
     fn applies_in_order_and_skips_duplicates() {
-        let plan = plan_batch(
+        let plan = plan_batch::<Accounts>(
             "t",
             1,
             &[
@@ -449,15 +442,15 @@ mod tests {
             vec![],
         );
         assert_eq!((plan.applied, plan.duplicates), (2, 2));
-        assert_eq!(plan.write.accounts.len(), 1);
-        assert_eq!(plan.write.accounts[0].state.balance_minor, 150);
-        assert_eq!(plan.write.events[1].balance_minor, 150);
+        assert_eq!(plan.write.changed.len(), 1);
+        assert_eq!(plan.write.changed[0].state.balance_minor, 150);
+        assert_eq!(plan.write.applied[1].after.balance_minor, 150);
         assert_eq!(plan.versions["a"], 2);
     }
 
     #[test]
     fn a_gap_is_parked_then_applied_when_the_missing_version_arrives() {
-        let plan = plan_batch(
+        let plan = plan_batch::<Accounts>(
             "t",
             1,
             &[
@@ -470,14 +463,13 @@ mod tests {
         );
         assert_eq!((plan.applied, plan.parked), (1, 2));
         assert_eq!(plan.write.parked.len(), 2);
-        let stored = StoredAccount {
-            id: "a".into(),
-            state: plan.write.accounts[0].state.clone(),
-            opened_at: "x".into(),
+        let stored = Stored {
+            first_at: "x".into(),
             updated_at: "x".into(),
+            ..plan.write.changed[0].clone()
         };
         let accounts = HashMap::from([("a".to_string(), stored)]);
-        let later = plan_batch(
+        let later = plan_batch::<Accounts>(
             "t",
             1,
             &[msg(3, "a", 2, &deposit(1))],
@@ -485,7 +477,7 @@ mod tests {
             plan.write.parked,
         );
         assert_eq!((later.applied, later.unparked), (3, 2));
-        assert_eq!(later.write.accounts[0].state.balance_minor, 116);
+        assert_eq!(later.write.changed[0].state.balance_minor, 116);
         assert_eq!(
             later.write.unpark,
             vec![Unpark {
@@ -510,7 +502,7 @@ mod tests {
             currency: "EU\u{0}R".into(),
             initial_balance_minor: 0,
         };
-        let plan = plan_batch(
+        let plan = plan_batch::<Accounts>(
             "t",
             1,
             &[
@@ -531,7 +523,7 @@ mod tests {
     fn inapplicable_and_undecodable_events_are_dead_lettered() {
         let mut bad = msg(1, "b", 1, &opened());
         bad.decoded = Err(DecodeError::UnknownFormat(b'x'));
-        let plan = plan_batch(
+        let plan = plan_batch::<Accounts>(
             "t",
             1,
             &[msg(0, "a", 1, &deposit(5)), bad, msg(2, "c", 1, &opened())],
@@ -544,8 +536,8 @@ mod tests {
             [DeadLetterCode::NotApplicable, DeadLetterCode::UnknownFormat]
         );
         assert_eq!(plan.applied, 1);
-        assert_eq!(plan.write.accounts.len(), 1);
-        assert_eq!(plan.write.accounts[0].id, "c");
+        assert_eq!(plan.write.changed.len(), 1);
+        assert_eq!(plan.write.changed[0].id, "c");
     }
 
     #[test]
@@ -555,7 +547,7 @@ mod tests {
         stray.partition = 1 - home;
         let mut placed = msg(1, "a", 1, &opened());
         placed.partition = home;
-        let plan = plan_batch("t", 2, &[stray, placed], HashMap::new(), Vec::new());
+        let plan = plan_batch::<Accounts>("t", 2, &[stray, placed], HashMap::new(), Vec::new());
         let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
         assert_eq!(codes, [DeadLetterCode::Misplaced]);
         assert_eq!(plan.dead_letters[0].partition, 1 - home);

@@ -42,6 +42,7 @@ use crate::db::{Database, OffsetAdvance, PartitionOffset, StoreError, Tables};
 use crate::decode::{Decoder, Verdict};
 use crate::dlq::DeadLetterQueue;
 use crate::metrics;
+use crate::model::ReadModel;
 use crate::plan::{DeadLetter, Incoming, Plan, plan_batch};
 
 /// Most messages per batch.
@@ -161,7 +162,7 @@ impl OffsetBook {
 
 /// Progress signals shared with the HTTP side.
 #[derive(Debug)]
-pub(crate) struct Status {
+pub struct Status {
     /// Caught up at least once since start (`GET /ready`).
     pub ready: AtomicBool,
     /// Bumped after every commit; `?min_version` waits on it.
@@ -497,8 +498,8 @@ pub(crate) enum Mode {
     Rebuild,
 }
 
-/// The distinct accounts a batch's decodable events touch, in first-seen order.
-fn touched_accounts(messages: &[Incoming]) -> Vec<&str> {
+/// The distinct aggregates a batch's decodable events touch, in first-seen order.
+fn touched_aggregates(messages: &[Incoming]) -> Vec<&str> {
     let mut seen = HashSet::new();
     messages
         .iter()
@@ -518,8 +519,8 @@ fn next_offsets(messages: &[Incoming]) -> HashMap<i32, i64> {
     next
 }
 
-/// Projects batches into one set of tables.
-pub(crate) struct Projector {
+/// Projects batches into one set of read model `M`'s tables.
+pub(crate) struct Projector<M> {
     db: Database,
     tables: Tables,
     mode: Mode,
@@ -528,9 +529,10 @@ pub(crate) struct Projector {
     dlq: DeadLetterQueue,
     book: Arc<OffsetBook>,
     status: Arc<Status>,
+    model: std::marker::PhantomData<M>,
 }
 
-impl std::fmt::Debug for Projector {
+impl<M> std::fmt::Debug for Projector<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Projector")
             .field("topic", &self.topic)
@@ -555,7 +557,7 @@ async fn sleep_unless_stopped(d: Duration, shutdown: &Shutdown) -> bool {
     }
 }
 
-impl Projector {
+impl<M: ReadModel> Projector<M> {
     /// The live projection: writes the live tables, reports to `status` and commits its
     /// offsets to Kafka too (for monitoring).
     pub(crate) fn live(
@@ -568,13 +570,14 @@ impl Projector {
     ) -> Self {
         Projector {
             db,
-            tables: Tables::live(),
+            tables: Tables::live_of::<M>(),
             mode: Mode::Live,
             topic,
             decoder,
             dlq,
             book,
             status,
+            model: std::marker::PhantomData,
         }
     }
 
@@ -596,6 +599,7 @@ impl Projector {
             dlq,
             book,
             status: Arc::new(Status::default()),
+            model: std::marker::PhantomData,
         }
     }
 
@@ -725,7 +729,7 @@ impl Projector {
     ) -> Result<BatchOutcome, Attempt> {
         let mut tx = self.db.begin_write().await?;
         let plan = self.plan(&mut tx, messages).await?;
-        match Database::write_batch(&mut tx, &self.tables, &self.topic, &plan.write).await {
+        match Database::write_batch::<M>(&mut tx, &self.tables, &self.topic, &plan.write).await {
             Ok(()) => {}
             Err(StoreError::Conflict(reason)) => {
                 tx.rollback().await.map_err(StoreError::from)?;
@@ -746,16 +750,16 @@ impl Projector {
         &self,
         tx: &mut Transaction<'static, Any>,
         messages: &[Incoming],
-    ) -> Result<Plan, StoreError> {
-        let ids = touched_accounts(messages);
-        let accounts = Database::load_accounts(tx, &self.tables, &ids).await?;
+    ) -> Result<Plan<M::Aggregate>, StoreError> {
+        let ids = touched_aggregates(messages);
+        let stored = M::load(tx, &self.tables, &ids).await?;
         let parked = if Database::parked_count(tx, &self.tables).await? > 0 {
             Database::load_parked(tx, &self.tables, &ids).await?
         } else {
             Vec::new()
         };
         let partitions = self.decoder.partitions();
-        let mut plan = plan_batch(&self.topic, partitions, messages, accounts, parked);
+        let mut plan = plan_batch::<M>(&self.topic, partitions, messages, stored, parked);
         plan.write.offsets = next_offsets(messages)
             .into_iter()
             .map(|(partition, next)| OffsetAdvance {
@@ -777,7 +781,7 @@ impl Projector {
 
     /// After the database commit: logs and counts the dead letters, moves the book to the new
     /// offsets and records the batch's figures.
-    fn record_committed(&self, plan: &Plan, size: usize) -> BatchOutcome {
+    fn record_committed(&self, plan: &Plan<M::Aggregate>, size: usize) -> BatchOutcome {
         for letter in &plan.dead_letters {
             tracing::warn!(
                 partition = letter.partition,

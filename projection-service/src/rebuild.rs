@@ -36,7 +36,9 @@ use shared::kafka::Topics;
 use shared::shutdown::Shutdown;
 use shared::{EventCodec, Settings};
 
+use crate::accounts::Accounts;
 use crate::db::{Database, PartitionOffset, Swap, Tables};
+use crate::model::ReadModel;
 use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
 use crate::projector::{BatchOutcome, Collected, OffsetBook, Projector, collect};
@@ -157,9 +159,18 @@ impl Reporter {
     }
 }
 
-/// Replays the events topic into fresh tables and swaps them in. `shutdown` interrupts it
-/// before the swap (the live tables stay as they were).
+/// Rebuilds the bank account's read model: [`rebuild_model`] with [`Accounts`].
 pub async fn rebuild(
+    settings: &Settings,
+    progress: Progress,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RebuildReport, ServiceError> {
+    rebuild_model::<Accounts>(settings, progress, shutdown).await
+}
+
+/// Replays the events topic into fresh tables of read model `M` and swaps them in. `shutdown`
+/// interrupts it before the swap (the live tables stay as they were).
+pub async fn rebuild_model<M: ReadModel>(
     settings: &Settings,
     progress: Progress,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -168,8 +179,8 @@ pub async fn rebuild(
     let topics = Topics::new(&settings.topic_prefix);
     let topic = topics.events();
     let partitions = ensure_projection_topics(settings).await?;
-    let db = Database::connect(&settings.projection_database_url).await?;
-    let codec = Arc::new(EventCodec::from_settings(settings)?);
+    let db = Database::connect_for::<M>(&settings.projection_database_url).await?;
+    let codec = Arc::new(EventCodec::from_settings(settings)?.serving::<M::Aggregate>());
     crate::identity::claim(&db, &settings.topic_prefix, &topic).await?;
     let unknown_schema_retry = settings.projection_unknown_schema_retry;
     let group = throwaway_group(settings);
@@ -179,8 +190,8 @@ pub async fn rebuild(
     tracing::info!(%topic, partitions, total, "rebuild: replaying up to the current end offsets");
 
     let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let tables = Tables::rebuild();
-    db.recreate_tables(&tables, &tag).await?;
+    let tables = Tables::rebuild_of::<M>();
+    db.recreate_tables::<M>(&tables, &tag).await?;
     consumer.assign(&from_beginning(&topic, partitions)?)?;
     let stop = crate::stop_on(shutdown);
     // Poison is dead-lettered again: the live service may never have reached it (stopped or
@@ -188,7 +199,7 @@ pub async fn rebuild(
     // `dlq.original.*` headers identify repeats.
     let dlq = DeadLetterQueue::new(&settings.kafka, topics.events_dlq(), topic.clone())?;
     let book = Arc::new(OffsetBook::default());
-    let projector = Projector::rebuild(
+    let projector = Projector::<M>::rebuild(
         db.clone(),
         tables.clone(),
         topic.clone(),
@@ -220,7 +231,7 @@ pub async fn rebuild(
                 ranges = partition_ranges(&consumer, &topic, partitions).await?;
             }
             Swap::AccountsBehind(accounts) => {
-                let _ = db.recreate_tables(&tables, &tag).await;
+                let _ = db.recreate_tables::<M>(&tables, &tag).await;
                 return Err(ServiceError::SwapRefused(accounts));
             }
         }
@@ -332,16 +343,16 @@ async fn swap_in(
 }
 
 /// The replay: reads the assigned partitions through the rebuild's projector.
-struct Replay<'a> {
+struct Replay<'a, M> {
     consumer: &'a StreamConsumer,
-    projector: &'a Projector,
+    projector: &'a Projector<M>,
     book: &'a OffsetBook,
     topic: &'a str,
     reporter: Reporter,
     report: RebuildReport,
 }
 
-impl Replay<'_> {
+impl<M: ReadModel> Replay<'_, M> {
     /// Projects batches until every partition reached its range's end.
     async fn until(
         &mut self,

@@ -18,6 +18,28 @@ use crate::bank_account::{EventDataError, Rejection, RejectionCode};
 use crate::envelope::Metadata;
 use crate::upcast::Upcasters;
 
+/// Longest aggregate id (or other indexed text, such as an account's owner), in bytes: read
+/// models index them, and database
+/// indexes have row limits (PostgreSQL's b-tree takes at most 2704 bytes).
+pub const MAX_TEXT_BYTES: usize = 200;
+
+/// Checks an aggregate id or other indexed text: not blank, at most [`MAX_TEXT_BYTES`], no control
+/// characters (PostgreSQL refuses NUL in text). The error says which rule `field` broke.
+pub fn check_text(field: &str, value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        Err(format!("{field} must not be blank"))
+    } else if value.len() > MAX_TEXT_BYTES {
+        Err(format!(
+            "{field} is {} bytes long; at most {MAX_TEXT_BYTES} are allowed",
+            value.len()
+        ))
+    } else if value.chars().any(char::is_control) {
+        Err(format!("{field} must not contain control characters"))
+    } else {
+        Ok(())
+    }
+}
+
 /// A command of an aggregate type as it travels in the command message: a wire `type` name and
 /// a JSON `payload`.
 pub trait DomainCommand: Clone + Debug + PartialEq + Send + Sync + 'static {

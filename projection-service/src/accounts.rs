@@ -1,0 +1,443 @@
+//! The bank account's read model: the `accounts` table (one row per account, its current
+//! state) and `account_events` (every applied event with the state after it, for history and
+//! queries as of a version or a time), and the queries of the account routes. The machinery
+//! folds the events ([`shared::BankAccount`] is the aggregate); this module only stores and reads.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use shared::bank_account::{MAX_TEXT_BYTES, check_text};
+use shared::{AccountStatus, BankAccount, Event};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::db::{
+    Database, ROWS_PER_INSERT, RowCounts, StoreError, StoreResult, Tables, contains_pattern, fetch_by_ids,
+    format_ts, get_u64, placeholders, to_i64, ts_nanos,
+};
+use crate::model::{Applied, ReadModel, Stored};
+
+/// The state table's base name.
+pub const ACCOUNTS: &str = "accounts";
+/// The history table's base name.
+pub const ACCOUNT_EVENTS: &str = "account_events";
+
+/// The bank account's read model (a marker: the machinery is generic over it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Accounts;
+
+impl ReadModel for Accounts {
+    type Aggregate = BankAccount;
+    const TABLES: &'static [&'static str] = &[ACCOUNTS, ACCOUNT_EVENTS];
+    const HISTORY_TABLE: Option<&'static str> = Some(ACCOUNT_EVENTS);
+
+    fn ddl(tables: &Tables, tag: &str) -> Vec<String> {
+        let accounts = tables.model(ACCOUNTS);
+        let events = tables.model(ACCOUNT_EVENTS);
+        vec![
+            format!(
+                "CREATE TABLE {accounts} (
+                    id TEXT PRIMARY KEY,
+                    owner TEXT NOT NULL,
+                    currency TEXT NOT NULL,
+                    balance_minor BIGINT NOT NULL,
+                    status TEXT NOT NULL,
+                    version BIGINT NOT NULL,
+                    transaction_count BIGINT NOT NULL,
+                    opened_at TEXT NOT NULL,
+                    updated_at TEXT NOT NULL
+                )"
+            ),
+            format!("CREATE INDEX ix_accounts_owner_{tag} ON {accounts} (owner, id)"),
+            format!("CREATE INDEX ix_accounts_status_{tag} ON {accounts} (status, id)"),
+            format!(
+                "CREATE TABLE {events} (
+                    aggregate_id TEXT NOT NULL,
+                    version BIGINT NOT NULL,
+                    event_id TEXT NOT NULL,
+                    event_type TEXT NOT NULL,
+                    \"timestamp\" TEXT NOT NULL,
+                    timestamp_ns BIGINT NOT NULL,
+                    data TEXT NOT NULL,
+                    envelope TEXT NOT NULL,
+                    balance_minor BIGINT NOT NULL,
+                    status TEXT NOT NULL,
+                    transaction_count BIGINT NOT NULL,
+                    source_partition BIGINT NOT NULL,
+                    source_offset BIGINT NOT NULL,
+                    PRIMARY KEY (aggregate_id, version)
+                )"
+            ),
+            format!("CREATE INDEX ix_events_time_{tag} ON {events} (aggregate_id, timestamp_ns)"),
+        ]
+    }
+
+    /// The owner follows the command rules ([`check_text`]); the currency may not hold a
+    /// control character or exceed the same length. The `data` and envelope columns are JSON
+    /// text, in which a NUL is escaped.
+    fn check_storable(_aggregate_id: &str, event: &Event) -> Result<(), String> {
+        if let Event::AccountOpened {
+            owner, currency, ..
+        } = event
+        {
+            check_text("owner", owner)?;
+            if currency.len() > MAX_TEXT_BYTES || currency.chars().any(char::is_control) {
+                return Err(format!(
+                    "currency {currency:?} holds a control character or is longer than \
+                     {MAX_TEXT_BYTES} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn load(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        ids: &[&str],
+    ) -> StoreResult<HashMap<String, Stored<BankAccount>>> {
+        let select = format!("SELECT {ACCOUNT_COLUMNS} FROM {}", tables.model(ACCOUNTS));
+        let rows = fetch_by_ids(tx, &select, "id", ids).await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let account = stored_account(&row)?;
+            out.insert(account.id.clone(), account);
+        }
+        Ok(out)
+    }
+
+    async fn write(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        applied: &[Applied<BankAccount>],
+        changed: &[Stored<BankAccount>],
+    ) -> StoreResult<()> {
+        insert_events(tx, tables, applied).await?;
+        upsert_accounts(tx, tables, changed).await
+    }
+
+    fn routes() -> axum::Router<crate::http::AppState> {
+        crate::http::account_routes()
+    }
+}
+
+async fn insert_events(
+    tx: &mut Transaction<'static, Any>,
+    tables: &Tables,
+    events: &[Applied<BankAccount>],
+) -> StoreResult<()> {
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO {} (aggregate_id, version, event_id, event_type, \"timestamp\",
+                timestamp_ns, data, envelope, balance_minor, status, transaction_count,
+                source_partition, source_offset) VALUES {}",
+            tables.model(ACCOUNT_EVENTS),
+            placeholders(chunk.len(), 13)
+        );
+        let mut query = sqlx::query(&sql);
+        for e in chunk {
+            query = query
+                .bind(e.aggregate_id.as_str())
+                .bind(to_i64(e.version))
+                .bind(e.event_id.as_str())
+                .bind(e.event_type.as_str())
+                .bind(format_ts(&e.timestamp))
+                .bind(ts_nanos(&e.timestamp))
+                .bind(e.data.as_str())
+                .bind(e.envelope.as_str())
+                .bind(e.after.balance_minor)
+                .bind(e.after.status.as_str())
+                .bind(to_i64(e.after.transaction_count))
+                .bind(i64::from(e.source_partition))
+                .bind(e.source_offset);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn upsert_accounts(
+    tx: &mut Transaction<'static, Any>,
+    tables: &Tables,
+    accounts: &[Stored<BankAccount>],
+) -> StoreResult<()> {
+    for chunk in accounts.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO {} ({ACCOUNT_COLUMNS}) VALUES {}
+             ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,
+                currency = excluded.currency, balance_minor = excluded.balance_minor,
+                status = excluded.status, version = excluded.version,
+                transaction_count = excluded.transaction_count,
+                opened_at = excluded.opened_at, updated_at = excluded.updated_at",
+            tables.model(ACCOUNTS),
+            placeholders(chunk.len(), ACCOUNT_COLUMN_COUNT)
+        );
+        let mut query = sqlx::query(&sql);
+        for a in chunk {
+            query = query
+                .bind(a.id.as_str())
+                .bind(a.state.owner.as_str())
+                .bind(a.state.currency.as_str())
+                .bind(a.state.balance_minor)
+                .bind(a.state.status.as_str())
+                .bind(to_i64(a.version))
+                .bind(to_i64(a.state.transaction_count))
+                .bind(a.first_at.as_str())
+                .bind(a.updated_at.as_str());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// An account as of some point, as the HTTP API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AccountView {
+    /// Account id.
+    pub id: String,
+    /// Holder.
+    pub owner: String,
+    /// ISO 4217.
+    pub currency: String,
+    /// Minor units.
+    pub balance_minor: i64,
+    /// `active` or `closed`.
+    pub status: String,
+    /// Aggregate version.
+    pub version: u64,
+    /// Deposits plus withdrawals.
+    pub transaction_count: u64,
+    /// RFC 3339.
+    pub opened_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// Filters and cursor of `GET /accounts`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AccountFilter {
+    /// `active` / `closed`.
+    pub status: Option<String>,
+    /// Exact owner.
+    pub owner: Option<String>,
+    /// Only ids greater than this (the previous page's `next`).
+    pub after: Option<String>,
+    /// Search: only accounts whose id or owner contains this text, ignoring ASCII case.
+    pub q: Option<String>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// The columns of an accounts row, in the order every query selects and inserts them.
+const ACCOUNT_COLUMNS: &str =
+    "id, owner, currency, balance_minor, status, version, transaction_count, opened_at, updated_at";
+
+/// How many [`ACCOUNT_COLUMNS`] there are.
+const ACCOUNT_COLUMN_COUNT: usize = 9;
+
+/// A stored status text as the domain's status; an unknown text is an error.
+fn status_from(text: &str) -> StoreResult<AccountStatus> {
+    [
+        AccountStatus::New,
+        AccountStatus::Active,
+        AccountStatus::Closed,
+    ]
+    .into_iter()
+    .find(|s| s.as_str() == text)
+    .ok_or_else(|| StoreError::Invalid(format!("unknown account status `{text}`")))
+}
+
+/// An account as of one of its events, with the columns named as in [`ACCOUNT_COLUMNS`].
+const HISTORY_SELECT: &str = "SELECT e.aggregate_id AS id, a.owner AS owner,
+        a.currency AS currency, e.balance_minor AS balance_minor, e.status AS status,
+        e.version AS version, e.transaction_count AS transaction_count,
+        a.opened_at AS opened_at, e.\"timestamp\" AS updated_at
+     FROM account_events e JOIN accounts a ON a.id = e.aggregate_id";
+
+/// An accounts row ([`ACCOUNT_COLUMNS`]) as the projector's state.
+fn stored_account(row: &AnyRow) -> StoreResult<Stored<BankAccount>> {
+    let status: String = row.try_get("status")?;
+    let version = get_u64(row, "version")?;
+    Ok(Stored {
+        id: row.try_get("id")?,
+        version,
+        state: BankAccount {
+            owner: row.try_get::<String, _>("owner")?.into(),
+            currency: row.try_get::<String, _>("currency")?.into(),
+            balance_minor: row.try_get("balance_minor")?,
+            status: status_from(&status)?,
+            version,
+            transaction_count: get_u64(row, "transaction_count")?,
+        },
+        first_at: row.try_get("opened_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// An accounts row ([`ACCOUNT_COLUMNS`], or [`HISTORY_SELECT`]) as the API shows it.
+fn account_view(row: &AnyRow) -> StoreResult<AccountView> {
+    let status: String = row.try_get("status")?;
+    Ok(AccountView {
+        id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
+        currency: row.try_get("currency")?,
+        balance_minor: row.try_get("balance_minor")?,
+        status: status_from(&status)?.as_str().to_owned(),
+        version: get_u64(row, "version")?,
+        transaction_count: get_u64(row, "transaction_count")?,
+        opened_at: row.try_get("opened_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// The bank account's tables as the default: what `projection-service` serves.
+impl Tables {
+    /// The live tables of the bank account's read model.
+    pub fn live() -> Self {
+        Tables::live_of::<Accounts>()
+    }
+}
+
+/// The account routes' queries (on the API's pool, the live tables), and the default read
+/// model's connection.
+impl Database {
+    /// Connects to the bank account's read model (see [`Database::connect_for`]).
+    pub async fn connect(url: &str) -> StoreResult<Database> {
+        Database::connect_for::<Accounts>(url).await
+    }
+
+    /// Row counts of the bank account's live tables.
+    pub async fn counts(&self) -> StoreResult<RowCounts> {
+        self.counts_of(&Tables::live()).await
+    }
+
+    /// The current state of an account.
+    pub(crate) async fn account(&self, id: &str) -> StoreResult<Option<AccountView>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self.reads())
+        .await?;
+        row.map(|r| account_view(&r)).transpose()
+    }
+
+    /// The state of an account right after version `version`.
+    pub(crate) async fn account_at_version(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> StoreResult<Option<AccountView>> {
+        let row = sqlx::query(&format!(
+            "{HISTORY_SELECT} WHERE e.aggregate_id = $1 AND e.version = $2"
+        ))
+        .bind(id)
+        .bind(to_i64(version))
+        .fetch_optional(self.reads())
+        .await?;
+        row.map(|r| account_view(&r)).transpose()
+    }
+
+    /// The state of an account after the highest version whose timestamp is at or before `at`.
+    pub(crate) async fn account_as_of(
+        &self,
+        id: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<AccountView>> {
+        let row = sqlx::query(&format!(
+            "{HISTORY_SELECT} WHERE e.aggregate_id = $1 AND e.timestamp_ns <= $2
+             ORDER BY e.version DESC LIMIT 1"
+        ))
+        .bind(id)
+        .bind(ts_nanos(at))
+        .fetch_optional(self.reads())
+        .await?;
+        row.map(|r| account_view(&r)).transpose()
+    }
+
+    /// A page of accounts ordered by id.
+    pub(crate) async fn list_accounts(
+        &self,
+        filter: &AccountFilter,
+    ) -> StoreResult<Vec<AccountView>> {
+        let mut conditions = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if filter.status.is_some() {
+            conditions.push(format!("status = {}", next()));
+        }
+        if filter.owner.is_some() {
+            conditions.push(format!("owner = {}", next()));
+        }
+        if filter.after.is_some() {
+            conditions.push(format!("id > {}", next()));
+        }
+        // Case-insensitive on PostgreSQL; on SQLite for ASCII letters (its LOWER is ASCII-only).
+        let pattern = filter.q.as_deref().map(contains_pattern);
+        if pattern.is_some() {
+            let p = next();
+            conditions.push(format!(
+                "(LOWER(id) LIKE {p} ESCAPE '\\' OR LOWER(owner) LIKE {p} ESCAPE '\\')"
+            ));
+        }
+        let limit = next();
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts {} ORDER BY id LIMIT {limit}",
+            if conditions.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", conditions.join(" AND "))
+            }
+        );
+        let mut query = sqlx::query(&sql);
+        for value in [&filter.status, &filter.owner, &filter.after, &pattern]
+            .into_iter()
+            .flatten()
+        {
+            query = query.bind(value.as_str());
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .fetch_all(self.reads())
+            .await?;
+        rows.iter().map(account_view).collect()
+    }
+
+    /// An account's events (envelope JSON text at the current schema version) after
+    /// `after_version`, oldest first, at most `limit`.
+    pub(crate) async fn events(
+        &self,
+        id: &str,
+        after_version: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT envelope FROM account_events WHERE aggregate_id = $1 AND version > $2
+             ORDER BY version LIMIT $3",
+        )
+        .bind(id)
+        .bind(i64::try_from(after_version).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(self.reads())
+        .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_values_out_of_range_are_errors() {
+        assert!(matches!(status_from("frozen"), Err(StoreError::Invalid(_))));
+        assert_eq!(status_from("closed").ok(), Some(AccountStatus::Closed));
+        assert_eq!(
+            ACCOUNT_COLUMNS.split(',').count(),
+            ACCOUNT_COLUMN_COUNT,
+            "the count follows the list"
+        );
+    }
+}
