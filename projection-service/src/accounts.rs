@@ -12,8 +12,8 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use crate::db::{
-    Database, ROWS_PER_INSERT, RowCounts, StoreError, StoreResult, Tables, contains_pattern, fetch_by_ids,
-    format_ts, get_u64, placeholders, to_i64, ts_nanos,
+    Database, ROWS_PER_INSERT, RowCounts, StoreError, StoreResult, Tables, contains_pattern,
+    fetch_by_ids, format_ts, get_u64, placeholders, to_i64, ts_nanos,
 };
 use crate::model::{Applied, ReadModel, Stored};
 

@@ -617,7 +617,8 @@ impl Database {
         let back: Vec<(String, i64, Option<i64>)> = sqlx::query_as(&format!(
             "SELECT l.id, l.version, r.version FROM {} l LEFT JOIN {} r ON r.id = l.id
              WHERE r.id IS NULL OR r.version < l.version ORDER BY l.id LIMIT 5",
-            live.state(), from.state()
+            live.state(),
+            from.state()
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -878,11 +879,9 @@ impl Database {
     /// The events of an account parked behind a version gap: how many, and since when (the
     /// oldest `parked_at`); `None` when none is.
     pub(crate) async fn parked_of(&self, id: &str) -> StoreResult<Option<(u64, String)>> {
-        let (count, since): (i64, Option<String>) = sqlx::query_as(
-            &format!(
-                "SELECT COUNT(*), MIN(parked_at) FROM {PARKED_TABLE} WHERE aggregate_id = $1"
-            ),
-        )
+        let (count, since): (i64, Option<String>) = sqlx::query_as(&format!(
+            "SELECT COUNT(*), MIN(parked_at) FROM {PARKED_TABLE} WHERE aggregate_id = $1"
+        ))
         .bind(id)
         .fetch_one(&self.reads)
         .await?;

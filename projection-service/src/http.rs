@@ -28,8 +28,8 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::accounts::{AccountFilter, AccountView};
 use crate::db::{Database, RowCounts, StoreError, Tables};
-use crate::model::ReadModel;
 use crate::dlq::{DeadLetterReader, DeadLetterView};
+use crate::model::ReadModel;
 use crate::projector::{PartitionLag, Status};
 use shared::dlq::PageCursor;
 
@@ -795,9 +795,10 @@ pub struct StatusJson {
     pub lag: i64,
     /// Batches committed since start: changes whenever the read model changes.
     pub commits: u64,
-    /// Rows in the read model.
+    /// Rows in the read model's state table (`accounts`: one per aggregate).
     pub accounts: i64,
-    /// Events applied (rows of `account_events`).
+    /// Events applied (rows of the history table, `account_events`; 0 for a read model without
+    /// one).
     pub events: i64,
     /// Events parked behind a version gap.
     pub parked: i64,

@@ -31,7 +31,9 @@ pub(crate) mod plan;
 pub mod projector;
 pub mod rebuild;
 
+pub use http::AppState;
 use std::future::Future;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,9 +48,9 @@ use tokio::net::TcpListener;
 
 use crate::accounts::Accounts;
 use crate::db::{Database, StoreError, Tables};
-use crate::model::ReadModel;
 use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
+use crate::model::ReadModel;
 use crate::projector::{OffsetBook, ProjectionContext, Projector, ProjectorError, Status};
 
 /// Why the service could not start or stopped with an error.

@@ -38,9 +38,9 @@ use shared::{EventCodec, Settings};
 
 use crate::accounts::Accounts;
 use crate::db::{Database, PartitionOffset, Swap, Tables};
-use crate::model::ReadModel;
 use crate::decode::Decoder;
 use crate::dlq::DeadLetterQueue;
+use crate::model::ReadModel;
 use crate::projector::{BatchOutcome, Collected, OffsetBook, Projector, collect};
 use crate::{ServiceError, consumer_config, ensure_projection_topics};
 

@@ -1,6 +1,7 @@
 //! The unmodified engine serving a second aggregate type, the test-only [`StockItem`]: commands
 //! and its own rejection codes, `expected_version`, dedupe, snapshots, and a SIGKILL followed by
-//! a restore from them, against the real broker. The service runs as a child process: this test
+//! a restore from them, against the real broker; then the unmodified projection machinery
+//! serving its read model ([`StockItems`]): rows, a rebuild and its swap. The service runs as a child process: this test
 //! binary itself, asked to run [`stock_service_child`].
 
 use rdkafka::Message;
@@ -10,7 +11,7 @@ use shared::envelope::Snapshot;
 use shared::kafka::Topics;
 
 use crate::helpers::*;
-use crate::stock_item::{StockCommand, StockItem};
+use crate::stock_item::{StockCommand, StockItem, StockItems};
 
 /// Set in the child's environment: [`stock_service_child`] then runs the service.
 const CHILD: &str = "STOCK_SERVICE_CHILD";
@@ -175,6 +176,81 @@ async fn a_second_aggregate_type_is_served_end_to_end_and_restored_after_a_kill(
             }
         )
     );
+
+    // The read side: the projection machinery with the item's read model, then a rebuild.
+    let dir = tempfile::tempdir().unwrap();
+    let mut read_settings = settings.clone();
+    read_settings.projection_database_url =
+        format!("sqlite://{}", dir.path().join("stock.db").display());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let projection = tokio::spawn(projection_service::run_model::<StockItems>(
+        read_settings.clone(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let expected = serde_json::json!({"id": "sku-1", "name": "Bolt", "on_hand": 0, "version": 4});
+    assert_eq!(item_at_version(&url, "sku-1", 4).await, expected);
+    let http = reqwest::Client::new();
+    let missing = http
+        .get(format!("{url}/stock-items/sku-2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    let report = projection_service::rebuild::rebuild_model::<StockItems>(
+        &read_settings,
+        projection_service::rebuild::Progress::Quiet,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.applied, report.poison), (4, 0), "{report:?}");
+    assert_eq!(
+        item_at_version(&url, "sku-1", 4).await,
+        expected,
+        "after the swap"
+    );
+    let status: Value = http
+        .get(format!("{url}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (status["accounts"].as_i64(), status["events"].as_i64()),
+        (Some(1), Some(0)),
+        "one item row, no history table: {status}"
+    );
+    stop.send(()).unwrap();
+    projection.await.unwrap().unwrap();
+}
+
+/// Waits (up to 30 s) until the projection at `url` shows item `id` at `version`.
+async fn item_at_version(url: &str, id: &str, version: u64) -> Value {
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let response = http.get(format!("{url}/stock-items/{id}")).send().await;
+        if let Ok(r) = response {
+            if r.status().is_success() {
+                let body: Value = r.json().await.unwrap();
+                if body["version"].as_u64() == Some(version) {
+                    return body;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never reached version {version}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[test]

@@ -1,14 +1,26 @@
 //! A second aggregate type, test-only: a stock item (register it, receive and ship quantities,
-//! never more than is on hand). The worked example of docs/aggregates.md, served end to end by
-//! the unmodified engine (`examples/stock_service.rs` runs it as a process).
+//! never more than is on hand), and its read model ([`StockItems`]: one table, one route). The
+//! worked example of docs/aggregates.md, served end to end by the unmodified engine and
+//! projection machinery (`stock.rs` runs them).
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use projection_service::AppState;
+use projection_service::db::{StoreResult, Tables, fetch_by_ids, get_u64, to_i64};
+use projection_service::model::{Applied, ReadModel, Stored};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use shared::aggregate::{Aggregate, Context, DomainCommand, DomainEvent, Inapplicable};
+use shared::aggregate::{Aggregate, Context, DomainCommand, DomainEvent, Inapplicable, check_text};
 use shared::bank_account::EventDataError;
 use shared::{Rejection, RejectionCode};
+use sqlx::{Any, Row, Transaction};
 
 /// The state: folded from the item's events, serialised in snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,5 +232,132 @@ impl Aggregate for StockItem {
             })),
             _ => None,
         }
+    }
+}
+
+/// The stock item's read model: one row per item in `stock_items`, served at
+/// `GET /stock-items/{id}`. The projection machinery does the rest (offsets, duplicates, gaps,
+/// dead letters, rebuild).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StockItems;
+
+/// The state table's base name.
+const STOCK_ITEMS: &str = "stock_items";
+
+impl ReadModel for StockItems {
+    type Aggregate = StockItem;
+    const TABLES: &'static [&'static str] = &[STOCK_ITEMS];
+
+    fn ddl(tables: &Tables, _tag: &str) -> Vec<String> {
+        vec![format!(
+            "CREATE TABLE {} (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                on_hand BIGINT NOT NULL,
+                version BIGINT NOT NULL,
+                registered_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            )",
+            tables.model(STOCK_ITEMS)
+        )]
+    }
+
+    fn check_storable(_aggregate_id: &str, event: &StockEvent) -> Result<(), String> {
+        match event {
+            StockEvent::Registered { name } => check_text("name", name),
+            _ => Ok(()),
+        }
+    }
+
+    async fn load(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        ids: &[&str],
+    ) -> StoreResult<HashMap<String, Stored<StockItem>>> {
+        let select = format!(
+            "SELECT id, name, on_hand, version, registered_at, updated_at FROM {}",
+            tables.model(STOCK_ITEMS)
+        );
+        let mut out = HashMap::new();
+        for row in fetch_by_ids(tx, &select, "id", ids).await? {
+            let id: String = row.try_get("id")?;
+            let state = StockItem {
+                registered: true,
+                name: row.try_get("name")?,
+                on_hand: row.try_get("on_hand")?,
+            };
+            let stored = Stored {
+                id: id.clone(),
+                version: get_u64(&row, "version")?,
+                state,
+                first_at: row.try_get("registered_at")?,
+                updated_at: row.try_get("updated_at")?,
+            };
+            out.insert(id, stored);
+        }
+        Ok(out)
+    }
+
+    async fn write(
+        tx: &mut Transaction<'static, Any>,
+        tables: &Tables,
+        _applied: &[Applied<StockItem>],
+        changed: &[Stored<StockItem>],
+    ) -> StoreResult<()> {
+        let sql = format!(
+            "INSERT INTO {} (id, name, on_hand, version, registered_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, on_hand = excluded.on_hand,
+                version = excluded.version, updated_at = excluded.updated_at",
+            tables.model(STOCK_ITEMS)
+        );
+        for item in changed {
+            sqlx::query(&sql)
+                .bind(item.id.as_str())
+                .bind(item.state.name.as_str())
+                .bind(item.state.on_hand)
+                .bind(to_i64(item.version))
+                .bind(item.first_at.as_str())
+                .bind(item.updated_at.as_str())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn routes() -> Router<AppState> {
+        Router::new().route("/stock-items/{id}", get(item))
+    }
+}
+
+/// `GET /stock-items/{id}`: the item now, or 404.
+async fn item(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let row = sqlx::query("SELECT name, on_hand, version FROM stock_items WHERE id = $1")
+        .bind(&id)
+        .fetch_optional(state.db.reads())
+        .await;
+    let found = row.and_then(|row| {
+        row.map(|r| -> Result<Value, sqlx::Error> {
+            Ok(json!({
+                "id": id,
+                "name": r.try_get::<String, _>("name")?,
+                "on_hand": r.try_get::<i64, _>("on_hand")?,
+                "version": r.try_get::<i64, _>("version")?,
+            }))
+        })
+        .transpose()
+    });
+    match found {
+        Ok(Some(item)) => Json(item).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"code": "ItemNotFound", "message": "no such item"}})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": {"code": "Internal", "message": e.to_string()}})),
+        )
+            .into_response(),
     }
 }
