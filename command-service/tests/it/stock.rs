@@ -237,12 +237,12 @@ async fn item_at_version(url: &str, id: &str, version: u64) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let response = http.get(format!("{url}/stock-items/{id}")).send().await;
-        if let Ok(r) = response {
-            if r.status().is_success() {
-                let body: Value = r.json().await.unwrap();
-                if body["version"].as_u64() == Some(version) {
-                    return body;
-                }
+        if let Ok(r) = response
+            && r.status().is_success()
+        {
+            let body: Value = r.json().await.unwrap();
+            if body["version"].as_u64() == Some(version) {
+                return body;
             }
         }
         assert!(
