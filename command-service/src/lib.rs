@@ -207,7 +207,7 @@ pub async fn run_aggregate<A: Aggregate>(
             settings.partitions
         );
     }
-    let codec = Arc::new(EventCodec::from_settings(&settings)?.serving::<A>());
+    let codec = Arc::new(EventCodec::for_settings(&settings)?.serving::<A>());
     if let Some(url) = &settings.schema_registry_url {
         prepare_registry::<A>(url, &Topics::new(&settings.topic_prefix).events()).await?;
     }

@@ -441,3 +441,181 @@ mod tests {
         );
     }
 }
+
+/// The planner's rules, with the bank account's read model.
+#[cfg(test)]
+mod plan_tests {
+    use chrono::Utc;
+    use shared::Event;
+    use shared::envelope::Metadata;
+
+    use std::collections::HashMap;
+
+    use shared::dlq::DeadLetterCode;
+    use shared::kafka::canonical_partition;
+    use shared::{DecodeError, EventEnvelope};
+
+    use super::Accounts;
+    use crate::db::Unpark;
+    use crate::model::Stored;
+    use crate::plan::{Incoming, plan_batch};
+
+    fn msg(offset: i64, id: &str, version: u64, event: &Event) -> Incoming {
+        Incoming {
+            partition: 0,
+            offset,
+            key: Some(id.as_bytes().to_vec()),
+            payload: Some(b"{}".to_vec()),
+            headers: None,
+            decoded: Ok(EventEnvelope::new(
+                id,
+                version,
+                event,
+                Utc::now(),
+                Metadata::new(),
+            )),
+        }
+    }
+
+    fn opened() -> Event {
+        Event::AccountOpened {
+            owner: "Ann".into(),
+            currency: "EUR".into(),
+            initial_balance_minor: 100,
+        }
+    }
+
+    fn deposit(amount_minor: i64) -> Event {
+        Event::MoneyDeposited { amount_minor }
+    }
+
+    #[test]
+    fn applies_in_order_and_skips_duplicates() {
+        let plan = plan_batch::<Accounts>(
+            "t",
+            1,
+            &[
+                msg(0, "a", 1, &opened()),
+                msg(1, "a", 2, &deposit(50)),
+                msg(2, "a", 2, &deposit(50)),
+                msg(3, "a", 1, &opened()),
+            ],
+            HashMap::new(),
+            vec![],
+        );
+        assert_eq!((plan.applied, plan.duplicates), (2, 2));
+        assert_eq!(plan.write.changed.len(), 1);
+        assert_eq!(plan.write.changed[0].state.balance_minor, 150);
+        assert_eq!(plan.write.applied[1].after.balance_minor, 150);
+        assert_eq!(plan.versions["a"], 2);
+    }
+
+    #[test]
+    fn a_gap_is_parked_then_applied_when_the_missing_version_arrives() {
+        let plan = plan_batch::<Accounts>(
+            "t",
+            1,
+            &[
+                msg(0, "a", 1, &opened()),
+                msg(1, "a", 3, &deposit(7)),
+                msg(2, "a", 4, &deposit(8)),
+            ],
+            HashMap::new(),
+            vec![],
+        );
+        assert_eq!((plan.applied, plan.parked), (1, 2));
+        assert_eq!(plan.write.parked.len(), 2);
+        let stored = Stored {
+            first_at: "x".into(),
+            updated_at: "x".into(),
+            ..plan.write.changed[0].clone()
+        };
+        let accounts = HashMap::from([("a".to_string(), stored)]);
+        let later = plan_batch::<Accounts>(
+            "t",
+            1,
+            &[msg(3, "a", 2, &deposit(1))],
+            accounts,
+            plan.write.parked,
+        );
+        assert_eq!((later.applied, later.unparked), (3, 2));
+        assert_eq!(later.write.changed[0].state.balance_minor, 116);
+        assert_eq!(
+            later.write.unpark,
+            vec![Unpark {
+                aggregate_id: "a".into(),
+                through_version: 4
+            }]
+        );
+        assert!(later.write.parked.is_empty());
+    }
+
+    // Regression: on PostgreSQL an id with a NUL byte or a few KB of owner failed the whole
+    // batch as a fatal store error, and the service crash-looped on it.
+    #[test]
+    fn text_the_read_model_cannot_store_is_dead_lettered() {
+        let long_owner = Event::AccountOpened {
+            owner: "x".repeat(3000),
+            currency: "EUR".into(),
+            initial_balance_minor: 0,
+        };
+        let nul_currency = Event::AccountOpened {
+            owner: "Ann".into(),
+            currency: "EU\u{0}R".into(),
+            initial_balance_minor: 0,
+        };
+        let plan = plan_batch::<Accounts>(
+            "t",
+            1,
+            &[
+                msg(0, "nul\u{0}id", 1, &opened()),
+                msg(1, "b", 1, &long_owner),
+                msg(2, "d", 1, &nul_currency),
+                msg(3, "c", 1, &opened()),
+            ],
+            HashMap::new(),
+            vec![],
+        );
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(codes, [DeadLetterCode::Unstorable; 3]);
+        assert_eq!(plan.applied, 1);
+    }
+
+    #[test]
+    fn inapplicable_and_undecodable_events_are_dead_lettered() {
+        let mut bad = msg(1, "b", 1, &opened());
+        bad.decoded = Err(DecodeError::UnknownFormat(b'x'));
+        let plan = plan_batch::<Accounts>(
+            "t",
+            1,
+            &[msg(0, "a", 1, &deposit(5)), bad, msg(2, "c", 1, &opened())],
+            HashMap::new(),
+            vec![],
+        );
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(
+            codes,
+            [DeadLetterCode::NotApplicable, DeadLetterCode::UnknownFormat]
+        );
+        assert_eq!(plan.applied, 1);
+        assert_eq!(plan.write.changed.len(), 1);
+        assert_eq!(plan.write.changed[0].id, "c");
+    }
+
+    #[test]
+    fn an_event_on_another_partition_than_its_account_is_dead_lettered() {
+        let home = canonical_partition(b"a", 2);
+        let mut stray = msg(0, "a", 1, &opened());
+        stray.partition = 1 - home;
+        let mut placed = msg(1, "a", 1, &opened());
+        placed.partition = home;
+        let plan = plan_batch::<Accounts>("t", 2, &[stray, placed], HashMap::new(), Vec::new());
+        let codes: Vec<DeadLetterCode> = plan.dead_letters.iter().map(|d| d.code).collect();
+        assert_eq!(codes, [DeadLetterCode::Misplaced]);
+        assert_eq!(plan.dead_letters[0].partition, 1 - home);
+        assert_eq!(
+            plan.applied, 1,
+            "the event on its account's partition is applied"
+        );
+    }
+}

@@ -152,7 +152,8 @@ impl Decoder {
 
     /// A fresh codec: the registry client keeps a "not found" answer for good.
     fn forget_cached_answers(&self) {
-        match EventCodec::from_settings(&self.settings) {
+        let renewed = self.codec().renewed(&self.settings);
+        match renewed {
             Ok(codec) => {
                 *self.codec.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(codec);
             }

@@ -160,7 +160,7 @@ pub async fn run_model<M: ReadModel>(
     let db = Database::connect_for::<M>(&settings.projection_database_url).await?;
     let identity = identity::claim(&db, &settings.topic_prefix, &topic).await?;
     let group = identity.group_id(settings.projection_group_id.as_deref());
-    let codec = Arc::new(EventCodec::from_settings(&settings)?.serving::<M::Aggregate>());
+    let codec = Arc::new(EventCodec::for_settings(&settings)?.serving::<M::Aggregate>());
     let tables = Tables::live_of::<M>();
     let book = Arc::new(OffsetBook::new(db.offsets(&tables, &topic).await?));
     let status = Arc::new(Status::default());

@@ -180,7 +180,7 @@ pub async fn rebuild_model<M: ReadModel>(
     let topic = topics.events();
     let partitions = ensure_projection_topics(settings).await?;
     let db = Database::connect_for::<M>(&settings.projection_database_url).await?;
-    let codec = Arc::new(EventCodec::from_settings(settings)?.serving::<M::Aggregate>());
+    let codec = Arc::new(EventCodec::for_settings(settings)?.serving::<M::Aggregate>());
     crate::identity::claim(&db, &settings.topic_prefix, &topic).await?;
     let unknown_schema_retry = settings.projection_unknown_schema_retry;
     let group = throwaway_group(settings);

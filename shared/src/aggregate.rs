@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::bank_account::{EventDataError, Rejection, RejectionCode};
+use crate::bank_account::{Rejection, RejectionCode};
 use crate::envelope::Metadata;
 use crate::upcast::Upcasters;
 
@@ -38,6 +38,22 @@ pub fn check_text(field: &str, value: &str) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// Event `data` that does not match its event type at the current schema version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventDataError {
+    /// The event type is not one of this aggregate's.
+    #[error("unknown event type `{0}`")]
+    UnknownType(String),
+    /// The data does not have the fields the event type requires.
+    #[error("invalid {event_type} data: {reason}")]
+    InvalidData {
+        /// The event type whose data was invalid.
+        event_type: String,
+        /// What serde said.
+        reason: String,
+    },
 }
 
 /// A command of an aggregate type as it travels in the command message: a wire `type` name and

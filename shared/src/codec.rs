@@ -18,8 +18,7 @@ use schema_registry_converter::schema_registry_common::{
 };
 use serde_json::{Value, json};
 
-use crate::aggregate::{Aggregate, DomainEvent};
-use crate::bank_account::{AGGREGATE_TYPE, BankAccount, EventDataError};
+use crate::aggregate::{Aggregate, DomainEvent, EventDataError};
 use crate::envelope::EventEnvelope;
 use crate::upcast::{UpcastContext, UpcastError, Upcasters};
 
@@ -160,15 +159,16 @@ impl std::fmt::Debug for EventCodec {
 const MAGIC_BYTE: u8 = 0;
 
 impl EventCodec {
-    /// A plain-JSON codec; v1 events get `default_currency`.
-    pub fn json(default_currency: &str) -> Self {
+    /// A plain-JSON codec serving no aggregate type yet ([`EventCodec::serving`] adds them);
+    /// `default_currency` is the upcasting context of events that had none.
+    pub fn plain(default_currency: &str) -> Self {
         EventCodec {
-            upcasters: Upcasters::standard(),
+            upcasters: Upcasters::empty(),
             context: UpcastContext {
                 currency: default_currency.to_owned(),
             },
             registry: None,
-            types: HashMap::from([(BankAccount::TYPE, TypeEntry::of::<BankAccount>())]),
+            types: HashMap::new(),
         }
     }
 
@@ -180,8 +180,9 @@ impl EventCodec {
     }
 
     /// A codec that writes the Confluent wire format through the registry at `url` (a
-    /// Confluent-compatible base URL such as `http://127.0.0.1:8081/apis/ccompat/v7`).
-    pub fn with_registry(default_currency: &str, url: &str) -> Result<Self, EncodeError> {
+    /// Confluent-compatible base URL such as `http://127.0.0.1:8081/apis/ccompat/v7`), serving
+    /// no aggregate type yet.
+    pub fn registry_backed(default_currency: &str, url: &str) -> Result<Self, EncodeError> {
         let settings = SrSettings::new_builder(url.trim_end_matches('/').to_owned())
             .set_timeout(Duration::from_secs(5))
             .build()
@@ -191,16 +192,27 @@ impl EventCodec {
                 encoder: JsonEncoder::new(settings.clone()),
                 decoder: JsonDecoder::new(settings),
             }),
-            ..Self::json(default_currency)
+            ..Self::plain(default_currency)
         })
     }
 
-    /// Builds the codec the settings ask for.
-    pub fn from_settings(settings: &crate::config::Settings) -> Result<Self, EncodeError> {
+    /// Builds the codec the settings ask for (`SCHEMA_REGISTRY_URL` or plain JSON), serving no
+    /// aggregate type yet.
+    pub fn for_settings(settings: &crate::config::Settings) -> Result<Self, EncodeError> {
         match &settings.schema_registry_url {
-            Some(url) => Self::with_registry(&settings.default_currency, url),
-            None => Ok(Self::json(&settings.default_currency)),
+            Some(url) => Self::registry_backed(&settings.default_currency, url),
+            None => Ok(Self::plain(&settings.default_currency)),
         }
+    }
+
+    /// A new codec for `settings` serving the same aggregate types with the same upcasters,
+    /// and a registry client of its own (which forgets the old one's cached answers).
+    pub fn renewed(&self, settings: &crate::config::Settings) -> Result<Self, EncodeError> {
+        Ok(EventCodec {
+            upcasters: self.upcasters.clone(),
+            types: self.types.clone(),
+            ..Self::for_settings(settings)?
+        })
     }
 
     /// The format this codec writes.
@@ -435,12 +447,6 @@ pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
-/// The JSON Schema of one bank-account event type at one schema version (the whole envelope),
-/// older versions included.
-pub fn json_schema(event_type: &str, schema_version: u32) -> Value {
-    aggregate_schema::<BankAccount>(event_type, schema_version)
-}
-
 /// The JSON Schema of an event type of `A` at a schema version (the whole envelope): its `data`
 /// as [`Aggregate::event_schema`] gives it, an open object for a version it does not know.
 pub fn aggregate_schema<A: Aggregate>(event_type: &str, schema_version: u32) -> Value {
@@ -476,21 +482,9 @@ fn envelope_schema(
     })
 }
 
-/// The record name of a bank-account event type's schema: `BankAccount.<EventType>.v<N>`; the
-/// registry subject is `<topic>-<record name>` (TopicRecordNameStrategy).
-pub fn schema_name(event_type: &str, schema_version: u32) -> String {
-    record_name(AGGREGATE_TYPE, event_type, schema_version)
-}
-
 /// The record name of any aggregate type's event schema: `<AggregateType>.<EventType>.v<N>`.
 pub fn record_name(aggregate_type: &str, event_type: &str, schema_version: u32) -> String {
     format!("{aggregate_type}.{event_type}.v{schema_version}")
-}
-
-/// Every bank-account event type's schema at the current version, for tools that register them
-/// up front.
-pub fn current_schemas() -> Vec<(String, Value)> {
-    schemas_of::<BankAccount>()
 }
 
 /// Every event type's schema of `A` at its current version, by record name.

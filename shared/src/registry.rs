@@ -2,7 +2,7 @@
 //! version registered up front under its subject, and a compatibility rule per subject, so that
 //! the registry itself refuses an incompatible change to an event schema.
 //!
-//! Subjects follow the codec's TopicRecordNameStrategy: `<topic>-BankAccount.<EventType>.v<N>`.
+//! Subjects follow the codec's TopicRecordNameStrategy: `<topic>-<AggregateType>.<EventType>.v<N>`.
 //! The schema version is part of the record name, so the v1 → v2 change (a new required
 //! `currency`, amounts in minor units) is a new subject bridged by the upcasters, not a new
 //! version of the v1 subject — which the [`COMPATIBILITY`] rule would refuse. Within a subject,
@@ -11,8 +11,6 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-
-use crate::codec::schema_name;
 
 /// The compatibility level set on every event subject: a new schema must read what the previous
 /// one wrote.
@@ -66,13 +64,8 @@ impl RegistryError {
     }
 }
 
-/// The subject of an event type's schema at a schema version, for events on `topic`.
-pub fn subject(topic: &str, event_type: &str, schema_version: u32) -> String {
-    record_subject(topic, &schema_name(event_type, schema_version))
-}
-
 /// The subject of a schema by its record name (`<topic>-<record name>`, TopicRecordNameStrategy).
-fn record_subject(topic: &str, record: &str) -> String {
+pub fn record_subject(topic: &str, record: &str) -> String {
     format!("{topic}-{record}")
 }
 
@@ -211,14 +204,9 @@ impl SchemaRegistry {
     }
 }
 
-/// Registers every current event schema for `topic` and sets [`COMPATIBILITY`] on its subject.
+/// Registers every current event schema of aggregate type `A` for `topic` and sets [`COMPATIBILITY`] on its subject.
 /// Returns each subject with its schema id. A schema changed incompatibly since it was first
 /// registered is refused here, before any event is written with it.
-pub async fn prepare(url: &str, topic: &str) -> Result<Vec<(String, u32)>, RegistryError> {
-    prepare_for::<crate::BankAccount>(url, topic).await
-}
-
-/// [`prepare`] for the event types of aggregate type `A`.
 pub async fn prepare_for<A: crate::aggregate::Aggregate>(
     url: &str,
     topic: &str,
@@ -239,6 +227,7 @@ pub async fn prepare_for<A: crate::aggregate::Aggregate>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bank_account::{prepare, subject};
 
     #[test]
     fn subjects_follow_the_topic_record_name_strategy() {

@@ -9,10 +9,10 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use serde_json::{Map, Number, Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::envelope::CURRENT_SCHEMA_VERSION;
-use crate::money::{AmountError, format_minor, minor_digits, parse_minor};
+use crate::money::AmountError;
 
 /// What upcasting or downcasting needs to know besides the event itself.
 #[derive(Debug, Clone)]
@@ -89,12 +89,6 @@ impl std::fmt::Debug for Upcasters {
     }
 }
 
-impl Default for Upcasters {
-    fn default() -> Self {
-        Self::standard()
-    }
-}
-
 impl Upcasters {
     /// No steps at all.
     pub fn empty() -> Self {
@@ -105,30 +99,10 @@ impl Upcasters {
         }
     }
 
-    /// The steps of the bank-account events: v1 ↔ v2.
-    pub fn standard() -> Self {
-        let mut u = Self::empty();
-        u.register_aggregate::<crate::BankAccount>();
-        u
-    }
-
     /// Registers an aggregate type: its current schema version and its steps.
     pub fn register_aggregate<A: crate::aggregate::Aggregate>(&mut self) {
         self.current.insert(A::TYPE.to_owned(), A::SCHEMA_VERSION);
         A::register_upcasters(self);
-    }
-
-    /// The bank account's steps (its [`crate::aggregate::Aggregate::register_upcasters`]).
-    pub fn register_bank_account(&mut self) {
-        let bank = crate::bank_account::AGGREGATE_TYPE;
-        self.register_up(bank, "AccountOpened", 1, v1_to_v2::account_opened);
-        self.register_up(bank, "MoneyDeposited", 1, v1_to_v2::amount);
-        self.register_up(bank, "MoneyWithdrawn", 1, v1_to_v2::amount);
-        self.register_up(bank, "AccountClosed", 1, |_, _| Ok(()));
-        self.register_down(bank, "AccountOpened", 2, v2_to_v1::account_opened);
-        self.register_down(bank, "MoneyDeposited", 2, v2_to_v1::amount);
-        self.register_down(bank, "MoneyWithdrawn", 2, v2_to_v1::amount);
-        self.register_down(bank, "AccountClosed", 2, |_, _| Ok(()));
     }
 
     /// Registers the step that takes `event_type` of `aggregate_type` from `from` to `from + 1`.
@@ -285,114 +259,6 @@ fn data_mut(env: &mut Map<String, Value>) -> Result<&mut Map<String, Value>, Upc
         .or_insert_with(|| json!({}))
         .as_object_mut()
         .ok_or_else(|| UpcastError::Invalid("data is not an object".into()))
-}
-
-/// Reads a decimal amount in major units from a JSON number (or numeric string), exactly. It
-/// must fit an `i64` of minor units and must not be negative.
-fn major_to_minor(
-    data: &Map<String, Value>,
-    field: &'static str,
-    currency: &str,
-) -> Result<i64, UpcastError> {
-    let text = match data.get(field) {
-        Some(Value::Number(n)) => n.to_string(),
-        Some(Value::String(s)) => s.clone(),
-        None => return Err(UpcastError::Invalid(format!("field `{field}` is missing"))),
-        Some(other) => {
-            return Err(UpcastError::Invalid(format!(
-                "field `{field}` is not a number: {other}"
-            )));
-        }
-    };
-    let minor = parse_minor(&text, minor_digits(currency))
-        .map_err(|source| UpcastError::Amount { field, source })?;
-    if minor < 0 {
-        return Err(UpcastError::NegativeAmount { field, text });
-    }
-    Ok(minor)
-}
-
-/// Writes minor units as a JSON number in major units ("50.5" stays exact, as text).
-fn minor_to_major(minor: i64, currency: &str) -> Result<Value, UpcastError> {
-    let text = format_minor(minor, minor_digits(currency));
-    serde_json::from_str::<Number>(&text)
-        .map(Value::Number)
-        .map_err(|e| UpcastError::Invalid(format!("amount {text}: {e}")))
-}
-
-fn minor_field(data: &Map<String, Value>, field: &str) -> Result<i64, UpcastError> {
-    data.get(field)
-        .and_then(Value::as_i64)
-        .ok_or_else(|| UpcastError::Invalid(format!("field `{field}` is not an integer")))
-}
-
-mod v1_to_v2 {
-    use super::*;
-
-    pub(super) fn account_opened(
-        data: &mut Map<String, Value>,
-        ctx: &UpcastContext,
-    ) -> Result<(), UpcastError> {
-        let owner = data.remove("name").unwrap_or(Value::Null);
-        if !owner.is_string() {
-            return Err(UpcastError::Invalid(
-                "AccountOpened v1 has no string `name`".into(),
-            ));
-        }
-        let initial = match data.contains_key("initial_balance") {
-            true => major_to_minor(data, "initial_balance", &ctx.currency)?,
-            false => 0,
-        };
-        data.remove("initial_balance");
-        data.insert("owner".into(), owner);
-        data.insert("currency".into(), json!(ctx.currency));
-        data.insert("initial_balance_minor".into(), json!(initial));
-        Ok(())
-    }
-
-    pub(super) fn amount(
-        data: &mut Map<String, Value>,
-        ctx: &UpcastContext,
-    ) -> Result<(), UpcastError> {
-        let minor = major_to_minor(data, "amount", &ctx.currency)?;
-        data.remove("amount");
-        data.insert("amount_minor".into(), json!(minor));
-        Ok(())
-    }
-}
-
-mod v2_to_v1 {
-    use super::*;
-
-    pub(super) fn account_opened(
-        data: &mut Map<String, Value>,
-        _ctx: &UpcastContext,
-    ) -> Result<(), UpcastError> {
-        let currency = data
-            .get("currency")
-            .and_then(Value::as_str)
-            .unwrap_or("USD")
-            .to_owned();
-        let initial = minor_field(data, "initial_balance_minor")?;
-        let owner = data.remove("owner").unwrap_or(Value::Null);
-        data.clear();
-        data.insert("name".into(), owner);
-        data.insert(
-            "initial_balance".into(),
-            minor_to_major(initial, &currency)?,
-        );
-        Ok(())
-    }
-
-    pub(super) fn amount(
-        data: &mut Map<String, Value>,
-        ctx: &UpcastContext,
-    ) -> Result<(), UpcastError> {
-        let minor = minor_field(data, "amount_minor")?;
-        data.clear();
-        data.insert("amount".into(), minor_to_major(minor, &ctx.currency)?);
-        Ok(())
-    }
 }
 
 #[cfg(test)]

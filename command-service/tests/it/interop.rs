@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use rdkafka::Message;
 use serde_json::Value;
+use shared::bank_account::subject;
 use shared::kafka::Topics;
-use shared::registry::{COMPATIBILITY, SchemaRegistry, subject};
+use shared::registry::{COMPATIBILITY, SchemaRegistry};
 use shared::{Command, EventCodec};
 
 use crate::helpers::*;

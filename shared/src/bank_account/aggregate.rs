@@ -224,7 +224,7 @@ impl Aggregate for BankAccount {
     }
 
     fn register_upcasters(upcasters: &mut crate::upcast::Upcasters) {
-        upcasters.register_bank_account();
+        super::wire::register_upcasters(upcasters);
     }
 
     fn event_schema(event_type: &str, schema_version: u32) -> Option<Value> {

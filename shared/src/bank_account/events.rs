@@ -3,6 +3,8 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::aggregate::EventDataError;
+
 /// Something that happened to an account. Amounts are integer minor units.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -27,22 +29,6 @@ pub enum Event {
     },
     /// The account was closed.
     AccountClosed,
-}
-
-/// Event `data` that does not match its event type at the current schema version.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EventDataError {
-    /// The event type is not one of this aggregate's.
-    #[error("unknown event type `{0}`")]
-    UnknownType(String),
-    /// The data does not have the fields the event type requires.
-    #[error("invalid {event_type} data: {reason}")]
-    InvalidData {
-        /// The event type whose data was invalid.
-        event_type: String,
-        /// What serde said.
-        reason: String,
-    },
 }
 
 #[derive(Deserialize)]

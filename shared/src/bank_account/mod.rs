@@ -6,10 +6,13 @@
 mod aggregate;
 mod commands;
 mod events;
+mod wire;
 
+pub use crate::aggregate::EventDataError;
 pub use aggregate::{AccountStatus, BankAccount};
 pub use commands::{Command, Rejection, RejectionCode};
-pub use events::{Event, EventDataError};
+pub use events::Event;
+pub use wire::{current_schemas, json_schema, prepare, schema_name, subject};
 
 /// The `aggregate_type` written in every event envelope of this aggregate.
 pub const AGGREGATE_TYPE: &str = "BankAccount";

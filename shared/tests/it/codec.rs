@@ -117,7 +117,7 @@ fn commands_round_trip_and_malformed_ones_keep_their_id() {
 
 #[test]
 fn schemas_exist_for_every_current_event_type() {
-    let schemas = shared::codec::current_schemas();
+    let schemas = shared::bank_account::current_schemas();
     assert_eq!(schemas.len(), 4);
     for (name, schema) in schemas {
         assert!(

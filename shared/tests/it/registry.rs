@@ -6,8 +6,8 @@
 //! failure under `CI=true`.
 
 use serde_json::json;
-use shared::codec::json_schema;
-use shared::registry::{COMPATIBILITY, RegistryError, SchemaRegistry, prepare, subject};
+use shared::bank_account::{json_schema, prepare, subject};
+use shared::registry::{COMPATIBILITY, RegistryError, SchemaRegistry};
 use shared::testing::unique_name;
 
 fn registry_url() -> Option<String> {
