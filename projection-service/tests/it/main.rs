@@ -33,3 +33,4 @@ mod helpers;
 mod identity;
 mod projection;
 mod rebuild;
+mod upgrade;
