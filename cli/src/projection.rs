@@ -59,10 +59,23 @@ impl Projection {
                     "projection URL `{base_url}` is not an http:// URL like http://127.0.0.1:8090"
                 ))
             })?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = std::env::var("BANK_API_KEY")
+            .ok()
+            .filter(|k| !k.trim().is_empty())
+        {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim())).map_err(
+                    |_| CliError::Usage("BANK_API_KEY holds characters no header may".into()),
+                )?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT.min(timeout))
             .timeout(timeout)
             .user_agent(concat!("bank-cli/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
             .build()
             .map_err(|e| CliError::Unavailable(format!("cannot start an HTTP client: {e}")))?;
         Ok(Projection { base, http })
@@ -205,6 +218,11 @@ pub fn classify(base: &str, status: StatusCode, body: &[u8]) -> Result<Value, Cl
         (StatusCode::NOT_FOUND, Some("AccountNotFound")) => Err(CliError::NotFound(
             message.unwrap_or_else(|| "no such account".into()),
         )),
+        (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => Err(CliError::Usage(format!(
+            "the projection at {base} refused the key: {} (set BANK_API_KEY to a key with the \
+             scope this needs; see README, Security)",
+            message.unwrap_or_else(|| status.to_string())
+        ))),
         (StatusCode::BAD_REQUEST, _) => Err(CliError::Usage(format!(
             "the projection refused the query: {}",
             message.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Query, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,6 +20,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use shared::aggregate::DomainCommand;
+use shared::auth::{Caller, HttpAccess, Scope, host_check, scope_check};
 use shared::envelope::MalformedCommand;
 use shared::kafka::{Topics, canonical_partition};
 use shared::trace::{TRACEPARENT, TraceContext};
@@ -27,6 +29,9 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::engine::{RestoreTotals, Status};
 use crate::results::ResultWaiters;
+
+/// The metadata field naming who sent a command over HTTP (the API key's id).
+pub const PRINCIPAL: &str = "principal";
 
 /// Largest accepted request body.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -49,7 +54,9 @@ pub struct AppState {
     /// Metrics renderer.
     pub metrics: PrometheusHandle,
     /// Reads a command of the served aggregate type ([`read_command`]).
-    pub read_command: fn(&[u8]) -> Result<CheckedCommand, MalformedCommand>,
+    pub read_command: fn(&[u8], Option<&str>) -> Result<CheckedCommand, MalformedCommand>,
+    /// Who may call which route (`HTTP_API_KEYS_FILE`, the `Host` check).
+    pub access: HttpAccess,
 }
 
 /// An error answer: `{"error": {"code", "message"}}` with its status.
@@ -120,13 +127,23 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// The router with every route.
+/// The router with every route: `POST /commands` needs `commands:write`, `/metrics`
+/// `metrics:read`; `/health`, `/ready` and `/openapi.json` are public; every request passes the
+/// `Host` check.
 pub fn router(state: AppState) -> Router {
+    let access = state.access.clone();
+    let scoped = |scope: Scope| from_fn_with_state((access.clone(), scope), scope_check);
     Router::new()
-        .route("/commands", post(post_command))
+        .route(
+            "/commands",
+            post(post_command).route_layer(scoped(Scope::CommandsWrite)),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(metrics).route_layer(scoped(Scope::MetricsRead)),
+        )
         .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -137,6 +154,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(from_fn_with_state(access.clone(), host_check))
         .with_state(state)
 }
 
@@ -167,7 +185,15 @@ pub struct ApiDoc;
 
 /// The OpenAPI document as served.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut document = ApiDoc::openapi();
+    shared::auth::document_access(
+        &mut document,
+        &[
+            ("/commands", Scope::CommandsWrite),
+            ("/metrics", Scope::MetricsRead),
+        ],
+    );
+    document
 }
 
 /// `GET /openapi.json`: this API's OpenAPI 3 document.
@@ -356,14 +382,47 @@ pub struct CheckedCommand {
 }
 
 /// Reads a command of the served aggregate type (`C`), refusing what the engine would refuse
-/// as malformed.
-pub fn read_command<C: DomainCommand>(body: &[u8]) -> Result<CheckedCommand, MalformedCommand> {
-    let command = CommandMessage::<C>::parse(body)?;
+/// as malformed. `metadata.principal` becomes the caller's key id (`None`: no key, and nothing
+/// a client wrote under that name is kept).
+pub fn read_command<C: DomainCommand>(
+    body: &[u8],
+    principal: Option<&str>,
+) -> Result<CheckedCommand, MalformedCommand> {
+    let mut command = CommandMessage::<C>::parse(body)?;
+    match principal {
+        Some(id) => {
+            command
+                .metadata
+                .insert(PRINCIPAL.to_owned(), serde_json::Value::from(id));
+        }
+        None => {
+            command.metadata.remove(PRINCIPAL);
+        }
+    }
     Ok(CheckedCommand {
         command_id: command.command_id,
         bytes: command.to_bytes(),
         aggregate_id: command.aggregate_id,
     })
+}
+
+/// A body that is not declared `application/json` is refused (415 `UnsupportedMediaType`): a web
+/// page can send `text/plain` or a form without a preflight, never JSON.
+fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = declared.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the body must be sent as `Content-Type: application/json`, not `{declared}`"),
+        ))
+    }
 }
 
 /// `POST /commands`: produces the command and waits for its result.
@@ -377,6 +436,7 @@ pub fn read_command<C: DomainCommand>(body: &[u8]) -> Result<CheckedCommand, Mal
         (status = 400, description = "Malformed command or query string (`Malformed`, `InvalidQuery`)", body = ErrorBody),
         (status = 409, description = "Rejected: `VersionConflict`", body = schema::CommandResultJson),
         (status = 413, description = "Body larger than 64 KiB (`PayloadTooLarge`)", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `Content-Type: application/json` (`UnsupportedMediaType`)", body = ErrorBody),
         (status = 422, description = "Rejected by the account's rules", body = schema::CommandResultJson),
         (status = 503, description = "Kafka did not take the command (`KafkaUnavailable`): retry with the same command_id", body = ErrorBody),
         (status = 504, description = "No result in time (`Timeout`): the command is queued; retry with the same command_id", body = ErrorBody),
@@ -384,12 +444,15 @@ pub fn read_command<C: DomainCommand>(body: &[u8]) -> Result<CheckedCommand, Mal
 )]
 async fn post_command(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     params: Result<Query<WaitParams>, QueryRejection>,
     request_headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params?;
+    require_json(&request_headers)?;
     let body = body?;
+    let principal = caller.and_then(|Extension(c)| c.principal);
     // W3C Trace Context: continue the caller's trace, or start one; the command record carries
     // it and the response names it.
     let trace = request_headers
@@ -398,7 +461,7 @@ async fn post_command(
         .and_then(TraceContext::parse)
         .map_or_else(TraceContext::new_root, |parent| parent.child());
     let traceparent = trace.to_header();
-    let command = (state.read_command)(&body)
+    let command = (state.read_command)(&body, principal.as_deref())
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "Malformed", e.reason))?;
     let wait = params
         .timeout_ms

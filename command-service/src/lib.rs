@@ -186,6 +186,11 @@ pub async fn run_aggregate<A: Aggregate>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
+    let access = shared::auth::HttpAccess::for_listener(
+        &settings.http,
+        listener.local_addr()?,
+        "command-service",
+    )?;
     let counts = ensure_topics(
         &settings.kafka,
         &topic_specs(&settings),
@@ -237,6 +242,7 @@ pub async fn run_aggregate<A: Aggregate>(
         shutdown: stop.clone(),
         metrics,
         read_command: http::read_command::<A::Command>,
+        access,
     };
     tracing::info!(addr = %listener.local_addr()?, "command-service listening");
 

@@ -52,13 +52,31 @@
   }
 
   /** GET a JSON route; throws ApiError with the service's message (or a network message). */
-  async function api(path, signal) {
+  // With HTTP_API_KEYS_FILE the data routes need a key: asked for on the first 401 and kept
+  // for this tab only (sessionStorage), never in the page's address or in localStorage.
+  const KEY_ITEM = "bank-es.api-key";
+  let keyDeclined = false; // asked once and cancelled: the 401s are shown, not asked again
+
+  async function api(path, signal, asked) {
     let response;
+    const headers = { accept: "application/json" };
+    const key = sessionStorage.getItem(KEY_ITEM);
+    if (key) headers.authorization = "Bearer " + key;
     try {
-      response = await fetch(path, { headers: { accept: "application/json" }, signal });
+      response = await fetch(path, { headers, signal });
     } catch (e) {
       if (e.name === "AbortError") throw e;
       throw new ApiError(0, "Unreachable", "The projection-service cannot be reached (" + e.message + ").");
+    }
+    if ((response.status === 401 || response.status === 403) && !asked && !keyDeclined) {
+      const entered = window.prompt(response.status === 401
+        ? "This projection-service needs an API key (scope accounts:read):"
+        : "This key lacks the scope this page needs; another key:");
+      if (entered && entered.trim()) {
+        sessionStorage.setItem(KEY_ITEM, entered.trim());
+        return api(path, signal, true);
+      }
+      keyDeclined = true;
     }
     let body = null;
     try {

@@ -119,6 +119,10 @@ impl ReadModel for Accounts {
     fn routes() -> axum::Router<crate::http::AppState> {
         crate::http::account_routes()
     }
+
+    fn public_routes() -> axum::Router<crate::http::AppState> {
+        crate::http::explorer_routes()
+    }
 }
 
 async fn insert_events(

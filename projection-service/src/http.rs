@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -21,6 +22,7 @@ use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use shared::auth::{HttpAccess, Scope, host_check, scope_check};
 use shared::envelope::CURRENT_SCHEMA_VERSION;
 use shared::money::{format_minor, minor_digits};
 use shared::{EventCodec, EventEnvelope};
@@ -49,6 +51,8 @@ pub struct AppState {
     pub db: Database,
     /// The read model's live tables (`GET /status` counts their rows).
     pub tables: Tables,
+    /// Who may call which route (`HTTP_API_KEYS_FILE`, the `Host` check).
+    pub access: HttpAccess,
     /// Readiness and the commit signal.
     pub status: Arc<Status>,
     /// For downcasting events to old schema versions.
@@ -212,7 +216,20 @@ pub struct ApiDoc;
 
 /// The OpenAPI document as served.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut document = ApiDoc::openapi();
+    let read = Scope::AccountsRead;
+    shared::auth::document_access(
+        &mut document,
+        &[
+            ("/accounts", read),
+            ("/accounts/{id}", read),
+            ("/accounts/{id}/events", read),
+            ("/status", read),
+            ("/metrics", Scope::MetricsRead),
+            ("/dead-letters", Scope::Admin),
+        ],
+    );
+    document
 }
 
 /// `GET /openapi.json`: this API's OpenAPI 3 document.
@@ -223,26 +240,43 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(openapi())
 }
 
-/// The bank account's routes: `/accounts…` and the explorer page
-/// ([`crate::accounts::Accounts::routes`]).
+/// The bank account's query routes, `/accounts…` ([`crate::accounts::Accounts::routes`]).
 pub(crate) fn account_routes() -> Router<AppState> {
     Router::new()
         .route("/accounts", get(list_accounts))
         .route("/accounts/{id}", get(get_account))
         .route("/accounts/{id}/events", get(account_events))
+}
+
+/// The explorer page and its assets, public ([`crate::accounts::Accounts::public_routes`]).
+pub(crate) fn explorer_routes() -> Router<AppState> {
+    Router::new()
         .route("/", get(explorer::page))
         .route("/assets/explorer.js", get(explorer::script))
         .route("/assets/explorer.css", get(explorer::style))
 }
 
-/// The router with every route: the service's own and read model `M`'s.
+/// The router with every route: the service's own and read model `M`'s. The model's query
+/// routes and `/status` need `accounts:read`, `/metrics` `metrics:read`, `/dead-letters`
+/// `admin`; `/health`, `/ready`, `/openapi.json` and the model's public routes (the explorer's
+/// page) are public; every request passes the `Host` check.
 pub fn router<M: ReadModel>(state: AppState) -> Router {
+    let access = state.access.clone();
+    let scoped = |scope: Scope| from_fn_with_state((access.clone(), scope), scope_check);
     M::routes()
+        .route("/status", get(status))
+        .route_layer(scoped(Scope::AccountsRead))
+        .merge(M::public_routes())
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(render_metrics))
-        .route("/status", get(status))
-        .route("/dead-letters", get(dead_letters))
+        .route(
+            "/metrics",
+            get(render_metrics).route_layer(scoped(Scope::MetricsRead)),
+        )
+        .route(
+            "/dead-letters",
+            get(dead_letters).route_layer(scoped(Scope::Admin)),
+        )
         .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -253,6 +287,7 @@ pub fn router<M: ReadModel>(state: AppState) -> Router {
                 tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
             ),
         )
+        .layer(from_fn_with_state(access, host_check))
         .with_state(state)
 }
 

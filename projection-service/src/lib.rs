@@ -71,6 +71,9 @@ pub enum ServiceError {
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
+    /// Who may call the API cannot be settled (a bad keys file, open beyond loopback).
+    #[error(transparent)]
+    Access(#[from] shared::auth::AccessError),
     /// The consumer loop failed for good.
     #[error(transparent)]
     Projector(#[from] ProjectorError),
@@ -154,6 +157,11 @@ pub async fn run_model<M: ReadModel>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
+    let access = shared::auth::HttpAccess::for_listener(
+        &settings.http,
+        listener.local_addr()?,
+        "projection-service",
+    )?;
     let topics = Topics::new(&settings.topic_prefix);
     let topic = topics.events();
     ensure_projection_topics(&settings).await?;
@@ -180,6 +188,7 @@ pub async fn run_model<M: ReadModel>(
     let app = http::router::<M>(http::AppState {
         db: db.clone(),
         tables,
+        access,
         status: status.clone(),
         codec,
         metrics: metrics_handle.clone(),

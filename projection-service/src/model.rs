@@ -125,8 +125,14 @@ pub trait ReadModel: Send + Sync + 'static {
         changed: &[Stored<Self::Aggregate>],
     ) -> impl Future<Output = StoreResult<()>> + Send;
 
-    /// The model's query routes, merged into the service's router (none by default).
+    /// The model's query routes, merged into the service's router behind the `accounts:read`
+    /// scope (none by default).
     fn routes() -> axum::Router<AppState> {
+        axum::Router::new()
+    }
+
+    /// Routes anyone may fetch, such as a page and its assets (none by default). Never data.
+    fn public_routes() -> axum::Router<AppState> {
         axum::Router::new()
     }
 }

@@ -78,6 +78,8 @@ pub struct Settings {
     /// `PROJECTION_GROUP_ID`: the live projection's consumer group; unset, it derives from the
     /// read-model database's identity (`<prefix>.projection.<read_model_id>`).
     pub projection_group_id: Option<String>,
+    /// `HTTP_API_KEYS_FILE`, `HTTP_AUTH`, `HTTP_ALLOWED_HOSTS`: who may call the HTTP APIs.
+    pub http: crate::auth::HttpSettings,
 }
 
 impl Settings {
@@ -126,6 +128,7 @@ impl Settings {
             projection_stall_after: v.window("PROJECTION_STALL_AFTER", "30s")?,
             projection_unknown_schema_retry: v
                 .duration("PROJECTION_UNKNOWN_SCHEMA_RETRY", "30s")?,
+            http: v.http()?,
         })
     }
 }
@@ -143,6 +146,35 @@ impl Vars<'_> {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.trim().to_owned())
             .filter(|v| !v.is_empty())
+    }
+
+    /// `HTTP_API_KEYS_FILE`, `HTTP_AUTH` (unset, or `none`) and `HTTP_ALLOWED_HOSTS` (names
+    /// separated by commas).
+    fn http(&self) -> Result<crate::auth::HttpSettings, ConfigError> {
+        let auth_none = match self.get("HTTP_AUTH") {
+            None => false,
+            Some(v) if v == "none" => true,
+            Some(v) => {
+                return Err(invalid(
+                    "HTTP_AUTH",
+                    &v,
+                    "expected `none` (run without keys on purpose) or nothing",
+                ));
+            }
+        };
+        Ok(crate::auth::HttpSettings {
+            api_keys_file: self.get("HTTP_API_KEYS_FILE").map(Into::into),
+            auth_none,
+            allowed_hosts: self
+                .get("HTTP_ALLOWED_HOSTS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
     }
 
     fn text(&self, name: &str, default: &str) -> String {

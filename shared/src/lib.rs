@@ -1,6 +1,7 @@
 //! What both services and the CLI share.
 //!
 //! - [`aggregate`]: the decide/evolve seam every aggregate type implements; no I/O.
+//! - [`auth`]: who may call the HTTP APIs (API keys and scopes, the `Host` check).
 //! - [`bank_account`]: the domain — commands, events, rules (`handle`) and fold (`apply`); no I/O.
 //! - [`envelope`]: the messages of the wire contract (command, result, event envelope).
 //! - [`client`]: producing commands and waiting for their results (CLI, benchmarks).
@@ -17,6 +18,7 @@
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
 
 pub mod aggregate;
+pub mod auth;
 pub mod bank_account;
 pub mod client;
 pub mod codec;

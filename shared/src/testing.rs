@@ -281,3 +281,104 @@ pub async fn api_check(base_url: &str) -> ExternalCheck {
         },
     }
 }
+
+/// The secret of the key [`keys_file_per_scope`] writes for `scope`.
+pub fn secret_of(scope: crate::auth::Scope) -> String {
+    format!("secret-{}", scope.as_str().replace(':', "-"))
+}
+
+/// Writes `HTTP_API_KEYS_FILE` into `dir` with one key per scope (id `<scope>-key`, secret
+/// [`secret_of`]) and returns its path.
+pub fn keys_file_per_scope(dir: &std::path::Path) -> std::path::PathBuf {
+    use crate::auth::{Scope, hash_secret};
+    let path = dir.join("api-keys");
+    let mut text = String::from("# one key per scope, for tests\n");
+    for scope in Scope::ALL {
+        let id = format!("{}-key", scope.as_str().replace(':', "-"));
+        text.push_str(&format!(
+            "{id} {} {scope}\n",
+            hash_secret(&secret_of(scope))
+        ));
+    }
+    std::fs::write(&path, text).expect("write the keys file");
+    path
+}
+
+/// Checks every route of the OpenAPI document served at `base` (keys from
+/// [`keys_file_per_scope`]): without a key, 401 `Unauthenticated` with `WWW-Authenticate:
+/// Bearer`, unless public; with a key of another scope, 403 `Forbidden`; with its own scope,
+/// neither. `scopes` gives each documented path its scope (`None`: public); a documented path
+/// missing from it fails, so a new route cannot go out without a decision.
+pub async fn assert_every_route_guarded(base: &str, scopes: &[(&str, Option<crate::auth::Scope>)]) {
+    use crate::auth::Scope;
+    let http = reqwest::Client::new();
+    let document: serde_json::Value = http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .expect("GET /openapi.json")
+        .json()
+        .await
+        .expect("the OpenAPI document");
+    let paths = document["paths"].as_object().expect("paths");
+    assert!(!paths.is_empty());
+    for (path, operations) in paths {
+        let scope = scopes
+            .iter()
+            .find(|(p, _)| p == path)
+            .unwrap_or_else(|| panic!("{path} is documented but has no scope decided"))
+            .1;
+        let url = format!("{base}{}", path.replace("{id}", "x"));
+        for method in operations.as_object().expect("operations").keys() {
+            let send = |key: Option<String>| {
+                let mut request = match method.as_str() {
+                    "post" => http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body("{}"),
+                    _ => http.get(&url),
+                };
+                if let Some(secret) = key {
+                    request = request.bearer_auth(secret);
+                }
+                async move { request.send().await.expect("request") }
+            };
+            let anonymous = send(None).await;
+            let what = format!("{method} {path}");
+            match scope {
+                None => assert!(
+                    !matches!(anonymous.status().as_u16(), 401 | 403),
+                    "{what} is public but answered {}",
+                    anonymous.status()
+                ),
+                Some(scope) => {
+                    assert_eq!(anonymous.status().as_u16(), 401, "{what} without a key");
+                    assert_eq!(
+                        anonymous
+                            .headers()
+                            .get("www-authenticate")
+                            .and_then(|v| v.to_str().ok()),
+                        Some("Bearer"),
+                        "{what}"
+                    );
+                    let body: serde_json::Value = anonymous.json().await.expect("error body");
+                    assert_eq!(body["error"]["code"], "Unauthenticated", "{what}");
+                    let other = Scope::ALL
+                        .into_iter()
+                        .find(|s| *s != scope)
+                        .expect("a scope");
+                    let wrong = send(Some(secret_of(other))).await;
+                    assert_eq!(wrong.status().as_u16(), 403, "{what} with {other}");
+                    let body: serde_json::Value = wrong.json().await.expect("error body");
+                    assert_eq!(body["error"]["code"], "Forbidden", "{what}");
+                    let right = send(Some(secret_of(scope))).await;
+                    assert!(
+                        !matches!(right.status().as_u16(), 401 | 403),
+                        "{what} with {scope} answered {}",
+                        right.status()
+                    );
+                }
+            }
+        }
+    }
+}

@@ -98,12 +98,23 @@ async fn openapi_document_and_error_shape() {
         ),
         (
             "not JSON",
-            app.http.post(format!("{}/commands", app.url)).body("{"),
+            app.http
+                .post(format!("{}/commands", app.url))
+                .header("content-type", "application/json")
+                .body("{"),
             (400, "Malformed"),
         ),
         (
+            "not sent as JSON",
+            app.http.post(format!("{}/commands", app.url)).body("{}"),
+            (415, "UnsupportedMediaType"),
+        ),
+        (
             "too large",
-            app.http.post(format!("{}/commands", app.url)).body(long),
+            app.http
+                .post(format!("{}/commands", app.url))
+                .header("content-type", "application/json")
+                .body(long),
             (413, "PayloadTooLarge"),
         ),
         (

@@ -23,6 +23,7 @@ macro_rules! both_backends {
     };
 }
 
+mod access;
 mod api;
 mod contract;
 mod crash;
