@@ -281,14 +281,7 @@ fn spawn_server(
     })
 }
 
-/// The URL without its password, for logs.
+/// The URL without its password, for logs ([`shared::config::redact_url`]).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
+    shared::config::redact_url(url)
 }

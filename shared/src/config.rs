@@ -17,7 +17,8 @@ pub struct ConfigError {
 }
 
 /// How to reach Kafka: bootstrap servers plus librdkafka security settings passed through.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` hides the values of secret properties (passwords, keys, tokens).
+#[derive(Clone, PartialEq, Eq)]
 pub struct KafkaSettings {
     /// `KAFKA_BOOTSTRAP_SERVERS`, comma-separated `host:port`.
     pub bootstrap_servers: String,
@@ -26,8 +27,56 @@ pub struct KafkaSettings {
     pub passthrough: Vec<(String, String)>,
 }
 
-/// Every setting of both services and the CLI.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Whether a librdkafka property holds a secret (its value is never shown).
+fn is_secret_property(name: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "key.pem",
+        "token",
+        "oauthbearer.config",
+        "jaas",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<(&str, &str)> = self
+            .passthrough
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("passthrough", &shown)
+            .finish()
+    }
+}
+
+/// A URL with the password of its user info replaced by `***`, for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Every setting of both services and the CLI. `Debug` shows URLs without their passwords and
+/// Kafka's secret properties as `***`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Settings {
     /// Broker address and security.
     pub kafka: KafkaSettings,
@@ -82,6 +131,43 @@ pub struct Settings {
     pub http: crate::auth::HttpSettings,
 }
 
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("kafka", &self.kafka)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field(
+                "schema_registry_url",
+                &self.schema_registry_url.as_deref().map(redact_url),
+            )
+            .field(
+                "projection_database_url",
+                &redact_url(&self.projection_database_url),
+            )
+            .field("command_http_addr", &self.command_http_addr)
+            .field("projection_http_addr", &self.projection_http_addr)
+            .field("default_currency", &self.default_currency)
+            .field("instance_id", &self.instance_id)
+            .field("commit_interval", &self.commit_interval)
+            .field("snapshot_every", &self.snapshot_every)
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("checkpoint_piece", &self.checkpoint_piece)
+            .field("dedupe_window", &self.dedupe_window)
+            .field("command_state_dir", &self.command_state_dir)
+            .field("ready_stall_after", &self.ready_stall_after)
+            .field("projection_url", &redact_url(&self.projection_url))
+            .field("projection_stall_after", &self.projection_stall_after)
+            .field(
+                "projection_unknown_schema_retry",
+                &self.projection_unknown_schema_retry,
+            )
+            .field("projection_group_id", &self.projection_group_id)
+            .field("http", &self.http)
+            .finish()
+    }
+}
+
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -94,7 +180,7 @@ impl Settings {
         let v = Vars(vars);
         let kafka = KafkaSettings {
             bootstrap_servers: v.text("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"),
-            passthrough: v.kafka_passthrough(),
+            passthrough: v.kafka_passthrough()?,
         };
         let topic_prefix = v.topic_prefix()?;
         let partitions = v.partitions()?;
@@ -237,18 +323,28 @@ impl Vars<'_> {
         }
     }
 
-    /// `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*` and `KAFKA_SSL_*` as librdkafka properties.
-    fn kafka_passthrough(&self) -> Vec<(String, String)> {
-        self.0
-            .iter()
-            .filter_map(|(k, v)| {
-                let rest = k.strip_prefix("KAFKA_")?;
-                let wanted = rest == "SECURITY_PROTOCOL"
-                    || rest.starts_with("SASL_")
-                    || rest.starts_with("SSL_");
-                wanted.then(|| (rest.to_ascii_lowercase().replace('_', "."), v.clone()))
-            })
-            .collect()
+    /// `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*` and `KAFKA_SSL_*` as librdkafka properties. A
+    /// name ending in `_FILE` names a file holding the value (`KAFKA_SASL_PASSWORD_FILE` →
+    /// `sasl.password` read from that file, its trailing newline dropped).
+    fn kafka_passthrough(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut out = Vec::new();
+        for (k, v) in self.0 {
+            let Some(rest) = k.strip_prefix("KAFKA_") else {
+                continue;
+            };
+            let wanted = rest == "SECURITY_PROTOCOL"
+                || rest.starts_with("SASL_")
+                || rest.starts_with("SSL_");
+            if !wanted {
+                continue;
+            }
+            let (name, value) = match rest.strip_suffix("_FILE") {
+                Some(stem) => (stem, secret_file(k, v)?),
+                None => (rest, v.clone()),
+            };
+            out.push((name.to_ascii_lowercase().replace('_', "."), value));
+        }
+        Ok(out)
     }
 
     fn topic_prefix(&self) -> Result<String, ConfigError> {
@@ -279,14 +375,39 @@ impl Vars<'_> {
         {
             return Err(invalid(
                 "SCHEMA_REGISTRY_URL",
-                url,
+                &redact_url(url),
                 "expected an http:// or https:// URL",
             ));
         }
         Ok(url)
     }
 
+    /// `PROJECTION_DATABASE_URL`, with the password from `PROJECTION_DATABASE_PASSWORD_FILE`
+    /// when that is set (PostgreSQL).
     fn database_url(&self) -> Result<String, ConfigError> {
+        let url = self.database_url_text()?;
+        let Some(file) = self.get("PROJECTION_DATABASE_PASSWORD_FILE") else {
+            return Ok(url);
+        };
+        const NAME: &str = "PROJECTION_DATABASE_PASSWORD_FILE";
+        let password = secret_file(NAME, &file)?;
+        let mut parsed = reqwest::Url::parse(&url)
+            .ok()
+            .filter(|u| u.scheme().starts_with("postgres") && u.has_host())
+            .ok_or_else(|| {
+                invalid(
+                    NAME,
+                    &file,
+                    "a password file needs PROJECTION_DATABASE_URL=postgres://USER@HOST/DB",
+                )
+            })?;
+        parsed
+            .set_password(Some(&password))
+            .map_err(|()| invalid(NAME, &file, "the URL cannot take a password"))?;
+        Ok(parsed.to_string())
+    }
+
+    fn database_url_text(&self) -> Result<String, ConfigError> {
         let url = self.text("PROJECTION_DATABASE_URL", "sqlite://projection.db");
         if !["sqlite:", "postgres://", "postgresql://"]
             .iter()
@@ -294,7 +415,7 @@ impl Vars<'_> {
         {
             return Err(invalid(
                 "PROJECTION_DATABASE_URL",
-                &url,
+                &redact_url(&url),
                 "expected sqlite://FILE or postgres://USER@HOST/DB",
             ));
         }
@@ -320,6 +441,18 @@ impl Vars<'_> {
 
 fn is_http(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// The secret in the file `path` names (`var` is the variable, for the error), without its
+/// trailing newline. The error never shows the file's content.
+fn secret_file(var: &str, path: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path.trim())
+        .map(|text| text.trim_end_matches(['\n', '\r']).to_owned())
+        .map_err(|e| {
+            // Read once at start: naming a variable only known at run time costs a few bytes.
+            let var: &'static str = Box::leak(var.to_owned().into_boxed_str());
+            invalid(var, path, &format!("cannot read the secret file: {e}"))
+        })
 }
 
 fn invalid(var: &'static str, value: &str, reason: &str) -> ConfigError {
@@ -418,5 +551,50 @@ mod tests {
                 ("ssl.ca.location".to_string(), "/etc/ca.pem".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_show_in_debug() {
+        let dir = std::env::temp_dir().join(format!("secrets-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kafka = dir.join("kafka");
+        let db = dir.join("db");
+        std::fs::write(&kafka, "kafka-sentinel-5e1\n").unwrap();
+        std::fs::write(&db, "db sentinel/7e2\n").unwrap();
+        let s = Settings::from_vars(&vars(&[
+            ("KAFKA_SASL_USERNAME", "bank"),
+            ("KAFKA_SASL_PASSWORD_FILE", kafka.to_str().unwrap()),
+            ("PROJECTION_DATABASE_URL", "postgres://bank@db.local/bank"),
+            ("PROJECTION_DATABASE_PASSWORD_FILE", db.to_str().unwrap()),
+            (
+                "SCHEMA_REGISTRY_URL",
+                "http://user:registry-sentinel-9f3@registry:8081",
+            ),
+        ]))
+        .unwrap();
+        assert!(
+            s.kafka
+                .passthrough
+                .contains(&("sasl.password".into(), "kafka-sentinel-5e1".into()))
+        );
+        assert_eq!(
+            s.projection_database_url,
+            "postgres://bank:db%20sentinel%2F7e2@db.local/bank"
+        );
+        let shown = format!("{s:?} {s:#?}");
+        for secret in [
+            "kafka-sentinel",
+            "sentinel%2F7e2",
+            "db sentinel",
+            "registry-sentinel",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("sasl.username") && shown.contains("bank"));
+        let missing = Settings::from_vars(&vars(&[("KAFKA_SASL_PASSWORD_FILE", "/nonexistent")]))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("KAFKA_SASL_PASSWORD_FILE"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

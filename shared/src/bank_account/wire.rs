@@ -195,3 +195,190 @@ mod v2_to_v1 {
         Ok(())
     }
 }
+
+/// The bank account's steps through the upcasters (v1 ↔ v2, the seed's envelope shape).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::CURRENT_SCHEMA_VERSION;
+    use crate::upcast::UpcastError;
+
+    fn ctx() -> UpcastContext {
+        UpcastContext::default()
+    }
+
+    fn v1(event_type: &str, data: &str) -> Value {
+        serde_json::from_str(&format!(
+            r#"{{"id":"a6a3a450-6513-270e-269e-0d37f2a74de4","aggregate_id":"a","aggregate_type":"BankAccount",
+            "event_type":"{event_type}","data":{data},"metadata":{{}},"version":1,
+            "timestamp":"2025-03-01T00:01:00.098702"}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn steps_are_per_aggregate_type() {
+        let mut u = Upcasters::standard();
+        // Another type with an event of the same name and a step that always fails.
+        u.register_up("Other", "MoneyDeposited", 1, |_, _| {
+            Err(UpcastError::Invalid("the other type's step".into()))
+        });
+        let bank = u
+            .upcast(v1("MoneyDeposited", r#"{"amount": 1.5}"#), &ctx())
+            .unwrap();
+        assert_eq!(bank["data"]["amount_minor"], 150, "the bank's own step ran");
+        let mut other = v1("MoneyDeposited", r#"{"amount": 1.5}"#);
+        other["aggregate_type"] = json!("Other");
+        assert_eq!(
+            u.upcast(other, &ctx()),
+            Err(UpcastError::Invalid("the other type's step".into()))
+        );
+    }
+
+    #[test]
+    fn v1_envelope_is_normalised() {
+        let up = Upcasters::standard()
+            .upcast(v1("AccountClosed", "{}"), &ctx())
+            .unwrap();
+        assert_eq!(up["event_id"], "a6a3a450-6513-270e-269e-0d37f2a74de4");
+        assert_eq!(up["schema_version"], 2);
+        assert_eq!(up["timestamp"], "2025-03-01T00:01:00.098702+00:00");
+        assert!(up.get("id").is_none());
+    }
+
+    #[test]
+    fn v1_amounts_convert_exactly_in_any_number_form() {
+        let u = Upcasters::standard();
+        for (text, minor) in [
+            ("0.1", 10),
+            ("0.2", 20),
+            ("1e2", 10000),
+            ("2.5E-1", 25),
+            ("33.33", 3333),
+            ("7", 700),
+        ] {
+            let up = u
+                .upcast(
+                    v1("MoneyDeposited", &format!(r#"{{"amount":{text}}}"#)),
+                    &ctx(),
+                )
+                .unwrap();
+            assert_eq!(up["data"], json!({"amount_minor": minor}), "{text}");
+        }
+    }
+
+    #[test]
+    fn v1_amount_with_three_decimals_is_an_error_not_a_rounding() {
+        let err = Upcasters::standard()
+            .upcast(v1("MoneyWithdrawn", r#"{"amount":1.005}"#), &ctx())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UpcastError::Amount {
+                    field: "amount",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    // Regression (issue 9, defect 5): a v1 amount of `1e999999999999` aborted both services
+    // on every start; a negative one was upcast into a negative deposit or opening balance.
+    #[test]
+    fn v1_amounts_that_are_no_i64_of_minor_units_or_negative_are_errors() {
+        let u = Upcasters::standard();
+        let max = "92233720368547758.07";
+        let above = "92233720368547758.08";
+        let huge_mantissa = "9".repeat(10_000);
+        for (event_type, field, text) in [
+            ("MoneyDeposited", "amount", "1e999999999999"),
+            ("MoneyDeposited", "amount", "1e-999999999999"),
+            ("MoneyWithdrawn", "amount", huge_mantissa.as_str()),
+            ("MoneyDeposited", "amount", above),
+            ("MoneyDeposited", "amount", "-5.00"),
+            ("MoneyWithdrawn", "amount", "-0.01"),
+            ("AccountOpened", "initial_balance", "-5.00"),
+            ("AccountOpened", "initial_balance", "1e999999999999"),
+        ] {
+            let data = format!(r#"{{"name":"A","{field}":{text}}}"#);
+            let err = u.upcast(v1(event_type, &data), &ctx()).unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    UpcastError::Amount { field: f, .. } | UpcastError::NegativeAmount { field: f, .. }
+                        if *f == field
+                ),
+                "{event_type} {text}: {err}"
+            );
+        }
+        let up = u
+            .upcast(
+                v1("MoneyDeposited", &format!(r#"{{"amount":{max}}}"#)),
+                &ctx(),
+            )
+            .unwrap();
+        assert_eq!(up["data"], json!({"amount_minor": i64::MAX}));
+    }
+
+    #[test]
+    fn v1_open_gets_owner_and_default_currency() {
+        let ctx = UpcastContext {
+            currency: "EUR".into(),
+        };
+        let up = Upcasters::standard()
+            .upcast(
+                v1("AccountOpened", r#"{"name":"Zoë","initial_balance":50.5}"#),
+                &ctx,
+            )
+            .unwrap();
+        assert_eq!(
+            up["data"],
+            json!({"owner":"Zoë","currency":"EUR","initial_balance_minor":5050})
+        );
+    }
+
+    #[test]
+    fn unknown_type_at_old_version_has_no_step() {
+        let err = Upcasters::standard()
+            .upcast(v1("Frobnicated", "{}"), &ctx())
+            .unwrap_err();
+        assert!(matches!(err, UpcastError::NoStep { .. }));
+    }
+
+    #[test]
+    fn future_versions_are_refused() {
+        let mut env = v1("AccountClosed", "{}");
+        env["schema_version"] = json!(9);
+        assert_eq!(
+            Upcasters::standard().upcast(env, &ctx()),
+            Err(UpcastError::FromTheFuture(9, CURRENT_SCHEMA_VERSION))
+        );
+    }
+
+    #[test]
+    fn downcast_gives_the_seed_shape_back() {
+        let u = Upcasters::standard();
+        let original = v1(
+            "AccountOpened",
+            r#"{"name":"Alice","initial_balance":50.5}"#,
+        );
+        let current = u.upcast(original, &ctx()).unwrap();
+        let old = u.downcast(current.clone(), 1, &ctx()).unwrap();
+        assert_eq!(old["data"]["name"], "Alice");
+        assert_eq!(old["data"]["initial_balance"].to_string(), "50.50");
+        assert_eq!(old["id"], current["event_id"]);
+        assert!(old.get("schema_version").is_none());
+        // and back up again to the same current event
+        assert_eq!(u.upcast(old, &ctx()).unwrap(), current);
+    }
+
+    #[test]
+    fn subjects_follow_the_topic_record_name_strategy() {
+        assert_eq!(
+            subject("bank.events", "AccountOpened", 2),
+            "bank.events-BankAccount.AccountOpened.v2"
+        );
+    }
+}
