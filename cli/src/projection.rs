@@ -71,7 +71,19 @@ impl Projection {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = std::env::var("BANK_CA_FILE")
+            .ok()
+            .filter(|p| !p.trim().is_empty())
+        {
+            let pem = std::fs::read(path.trim())
+                .map_err(|e| CliError::Usage(format!("BANK_CA_FILE {path}: {e}")))?;
+            let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                CliError::Usage(format!("BANK_CA_FILE {path} is no PEM certificate: {e}"))
+            })?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let http = builder
             .connect_timeout(CONNECT_TIMEOUT.min(timeout))
             .timeout(timeout)
             .user_agent(concat!("bank-cli/", env!("CARGO_PKG_VERSION")))

@@ -191,6 +191,10 @@ pub async fn run_aggregate<A: Aggregate>(
         listener.local_addr()?,
         "command-service",
     )?;
+    let tls = match &settings.http.tls {
+        Some(files) => Some(shared::serve::tls_config(files).await?),
+        None => None,
+    };
     let counts = ensure_topics(
         &settings.kafka,
         &topic_specs(&settings),
@@ -256,9 +260,7 @@ pub async fn run_aggregate<A: Aggregate>(
             }
         }
     };
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(stopping)
-        .await?;
+    shared::serve::serve(listener, http::router(state), tls, stopping).await?;
 
     stop.trigger();
     listener_task.abort();

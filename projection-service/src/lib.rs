@@ -162,6 +162,10 @@ pub async fn run_model<M: ReadModel>(
         listener.local_addr()?,
         "projection-service",
     )?;
+    let tls = match &settings.http.tls {
+        Some(files) => Some(shared::serve::tls_config(files).await?),
+        None => None,
+    };
     let topics = Topics::new(&settings.topic_prefix);
     let topic = topics.events();
     ensure_projection_topics(&settings).await?;
@@ -198,7 +202,7 @@ pub async fn run_model<M: ReadModel>(
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %topic, %group, read_model_id = %identity.read_model_id, database = %redact(&settings.projection_database_url), "projection-service started");
-    let server = spawn_server(listener, app, stop.clone());
+    let server = spawn_server(listener, app, tls, stop.clone());
     let watermarks: Arc<BaseConsumer> = Arc::new(settings.kafka.client_config().create()?);
     let dead_letter_count = tokio::spawn(dlq::count_monitor(
         watermarks.clone(),
@@ -266,19 +270,16 @@ pub(crate) fn stop_on(shutdown: impl Future<Output = ()> + Send + 'static) -> Sh
     stop
 }
 
-/// Serves `app` on `listener` until the stop signal, then drains.
+/// Serves `app` on `listener` (over HTTPS with `tls`) until the stop signal, then drains.
 fn spawn_server(
     listener: TcpListener,
     app: axum::Router,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
     stop: Shutdown,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                stop.wait().await;
-            })
-            .await
-    })
+    tokio::spawn(shared::serve::serve(listener, app, tls, async move {
+        stop.wait().await;
+    }))
 }
 
 /// The URL without its password, for logs ([`shared::config::redact_url`]).

@@ -219,6 +219,8 @@ pub struct HttpSettings {
     /// `HTTP_ALLOWED_HOSTS`: extra `Host` names accepted besides localhost, 127.0.0.1, [::1]
     /// and the bound address.
     pub allowed_hosts: Vec<String>,
+    /// `HTTP_TLS_CERT_FILE` and `HTTP_TLS_KEY_FILE`: HTTPS only on the listener.
+    pub tls: Option<crate::serve::TlsFiles>,
 }
 
 /// Why a service will not serve its listener.

@@ -248,7 +248,32 @@ impl Vars<'_> {
                 ));
             }
         };
+        let tls = match (
+            self.get("HTTP_TLS_CERT_FILE"),
+            self.get("HTTP_TLS_KEY_FILE"),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(crate::serve::TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            (Some(cert), None) => {
+                return Err(invalid(
+                    "HTTP_TLS_KEY_FILE",
+                    "",
+                    &format!("HTTP_TLS_CERT_FILE is {cert}: HTTPS needs the key file too"),
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(invalid(
+                    "HTTP_TLS_CERT_FILE",
+                    "",
+                    &format!("HTTP_TLS_KEY_FILE is {key}: HTTPS needs the certificate file too"),
+                ));
+            }
+        };
         Ok(crate::auth::HttpSettings {
+            tls,
             api_keys_file: self.get("HTTP_API_KEYS_FILE").map(Into::into),
             auth_none,
             allowed_hosts: self

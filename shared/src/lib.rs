@@ -13,6 +13,7 @@
 //! - [`config`]: typed settings from the environment.
 //! - [`dlq`]: reading the dead-letter topic back (explorer, `bank dlq`).
 //! - [`kafka`]: topic names, the canonical partitioner, client configuration, topic creation.
+//! - [`serve`]: serving a router over HTTP or HTTPS with a graceful stop.
 //! - [`runtime`]: tracing, shutdown signal and Prometheus recorder for the binaries.
 //! - [`trace`]: W3C `traceparent` carried on commands, events and results.
 //! - [`testing`]: the given/when/then harness and integration-test helpers.
@@ -29,6 +30,7 @@ pub mod kafka;
 pub mod money;
 pub mod registry;
 pub mod runtime;
+pub mod serve;
 pub mod shutdown;
 pub mod testing;
 pub mod trace;

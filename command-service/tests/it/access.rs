@@ -79,3 +79,63 @@ async fn every_route_needs_its_scope_and_commands_record_the_key() {
     assert_eq!(body["error"]["code"], "ForeignHost");
     app.stop().await;
 }
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written as PEM files into `dir`.
+fn self_signed(dir: &std::path::Path) -> (shared::serve::TlsFiles, reqwest::Certificate) {
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let rcgen::CertifiedKey { cert, key_pair } = rcgen::generate_simple_self_signed(names).unwrap();
+    let files = shared::serve::TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key_pair.serialize_pem()).unwrap();
+    (
+        files,
+        reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_the_api_speaks_https_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, ca) = self_signed(dir.path());
+    let mut settings = shared::testing::test_settings(1);
+    settings.http.tls = Some(files);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(command_service::run(settings, listener, async {
+        let _ = stopped.await;
+    }));
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let health = loop {
+        match trusting
+            .get(format!("https://127.0.0.1:{port}/health"))
+            .send()
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no HTTPS answer: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(health.status().as_u16(), 200);
+    // Plain HTTP on the same port gets no answer, and a client that does not trust the
+    // certificate refuses it.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/health")).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    let untrusting = reqwest::get(format!("https://127.0.0.1:{port}/health")).await;
+    assert!(
+        untrusting.is_err(),
+        "a self-signed certificate is not trusted by default"
+    );
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+}

@@ -1,0 +1,68 @@
+//! Serving a service's router on its listener: plain HTTP, or HTTPS only when
+//! `HTTP_TLS_CERT_FILE` and `HTTP_TLS_KEY_FILE` are set (rustls through `axum-server`), with the
+//! same graceful stop either way (in-flight requests finish, new connections are refused).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+/// The certificate chain and key of an HTTPS listener (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `HTTP_TLS_CERT_FILE`: the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// `HTTP_TLS_KEY_FILE`: its private key.
+    pub key: PathBuf,
+}
+
+/// How long in-flight requests get to finish once the stop is asked for, over HTTPS.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// Loads the TLS configuration, so that a bad file stops the start (before anything else
+/// runs) with a message naming it.
+pub async fn tls_config(
+    files: &TlsFiles,
+) -> std::io::Result<axum_server::tls_rustls::RustlsConfig> {
+    // Several crypto back-ends are linked in (through other crates): name the one to use.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "HTTP_TLS_CERT_FILE {} / HTTP_TLS_KEY_FILE {}: {e}",
+                    files.cert.display(),
+                    files.key.display()
+                ),
+            )
+        })
+}
+
+/// Serves `app` on `listener` until `stop` resolves, then drains: over HTTPS with `tls`,
+/// plain HTTP without.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let Some(config) = tls else {
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await;
+    };
+    let handle = axum_server::Handle::new();
+    let draining = handle.clone();
+    tokio::spawn(async move {
+        stop.await;
+        draining.graceful_shutdown(Some(GRACE));
+    });
+    axum_server::from_tcp_rustls(listener.into_std()?, config)?
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
+}
