@@ -897,9 +897,9 @@ pub struct DeadLetterPage {
     pub next: Option<String>,
 }
 
-/// How many `GET /dead-letters` read the topic at once (each has a Kafka client of its own);
-/// more wait their turn.
-const DEAD_LETTER_READERS: usize = 4;
+/// How many `GET /dead-letters` read the topic at once (each has a Kafka client of its own):
+/// one, an admin's tool; more wait their turn.
+const DEAD_LETTER_READERS: usize = 1;
 
 /// `GET /dead-letters?limit=N&before=CURSOR`: the newest dead letters with their reasons, a page
 /// at a time.

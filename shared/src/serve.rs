@@ -1,6 +1,8 @@
-//! Serving a service's router on its listener: plain HTTP, or HTTPS only when
-//! `HTTP_TLS_CERT_FILE` and `HTTP_TLS_KEY_FILE` are set (rustls through `axum-server`), with the
-//! same graceful stop either way (in-flight requests finish, new connections are refused).
+//! Serving a service's router on its listener (through `axum-server`): plain HTTP, or HTTPS only
+//! when `HTTP_TLS_CERT_FILE` and `HTTP_TLS_KEY_FILE` are set (rustls), with the same graceful
+//! stop either way (in-flight requests finish, new connections are refused) and a bound on how
+//! long a client may take to send its request headers (a slow client holds no connection open
+//! for ever).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -18,8 +20,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// How long in-flight requests get to finish once the stop is asked for, over HTTPS.
-const GRACE: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Loads the TLS configuration, so that a bad file stops the start (before anything else
 /// runs) with a message naming it.
@@ -42,27 +44,38 @@ pub async fn tls_config(
         })
 }
 
-/// Serves `app` on `listener` until `stop` resolves, then drains: over HTTPS with `tls`,
-/// plain HTTP without.
+/// Serves `app` on `listener` until `stop` resolves, then drains (every in-flight request
+/// finishes, as long as it takes): over HTTPS with `tls`, plain HTTP without.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<axum_server::tls_rustls::RustlsConfig>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let Some(config) = tls else {
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await;
-    };
     let handle = axum_server::Handle::new();
     let draining = handle.clone();
     tokio::spawn(async move {
         stop.await;
-        draining.graceful_shutdown(Some(GRACE));
+        draining.graceful_shutdown(None);
     });
-    axum_server::from_tcp_rustls(listener.into_std()?, config)?
-        .handle(handle)
-        .serve(app.into_make_service())
-        .await
+    let listener = listener.into_std()?;
+    let service = app.into_make_service();
+    match tls {
+        None => {
+            let mut server = axum_server::from_tcp(listener)?.handle(handle);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            server.serve(service).await
+        }
+        Some(config) => {
+            let mut server = axum_server::from_tcp_rustls(listener, config)?.handle(handle);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            server.serve(service).await
+        }
+    }
 }

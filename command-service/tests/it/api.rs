@@ -171,19 +171,30 @@ async fn metrics_pass_promtool() {
         (422, &"InsufficientFunds".into()),
         "{body}"
     );
-    let r = app
-        .http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain; version=0.0.4")
-    );
-    let text = r.text().await.unwrap();
+    // The engine counts a command once its transaction committed, which may be a moment after
+    // the result reached the caller: wait for the count.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let r = app
+            .http
+            .get(format!("{}/metrics", app.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        let text = r.text().await.unwrap();
+        if text.contains("commands_total{outcome=\"insufficient_funds\"}")
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     for expected in [
         "# HELP commands_total ",
         "# TYPE commands_total counter",
