@@ -21,7 +21,7 @@ pub struct TlsFiles {
 }
 
 /// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Loads the TLS configuration, so that a bad file stops the start (before anything else
 /// runs) with a message naming it.
