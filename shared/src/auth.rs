@@ -221,6 +221,9 @@ pub struct HttpSettings {
     pub allowed_hosts: Vec<String>,
     /// `HTTP_TLS_CERT_FILE` and `HTTP_TLS_KEY_FILE`: HTTPS only on the listener.
     pub tls: Option<crate::serve::TlsFiles>,
+    /// `HTTP_RATE_LIMIT`: requests per second each key may make (bursts up to as many); 0 in
+    /// `Default`, which the settings never give (their default is 1000).
+    pub rate_limit: u32,
 }
 
 /// Why a service will not serve its listener.
@@ -259,6 +262,8 @@ pub enum Denied {
     Forbidden(Scope),
     /// A `Host` this service does not answer to (a DNS-rebinding page, a misrouted request).
     ForeignHost(String),
+    /// The key made more requests than `HTTP_RATE_LIMIT` allows: try again after this long.
+    TooManyRequests(std::time::Duration),
 }
 
 impl Denied {
@@ -268,6 +273,7 @@ impl Denied {
             Denied::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Denied::Forbidden(_) => StatusCode::FORBIDDEN,
             Denied::ForeignHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            Denied::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -277,6 +283,7 @@ impl Denied {
             Denied::Unauthenticated(_) => "Unauthenticated",
             Denied::Forbidden(_) => "Forbidden",
             Denied::ForeignHost(_) => "ForeignHost",
+            Denied::TooManyRequests(_) => "TooManyRequests",
         }
     }
 
@@ -288,6 +295,11 @@ impl Denied {
                 "this service does not answer to Host `{host}` (HTTP_ALLOWED_HOSTS lists the \
                  names it does)"
             ),
+            Denied::TooManyRequests(wait) => format!(
+                "this key made more requests per second than HTTP_RATE_LIMIT allows; retry in \
+                 {} ms",
+                wait.as_millis()
+            ),
         }
     }
 }
@@ -296,20 +308,43 @@ impl IntoResponse for Denied {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code(), "message": self.message()}});
         let mut response = (self.status(), axum::Json(body)).into_response();
-        if matches!(self, Denied::Unauthenticated(_)) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self {
+            Denied::Unauthenticated(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Denied::TooManyRequests(wait) => {
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            }
+            _ => {}
         }
         response
     }
 }
 
-/// The access rules of one listener: its keys (none: open) and the `Host` names it answers to.
-#[derive(Debug, Clone)]
+/// Requests per key and second ([`governor`]'s keyed GCRA limiter).
+type KeyLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+/// The access rules of one listener: its keys (none: open), each key's rate limit, and the
+/// `Host` names it answers to.
+#[derive(Clone)]
 pub struct HttpAccess {
     keys: Option<Arc<ApiKeys>>,
+    limiter: Option<Arc<KeyLimiter>>,
     hosts: Arc<Vec<String>>,
+}
+
+impl std::fmt::Debug for HttpAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpAccess")
+            .field("keys", &self.keys)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The name part of a `Host` value, lower-cased: `[::1]:80` → `[::1]`, `a:80` → `a`.
@@ -356,8 +391,12 @@ impl HttpAccess {
             .collect();
         hosts.push(host_name(&addr.to_string()));
         hosts.extend(settings.allowed_hosts.iter().map(|h| host_name(h)));
+        let limiter = std::num::NonZeroU32::new(settings.rate_limit)
+            .filter(|_| keys.is_some())
+            .map(|n| Arc::new(KeyLimiter::keyed(governor::Quota::per_second(n))));
         Ok(HttpAccess {
             keys,
+            limiter,
             hosts: Arc::new(hosts),
         })
     }
@@ -413,13 +452,19 @@ impl HttpAccess {
         let key = keys
             .find(secret)
             .ok_or(Denied::Unauthenticated("unknown API key"))?;
-        if key.scopes.contains(&scope) {
-            Ok(Caller {
-                principal: Some(key.id.clone()),
-            })
-        } else {
-            Err(Denied::Forbidden(scope))
+        if !key.scopes.contains(&scope) {
+            return Err(Denied::Forbidden(scope));
         }
+        if let Some(limiter) = &self.limiter
+            && let Err(not_until) = limiter.check_key(&key.id)
+        {
+            use governor::clock::{Clock, DefaultClock};
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(Denied::TooManyRequests(wait));
+        }
+        Ok(Caller {
+            principal: Some(key.id.clone()),
+        })
     }
 }
 
@@ -543,6 +588,7 @@ mod tests {
         let settings = HttpSettings {
             api_keys_file: Some(dir.clone()),
             allowed_hosts: vec!["bank.example".into()],
+            rate_limit: 2,
             ..HttpSettings::default()
         };
         let access =
@@ -571,6 +617,20 @@ mod tests {
             access.authorize(&HeaderMap::new(), Scope::AccountsRead),
             Err(Denied::Unauthenticated(_))
         ));
+        // Two a second per key: a third at once is refused, with the time to wait.
+        assert!(
+            access
+                .authorize(&with("Bearer r"), Scope::AccountsRead)
+                .is_ok()
+        );
+        let refused = access.authorize(&with("Bearer r"), Scope::AccountsRead);
+        let Err(Denied::TooManyRequests(wait)) = refused else {
+            panic!("{refused:?}")
+        };
+        assert!(wait <= std::time::Duration::from_secs(1), "{wait:?}");
+        let answer = Denied::TooManyRequests(wait).into_response();
+        assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(answer.headers()[header::RETRY_AFTER], "1");
         let request = |host: &str| {
             axum::http::Request::builder()
                 .header(header::HOST, host)

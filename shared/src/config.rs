@@ -272,8 +272,11 @@ impl Vars<'_> {
                 ));
             }
         };
+        let rate_limit =
+            u32::try_from(self.positive("HTTP_RATE_LIMIT", "1000")?).unwrap_or(u32::MAX);
         Ok(crate::auth::HttpSettings {
             tls,
+            rate_limit,
             api_keys_file: self.get("HTTP_API_KEYS_FILE").map(Into::into),
             auth_none,
             allowed_hosts: self
