@@ -191,10 +191,7 @@ pub async fn run_aggregate<A: Aggregate>(
         listener.local_addr()?,
         "command-service",
     )?;
-    let tls = match &settings.http.tls {
-        Some(files) => Some(shared::serve::tls_config(files).await?),
-        None => None,
-    };
+    let tls = shared::serve::tls_config(&settings.http).await?;
     let counts = ensure_topics(
         &settings.kafka,
         &topic_specs(&settings),

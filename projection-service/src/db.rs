@@ -106,10 +106,10 @@ pub struct Tables {
     pub offsets: String,
     /// Events that arrived after a version gap, kept aside until the gap is filled.
     pub parked: String,
-    /// The read model's tables, in [`ReadModel::TABLES`] order; the first is its state table.
-    model: Vec<String>,
-    /// The table counted as `events` in `GET /status`.
-    history: Option<String>,
+    /// The read model's base names ([`ReadModel::TABLES`]); the first is its state table.
+    bases: &'static [&'static str],
+    /// The base name of the table counted as `events` in `GET /status`.
+    history: Option<&'static str>,
 }
 
 /// The machinery's offsets table (live name).
@@ -119,12 +119,16 @@ pub const PARKED_TABLE: &str = "parked_events";
 
 impl Tables {
     fn with_suffix<M: ReadModel>(suffix: &str) -> Self {
+        Self::named(M::TABLES, M::HISTORY_TABLE, suffix)
+    }
+
+    fn named(bases: &'static [&'static str], history: Option<&'static str>, suffix: &str) -> Self {
         Tables {
             suffix: suffix.to_owned(),
             offsets: format!("{OFFSETS_TABLE}{suffix}"),
             parked: format!("{PARKED_TABLE}{suffix}"),
-            model: M::TABLES.iter().map(|t| format!("{t}{suffix}")).collect(),
-            history: M::HISTORY_TABLE.map(|t| format!("{t}{suffix}")),
+            bases,
+            history,
         }
     }
 
@@ -140,14 +144,7 @@ impl Tables {
 
     /// The same set under another suffix.
     fn resuffixed(&self, suffix: &str) -> Self {
-        let rename = |t: &str| format!("{}{suffix}", t.strip_suffix(&self.suffix).unwrap_or(t));
-        Tables {
-            suffix: suffix.to_owned(),
-            offsets: rename(&self.offsets),
-            parked: rename(&self.parked),
-            model: self.model.iter().map(|t| rename(t)).collect(),
-            history: self.history.as_deref().map(rename),
-        }
+        Self::named(self.bases, self.history, suffix)
     }
 
     /// The name in this set of the read model's table `base` (one of [`ReadModel::TABLES`]).
@@ -156,15 +153,15 @@ impl Tables {
     }
 
     /// The read model's state table (one row per aggregate, `id` and `version` columns).
-    fn state(&self) -> &str {
-        self.model.first().map_or("", String::as_str)
+    fn state(&self) -> String {
+        self.model(self.bases.first().copied().unwrap_or(""))
     }
 
     /// Every table of the set, the read model's first (the order the projector locks them in).
-    fn all(&self) -> Vec<&str> {
-        let mut all: Vec<&str> = self.model.iter().map(String::as_str).collect();
-        all.push(&self.offsets);
-        all.push(&self.parked);
+    fn all(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.bases.iter().map(|b| self.model(b)).collect();
+        all.push(self.offsets.clone());
+        all.push(self.parked.clone());
         all
     }
 
@@ -592,7 +589,7 @@ impl Database {
         let mut tx = self.begin_write().await?;
         if self.backend == Backend::Postgres {
             // Take every lock up front, in the order the projector takes them: no deadlock.
-            let mut names: Vec<&str> = live.all();
+            let mut names = live.all();
             names.extend(from.all());
             tx.execute(
                 format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", names.join(", ")).as_str(),
@@ -626,7 +623,7 @@ impl Database {
             tx.rollback().await?;
             return Ok(Swap::AccountsBehind(back));
         }
-        for ((old, new), gone) in live.all().iter().zip(from.all()).zip(retired.all()) {
+        for ((old, new), gone) in live.all().into_iter().zip(from.all()).zip(retired.all()) {
             tx.execute(format!("ALTER TABLE {old} RENAME TO {gone}").as_str())
                 .await?;
             tx.execute(format!("ALTER TABLE {new} RENAME TO {old}").as_str())
@@ -900,9 +897,9 @@ impl Database {
             }
         };
         Ok(RowCounts {
-            accounts: count(tables.state()).await?,
-            events: match &tables.history {
-                Some(history) => count(history).await?,
+            accounts: count(&tables.state()).await?,
+            events: match tables.history {
+                Some(history) => count(&tables.model(history)).await?,
                 None => 0,
             },
             parked: count(&tables.parked).await?,

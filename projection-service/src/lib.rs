@@ -162,10 +162,7 @@ pub async fn run_model<M: ReadModel>(
         listener.local_addr()?,
         "projection-service",
     )?;
-    let tls = match &settings.http.tls {
-        Some(files) => Some(shared::serve::tls_config(files).await?),
-        None => None,
-    };
+    let tls = shared::serve::tls_config(&settings.http).await?;
     let topics = Topics::new(&settings.topic_prefix);
     let topic = topics.events();
     ensure_projection_topics(&settings).await?;

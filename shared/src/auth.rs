@@ -401,11 +401,6 @@ impl HttpAccess {
         })
     }
 
-    /// Whether keys are required.
-    pub fn has_keys(&self) -> bool {
-        self.keys.is_some()
-    }
-
     /// Refuses a request whose `Host` (or HTTP/2 authority) names none of this listener's hosts:
     /// `localhost`, the bound address, `HTTP_ALLOWED_HOSTS`, or any IP address (a DNS-rebinding
     /// page always sends its own domain name).
@@ -658,7 +653,7 @@ mod tests {
     fn without_keys_only_loopback_or_an_explicit_choice_runs_open() {
         let open = HttpSettings::default();
         let loopback = HttpAccess::for_listener(&open, "127.0.0.1:1".parse().unwrap(), "t");
-        assert!(!loopback.unwrap().has_keys());
+        assert!(loopback.unwrap().keys.is_none());
         let wide = HttpAccess::for_listener(&open, "0.0.0.0:1".parse().unwrap(), "t");
         assert!(wide.unwrap_err().to_string().contains("HTTP_API_KEYS_FILE"));
         let chosen = HttpSettings {

@@ -9,7 +9,7 @@ use std::time::Duration;
 #[error("{var}={value:?} is invalid: {reason}")]
 pub struct ConfigError {
     /// The environment variable.
-    pub var: &'static str,
+    pub var: std::borrow::Cow<'static, str>,
     /// Its value.
     pub value: String,
     /// What was expected.
@@ -477,15 +477,21 @@ fn secret_file(var: &str, path: &str) -> Result<String, ConfigError> {
     std::fs::read_to_string(path.trim())
         .map(|text| text.trim_end_matches(['\n', '\r']).to_owned())
         .map_err(|e| {
-            // Read once at start: naming a variable only known at run time costs a few bytes.
-            let var: &'static str = Box::leak(var.to_owned().into_boxed_str());
-            invalid(var, path, &format!("cannot read the secret file: {e}"))
+            invalid(
+                var.to_owned(),
+                path,
+                &format!("cannot read the secret file: {e}"),
+            )
         })
 }
 
-fn invalid(var: &'static str, value: &str, reason: &str) -> ConfigError {
+fn invalid(
+    var: impl Into<std::borrow::Cow<'static, str>>,
+    value: &str,
+    reason: &str,
+) -> ConfigError {
     ConfigError {
-        var,
+        var: var.into(),
         value: value.to_owned(),
         reason: reason.to_owned(),
     }

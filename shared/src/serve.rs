@@ -23,15 +23,19 @@ pub struct TlsFiles {
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Loads the TLS configuration, so that a bad file stops the start (before anything else
-/// runs) with a message naming it.
+/// Loads the TLS configuration `settings` ask for (`None`: plain HTTP), so that a bad file stops
+/// the start (before anything else runs) with a message naming it.
 pub async fn tls_config(
-    files: &TlsFiles,
-) -> std::io::Result<axum_server::tls_rustls::RustlsConfig> {
+    settings: &crate::auth::HttpSettings,
+) -> std::io::Result<Option<axum_server::tls_rustls::RustlsConfig>> {
+    let Some(files) = &settings.tls else {
+        return Ok(None);
+    };
     // Several crypto back-ends are linked in (through other crates): name the one to use.
     let _ = rustls::crypto::ring::default_provider().install_default();
     axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
         .await
+        .map(Some)
         .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
@@ -59,23 +63,25 @@ pub async fn serve(
         draining.graceful_shutdown(None);
     });
     let listener = listener.into_std()?;
-    let service = app.into_make_service();
+    let app = app.into_make_service();
     match tls {
         None => {
             let mut server = axum_server::from_tcp(listener)?.handle(handle);
-            server
-                .http_builder()
-                .http1()
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            server.serve(service).await
+            bound_header_reads(&mut server);
+            server.serve(app).await
         }
         Some(config) => {
             let mut server = axum_server::from_tcp_rustls(listener, config)?.handle(handle);
-            server
-                .http_builder()
-                .http1()
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            server.serve(service).await
+            bound_header_reads(&mut server);
+            server.serve(app).await
         }
     }
+}
+
+/// A client gets [`HEADER_READ_TIMEOUT`] to send its request headers.
+fn bound_header_reads<Acceptor>(server: &mut axum_server::Server<std::net::SocketAddr, Acceptor>) {
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(HEADER_READ_TIMEOUT);
 }
