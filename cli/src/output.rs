@@ -161,6 +161,34 @@ pub fn history(events: &[EventEnvelope]) -> String {
                 (Some(-amount_minor), String::new())
             }
             Ok(Event::AccountClosed) => (None, String::new()),
+            Ok(Event::TransferDebited(leg)) => {
+                balance = balance.saturating_sub(leg.amount_minor);
+                (
+                    Some(-leg.amount_minor),
+                    format!("transfer {} to {}", leg.transfer_id, leg.to),
+                )
+            }
+            Ok(Event::TransferCredited(leg)) => {
+                balance = balance.saturating_add(leg.amount_minor);
+                (
+                    Some(leg.amount_minor),
+                    format!("transfer {} from {}", leg.transfer_id, leg.from),
+                )
+            }
+            Ok(Event::TransferRefunded(leg)) => {
+                balance = balance.saturating_add(leg.amount_minor);
+                (
+                    Some(leg.amount_minor),
+                    format!(
+                        "transfer {} refunded ({})",
+                        leg.transfer_id,
+                        leg.reason.as_deref().unwrap_or("failed")
+                    ),
+                )
+            }
+            Ok(Event::TransferSettled(leg)) => {
+                (None, format!("transfer {} completed", leg.transfer_id))
+            }
             Err(err) => (None, err.to_string()),
         };
         let money = |minor: i64| {

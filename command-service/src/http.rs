@@ -389,6 +389,16 @@ pub fn read_command<C: DomainCommand>(
     principal: Option<&str>,
 ) -> Result<CheckedCommand, MalformedCommand> {
     let mut command = CommandMessage::<C>::parse(body)?;
+    let type_name = command.command.type_name();
+    if C::INTERNAL.contains(&type_name) {
+        return Err(MalformedCommand {
+            command_id: Some(command.command_id),
+            aggregate_id: Some(command.aggregate_id),
+            reason: format!(
+                "{type_name} is a step of a workflow: only the command-service sends it"
+            ),
+        });
+    }
     match principal {
         Some(id) => {
             command

@@ -28,7 +28,7 @@ use anyhow::Context;
 use shared::aggregate::Aggregate;
 use shared::kafka::{RetentionFloor, TopicSpec, Topics, check_copartitioned, ensure_topics};
 use shared::shutdown::Shutdown;
-use shared::{BankAccount, EventCodec, Settings};
+use shared::{Bank, EventCodec, Settings};
 use tokio::net::TcpListener;
 
 /// How much longer than the dedupe window a new results topic keeps its records.
@@ -168,14 +168,14 @@ async fn start<A: Aggregate>() -> anyhow::Result<()> {
     run_aggregate::<A>(settings, listener, shared::runtime::shutdown_signal()).await
 }
 
-/// Runs the service for bank accounts until `shutdown` resolves or the engine stops on a fatal
+/// Runs the service for the bank (accounts and the transfers between them) until `shutdown` resolves or the engine stops on a fatal
 /// error.
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    run_aggregate::<BankAccount>(settings, listener, shutdown).await
+    run_aggregate::<Bank>(settings, listener, shutdown).await
 }
 
 /// Runs the service for the aggregate type `A` (its commands on `<prefix>.commands`, its events

@@ -2,5 +2,5 @@
 
 #[tokio::main]
 async fn main() {
-    command_service::main_for::<shared::BankAccount>("command-service").await;
+    command_service::main_for::<shared::Bank>("command-service").await;
 }

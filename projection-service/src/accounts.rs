@@ -1,13 +1,16 @@
-//! The bank account's read model: the `accounts` table (one row per account, its current
-//! state) and `account_events` (every applied event with the state after it, for history and
-//! queries as of a version or a time), and the queries of the account routes. The machinery
-//! folds the events ([`shared::BankAccount`] is the aggregate); this module only stores and reads.
+//! The bank's read model: the `accounts` table (one row per account, its current state),
+//! `account_events` (every applied account event with the state after it, for history and
+//! queries as of a version or a time), `transfers` (one row per transfer) and `transfer_steps`
+//! (every event of a transfer's workflow, on the transfer or on its accounts), and the queries
+//! of the account routes ([`crate::transfers`] has the transfer routes). The machinery folds the
+//! events ([`shared::Bank`] is the aggregate); this module only stores and reads.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use shared::bank_account::{MAX_TEXT_BYTES, check_text};
-use shared::{AccountStatus, BankAccount, Event};
+use shared::transfer::{Transfer, TransferEvent};
+use shared::{AccountStatus, Bank, BankAccount, BankEvent, Event};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -21,14 +24,18 @@ use crate::model::{Applied, ReadModel, Stored};
 pub const ACCOUNTS: &str = "accounts";
 /// The history table's base name.
 pub const ACCOUNT_EVENTS: &str = "account_events";
+/// The transfers table's base name.
+pub const TRANSFERS: &str = "transfers";
+/// The base name of the table of every transfer's steps.
+pub const TRANSFER_STEPS: &str = "transfer_steps";
 
 /// The bank account's read model (a marker: the machinery is generic over it).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Accounts;
 
 impl ReadModel for Accounts {
-    type Aggregate = BankAccount;
-    const TABLES: &'static [&'static str] = &[ACCOUNTS, ACCOUNT_EVENTS];
+    type Aggregate = Bank;
+    const TABLES: &'static [&'static str] = &[ACCOUNTS, ACCOUNT_EVENTS, TRANSFERS, TRANSFER_STEPS];
     const HISTORY_TABLE: Option<&'static str> = Some(ACCOUNT_EVENTS);
 
     fn ddl(tables: &Tables, tag: &str) -> Vec<String> {
@@ -45,7 +52,8 @@ impl ReadModel for Accounts {
                     version BIGINT NOT NULL,
                     transaction_count BIGINT NOT NULL,
                     opened_at TEXT NOT NULL,
-                    updated_at TEXT NOT NULL
+                    updated_at TEXT NOT NULL,
+                    transfers_out TEXT NOT NULL DEFAULT ''
                 )"
             ),
             format!("CREATE INDEX ix_accounts_owner_{tag} ON {accounts} (owner, id)"),
@@ -70,15 +78,46 @@ impl ReadModel for Accounts {
             ),
             format!("CREATE INDEX ix_events_time_{tag} ON {events} (aggregate_id, timestamp_ns)"),
         ]
+        .into_iter()
+        .chain(transfer_ddl(tables, tag))
+        .collect()
+    }
+
+    fn upgrades(tables: &Tables) -> Vec<(i64, Vec<String>)> {
+        let accounts = tables.model(ACCOUNTS);
+        let mut transfers = vec![format!(
+            "ALTER TABLE {accounts} ADD COLUMN transfers_out TEXT NOT NULL DEFAULT ''"
+        )];
+        transfers.extend(transfer_ddl(tables, "v3"));
+        vec![(3, transfers)]
     }
 
     /// The owner follows the command rules ([`check_text`]); the currency may not hold a
     /// control character or exceed the same length. The `data` and envelope columns are JSON
     /// text, in which a NUL is escaped.
-    fn check_storable(_aggregate_id: &str, event: &Event) -> Result<(), String> {
-        if let Event::AccountOpened {
+    fn check_storable(_aggregate_id: &str, event: &BankEvent) -> Result<(), String> {
+        let ids = match event {
+            BankEvent::Transfer(TransferEvent::TransferStarted(start)) => {
+                vec![("from", &start.from), ("to", &start.to)]
+            }
+            BankEvent::Account(
+                Event::TransferDebited(leg)
+                | Event::TransferCredited(leg)
+                | Event::TransferSettled(leg)
+                | Event::TransferRefunded(leg),
+            ) => vec![
+                ("transfer_id", &leg.transfer_id),
+                ("from", &leg.from),
+                ("to", &leg.to),
+            ],
+            _ => Vec::new(),
+        };
+        for (field, value) in ids {
+            check_text(field, value)?;
+        }
+        if let BankEvent::Account(Event::AccountOpened {
             owner, currency, ..
-        } = event
+        }) = event
         {
             check_text("owner", owner)?;
             if currency.len() > MAX_TEXT_BYTES || currency.chars().any(char::is_control) {
@@ -95,7 +134,7 @@ impl ReadModel for Accounts {
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
         ids: &[&str],
-    ) -> StoreResult<HashMap<String, Stored<BankAccount>>> {
+    ) -> StoreResult<HashMap<String, Stored<Bank>>> {
         let select = format!("SELECT {ACCOUNT_COLUMNS} FROM {}", tables.model(ACCOUNTS));
         let rows = fetch_by_ids(tx, &select, "id", ids).await?;
         let mut out = HashMap::with_capacity(rows.len());
@@ -103,21 +142,44 @@ impl ReadModel for Accounts {
             let account = stored_account(&row)?;
             out.insert(account.id.clone(), account);
         }
+        let select = format!(
+            "SELECT {} FROM {}",
+            crate::transfers::TRANSFER_COLUMNS,
+            tables.model(TRANSFERS)
+        );
+        for row in fetch_by_ids(tx, &select, "id", ids).await? {
+            let transfer = crate::transfers::stored_transfer(&row)?;
+            out.insert(transfer.id.clone(), transfer);
+        }
         Ok(out)
     }
 
     async fn write(
         tx: &mut Transaction<'static, Any>,
         tables: &Tables,
-        applied: &[Applied<BankAccount>],
-        changed: &[Stored<BankAccount>],
+        applied: &[Applied<Bank>],
+        changed: &[Stored<Bank>],
     ) -> StoreResult<()> {
-        insert_events(tx, tables, applied).await?;
-        upsert_accounts(tx, tables, changed).await
+        let account_events: Vec<(&Applied<Bank>, &BankAccount)> = applied
+            .iter()
+            .filter_map(|e| Some((e, e.after.account()?)))
+            .collect();
+        insert_events(tx, tables, &account_events).await?;
+        crate::transfers::insert_steps(tx, tables, applied).await?;
+        let accounts: Vec<(&Stored<Bank>, &BankAccount)> = changed
+            .iter()
+            .filter_map(|s| Some((s, s.state.account()?)))
+            .collect();
+        upsert_accounts(tx, tables, &accounts).await?;
+        let transfers: Vec<(&Stored<Bank>, &Transfer)> = changed
+            .iter()
+            .filter_map(|s| Some((s, s.state.transfer()?)))
+            .collect();
+        crate::transfers::upsert_transfers(tx, tables, &transfers).await
     }
 
     fn routes() -> axum::Router<crate::http::AppState> {
-        crate::http::account_routes()
+        crate::http::account_routes().merge(crate::transfers::routes())
     }
 
     fn public_routes() -> axum::Router<crate::http::AppState> {
@@ -128,7 +190,7 @@ impl ReadModel for Accounts {
 async fn insert_events(
     tx: &mut Transaction<'static, Any>,
     tables: &Tables,
-    events: &[Applied<BankAccount>],
+    events: &[(&Applied<Bank>, &BankAccount)],
 ) -> StoreResult<()> {
     for chunk in events.chunks(ROWS_PER_INSERT) {
         let sql = format!(
@@ -139,7 +201,7 @@ async fn insert_events(
             placeholders(chunk.len(), 13)
         );
         let mut query = sqlx::query(&sql);
-        for e in chunk {
+        for (e, after) in chunk {
             query = query
                 .bind(e.aggregate_id.as_str())
                 .bind(to_i64(e.version))
@@ -149,9 +211,9 @@ async fn insert_events(
                 .bind(ts_nanos(&e.timestamp))
                 .bind(e.data.as_str())
                 .bind(e.envelope.as_str())
-                .bind(e.after.balance_minor)
-                .bind(e.after.status.as_str())
-                .bind(to_i64(e.after.transaction_count))
+                .bind(after.balance_minor)
+                .bind(after.status.as_str())
+                .bind(to_i64(after.transaction_count))
                 .bind(i64::from(e.source_partition))
                 .bind(e.source_offset);
         }
@@ -163,7 +225,7 @@ async fn insert_events(
 async fn upsert_accounts(
     tx: &mut Transaction<'static, Any>,
     tables: &Tables,
-    accounts: &[Stored<BankAccount>],
+    accounts: &[(&Stored<Bank>, &BankAccount)],
 ) -> StoreResult<()> {
     for chunk in accounts.chunks(ROWS_PER_INSERT) {
         let sql = format!(
@@ -172,26 +234,70 @@ async fn upsert_accounts(
                 currency = excluded.currency, balance_minor = excluded.balance_minor,
                 status = excluded.status, version = excluded.version,
                 transaction_count = excluded.transaction_count,
-                opened_at = excluded.opened_at, updated_at = excluded.updated_at",
+                opened_at = excluded.opened_at, updated_at = excluded.updated_at,
+                transfers_out = excluded.transfers_out",
             tables.model(ACCOUNTS),
             placeholders(chunk.len(), ACCOUNT_COLUMN_COUNT)
         );
         let mut query = sqlx::query(&sql);
-        for a in chunk {
+        for (a, state) in chunk {
+            let transfers_out = if state.transfers_out.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&state.transfers_out).unwrap_or_default()
+            };
             query = query
                 .bind(a.id.as_str())
-                .bind(a.state.owner.as_str())
-                .bind(a.state.currency.as_str())
-                .bind(a.state.balance_minor)
-                .bind(a.state.status.as_str())
+                .bind(state.owner.as_str())
+                .bind(state.currency.as_str())
+                .bind(state.balance_minor)
+                .bind(state.status.as_str())
                 .bind(to_i64(a.version))
-                .bind(to_i64(a.state.transaction_count))
+                .bind(to_i64(state.transaction_count))
                 .bind(a.first_at.as_str())
-                .bind(a.updated_at.as_str());
+                .bind(a.updated_at.as_str())
+                .bind(transfers_out);
         }
         query.execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// The tables of the transfers (created with the others, or by upgrade 3).
+fn transfer_ddl(tables: &Tables, tag: &str) -> Vec<String> {
+    let transfers = tables.model(TRANSFERS);
+    let steps = tables.model(TRANSFER_STEPS);
+    vec![
+        format!(
+            "CREATE TABLE {transfers} (
+                id TEXT PRIMARY KEY,
+                from_account TEXT NOT NULL,
+                to_account TEXT NOT NULL,
+                amount_minor BIGINT NOT NULL,
+                currency TEXT,
+                status TEXT NOT NULL,
+                reason TEXT,
+                version BIGINT NOT NULL,
+                started_at TEXT NOT NULL,
+                started_ns BIGINT NOT NULL,
+                updated_at TEXT NOT NULL
+            )"
+        ),
+        format!("CREATE INDEX ix_transfers_from_{tag} ON {transfers} (from_account, started_ns)"),
+        format!("CREATE INDEX ix_transfers_to_{tag} ON {transfers} (to_account, started_ns)"),
+        format!(
+            "CREATE TABLE {steps} (
+                aggregate_id TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                transfer_id TEXT NOT NULL,
+                event_type TEXT NOT NULL,
+                \"timestamp\" TEXT NOT NULL,
+                data TEXT NOT NULL,
+                PRIMARY KEY (aggregate_id, version)
+            )"
+        ),
+        format!("CREATE INDEX ix_transfer_steps_{tag} ON {steps} (transfer_id)"),
+    ]
 }
 
 /// An account as of some point, as the HTTP API shows it.
@@ -233,11 +339,11 @@ pub(crate) struct AccountFilter {
 }
 
 /// The columns of an accounts row, in the order every query selects and inserts them.
-const ACCOUNT_COLUMNS: &str =
-    "id, owner, currency, balance_minor, status, version, transaction_count, opened_at, updated_at";
+const ACCOUNT_COLUMNS: &str = "id, owner, currency, balance_minor, status, version, \
+     transaction_count, opened_at, updated_at, transfers_out";
 
 /// How many [`ACCOUNT_COLUMNS`] there are.
-const ACCOUNT_COLUMN_COUNT: usize = 9;
+const ACCOUNT_COLUMN_COUNT: usize = 10;
 
 /// A stored status text as the domain's status; an unknown text is an error.
 fn status_from(text: &str) -> StoreResult<AccountStatus> {
@@ -259,20 +365,28 @@ const HISTORY_SELECT: &str = "SELECT e.aggregate_id AS id, a.owner AS owner,
      FROM account_events e JOIN accounts a ON a.id = e.aggregate_id";
 
 /// An accounts row ([`ACCOUNT_COLUMNS`]) as the projector's state.
-fn stored_account(row: &AnyRow) -> StoreResult<Stored<BankAccount>> {
+fn stored_account(row: &AnyRow) -> StoreResult<Stored<Bank>> {
     let status: String = row.try_get("status")?;
     let version = get_u64(row, "version")?;
+    let transfers_out: String = row.try_get("transfers_out")?;
+    let transfers_out = if transfers_out.is_empty() {
+        Default::default()
+    } else {
+        serde_json::from_str(&transfers_out)
+            .map_err(|e| StoreError::Invalid(format!("unreadable transfers_out: {e}")))?
+    };
     Ok(Stored {
         id: row.try_get("id")?,
         version,
-        state: BankAccount {
+        state: Bank::Account(BankAccount {
             owner: row.try_get::<String, _>("owner")?.into(),
             currency: row.try_get::<String, _>("currency")?.into(),
             balance_minor: row.try_get("balance_minor")?,
             status: status_from(&status)?,
             version,
             transaction_count: get_u64(row, "transaction_count")?,
-        },
+            transfers_out,
+        }),
         first_at: row.try_get("opened_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -509,8 +623,14 @@ mod plan_tests {
         );
         assert_eq!((plan.applied, plan.duplicates), (2, 2));
         assert_eq!(plan.write.changed.len(), 1);
-        assert_eq!(plan.write.changed[0].state.balance_minor, 150);
-        assert_eq!(plan.write.applied[1].after.balance_minor, 150);
+        assert_eq!(
+            plan.write.changed[0].state.account().unwrap().balance_minor,
+            150
+        );
+        assert_eq!(
+            plan.write.applied[1].after.account().unwrap().balance_minor,
+            150
+        );
         assert_eq!(plan.versions["a"], 2);
     }
 
@@ -543,7 +663,14 @@ mod plan_tests {
             plan.write.parked,
         );
         assert_eq!((later.applied, later.unparked), (3, 2));
-        assert_eq!(later.write.changed[0].state.balance_minor, 116);
+        assert_eq!(
+            later.write.changed[0]
+                .state
+                .account()
+                .unwrap()
+                .balance_minor,
+            116
+        );
         assert_eq!(
             later.write.unpark,
             vec![Unpark {

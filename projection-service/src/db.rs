@@ -514,10 +514,20 @@ impl Database {
                 .as_str(),
             )
             .await?;
-        let migrations: Vec<(i64, Vec<String>)> = vec![
-            (1, Tables::live_of::<M>().ddl::<M>("v1")),
-            (2, vec![crate::identity::DDL.to_owned()]),
-        ];
+        let live = Tables::live_of::<M>();
+        let upgrades = M::upgrades(&live);
+        // A new database gets the current shape at once: the upgrades are recorded as done in
+        // the same transaction.
+        let mut create = live.ddl::<M>("v1");
+        let now = format_ts(&Utc::now());
+        create.extend(upgrades.iter().map(|(version, _)| {
+            format!(
+                "INSERT INTO {MIGRATIONS_TABLE} (version, applied_at) VALUES ({version}, '{now}')"
+            )
+        }));
+        let mut migrations: Vec<(i64, Vec<String>)> =
+            vec![(1, create), (2, vec![crate::identity::DDL.to_owned()])];
+        migrations.extend(upgrades);
         for attempt in 0..3 {
             match self.apply_migrations(&migrations).await {
                 // Two processes migrating at once: the loser retries and finds it done.

@@ -73,6 +73,9 @@ pub enum ApiError {
     /// 404 `AccountNotFound`: no such account (at that time / version).
     #[error("{0}")]
     AccountNotFound(String),
+    /// 404 `TransferNotFound`: no such transfer.
+    #[error("{0}")]
+    TransferNotFound(String),
     /// 400 `InvalidQuery`: a parameter is malformed or parameters conflict.
     #[error("{0}")]
     InvalidQuery(String),
@@ -108,6 +111,7 @@ impl ApiError {
     pub fn parts(&self) -> (&'static str, StatusCode) {
         match self {
             ApiError::AccountNotFound(_) => ("AccountNotFound", StatusCode::NOT_FOUND),
+            ApiError::TransferNotFound(_) => ("TransferNotFound", StatusCode::NOT_FOUND),
             ApiError::InvalidQuery(_) => ("InvalidQuery", StatusCode::BAD_REQUEST),
             ApiError::NotCaughtUp(_) => ("NotCaughtUp", StatusCode::GATEWAY_TIMEOUT),
             ApiError::NotReady => ("NotReady", StatusCode::SERVICE_UNAVAILABLE),
@@ -167,7 +171,7 @@ pub struct ErrorBody {
 /// A stable code and a message for people.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable, machine-readable: `AccountNotFound`, `InvalidQuery`, `NotCaughtUp`, `NotReady`,
+    /// Stable, machine-readable: `AccountNotFound`, `TransferNotFound`, `InvalidQuery`, `NotCaughtUp`, `NotReady`,
     /// `NotFound`, `MethodNotAllowed`, `Unavailable`, `Internal`.
     pub code: String,
     /// Explanation for people; may change between releases.
@@ -179,12 +183,14 @@ pub struct ErrorDetail {
 #[openapi(
     info(
         title = "bank-es projection-service",
-        description = "The read model: accounts now, as of a time or a version, their events, pages of accounts, status and dead letters."
+        description = "The read model: accounts now, as of a time or a version, their events, pages of accounts, transfers and their steps, status and dead letters."
     ),
     paths(
         list_accounts,
         get_account,
         account_events,
+        crate::transfers::list_transfers,
+        crate::transfers::get_transfer,
         health,
         ready,
         render_metrics,
@@ -201,6 +207,9 @@ pub struct ErrorDetail {
         AccountJson,
         ParkedJson,
         AccountPage,
+        crate::transfers::TransferJson,
+        crate::transfers::StepJson,
+        crate::transfers::TransferPage,
         EventJson,
         EventJsonV1,
         AnyEventJson,
@@ -224,6 +233,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             ("/accounts", read),
             ("/accounts/{id}", read),
             ("/accounts/{id}/events", read),
+            ("/transfers", read),
+            ("/transfers/{id}", read),
             ("/status", read),
             ("/metrics", Scope::MetricsRead),
             ("/dead-letters", Scope::Admin),
@@ -522,7 +533,7 @@ pub const EVENTS_PAGE_MAX: u32 = 1000;
 pub const NEXT_AFTER_VERSION: &str = "next-after-version";
 
 /// A whole number query parameter within `range`, or the error naming it.
-fn number_param<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+pub(crate) fn number_param<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
     name: &str,
     text: Option<&str>,
     range: std::ops::RangeInclusive<T>,

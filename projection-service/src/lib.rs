@@ -30,6 +30,7 @@ pub mod model;
 pub(crate) mod plan;
 pub mod projector;
 pub mod rebuild;
+pub mod transfers;
 
 pub use http::AppState;
 use std::future::Future;

@@ -98,6 +98,14 @@ pub trait ReadModel: Send + Sync + 'static {
     /// index names it was built with).
     fn ddl(tables: &Tables, tag: &str) -> Vec<String>;
 
+    /// The numbered changes (from 3) that bring the live tables of an older release's
+    /// database to [`ReadModel::ddl`]'s shape, applied once each, in order. A database created
+    /// by this release gets [`ReadModel::ddl`] whole and records them as done. None by default.
+    fn upgrades(tables: &Tables) -> Vec<(i64, Vec<String>)> {
+        let _ = tables;
+        Vec::new()
+    }
+
     /// Refuses an event whose text the tables cannot store (PostgreSQL refuses NUL bytes, index
     /// rows are bounded): it is dead-lettered as `Unstorable` instead of failing its batch.
     /// Called before the event is folded.

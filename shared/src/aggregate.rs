@@ -62,6 +62,10 @@ pub trait DomainCommand: Clone + Debug + PartialEq + Send + Sync + 'static {
     /// Every command type name of the aggregate, as written on the wire.
     const TYPES: &'static [&'static str];
 
+    /// The command types only the engine sends (the steps of a workflow, see
+    /// [`Aggregate::react`]): `POST /commands` refuses them. None by default.
+    const INTERNAL: &'static [&'static str] = &[];
+
     /// The wire name (`type` field of the command message).
     fn type_name(&self) -> &'static str;
 
@@ -102,6 +106,37 @@ pub struct Context<'a> {
     pub metadata: &'a Metadata,
 }
 
+/// A command one aggregate's decision sends to another ([`Aggregate::react`]), as it goes on
+/// the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The aggregate it is for (its partition gets it).
+    pub aggregate_id: String,
+    /// Derived from the workflow and the step ([`step_id`]), never random: a step decided
+    /// twice is answered from the dedupe window instead of being applied twice.
+    pub command_id: uuid::Uuid,
+    /// The command's wire `type`.
+    pub command_type: &'static str,
+    /// The command's wire `payload`.
+    pub payload: Value,
+    /// The workflow's identity, `metadata.correlation_id` of the command and of every event
+    /// it causes.
+    pub correlation_id: String,
+}
+
+/// The namespace of [`step_id`] (a UUID v5 namespace of this project's own).
+const STEP_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1d_53a2_9c4b_4e0a_b1d7_2f3e_8a90_c5d1);
+
+/// The command id of a workflow's step: a UUID v5 of the workflow's id and the step's name,
+/// the same every time the step is decided.
+pub fn step_id(workflow_id: &str, step: &str) -> uuid::Uuid {
+    let mut name = Vec::with_capacity(workflow_id.len() + step.len() + 1);
+    name.extend_from_slice(workflow_id.as_bytes());
+    name.push(0);
+    name.extend_from_slice(step.as_bytes());
+    uuid::Uuid::new_v5(&STEP_NAMESPACE, &name)
+}
+
 /// An event that is not a possible next event of the state it is folded into: restore
 /// quarantines the aggregate, the projection dead-letters the event. Never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +150,9 @@ pub trait Aggregate:
 {
     /// The stable type name: `aggregate_type` in every event envelope.
     const TYPE: &'static str;
+    /// Every `aggregate_type` this aggregate's events carry: just [`Aggregate::TYPE`], unless
+    /// the aggregate serves several types through one engine (see [`crate::bank::Bank`]).
+    const TYPES: &'static [&'static str] = &[Self::TYPE];
     /// The schema version every event of this type is written in.
     const SCHEMA_VERSION: u32;
     /// The aggregate's commands.
@@ -146,6 +184,27 @@ pub trait Aggregate:
     /// version). None by default: a type still at its first version needs none.
     fn register_upcasters(upcasters: &mut Upcasters) {
         let _ = upcasters;
+    }
+
+    /// The `aggregate_type` of an event type (one of [`Aggregate::TYPES`]).
+    fn event_aggregate_type(event_type: &str) -> &'static str {
+        let _ = event_type;
+        Self::TYPE
+    }
+
+    /// What a decision sets off at other aggregates (a workflow's next step): commands the
+    /// engine produces, in the transaction that appends the decision's events or records its
+    /// rejection, to their aggregates' partitions. `outcome` is the decision: the events
+    /// appended (`self` is then the state after them) or the rejection (`self` unchanged).
+    /// Nothing by default. Must be pure, like [`Aggregate::decide`].
+    fn react(
+        &self,
+        command: &Self::Command,
+        outcome: Result<&[Self::Event], &Rejection>,
+        ctx: &Context<'_>,
+    ) -> Vec<Outgoing> {
+        let _ = (command, outcome, ctx);
+        Vec::new()
     }
 
     /// Rebuilds a state from a whole history, stopping at the first inapplicable event.

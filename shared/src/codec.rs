@@ -175,7 +175,9 @@ impl EventCodec {
     /// The codec reading (and upcasting) the events of aggregate type `A` too.
     pub fn serving<A: Aggregate>(mut self) -> Self {
         self.upcasters.register_aggregate::<A>();
-        self.types.insert(A::TYPE, TypeEntry::of::<A>());
+        for aggregate_type in A::TYPES {
+            self.types.insert(aggregate_type, TypeEntry::of::<A>());
+        }
         self
     }
 
@@ -452,7 +454,12 @@ pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<
 pub fn aggregate_schema<A: Aggregate>(event_type: &str, schema_version: u32) -> Value {
     let data =
         A::event_schema(event_type, schema_version).unwrap_or_else(|| json!({"type": "object"}));
-    envelope_schema(A::TYPE, event_type, schema_version, data)
+    envelope_schema(
+        A::event_aggregate_type(event_type),
+        event_type,
+        schema_version,
+        data,
+    )
 }
 
 /// The envelope around an event type's `data` schema.
@@ -493,7 +500,7 @@ pub fn schemas_of<A: Aggregate>() -> Vec<(String, Value)> {
         .iter()
         .map(|t| {
             (
-                record_name(A::TYPE, t, A::SCHEMA_VERSION),
+                record_name(A::event_aggregate_type(t), t, A::SCHEMA_VERSION),
                 aggregate_schema::<A>(t, A::SCHEMA_VERSION),
             )
         })

@@ -131,6 +131,28 @@ impl<C: DomainCommand> CommandMessage<C> {
     }
 }
 
+/// The command message of a workflow's step ([`crate::aggregate::Aggregate::react`]): the
+/// deciding command's metadata (its `principal`, `user`…) with the workflow's
+/// `correlation_id`.
+pub fn step_message(step: &crate::aggregate::Outgoing, cause: &Metadata) -> Vec<u8> {
+    let mut metadata = cause.clone();
+    metadata.remove(crate::trace::METADATA_TRACE_ID);
+    metadata.remove("causation_id");
+    metadata.insert(
+        "correlation_id".into(),
+        Value::String(step.correlation_id.clone()),
+    );
+    let wire = WireCommand {
+        command_id: step.command_id,
+        aggregate_id: step.aggregate_id.clone(),
+        type_name: step.command_type.to_owned(),
+        payload: step.payload.clone(),
+        expected_version: None,
+        metadata,
+    };
+    serde_json::to_vec(&wire).unwrap_or_default()
+}
+
 impl CommandMessage {
     /// Reads a bank-account command message ([`CommandMessage::parse`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, MalformedCommand> {
@@ -276,7 +298,7 @@ impl EventEnvelope {
         EventEnvelope {
             event_id: Uuid::new_v4(),
             aggregate_id: aggregate_id.to_owned(),
-            aggregate_type: A::TYPE.to_owned(),
+            aggregate_type: A::event_aggregate_type(event.event_type()).to_owned(),
             event_type: event.event_type().to_owned(),
             schema_version: A::SCHEMA_VERSION,
             version,
@@ -294,12 +316,11 @@ impl EventEnvelope {
     /// The event of aggregate type `A` (only meaningful at its current schema version); an
     /// envelope of another aggregate type is [`EventDataError::UnknownType`].
     pub fn event_of<A: Aggregate>(&self) -> Result<A::Event, EventDataError> {
-        if self.aggregate_type != A::TYPE {
+        let expected = A::event_aggregate_type(&self.event_type);
+        if self.aggregate_type != expected {
             return Err(EventDataError::UnknownType(format!(
-                "{} of aggregate type {} (expected {})",
-                self.event_type,
-                self.aggregate_type,
-                A::TYPE
+                "{} of aggregate type {} (expected {expected})",
+                self.event_type, self.aggregate_type,
             )));
         }
         A::Event::from_parts(&self.event_type, &self.data)

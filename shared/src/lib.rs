@@ -2,6 +2,8 @@
 //!
 //! - [`aggregate`]: the decide/evolve seam every aggregate type implements; no I/O.
 //! - [`auth`]: who may call the HTTP APIs (API keys and scopes, the `Host` check).
+//! - [`bank`]: accounts and transfers served by one engine ([`bank::Bank`]).
+//! - [`transfer`]: the transfer between two accounts, a workflow of steps across partitions.
 //! - [`bank_account`]: the domain — commands, events, rules (`handle`) and fold (`apply`); no I/O.
 //! - [`envelope`]: the messages of the wire contract (command, result, event envelope).
 //! - [`client`]: producing commands and waiting for their results (CLI, benchmarks).
@@ -20,6 +22,7 @@
 
 pub mod aggregate;
 pub mod auth;
+pub mod bank;
 pub mod bank_account;
 pub mod client;
 pub mod codec;
@@ -34,8 +37,10 @@ pub mod serve;
 pub mod shutdown;
 pub mod testing;
 pub mod trace;
+pub mod transfer;
 pub mod upcast;
 
+pub use bank::{Bank, BankCommand, BankEvent};
 pub use bank_account::{AccountStatus, BankAccount, Command, Event, Rejection, RejectionCode};
 pub use codec::{DecodeError, EventCodec};
 pub use config::Settings;

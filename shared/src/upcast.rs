@@ -101,7 +101,10 @@ impl Upcasters {
 
     /// Registers an aggregate type: its current schema version and its steps.
     pub fn register_aggregate<A: crate::aggregate::Aggregate>(&mut self) {
-        self.current.insert(A::TYPE.to_owned(), A::SCHEMA_VERSION);
+        for aggregate_type in A::TYPES {
+            self.current
+                .insert((*aggregate_type).to_owned(), A::SCHEMA_VERSION);
+        }
         A::register_upcasters(self);
     }
 

@@ -10,7 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
-use shared::aggregate::{self, Aggregate, Context};
+use shared::aggregate::{self, Aggregate, Context, Outgoing};
 use shared::envelope::{MalformedCommand, Metadata};
 use shared::kafka::canonical_partition;
 use shared::trace::{METADATA_TRACE_ID, TraceContext};
@@ -158,13 +158,22 @@ impl<A: Aggregate> Engine<A> {
         let (events, state) =
             match aggregate::execute(state, command.expected_version, &command.command, &ctx) {
                 Ok(decided) => decided,
-                Err(rejection) => return Ok(Decision::rejected(id, aggregate_id, rejection)),
+                Err(rejection) => {
+                    let unchanged = self.held(partition, aggregate_id).state;
+                    let steps = unchanged.react(&command.command, Err(&rejection), &ctx);
+                    self.send_steps(&steps, &command.metadata)?;
+                    return Ok(Decision::rejected(id, aggregate_id, rejection));
+                }
             };
+        let steps = state.react(&command.command, Ok(&events), &ctx);
         match self.append(partition, command, before, at, state, &events) {
-            Ok(envelopes) => Ok(Decision {
-                result: CommandResult::accepted(id, aggregate_id, &envelopes),
-                outcome: "accepted",
-            }),
+            Ok(envelopes) => {
+                self.send_steps(&steps, &command.metadata)?;
+                Ok(Decision {
+                    result: CommandResult::accepted(id, aggregate_id, &envelopes),
+                    outcome: "accepted",
+                })
+            }
             Err(AppendError::Unwritable(reason)) => {
                 tracing::warn!(command_id = %id, %reason, "command's event cannot be written");
                 let rejection = Rejection::new(RejectionCode::Malformed, reason);
@@ -356,6 +365,28 @@ impl<A: Aggregate> Engine<A> {
     fn new_token(&mut self) -> DeliveryToken {
         self.next_token += 1;
         DeliveryToken(self.next_token)
+    }
+
+    /// Produces the commands a decision set off ([`Aggregate::react`]) to their aggregates'
+    /// partitions, in the open transaction: they are sent exactly when the decision commits.
+    fn send_steps(&mut self, steps: &[Outgoing], cause: &Metadata) -> Result<(), TxnError> {
+        let topic = self.topics.commands();
+        for step in steps {
+            let payload = shared::envelope::step_message(step, cause);
+            let partition =
+                canonical_partition(step.aggregate_id.as_bytes(), self.settings.partitions);
+            tracing::debug!(command_id = %step.command_id, command_type = step.command_type, aggregate_id = %step.aggregate_id, "workflow step sent");
+            let record = super::transactions::Record {
+                topic: &topic,
+                partition,
+                key: step.aggregate_id.as_bytes(),
+                payload: &payload,
+                headers: self.trace.map(|_| self.traced(OwnedHeaders::new())),
+                timestamp_ms: None,
+            };
+            self.send(record, None)?;
+        }
+        Ok(())
     }
 
     fn forward(&mut self, msg: &BorrowedMessage<'_>, canonical: i32) -> Result<(), TxnError> {

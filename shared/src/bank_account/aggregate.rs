@@ -1,12 +1,15 @@
 //! The bank-account state, the rules ([`BankAccount::handle`]) and the fold ([`BankAccount::apply`]).
 
+use std::collections::BTreeMap;
+
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use serde_json::{Value, json};
 
-use super::{Command, Event, Rejection, RejectionCode};
-use crate::aggregate::{Aggregate, Context, DomainCommand, DomainEvent, Inapplicable};
+use super::{Command, Event, Rejection, RejectionCode, TransferLeg};
+use crate::aggregate::{Aggregate, Context, DomainCommand, DomainEvent, Inapplicable, Outgoing};
+use crate::transfer::{Ending, account_step, ending_step};
 
 /// Lifecycle of an account.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,8 +48,13 @@ pub struct BankAccount {
     pub currency: CompactString,
     /// Balance in minor units, never negative.
     pub balance_minor: i64,
-    /// Deposits plus withdrawals (opening and closing are not transactions).
+    /// Deposits, withdrawals and transfer debits, credits and refunds (opening and closing
+    /// are not transactions).
     pub transaction_count: u64,
+    /// Transfers out of this account in flight (debited, neither settled nor refunded), by
+    /// transfer id, with their amounts: the account cannot close while one may come back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub transfers_out: BTreeMap<String, i64>,
 }
 
 fn reject<T>(code: RejectionCode, message: impl Into<String>) -> Result<T, Rejection> {
@@ -143,6 +151,15 @@ impl BankAccount {
                 }])
             }
             (AccountStatus::Active, Command::CloseAccount) => {
+                if !self.transfers_out.is_empty() {
+                    return reject(
+                        RejectionCode::domain("TransfersPending"),
+                        format!(
+                            "{} transfer(s) out of the account are in flight; close it when they end",
+                            self.transfers_out.len()
+                        ),
+                    );
+                }
                 if self.balance_minor != 0 {
                     return reject(
                         NonZeroBalance,
@@ -151,6 +168,104 @@ impl BankAccount {
                 }
                 Ok(vec![Event::AccountClosed])
             }
+            (AccountStatus::Active, Command::DebitForTransfer(leg)) => {
+                positive(leg.amount_minor)?;
+                if leg.amount_minor > self.balance_minor {
+                    return reject(
+                        InsufficientFunds,
+                        format!(
+                            "cannot transfer {} minor units: balance is {}",
+                            leg.amount_minor, self.balance_minor
+                        ),
+                    );
+                }
+                if self.transfers_out.contains_key(&leg.transfer_id) {
+                    return reject(Malformed, "this transfer was debited already");
+                }
+                let mut leg = leg.clone();
+                leg.currency = Some(self.currency.to_string());
+                Ok(vec![Event::TransferDebited(leg)])
+            }
+            (AccountStatus::Active, Command::CreditForTransfer(leg)) => {
+                self.same_currency(leg.currency.as_deref())?;
+                positive(leg.amount_minor)?;
+                if self.balance_minor.checked_add(leg.amount_minor).is_none() {
+                    return reject(InvalidAmount, "the credit would overflow the balance");
+                }
+                Ok(vec![Event::TransferCredited(leg.clone())])
+            }
+            (AccountStatus::Active, Command::SettleTransfer(leg)) => {
+                self.in_flight(leg)?;
+                Ok(vec![Event::TransferSettled(leg.clone())])
+            }
+            (AccountStatus::Active, Command::RefundTransfer(leg)) => {
+                self.in_flight(leg)?;
+                Ok(vec![Event::TransferRefunded(leg.clone())])
+            }
+        }
+    }
+
+    /// A settle or refund must be for a transfer debited from this account and in flight.
+    fn in_flight(&self, leg: &TransferLeg) -> Result<(), Rejection> {
+        match self.transfers_out.get(&leg.transfer_id) {
+            Some(&amount) if amount == leg.amount_minor => Ok(()),
+            _ => reject(
+                RejectionCode::Malformed,
+                format!(
+                    "transfer {} is not in flight from this account",
+                    leg.transfer_id
+                ),
+            ),
+        }
+    }
+
+    /// The steps a decision on this account sets off (see [`crate::transfer`]): after a debit
+    /// the credit, after a credit the settle and the completion, after a refund the failure; a
+    /// refused debit fails the transfer, a refused credit refunds the source.
+    pub fn reactions(&self, command: &Command, outcome: Result<(), &Rejection>) -> Vec<Outgoing> {
+        let known_currency =
+            || (self.status != AccountStatus::New).then(|| self.currency.to_string());
+        match (command, outcome) {
+            (Command::DebitForTransfer(leg), Ok(())) => {
+                let mut credit = leg.clone();
+                credit.currency = Some(self.currency.to_string());
+                vec![account_step(&leg.to, "CreditForTransfer", &credit)]
+            }
+            (Command::DebitForTransfer(leg), Err(rejection)) => {
+                let ending = Ending {
+                    currency: known_currency(),
+                    reason: Some(rejection.code.to_string()),
+                };
+                vec![ending_step(&leg.transfer_id, "FailTransfer", &ending)]
+            }
+            (Command::CreditForTransfer(leg), Ok(())) => vec![
+                account_step(&leg.from, "SettleTransfer", leg),
+                ending_step(
+                    &leg.transfer_id,
+                    "CompleteTransfer",
+                    &Ending {
+                        currency: leg.currency.clone(),
+                        reason: None,
+                    },
+                ),
+            ],
+            (Command::CreditForTransfer(leg), Err(rejection)) => {
+                let mut refund = leg.clone();
+                refund.reason = Some(rejection.code.to_string());
+                vec![account_step(&leg.from, "RefundTransfer", &refund)]
+            }
+            (Command::RefundTransfer(leg), Ok(())) => {
+                let ending = Ending {
+                    currency: leg.currency.clone(),
+                    reason: leg.reason.clone(),
+                };
+                vec![ending_step(&leg.transfer_id, "FailTransfer", &ending)]
+            }
+            (Command::RefundTransfer(leg) | Command::SettleTransfer(leg), Err(rejection)) => {
+                tracing::error!(transfer_id = %leg.transfer_id, %rejection, "a transfer's last step on its source was refused");
+                Vec::new()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -165,6 +280,35 @@ impl BankAccount {
                 Err(format!("{} for an account never opened", e.event_type()))
             }
             (AccountStatus::Closed, e) => Err(format!("{} for a closed account", e.event_type())),
+            (AccountStatus::Active, Event::TransferDebited(leg)) => {
+                if leg.amount_minor > self.balance_minor {
+                    Err(format!(
+                        "TransferDebited of {} beyond the balance {}",
+                        leg.amount_minor, self.balance_minor
+                    ))
+                } else if self.transfers_out.contains_key(&leg.transfer_id) {
+                    Err(format!("TransferDebited twice for {}", leg.transfer_id))
+                } else {
+                    Ok(())
+                }
+            }
+            (
+                AccountStatus::Active,
+                e @ (Event::TransferSettled(leg) | Event::TransferRefunded(leg)),
+            ) => {
+                if self.transfers_out.contains_key(&leg.transfer_id) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} for transfer {}, which is not in flight from this account",
+                        e.event_type(),
+                        leg.transfer_id
+                    ))
+                }
+            }
+            (AccountStatus::Active, Event::AccountClosed) if !self.transfers_out.is_empty() => {
+                Err("AccountClosed with transfers out in flight".into())
+            }
             (AccountStatus::Active, _) => Ok(()),
         }
     }
@@ -191,6 +335,27 @@ impl BankAccount {
                 self.transaction_count += 1;
             }
             Event::AccountClosed => self.status = AccountStatus::Closed,
+            Event::TransferDebited(leg) => {
+                self.balance_minor = self.balance_minor.saturating_sub(leg.amount_minor);
+                self.transaction_count += 1;
+                self.transfers_out
+                    .insert(leg.transfer_id.clone(), leg.amount_minor);
+            }
+            Event::TransferCredited(leg) => {
+                self.balance_minor = self.balance_minor.saturating_add(leg.amount_minor);
+                self.transaction_count += 1;
+            }
+            Event::TransferSettled(leg) => {
+                self.transfers_out.remove(&leg.transfer_id);
+            }
+            Event::TransferRefunded(leg) => {
+                let amount = self
+                    .transfers_out
+                    .remove(&leg.transfer_id)
+                    .unwrap_or(leg.amount_minor);
+                self.balance_minor = self.balance_minor.saturating_add(amount);
+                self.transaction_count += 1;
+            }
         }
         self.version += 1;
     }
@@ -221,6 +386,15 @@ impl Aggregate for BankAccount {
         self.check_applicable(event).map_err(Inapplicable)?;
         self.apply(event);
         Ok(())
+    }
+
+    fn react(
+        &self,
+        command: &Command,
+        outcome: Result<&[Event], &Rejection>,
+        _ctx: &Context<'_>,
+    ) -> Vec<Outgoing> {
+        self.reactions(command, outcome.map(drop))
     }
 
     fn register_upcasters(upcasters: &mut crate::upcast::Upcasters) {
@@ -258,13 +432,44 @@ impl Aggregate for BankAccount {
                 "properties": {"amount": {"type": ["number", "string"]}}
             }),
             ("AccountClosed", 1 | 2) => json!({"type": "object"}),
+            (
+                "TransferDebited" | "TransferCredited" | "TransferSettled" | "TransferRefunded",
+                2,
+            ) => {
+                let text = json!({"type": "string", "minLength": 1});
+                json!({
+                    "type": "object",
+                    "required": ["transfer_id", "from", "to", "amount_minor"],
+                    "properties": {
+                        "transfer_id": text, "from": text, "to": text,
+                        "amount_minor": {"type": "integer", "minimum": 1},
+                        "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                        "reason": text
+                    }
+                })
+            }
             _ => return None,
         })
     }
 }
 
 impl DomainCommand for Command {
-    const TYPES: &'static [&'static str] = &["OpenAccount", "Deposit", "Withdraw", "CloseAccount"];
+    const TYPES: &'static [&'static str] = &[
+        "OpenAccount",
+        "Deposit",
+        "Withdraw",
+        "CloseAccount",
+        "DebitForTransfer",
+        "CreditForTransfer",
+        "SettleTransfer",
+        "RefundTransfer",
+    ];
+    const INTERNAL: &'static [&'static str] = &[
+        "DebitForTransfer",
+        "CreditForTransfer",
+        "SettleTransfer",
+        "RefundTransfer",
+    ];
 
     fn type_name(&self) -> &'static str {
         Command::type_name(self)

@@ -4,6 +4,8 @@ use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::TransferLeg;
+
 /// An intention to change an account. Amounts are integer minor units of the account currency.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -32,8 +34,20 @@ pub enum Command {
         /// As for [`Command::Deposit`].
         currency: Option<String>,
     },
-    /// Close an account whose balance is zero.
+    /// Close an account whose balance is zero and that has no transfer out in flight.
     CloseAccount,
+    /// A transfer's step (sent by the engine only): take the amount out of this account, the
+    /// source, for the transfer.
+    DebitForTransfer(TransferLeg),
+    /// A transfer's step (sent by the engine only): book the amount on this account, the
+    /// target.
+    CreditForTransfer(TransferLeg),
+    /// A transfer's step (sent by the engine only): the target was credited; the transfer no
+    /// longer holds this account open.
+    SettleTransfer(TransferLeg),
+    /// A transfer's step (sent by the engine only): the target refused the credit; the amount
+    /// comes back. Never refused for an account with the transfer in flight.
+    RefundTransfer(TransferLeg),
 }
 
 #[derive(Deserialize)]
@@ -59,6 +73,10 @@ impl Command {
             Command::Deposit { .. } => "Deposit",
             Command::Withdraw { .. } => "Withdraw",
             Command::CloseAccount => "CloseAccount",
+            Command::DebitForTransfer(_) => "DebitForTransfer",
+            Command::CreditForTransfer(_) => "CreditForTransfer",
+            Command::SettleTransfer(_) => "SettleTransfer",
+            Command::RefundTransfer(_) => "RefundTransfer",
         }
     }
 
@@ -84,6 +102,10 @@ impl Command {
                 None => json!({ "amount_minor": amount_minor }),
             },
             Command::CloseAccount => json!({}),
+            Command::DebitForTransfer(step)
+            | Command::CreditForTransfer(step)
+            | Command::SettleTransfer(step)
+            | Command::RefundTransfer(step) => serde_json::to_value(step).unwrap_or(Value::Null),
         }
     }
 
@@ -95,6 +117,7 @@ impl Command {
             payload
         };
         let err = |e: serde_json::Error| format!("invalid {type_name} payload: {e}");
+        let step = |payload: Value| serde_json::from_value::<TransferLeg>(payload).map_err(err);
         Ok(match type_name {
             "OpenAccount" => {
                 let p: OpenPayload = serde_json::from_value(payload).map_err(err)?;
@@ -119,6 +142,10 @@ impl Command {
                 }
             }
             "CloseAccount" => Command::CloseAccount,
+            "DebitForTransfer" => Command::DebitForTransfer(step(payload)?),
+            "CreditForTransfer" => Command::CreditForTransfer(step(payload)?),
+            "SettleTransfer" => Command::SettleTransfer(step(payload)?),
+            "RefundTransfer" => Command::RefundTransfer(step(payload)?),
             other => {
                 return Err(format!(
                     "unknown command type `{other}` (expected OpenAccount, Deposit, Withdraw or CloseAccount)"

@@ -1,6 +1,6 @@
 //! Events of the bank-account aggregate (current schema version), past tense.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::aggregate::EventDataError;
@@ -29,6 +29,35 @@ pub enum Event {
     },
     /// The account was closed.
     AccountClosed,
+    /// The amount left this account (the source) for a transfer: the transfer holds it until
+    /// the target is credited or the amount is refunded.
+    TransferDebited(TransferLeg),
+    /// The amount of a transfer arrived on this account (the target).
+    TransferCredited(TransferLeg),
+    /// The transfer out of this account completed: nothing more will come back.
+    TransferSettled(TransferLeg),
+    /// The target refused the transfer (`reason`); the amount came back to this account.
+    TransferRefunded(TransferLeg),
+}
+
+/// What a transfer's steps and the account events they cause carry: the payload of the
+/// account's transfer commands and the `data` of its transfer events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferLeg {
+    /// The transfer (its aggregate id; also `metadata.correlation_id`).
+    pub transfer_id: String,
+    /// The source account.
+    pub from: String,
+    /// The target account.
+    pub to: String,
+    /// Minor units, positive.
+    pub amount_minor: i64,
+    /// The source's currency (known once the source was debited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// Why the transfer failed (a rejection code), on a refund.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -45,11 +74,15 @@ struct Amount {
 
 impl Event {
     /// All event types of the aggregate, as written on the wire.
-    pub const TYPES: [&'static str; 4] = [
+    pub const TYPES: [&'static str; 8] = [
         "AccountOpened",
         "MoneyDeposited",
         "MoneyWithdrawn",
         "AccountClosed",
+        "TransferDebited",
+        "TransferCredited",
+        "TransferSettled",
+        "TransferRefunded",
     ];
 
     /// The wire name (`event_type`).
@@ -59,6 +92,10 @@ impl Event {
             Event::MoneyDeposited { .. } => "MoneyDeposited",
             Event::MoneyWithdrawn { .. } => "MoneyWithdrawn",
             Event::AccountClosed => "AccountClosed",
+            Event::TransferDebited(_) => "TransferDebited",
+            Event::TransferCredited(_) => "TransferCredited",
+            Event::TransferSettled(_) => "TransferSettled",
+            Event::TransferRefunded(_) => "TransferRefunded",
         }
     }
 
@@ -76,6 +113,10 @@ impl Event {
                 json!({ "amount_minor": amount_minor })
             }
             Event::AccountClosed => json!({}),
+            Event::TransferDebited(leg)
+            | Event::TransferCredited(leg)
+            | Event::TransferSettled(leg)
+            | Event::TransferRefunded(leg) => serde_json::to_value(leg).unwrap_or(Value::Null),
         }
     }
 
@@ -95,6 +136,10 @@ impl Event {
         };
         let positive = |amount: Amount| match amount.amount_minor {
             a if a > 0 => Ok(a),
+            a => Err(out_of_range("amount_minor", a)),
+        };
+        let leg = |leg: TransferLeg| match leg.amount_minor {
+            a if a > 0 => Ok(leg),
             a => Err(out_of_range("amount_minor", a)),
         };
         Ok(match event_type {
@@ -119,6 +164,10 @@ impl Event {
                 amount_minor: positive(parse(event_type, data)?)?,
             },
             "AccountClosed" => Event::AccountClosed,
+            "TransferDebited" => Event::TransferDebited(leg(parse(event_type, data)?)?),
+            "TransferCredited" => Event::TransferCredited(leg(parse(event_type, data)?)?),
+            "TransferSettled" => Event::TransferSettled(leg(parse(event_type, data)?)?),
+            "TransferRefunded" => Event::TransferRefunded(leg(parse(event_type, data)?)?),
             other => return Err(EventDataError::UnknownType(other.to_owned())),
         })
     }

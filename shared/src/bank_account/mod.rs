@@ -11,7 +11,7 @@ mod wire;
 pub use crate::aggregate::EventDataError;
 pub use aggregate::{AccountStatus, BankAccount};
 pub use commands::{Command, Rejection, RejectionCode};
-pub use events::Event;
+pub use events::{Event, TransferLeg};
 pub use wire::{current_schemas, json_schema, prepare, schema_name, subject};
 
 /// The `aggregate_type` written in every event envelope of this aggregate.

@@ -310,7 +310,7 @@ proptest! {
                 let got = match env.event().unwrap() {
                     Event::AccountOpened { initial_balance_minor, .. } => initial_balance_minor,
                     Event::MoneyDeposited { amount_minor } | Event::MoneyWithdrawn { amount_minor } => amount_minor,
-                    Event::AccountClosed => unreachable!(),
+                    other => unreachable!("{other:?}"),
                 };
                 prop_assert_eq!(got, minor, "{}", text);
             }

@@ -12,3 +12,4 @@ mod registry;
 mod seed;
 mod stored;
 mod topics;
+mod transfers;

@@ -31,6 +31,7 @@ fn snapshots_of_the_release_before_are_read_and_written_back_unchanged() {
             currency: "EUR".into(),
             balance_minor: 120,
             transaction_count: 2,
+            transfers_out: Default::default(),
         }
     );
     assert_eq!(
