@@ -317,6 +317,8 @@ pub(crate) struct AccountView {
     pub version: u64,
     /// Deposits plus withdrawals.
     pub transaction_count: u64,
+    /// Transfers out of the account in flight (the current state only).
+    pub transfers_pending: Option<u64>,
     /// RFC 3339.
     pub opened_at: String,
     /// RFC 3339.
@@ -403,6 +405,15 @@ fn account_view(row: &AnyRow) -> StoreResult<AccountView> {
         status: status_from(&status)?.as_str().to_owned(),
         version: get_u64(row, "version")?,
         transaction_count: get_u64(row, "transaction_count")?,
+        transfers_pending: match row.try_get::<String, _>("transfers_out") {
+            Ok(text) if text.is_empty() => Some(0),
+            Ok(text) => Some(
+                serde_json::from_str::<HashMap<String, i64>>(&text)
+                    .map_err(|e| StoreError::Invalid(format!("unreadable transfers_out: {e}")))?
+                    .len() as u64,
+            ),
+            Err(_) => None,
+        },
         opened_at: row.try_get("opened_at")?,
         updated_at: row.try_get("updated_at")?,
     })

@@ -319,8 +319,13 @@ pub struct AccountJson {
     pub status: String,
     /// Aggregate version.
     pub version: u64,
-    /// Deposits plus withdrawals.
+    /// Deposits, withdrawals and transfer debits, credits and refunds.
     pub transaction_count: u64,
+    /// Transfers out of the account still in flight (the current state only: absent as of a
+    /// time or a version). Their amounts already left `balance_minor`; the account cannot close
+    /// until they end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfers_pending: Option<u64>,
     /// RFC 3339.
     pub opened_at: String,
     /// RFC 3339.
@@ -353,6 +358,7 @@ impl From<AccountView> for AccountJson {
             status: v.status,
             version: v.version,
             transaction_count: v.transaction_count,
+            transfers_pending: v.transfers_pending,
             opened_at: v.opened_at,
             updated_at: v.updated_at,
             parked: None,

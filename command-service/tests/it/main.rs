@@ -13,4 +13,5 @@ mod proxy;
 mod restore;
 mod stock;
 mod stock_item;
+mod transfers;
 mod two_instances;
