@@ -22,6 +22,8 @@ async fn every_route_needs_its_scope(backend: Backend) {
             ("/accounts", read),
             ("/accounts/{id}", read),
             ("/accounts/{id}/events", read),
+            ("/transfers", read),
+            ("/transfers/{id}", read),
             ("/status", read),
             ("/metrics", Some(Scope::MetricsRead)),
             ("/dead-letters", Some(Scope::Admin)),

@@ -14,11 +14,13 @@ use crate::helpers::{
 };
 
 /// Every route the router serves (all GET): the document must list each, and nothing else.
-const ROUTES: [&str; 12] = [
+const ROUTES: [&str; 14] = [
     "/",
     "/accounts",
     "/accounts/{id}",
     "/accounts/{id}/events",
+    "/transfers",
+    "/transfers/{id}",
     "/status",
     "/dead-letters",
     "/health",
