@@ -102,6 +102,41 @@ pub enum Action {
         #[command(flatten)]
         expect: Expect,
     },
+    /// Move money from one account to another. The transfer starts at once and ends when the
+    /// command-service's steps have debited FROM and credited TO (or refunded FROM); by default
+    /// this waits for the end and exits 1 when the transfer failed, printing the reason.
+    Transfer {
+        /// The source account.
+        from: String,
+        /// The target account.
+        to: String,
+        /// Amount in major units of the source's currency (`50`, `12.34`), more than zero.
+        #[arg(allow_hyphen_values = true)]
+        amount: String,
+        /// Currency of AMOUNT, sent with the transfer: the source must be in it. Default: the
+        /// source's currency as the projection knows it; when that cannot be learned, nothing is
+        /// sent (exit 2).
+        #[arg(long, value_name = "CODE")]
+        currency: Option<String>,
+        /// The transfer's id, its idempotency key: the same id again is the same transfer.
+        /// Default: a new UUID.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Return once the transfer is started, without waiting for its end.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List an account's transfers (from or to it), newest first.
+    Transfers {
+        /// Account id.
+        account: String,
+        /// At most this many transfers (1 to 1000; the projection's default is 50).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Older than this (the `next` of the previous page).
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
+    },
     /// Show an account now, as of a time or as of a version.
     Get {
         /// Account id.

@@ -5,8 +5,11 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use shared::aggregate::DomainCommand;
+use shared::bank::BankCommand;
 use shared::client::CommandClient;
-use shared::{Command, CommandMessage, CommandStatus, Settings};
+use shared::transfer::{Start, TransferCommand};
+use shared::{Command, CommandMessage, CommandResult, CommandStatus, Settings};
 
 use crate::amount::{Sign, check_currency, check_number, parse_amount};
 use crate::args::{Action, Expect, Global, MoneyArgs};
@@ -72,6 +75,39 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
                 currency,
             });
             send(&settings, global, message).await
+        }
+        Action::Transfer {
+            from,
+            to,
+            amount,
+            currency,
+            id,
+            no_wait,
+        } => {
+            let order = TransferOrder {
+                from,
+                to,
+                amount,
+                currency,
+                id,
+            };
+            transfer(&settings, global, &projection()?, order, !no_wait).await
+        }
+        Action::Transfers {
+            account,
+            limit,
+            after,
+        } => {
+            check_id(&account)?;
+            if limit == Some(0) {
+                return Err(CliError::Usage("--limit must be 1 or more".into()));
+            }
+            let answer = projection()?
+                .transfers(&account, limit, after.as_deref())
+                .await?;
+            print_answer(global, answer, |a| {
+                Ok(output::transfer_list(&account, &output::decode(a)?))
+            })
         }
         Action::Close { id, expect } => {
             check_id(&id)?;
@@ -190,25 +226,131 @@ pub async fn send(
     global: &Global,
     message: CommandMessage,
 ) -> Result<(), CliError> {
-    let timeout = Duration::from_secs(global.timeout_secs.max(1));
-    let client = CommandClient::connect(settings).await?;
-    let result = client.submit(&message, timeout).await?;
+    let result = submit(settings, global, &message).await?;
     if global.json {
         println!("{}", output::json(&result));
+    } else {
+        println!("{}", output::command_result(&result));
     }
+    Ok(())
+}
+
+/// Produces a command of any aggregate type and waits for its result; a rejection is an error
+/// (exit 1).
+async fn submit<C: DomainCommand>(
+    settings: &Settings,
+    global: &Global,
+    message: &CommandMessage<C>,
+) -> Result<CommandResult, CliError> {
+    let timeout = Duration::from_secs(global.timeout_secs.max(1));
+    let client = CommandClient::connect(settings).await?;
+    let result = client.submit(message, timeout).await?;
     match (result.status, result.error.clone()) {
-        (CommandStatus::Accepted, _) => {
-            if !global.json {
-                println!("{}", output::command_result(&result));
+        (CommandStatus::Accepted, _) => Ok(result),
+        (CommandStatus::Rejected, rejection) => {
+            if global.json {
+                println!("{}", output::json(&result));
             }
-            Ok(())
+            Err(CliError::Rejected(rejection.unwrap_or_else(|| {
+                shared::Rejection::new(
+                    shared::RejectionCode::Malformed,
+                    "rejected without a reason",
+                )
+            })))
         }
-        (CommandStatus::Rejected, Some(rejection)) => Err(CliError::Rejected(rejection)),
-        (CommandStatus::Rejected, None) => Err(CliError::Rejected(shared::Rejection::new(
-            shared::RejectionCode::Malformed,
-            "rejected without a reason",
-        ))),
     }
+}
+
+/// What `bank transfer` was asked, before it is checked.
+struct TransferOrder {
+    from: String,
+    to: String,
+    amount: String,
+    currency: Option<String>,
+    id: Option<String>,
+}
+
+/// How often `bank transfer` asks the projection whether the transfer has ended.
+const TRANSFER_POLL: Duration = Duration::from_millis(100);
+
+/// Starts a transfer (the amount read in `--currency` or the source's currency, never a
+/// guess) and, when `wait`, waits up to the timeout for its end at the projection: a failed
+/// transfer is an error naming its reason (exit 1).
+async fn transfer(
+    settings: &Settings,
+    global: &Global,
+    projection: &Projection,
+    order: TransferOrder,
+    wait: bool,
+) -> Result<(), CliError> {
+    check_id(&order.from)?;
+    check_id(&order.to)?;
+    if order.from == order.to {
+        return Err(CliError::Usage(
+            "FROM and TO are the same account: a transfer needs two".into(),
+        ));
+    }
+    check_number(&order.amount, Sign::Positive)?;
+    let currency = known_currency(
+        order.currency.as_deref(),
+        projection,
+        &order.from,
+        &order.amount,
+    )
+    .await?;
+    let amount_minor = parse_amount(&order.amount, &currency, Sign::Positive)?;
+    let id = order.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    check_id(&id)?;
+    let start = Start {
+        from: order.from,
+        to: order.to,
+        amount_minor,
+        currency: Some(currency),
+    };
+    let message = CommandMessage::new(
+        id.clone(),
+        BankCommand::Transfer(TransferCommand::TransferMoney(start)),
+    );
+    let result = submit(settings, global, &message).await?;
+    if !wait {
+        if global.json {
+            println!("{}", output::json(&result));
+        } else {
+            println!("transfer {id} started (bank transfers ACCOUNT lists it; it ends shortly)");
+        }
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(global.timeout_secs.max(1));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let ended = loop {
+        match projection.transfer(&id).await {
+            Ok(t) if t["status"] != "pending" => break t,
+            Ok(_) | Err(CliError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Unavailable(format!(
+                "transfer {id} was started but the projection does not show its end after {} s;                  it ends on its own: bank transfers {} shows it",
+                timeout.as_secs(),
+                message.command.payload()["from"]
+                    .as_str()
+                    .unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(TRANSFER_POLL).await;
+    };
+    if global.json {
+        println!("{}", output::json(&ended));
+    } else {
+        print!("{}", output::transfer(&output::decode(ended.clone())?));
+    }
+    if ended["status"] == "failed" {
+        return Err(CliError::TransferFailed(format!(
+            "transfer {id} failed: {}",
+            ended["reason"].as_str().unwrap_or("no reason given")
+        )));
+    }
+    Ok(())
 }
 
 fn message(id: String, command: Command, expect: Expect) -> CommandMessage {
@@ -235,21 +377,8 @@ fn check_id(id: &str) -> Result<(), CliError> {
 async fn money(args: &MoneyArgs, projection: &Projection) -> Result<Money, CliError> {
     check_id(&args.id)?;
     check_number(&args.amount, Sign::Positive)?;
-    let currency = match &args.currency {
-        Some(c) => {
-            check_currency(c)?;
-            c.clone()
-        }
-        None => account_currency(projection, &args.id)
-            .await
-            .map_err(|why| {
-                CliError::Usage(format!(
-                    "{why}, so the decimals of `{}` are not known: pass --currency CODE \
-                     (nothing was sent)",
-                    args.amount
-                ))
-            })?,
-    };
+    let currency =
+        known_currency(args.currency.as_deref(), projection, &args.id, &args.amount).await?;
     let minor = parse_amount(&args.amount, &currency, Sign::Positive)?;
     Ok(Money {
         id: args.id.clone(),
@@ -278,6 +407,28 @@ impl Money {
             command(self.amount_minor, Some(self.currency)),
             self.expect,
         )
+    }
+}
+
+/// The currency an amount is read in: `--currency` when given, else the account's according to
+/// the projection; when neither is known, a usage error naming `--currency`.
+async fn known_currency(
+    given: Option<&str>,
+    projection: &Projection,
+    account: &str,
+    amount: &str,
+) -> Result<String, CliError> {
+    match given {
+        Some(c) => {
+            check_currency(c)?;
+            Ok(c.to_owned())
+        }
+        None => account_currency(projection, account).await.map_err(|why| {
+            CliError::Usage(format!(
+                "{why}, so the decimals of `{amount}` are not known: pass --currency CODE \
+                 (nothing was sent)"
+            ))
+        }),
     }
 }
 

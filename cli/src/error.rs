@@ -4,7 +4,7 @@
 //! | status | meaning |
 //! |---|---|
 //! | 0 | success |
-//! | 1 | the command was rejected, the account (or dead letter) is unknown, or a dead letter still fails |
+//! | 1 | the command was rejected, the account (or dead letter) is unknown, a transfer failed, or a dead letter still fails |
 //! | 2 | usage error: bad flag, amount, currency, time or query; nothing was sent |
 //! | 3 | Kafka, command-service or projection-service cannot be reached or did not answer |
 
@@ -30,6 +30,9 @@ pub enum CliError {
     /// The projection does not know the account (at that time / version): exit 1.
     #[error("{0}")]
     NotFound(String),
+    /// A transfer ended `failed` (the message names the reason): exit 1.
+    #[error("{0}")]
+    TransferFailed(String),
     /// Dead letters that still fail were not replayed: exit 1.
     #[error("{0}")]
     HeldBack(String),
@@ -43,7 +46,10 @@ impl CliError {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Rejected(_) | CliError::NotFound(_) | CliError::HeldBack(_) => EXIT_REJECTED,
+            CliError::Rejected(_)
+            | CliError::NotFound(_)
+            | CliError::HeldBack(_)
+            | CliError::TransferFailed(_) => EXIT_REJECTED,
             CliError::Usage(_) => EXIT_USAGE,
             CliError::Unavailable(_) => EXIT_UNAVAILABLE,
         }

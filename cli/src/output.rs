@@ -78,6 +78,149 @@ pub struct AccountPage {
     pub next: Option<String>,
 }
 
+/// The transfer object of `GET /transfers/{id}` (docs/contract.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Transfer {
+    /// The transfer's id.
+    pub transfer_id: String,
+    /// The source account.
+    pub from: String,
+    /// The target account.
+    pub to: String,
+    /// Minor units of `currency`.
+    pub amount_minor: i64,
+    /// ISO 4217 code, once known.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// `pending`, `completed` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub started_at: String,
+    /// RFC 3339, once ended.
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    /// Its steps (`GET /transfers/{id}` only).
+    #[serde(default)]
+    pub steps: Vec<TransferStep>,
+}
+
+/// One step of a transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct TransferStep {
+    /// The transfer or one of its accounts.
+    pub aggregate_id: String,
+    /// Its version there.
+    pub version: u64,
+    /// The event.
+    pub event_type: String,
+    /// RFC 3339.
+    pub timestamp: String,
+}
+
+impl Transfer {
+    /// The amount as `12.50 EUR` (minor units when the currency is not known yet).
+    pub fn amount_text(&self) -> String {
+        match &self.currency {
+            Some(c) => format!("{} {c}", format_minor(self.amount_minor, minor_digits(c))),
+            None => format!("{} minor units", self.amount_minor),
+        }
+    }
+}
+
+/// A page of `GET /transfers`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TransferPage {
+    /// Newest first.
+    pub transfers: Vec<Transfer>,
+    /// The cursor to pass as `--after` for the next page.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+/// A transfer as aligned `key: value` lines, then its steps.
+pub fn transfer(t: &Transfer) -> String {
+    let mut rows = vec![
+        ("transfer", t.transfer_id.clone()),
+        ("from", t.from.clone()),
+        ("to", t.to.clone()),
+        ("amount", t.amount_text()),
+        ("status", t.status.clone()),
+    ];
+    if let Some(reason) = &t.reason {
+        rows.push(("reason", reason.clone()));
+    }
+    rows.push(("started at", t.started_at.clone()));
+    if let Some(finished) = &t.finished_at {
+        rows.push(("finished at", finished.clone()));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out: String = rows
+        .iter()
+        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .collect();
+    if !t.steps.is_empty() {
+        let steps: Vec<Vec<String>> = t
+            .steps
+            .iter()
+            .map(|s| {
+                vec![
+                    s.timestamp.clone(),
+                    s.event_type.clone(),
+                    format!("{} v{}", s.aggregate_id, s.version),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["TIME", "STEP", "ON"],
+            &[false, false, false],
+            &steps,
+        ));
+    }
+    out
+}
+
+/// An account's transfers as a table, with a hint for the next page.
+pub fn transfer_list(account: &str, page: &TransferPage) -> String {
+    if page.transfers.is_empty() {
+        return format!("no transfers from or to {account}\n");
+    }
+    let rows: Vec<Vec<String>> = page
+        .transfers
+        .iter()
+        .map(|t| {
+            let (direction, other) = if t.from == account {
+                ("out", &t.to)
+            } else {
+                ("in", &t.from)
+            };
+            vec![
+                t.transfer_id.clone(),
+                direction.to_owned(),
+                other.clone(),
+                t.amount_text(),
+                t.status.clone(),
+                t.reason.clone().unwrap_or_default(),
+                t.started_at.clone(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "TRANSFER", "DIR", "WITH", "AMOUNT", "STATUS", "REASON", "STARTED",
+        ],
+        &[false, false, false, true, false, false, false],
+        &rows,
+    );
+    if let Some(next) = &page.next {
+        out.push_str(&format!("more: bank transfers {account} --after {next}\n"));
+    }
+    out
+}
+
 /// Reads a projection answer into `T`; an answer of another shape means the service at that
 /// URL is not the projection this CLI speaks to (exit 3).
 pub fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, CliError> {

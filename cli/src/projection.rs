@@ -137,6 +137,28 @@ impl Projection {
         }
     }
 
+    /// `GET /transfers/{id}`: the transfer with its steps.
+    pub async fn transfer(&self, id: &str) -> Result<Value, CliError> {
+        self.get(&["transfers", id], &[]).await
+    }
+
+    /// `GET /transfers?account=...`: `{"transfers": [...], "next": ...}`.
+    pub async fn transfers(
+        &self,
+        account: &str,
+        limit: Option<u32>,
+        after: Option<&str>,
+    ) -> Result<Value, CliError> {
+        let mut params = vec![("account", account.to_owned())];
+        if let Some(l) = limit {
+            params.push(("limit", l.to_string()));
+        }
+        if let Some(a) = after {
+            params.push(("after", a.to_owned()));
+        }
+        self.get(&["transfers"], &params).await
+    }
+
     /// `GET /accounts?...`: `{"accounts": [...], "next": ...}`.
     pub async fn list(&self, query: &ListQuery) -> Result<Value, CliError> {
         let mut params = Vec::new();

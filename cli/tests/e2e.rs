@@ -502,6 +502,96 @@ fn money_commands_carry_their_currency_and_never_guess_its_decimals() {
     );
 }
 
+#[test]
+fn transfers_wait_for_their_end_and_fail_with_their_reason() {
+    let system = Services::start();
+    let bank = |args: &[&str]| system.bank(args);
+    for (id, currency, initial) in [
+        ("tr-eur-a", "EUR", "100.00"),
+        ("tr-eur-b", "EUR", "0"),
+        ("tr-jpy", "JPY", "1000"),
+    ] {
+        bank(&[
+            "open",
+            id,
+            "--owner",
+            "Kim",
+            "--currency",
+            currency,
+            "--initial",
+            initial,
+        ])
+        .expect(0);
+    }
+    // Waits for the end: completed, the amount read in the source's decimals.
+    let done = bank(&["transfer", "tr-eur-a", "tr-eur-b", "12.50", "--id", "tr-1"]).expect(0);
+    assert!(done.stdout.contains("completed"), "{done}");
+    assert_eq!(
+        system.wait_for_version("tr-eur-b", 2)["balance_minor"],
+        1250
+    );
+    // The same id again is the same transfer: nothing moves twice.
+    bank(&[
+        "transfer",
+        "tr-eur-a",
+        "tr-eur-b",
+        "12.50",
+        "--id",
+        "tr-1",
+        "--no-wait",
+    ])
+    .expect(0);
+    // Failures exit 1 with their reason, and move nothing.
+    let poor = bank(&["transfer", "tr-eur-b", "tr-eur-a", "500"]).expect(1);
+    assert!(poor.stderr.contains("InsufficientFunds"), "{poor}");
+    let other = bank(&["transfer", "tr-eur-a", "tr-jpy", "1", "--json"]).expect(1);
+    assert_eq!(other.json()["reason"], "CurrencyMismatch", "{other}");
+    let nobody = bank(&["transfer", "tr-eur-a", "tr-nobody", "1"]).expect(1);
+    assert!(nobody.stderr.contains("AccountNotFound"), "{nobody}");
+    // Refused at once: the same account, or a source whose currency cannot be learned.
+    bank(&["transfer", "tr-eur-a", "tr-eur-a", "1"]).expect(2);
+    let unknown = bank(&["transfer", "tr-none", "tr-eur-a", "1"]).expect(2);
+    assert!(unknown.stderr.contains("--currency"), "{unknown}");
+    // --no-wait returns once started; the list shows every transfer of the account.
+    bank(&[
+        "transfer",
+        "tr-eur-a",
+        "tr-eur-b",
+        "1",
+        "--id",
+        "tr-late",
+        "--no-wait",
+    ])
+    .expect(0);
+    let deadline = Instant::now() + PROJECTION_DEADLINE;
+    loop {
+        let list = bank(&["transfers", "tr-eur-a", "--json"]).expect(0).json();
+        let transfers = list["transfers"].as_array().unwrap();
+        let late = transfers.iter().find(|t| t["transfer_id"] == "tr-late");
+        if late.is_some_and(|t| t["status"] == "completed") {
+            assert_eq!(transfers.len(), 4, "{list}");
+            assert_eq!(
+                transfers[0]["transfer_id"], "tr-late",
+                "newest first: {list}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tr-late did not complete: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = bank(&["transfers", "tr-eur-a"]).expect(0);
+    assert!(
+        text.stdout.contains("tr-1") && text.stdout.contains("out"),
+        "{text}"
+    );
+    // Opened, 2 events per transfer out (debit, then settle or refund) for 4 transfers.
+    let a = system.wait_for_version("tr-eur-a", 9);
+    assert_eq!(a["balance_minor"], 10_000 - 1250 - 100, "{a}");
+}
+
 /// No services needed: the amount is refused before Kafka is even contacted (the broker address
 /// is unreachable, and the answer is 2, not 3).
 #[test]

@@ -169,6 +169,10 @@
     return "#" + path + (query ? "?" + query : "");
   }
 
+  function transferHref(id) {
+    return "#/transfer/" + encodeURIComponent(id);
+  }
+
   function accountHref(id) {
     return "#/account/" + encodeURIComponent(id);
   }
@@ -352,6 +356,9 @@
         case "AccountOpened": amount = d.initial_balance_minor || 0; balance = amount; break;
         case "MoneyDeposited": amount = d.amount_minor; balance += amount; break;
         case "MoneyWithdrawn": amount = -d.amount_minor; balance -= d.amount_minor; break;
+        case "TransferDebited": amount = -d.amount_minor; balance -= d.amount_minor; break;
+        case "TransferCredited": amount = d.amount_minor; balance += amount; break;
+        case "TransferRefunded": amount = d.amount_minor; balance += amount; break;
         default: break;
       }
       const meta = e.metadata || {};
@@ -365,6 +372,7 @@
         balanceText: grouped(formatMinor(balance, digits)),
         commandId: meta.causation_id || meta.command_id || "",
         correlationId: meta.correlation_id || "",
+        transferId: d.transfer_id || "",
       };
     });
   }
@@ -591,7 +599,9 @@
               h("button", { type: "button", class: "link", title: "Show the state as of version " + r.version,
                 onclick: () => choose({ version: String(r.version) }) }, String(r.version))),
             h("td", { dataset: { col: "time" } }, timeEl(r.timestamp)),
-            h("td", { dataset: { col: "type" } }, h("span", { class: "event event-" + r.type }, r.type)),
+            h("td", { dataset: { col: "type" } }, h("span", { class: "event event-" + r.type }, r.type),
+              r.transferId ? [" ", h("a", { href: transferHref(r.transferId), class: "transfer-link",
+                title: "Transfer " + r.transferId + " and its steps" }, "transfer")] : null),
             h("td", { class: "num" + (r.amount < 0 ? " neg" : ""), dataset: { col: "amount" } }, r.amountText),
             h("td", { class: "num", dataset: { col: "balance" } }, r.balanceText),
             h("td", { class: "mono small", dataset: { col: "command_id" } }, shortId(r.commandId)),
@@ -713,6 +723,55 @@
     return { dispose() { disposed = true; live.listeners.delete(load); } };
   }
 
+  // ---------------------------------------------------------------- one transfer
+
+  /** A transfer: who, how much, its status and reason, and its steps on each aggregate. */
+  function transferView(id) {
+    let disposed = false;
+    const body = h("div", {}, h("p", { class: "summary" }, "Reading the transfer…"));
+    show(h("section", { "aria-labelledby": "h-transfer" },
+      h("div", { class: "page-head" }, h("h1", { id: "h-transfer" }, "Transfer ", h("span", { class: "mono" }, id)),
+        h("p", { class: "lede" }, "Money moved from one account to another in steps, each one transaction on one " +
+          "aggregate's partition: started, the source debited, the target credited, then completed (or the source " +
+          "refunded and the transfer failed).")), body));
+    async function load() {
+      let t;
+      try {
+        t = await api("/transfers/" + encodeURIComponent(id));
+      } catch (e) {
+        if (!disposed) body.replaceChildren(message("error", "The transfer cannot be shown.", e.message));
+        return;
+      }
+      if (disposed) return;
+      // `amount` is the decimal text in the currency's digits, once the currency is known.
+      const amount = t.amount && t.currency ? money(t.amount, t.currency) : t.amount_minor + " minor units";
+      const facts = h("dl", { class: "state", id: "transfer-facts" },
+        h("dt", {}, "Status"), h("dd", { dataset: { field: "status" } }, statusBadge(t.status)),
+        t.reason ? [h("dt", {}, "Reason"), h("dd", { dataset: { field: "reason" } }, h("span", { class: "badge badge-code" }, t.reason))] : null,
+        h("dt", {}, "From"), h("dd", {}, h("a", { href: accountHref(t.from), dataset: { field: "from" } }, t.from)),
+        h("dt", {}, "To"), h("dd", {}, h("a", { href: accountHref(t.to), dataset: { field: "to" } }, t.to)),
+        h("dt", {}, "Amount"), h("dd", { dataset: { field: "amount" } }, amount),
+        h("dt", {}, "Started"), h("dd", {}, timeEl(t.started_at)),
+        t.finished_at ? [h("dt", {}, "Finished"), h("dd", {}, timeEl(t.finished_at))] : null);
+      const steps = h("table", { class: "data", id: "transfer-steps" },
+        h("caption", { class: "sr-only" }, "Steps of transfer " + id + ", in time order"),
+        h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Time"), h("th", { scope: "col" }, "Step"),
+          h("th", { scope: "col" }, "On"), h("th", { scope: "col", class: "num" }, "Version"), h("th", { scope: "col" }, "Data"))),
+        h("tbody", {}, (t.steps || []).map((st) => h("tr", { dataset: { type: st.event_type } },
+          h("td", {}, timeEl(st.timestamp)),
+          h("td", {}, h("span", { class: "event event-" + st.event_type }, st.event_type)),
+          h("td", { class: "mono small" }, st.aggregate_id === t.transfer_id ? "this transfer"
+            : h("a", { href: accountHref(st.aggregate_id) }, st.aggregate_id)),
+          h("td", { class: "num" }, String(st.version)),
+          h("td", { class: "mono small data-json" }, compactJson(st.data))))));
+      body.replaceChildren(facts, h("h2", {}, "Steps"), h("div", { class: "table-wrap" }, steps));
+      if (t.status !== "pending") live.listeners.delete(load);
+    }
+    load();
+    live.listeners.add(load);
+    return { dispose() { disposed = true; live.listeners.delete(load); } };
+  }
+
   // ---------------------------------------------------------------- router
 
   function render() {
@@ -734,6 +793,15 @@
       }
       document.title = id + " · bank-es explorer";
       current = accountView(id, params);
+    } else if (path.startsWith("/transfer/") && path.length > "/transfer/".length) {
+      let id;
+      try {
+        id = decodeURIComponent(path.slice("/transfer/".length));
+      } catch (_) {
+        id = path.slice("/transfer/".length);
+      }
+      document.title = "Transfer " + id + " · bank-es explorer";
+      current = transferView(id);
     } else if (path === "/dead-letters") {
       document.title = "Dead letters · bank-es explorer";
       current = deadLettersView();

@@ -14,6 +14,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
+use crate::aggregate::DomainCommand;
 use crate::config::Settings;
 use crate::envelope::{CommandMessage, CommandResult};
 use crate::kafka::{Topics, canonical_partition};
@@ -99,9 +100,9 @@ impl CommandClient {
     }
 
     /// Submits one command and waits up to `timeout` for its result.
-    pub async fn submit(
+    pub async fn submit<C: DomainCommand>(
         &self,
-        command: &CommandMessage,
+        command: &CommandMessage<C>,
         timeout: Duration,
     ) -> Result<CommandResult, ClientError> {
         let mut results = self
@@ -112,9 +113,9 @@ impl CommandClient {
 
     /// Submits many commands and waits until every one has a result (or `timeout` passes
     /// without progress). Calls `on_result` as results arrive; returns them in arrival order.
-    pub async fn submit_all(
+    pub async fn submit_all<C: DomainCommand>(
         &self,
-        commands: &[CommandMessage],
+        commands: &[CommandMessage<C>],
         timeout: Duration,
         on_result: impl FnMut(&CommandResult),
     ) -> Result<Vec<CommandResult>, ClientError> {
@@ -133,7 +134,10 @@ impl CommandClient {
     /// Produces `commands` to their canonical partitions, each with a `traceparent` header
     /// that starts a trace (or continues the one in `TRACEPARENT`); returns once Kafka has
     /// taken them all.
-    async fn send_all(&self, commands: &[CommandMessage]) -> Result<(), ClientError> {
+    async fn send_all<C: DomainCommand>(
+        &self,
+        commands: &[CommandMessage<C>],
+    ) -> Result<(), ClientError> {
         let topic = self.topics.commands();
         let parent = crate::trace::TraceContext::from_env();
         let sends = commands.iter().map(|command| {

@@ -68,7 +68,7 @@ pub struct Transfer {
     pub to: String,
     /// Minor units of the source's currency.
     pub amount_minor: i64,
-    /// The source's currency, once known (the source was found).
+    /// The currency the sender named, else the source's once known (the source was found).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
     /// Why it failed (a rejection code).
@@ -107,6 +107,10 @@ pub struct Start {
     pub to: String,
     /// Minor units of the source's currency, more than zero.
     pub amount_minor: i64,
+    /// The currency the sender means the amount in (optional): the source refuses the debit
+    /// (`CurrencyMismatch`) unless it is the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
 }
 
 /// How a transfer ended: the payload of its ending commands and the data of its ending events.
@@ -267,14 +271,19 @@ impl Transfer {
                 self.from.clone_from(&start.from);
                 self.to.clone_from(&start.to);
                 self.amount_minor = start.amount_minor;
+                self.currency.clone_from(&start.currency);
             }
             (TransferStatus::Pending, TransferEvent::TransferCompleted(end)) => {
                 self.status = TransferStatus::Completed;
-                self.currency.clone_from(&end.currency);
+                if end.currency.is_some() {
+                    self.currency.clone_from(&end.currency);
+                }
             }
             (TransferStatus::Pending, TransferEvent::TransferFailed(end)) => {
                 self.status = TransferStatus::Failed;
-                self.currency.clone_from(&end.currency);
+                if end.currency.is_some() {
+                    self.currency.clone_from(&end.currency);
+                }
                 self.reason.clone_from(&end.reason);
             }
             (status, event) => {
@@ -298,7 +307,7 @@ impl Transfer {
             from: self.from.clone(),
             to: self.to.clone(),
             amount_minor: self.amount_minor,
-            currency: None,
+            currency: self.currency.clone(),
             reason: None,
         };
         vec![account_step(&self.from, "DebitForTransfer", &leg)]
@@ -366,7 +375,8 @@ impl Aggregate for Transfer {
                 "required": ["from", "to", "amount_minor"],
                 "properties": {
                     "from": text, "to": text,
-                    "amount_minor": {"type": "integer", "minimum": 1}
+                    "amount_minor": {"type": "integer", "minimum": 1},
+                    "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}
                 }
             }),
             "TransferCompleted" | "TransferFailed" => json!({

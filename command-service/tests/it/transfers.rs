@@ -26,6 +26,7 @@ fn transfer_message(
             from: from.into(),
             to: to.into(),
             amount_minor,
+            currency: None,
         })),
     )
 }

@@ -18,7 +18,7 @@ use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use shared::envelope::Metadata;
-use shared::{BankAccount, Event, EventCodec, EventEnvelope};
+use shared::{Bank, BankAccount, BankEvent, Event, EventCodec, EventEnvelope};
 
 use crate::helpers::{
     Backend, EventWriter, TestApp, TestDb, ids, rfc3339, settings_for, spawn_app, wait_for,
@@ -569,6 +569,137 @@ async fn explorer_in_a_browser() {
         (started.elapsed() - setup).as_secs_f64(),
         shots.display()
     );
+}
+
+/// A transfer on both accounts' timelines, linked to its own page with its steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_in_a_browser() {
+    let Some(browser) = Browser::find() else {
+        return;
+    };
+    let db = TestDb::new(Backend::Sqlite).await;
+    let settings = settings_for(&db);
+    let app = spawn_app(settings.clone()).await;
+    let writer = EventWriter::new(&settings).await;
+    let codec = EventCodec::json("USD");
+    let p = format!("tr-{}", &ids("x")[2..8]);
+    let (from, to, transfer) = (format!("{p}-from"), format!("{p}-to"), format!("{p}-t"));
+    write_account(
+        &writer,
+        &codec,
+        &from,
+        0,
+        vec![opened("Ann", "EUR", 10_000)],
+    )
+    .await;
+    write_account(&writer, &codec, &to, 0, vec![opened("Ben", "EUR", 0)]).await;
+    let leg = shared::bank_account::TransferLeg {
+        transfer_id: transfer.clone(),
+        from: from.clone(),
+        to: to.clone(),
+        amount_minor: 2_550,
+        currency: Some("EUR".into()),
+        reason: None,
+    };
+    let started = shared::transfer::Start {
+        from: from.clone(),
+        to: to.clone(),
+        amount_minor: 2_550,
+        currency: Some("EUR".into()),
+    };
+    let ending = shared::transfer::Ending {
+        currency: Some("EUR".into()),
+        reason: None,
+    };
+    use shared::transfer::TransferEvent;
+    let steps: Vec<(&str, u64, BankEvent)> = vec![
+        (
+            &transfer,
+            1,
+            BankEvent::Transfer(TransferEvent::TransferStarted(started)),
+        ),
+        (
+            &from,
+            2,
+            BankEvent::Account(Event::TransferDebited(leg.clone())),
+        ),
+        (
+            &to,
+            2,
+            BankEvent::Account(Event::TransferCredited(leg.clone())),
+        ),
+        (
+            &from,
+            3,
+            BankEvent::Account(Event::TransferSettled(leg.clone())),
+        ),
+        (
+            &transfer,
+            2,
+            BankEvent::Transfer(TransferEvent::TransferCompleted(ending)),
+        ),
+    ];
+    for (i, (id, version, event)) in steps.into_iter().enumerate() {
+        let mut metadata = Metadata::new();
+        metadata.insert("correlation_id".into(), json!(transfer));
+        let at = base() + chrono::Duration::minutes(60 + i as i64);
+        let envelope = EventEnvelope::of::<Bank>(id, version, &event, at, metadata);
+        writer.envelope(&codec, &envelope).await;
+    }
+    app.wait_version(&from, 3).await;
+    app.wait_version(&to, 2).await;
+
+    let web = browser.start().await;
+    let shots = screenshot_dir();
+    let page = Page {
+        client: &web.client,
+        app: &app,
+    };
+    // The source's timeline: the debit, with the balance after it and a link to the transfer.
+    page.goto(&format!("/#/account/{from}")).await;
+    let debit = page.wait("tr[data-type=\"TransferDebited\"]").await;
+    assert_eq!(cell(&debit, "amount").await, "−25.50");
+    assert_eq!(cell(&debit, "balance").await, "74.50");
+    let link = page
+        .find("tr[data-type=\"TransferDebited\"] a.transfer-link")
+        .await;
+    link.click().await.expect("follow the transfer link");
+    // The transfer's page: status, both accounts and its five steps in order.
+    page.wait("#transfer-steps tbody tr:nth-child(5)").await;
+    assert_eq!(
+        page.text("#transfer-facts [data-field=\"status\"]").await,
+        "completed"
+    );
+    assert_eq!(page.text("#transfer-facts [data-field=\"to\"]").await, to);
+    assert_eq!(
+        page.text("#transfer-facts [data-field=\"amount\"]").await,
+        "25.50 EUR"
+    );
+    let mut order = Vec::new();
+    for row in page.all("#transfer-steps tbody tr").await {
+        order.push(attr(&row, "data-type").await);
+    }
+    assert_eq!(
+        order,
+        [
+            "TransferStarted",
+            "TransferDebited",
+            "TransferCredited",
+            "TransferSettled",
+            "TransferCompleted"
+        ]
+    );
+    page.shot_full(&shots, "transfer").await;
+    // The target's timeline shows the credit.
+    page.find("#transfer-facts [data-field=\"to\"]")
+        .await
+        .click()
+        .await
+        .expect("follow the target link");
+    let credit = page.wait("tr[data-type=\"TransferCredited\"]").await;
+    assert_eq!(cell(&credit, "amount").await, "+25.50");
+    web.stop().await;
+    app.stop().await.expect("clean stop");
 }
 
 /// The timeline rows against the API's events and the balance each event leaves.

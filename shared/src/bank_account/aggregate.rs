@@ -169,6 +169,7 @@ impl BankAccount {
                 Ok(vec![Event::AccountClosed])
             }
             (AccountStatus::Active, Command::DebitForTransfer(leg)) => {
+                self.same_currency(leg.currency.as_deref())?;
                 positive(leg.amount_minor)?;
                 if leg.amount_minor > self.balance_minor {
                     return reject(

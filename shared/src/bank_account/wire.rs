@@ -29,7 +29,7 @@ impl Upcasters {
     /// The steps of the bank-account events: v1 ↔ v2.
     pub fn standard() -> Self {
         let mut u = Self::empty();
-        u.register_aggregate::<BankAccount>();
+        u.register_aggregate::<crate::bank::Bank>();
         u
     }
 }
@@ -40,22 +40,22 @@ impl Default for Upcasters {
     }
 }
 
-/// Codecs serving the bank account (the services' default).
+/// Codecs serving the bank: accounts and transfers (the services' default).
 impl EventCodec {
-    /// A plain-JSON codec of bank-account events; v1 events get `default_currency`.
+    /// A plain-JSON codec of the bank's events; v1 events get `default_currency`.
     pub fn json(default_currency: &str) -> Self {
-        Self::plain(default_currency).serving::<BankAccount>()
+        Self::plain(default_currency).serving::<crate::bank::Bank>()
     }
 
     /// A codec of bank-account events writing the Confluent wire format through the registry
     /// at `url` (see [`EventCodec::registry_backed`]).
     pub fn with_registry(default_currency: &str, url: &str) -> Result<Self, EncodeError> {
-        Ok(Self::registry_backed(default_currency, url)?.serving::<BankAccount>())
+        Ok(Self::registry_backed(default_currency, url)?.serving::<crate::bank::Bank>())
     }
 
     /// The bank-account codec the settings ask for (see [`EventCodec::for_settings`]).
     pub fn from_settings(settings: &crate::config::Settings) -> Result<Self, EncodeError> {
-        Ok(Self::for_settings(settings)?.serving::<BankAccount>())
+        Ok(Self::for_settings(settings)?.serving::<crate::bank::Bank>())
     }
 }
 
@@ -71,10 +71,10 @@ pub fn schema_name(event_type: &str, schema_version: u32) -> String {
     record_name(AGGREGATE_TYPE, event_type, schema_version)
 }
 
-/// Every bank-account event type's schema at the current version, for tools that register them
-/// up front.
+/// Every event type's schema of the bank (accounts and transfers) at the current version, for
+/// tools that register them up front.
 pub fn current_schemas() -> Vec<(String, Value)> {
-    schemas_of::<BankAccount>()
+    schemas_of::<crate::bank::Bank>()
 }
 
 /// The registry subject of a bank-account event type's schema at a schema version, for events
@@ -83,9 +83,10 @@ pub fn subject(topic: &str, event_type: &str, schema_version: u32) -> String {
     record_subject(topic, &schema_name(event_type, schema_version))
 }
 
-/// Registers every current bank-account event schema for `topic` ([`prepare_for`]).
+/// Registers every current event schema of the bank (accounts and transfers) for `topic`
+/// ([`prepare_for`]).
 pub async fn prepare(url: &str, topic: &str) -> Result<Vec<(String, u32)>, RegistryError> {
-    prepare_for::<BankAccount>(url, topic).await
+    prepare_for::<crate::bank::Bank>(url, topic).await
 }
 
 /// Reads a decimal amount in major units from a JSON number (or numeric string), exactly. It

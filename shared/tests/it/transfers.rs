@@ -122,6 +122,7 @@ fn transfer(ledger: &mut Ledger, id: &str, from: &str, to: &str, amount_minor: i
             from: from.into(),
             to: to.into(),
             amount_minor,
+            currency: None,
         })),
     );
 }
