@@ -307,10 +307,13 @@ async fn transfer(
         amount_minor,
         currency: Some(currency),
     };
-    let message = CommandMessage::new(
+    let mut message = CommandMessage::new(
         id.clone(),
-        BankCommand::Transfer(TransferCommand::TransferMoney(start)),
+        BankCommand::Transfer(TransferCommand::TransferMoney(start.clone())),
     );
+    // The transfer id is the idempotency key: the same id again is the same command, answered
+    // with its original result within the dedupe window (TransferExists after it).
+    message.command_id = shared::aggregate::step_id(&id, "TransferMoney");
     let result = submit(settings, global, &message).await?;
     if !wait {
         if global.json {
@@ -339,10 +342,24 @@ async fn transfer(
         }
         tokio::time::sleep(TRANSFER_POLL).await;
     };
+    let shown: output::Transfer = output::decode(ended.clone())?;
+    if (shown.from.as_str(), shown.to.as_str(), shown.amount_minor)
+        != (start.from.as_str(), start.to.as_str(), start.amount_minor)
+    {
+        return Err(CliError::Rejected(shared::Rejection::new(
+            shared::RejectionCode::domain("TransferExists"),
+            format!(
+                "transfer id {id} is another transfer: {} from {} to {}",
+                shown.amount_text(),
+                shown.from,
+                shown.to
+            ),
+        )));
+    }
     if global.json {
         println!("{}", output::json(&ended));
     } else {
-        print!("{}", output::transfer(&output::decode(ended.clone())?));
+        print!("{}", output::transfer(&shown));
     }
     if ended["status"] == "failed" {
         return Err(CliError::TransferFailed(format!(

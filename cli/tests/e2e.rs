@@ -524,23 +524,24 @@ fn transfers_wait_for_their_end_and_fail_with_their_reason() {
         .expect(0);
     }
     // Waits for the end: completed, the amount read in the source's decimals.
-    let done = bank(&["transfer", "tr-eur-a", "tr-eur-b", "12.50", "--id", "tr-1"]).expect(0);
+    let done = bank(&[
+        "transfer", "tr-eur-a", "tr-eur-b", "12.50", "--id", "xfer-1",
+    ])
+    .expect(0);
     assert!(done.stdout.contains("completed"), "{done}");
     assert_eq!(
         system.wait_for_version("tr-eur-b", 2)["balance_minor"],
         1250
     );
     // The same id again is the same transfer: nothing moves twice.
-    bank(&[
-        "transfer",
-        "tr-eur-a",
-        "tr-eur-b",
-        "12.50",
-        "--id",
-        "tr-1",
-        "--no-wait",
+    let again = bank(&[
+        "transfer", "tr-eur-a", "tr-eur-b", "12.50", "--id", "xfer-1",
     ])
     .expect(0);
+    assert!(again.stdout.contains("completed"), "{again}");
+    // The id of another transfer is refused.
+    let other_id = bank(&["transfer", "tr-eur-a", "tr-eur-b", "3", "--id", "xfer-1"]).expect(1);
+    assert!(other_id.stderr.contains("TransferExists"), "{other_id}");
     // Failures exit 1 with their reason, and move nothing.
     let poor = bank(&["transfer", "tr-eur-b", "tr-eur-a", "500"]).expect(1);
     assert!(poor.stderr.contains("InsufficientFunds"), "{poor}");
@@ -559,7 +560,7 @@ fn transfers_wait_for_their_end_and_fail_with_their_reason() {
         "tr-eur-b",
         "1",
         "--id",
-        "tr-late",
+        "xfer-late",
         "--no-wait",
     ])
     .expect(0);
@@ -567,11 +568,12 @@ fn transfers_wait_for_their_end_and_fail_with_their_reason() {
     loop {
         let list = bank(&["transfers", "tr-eur-a", "--json"]).expect(0).json();
         let transfers = list["transfers"].as_array().unwrap();
-        let late = transfers.iter().find(|t| t["transfer_id"] == "tr-late");
+        let late = transfers.iter().find(|t| t["transfer_id"] == "xfer-late");
         if late.is_some_and(|t| t["status"] == "completed") {
-            assert_eq!(transfers.len(), 4, "{list}");
+            // Two out of it that failed, the one into it that failed, and two that completed.
+            assert_eq!(transfers.len(), 5, "{list}");
             assert_eq!(
-                transfers[0]["transfer_id"], "tr-late",
+                transfers[0]["transfer_id"], "xfer-late",
                 "newest first: {list}"
             );
             break;
@@ -584,7 +586,7 @@ fn transfers_wait_for_their_end_and_fail_with_their_reason() {
     }
     let text = bank(&["transfers", "tr-eur-a"]).expect(0);
     assert!(
-        text.stdout.contains("tr-1") && text.stdout.contains("out"),
+        text.stdout.contains("xfer-1") && text.stdout.contains("out"),
         "{text}"
     );
     // Opened, 2 events per transfer out (debit, then settle or refund) for 4 transfers.
