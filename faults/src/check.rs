@@ -33,6 +33,9 @@ pub(crate) struct Tally {
     /// Instances fenced by a twin with their INSTANCE_ID that did not stop by themselves (with a
     /// failure status) within [`crate::FENCED_EXIT_LIMIT`].
     pub(crate) twins_running: usize,
+    /// Transfers answered otherwise than accepted at version 1, not ended in time, ended
+    /// otherwise than they must, and accounts whose books do not balance.
+    pub(crate) transfers_wrong: usize,
     /// What went wrong, for people (the first few of each kind).
     pub(crate) notes: Vec<String>,
 }
@@ -51,6 +54,7 @@ impl Tally {
         self.crashes += other.crashes;
         self.stalls += other.stalls;
         self.twins_running += other.twins_running;
+        self.transfers_wrong += other.transfers_wrong;
         self.notes.extend(other.notes.iter().cloned());
     }
 
@@ -66,6 +70,7 @@ impl Tally {
             && self.crashes == 0
             && self.stalls == 0
             && self.twins_running == 0
+            && self.transfers_wrong == 0
     }
 
     fn note(&mut self, note: String) {

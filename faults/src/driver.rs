@@ -17,6 +17,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
+use shared::aggregate::DomainCommand;
 use shared::bank_account::Command;
 use shared::config::KafkaSettings;
 use shared::envelope::CommandMessage;
@@ -199,9 +200,9 @@ impl Driver {
     }
 
     /// Sends `command` until it is answered or `deadline` passes.
-    pub(crate) async fn execute(
+    pub(crate) async fn execute<C: DomainCommand>(
         &self,
-        command: &CommandMessage,
+        command: &CommandMessage<C>,
         deadline: Instant,
     ) -> Option<Outcome> {
         let deadline = || match *self.give_up_at.lock().unwrap() {

@@ -368,8 +368,8 @@ impl Service {
         Ok(())
     }
 
-    /// Waits until `GET /ready` answers 200 (a command-service: also that it owns `partitions`
-    /// partitions, when given).
+    /// Waits until `GET /ready` answers 200 (a command-service: also that it owns at least
+    /// `partitions` partitions, when given).
     pub(crate) async fn wait_ready(
         &mut self,
         http: &reqwest::Client,
@@ -389,7 +389,7 @@ impl Service {
                     .await
                     .ok()
                     .and_then(|v| v.get("partitions").and_then(|p| p.as_array()).map(Vec::len));
-                if partitions.is_none() || owned == partitions {
+                if partitions.is_none() || owned >= partitions {
                     return Ok(());
                 }
             }

@@ -13,6 +13,7 @@ mod check;
 mod driver;
 mod infra;
 mod model;
+mod transfers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -84,6 +85,9 @@ enum Fault {
     RebuildUnderLoad,
     PostgresStopStart,
     RegistryStopStart,
+    /// A second command-service instance (another INSTANCE_ID) joins: the partitions are
+    /// shared by two writers from then on.
+    SecondInstance,
 }
 
 /// A run: a fresh topic prefix and services, a load, and faults in order.
@@ -95,6 +99,8 @@ struct Scenario {
     postgres: bool,
     /// Events in the Confluent wire format through the suite's own registry (else plain JSON).
     registry: bool,
+    /// Transfers among a few hot accounts beside the per-account load ([`transfers`]).
+    transfers: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -110,6 +116,7 @@ const SCENARIOS: &[Scenario] = &[
         ],
         postgres: false,
         registry: false,
+        transfers: false,
     },
     Scenario {
         name: "broker-kill",
@@ -117,6 +124,7 @@ const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::KillBroker],
         postgres: false,
         registry: false,
+        transfers: false,
     },
     Scenario {
         name: "stop-takeover",
@@ -124,6 +132,7 @@ const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::StopTakeoverOtherId, Fault::StopTakeoverSameId],
         postgres: false,
         registry: false,
+        transfers: false,
     },
     Scenario {
         name: "frozen-idle-writer-resumed",
@@ -131,6 +140,7 @@ const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::FreezeIdleResumeRunning],
         postgres: false,
         registry: false,
+        transfers: false,
     },
     Scenario {
         name: "frozen-idle-writer-stopped",
@@ -138,6 +148,7 @@ const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::FreezeIdleResumeStopping],
         postgres: false,
         registry: false,
+        transfers: false,
     },
     Scenario {
         name: "rebuild-under-load",
@@ -145,6 +156,7 @@ const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::RebuildUnderLoad],
         postgres: false,
         registry: false,
+        transfers: false,
     },
     Scenario {
         name: "postgres-outage",
@@ -152,6 +164,7 @@ const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::PostgresStopStart, Fault::KillProjection],
         postgres: true,
         registry: false,
+        transfers: false,
     },
     Scenario {
         name: "registry-outage",
@@ -159,6 +172,27 @@ const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::RegistryStopStart, Fault::KillCommandService],
         postgres: false,
         registry: true,
+        transfers: false,
+    },
+    Scenario {
+        name: "transfers-kill-and-takeover",
+        brokers: 1,
+        faults: &[
+            Fault::SecondInstance,
+            Fault::KillCommandService,
+            Fault::StopTakeoverOtherId,
+        ],
+        postgres: false,
+        registry: false,
+        transfers: true,
+    },
+    Scenario {
+        name: "transfers-cluster-leader",
+        brokers: 3,
+        faults: &[Fault::SecondInstance, Fault::KillPartitionLeader],
+        postgres: false,
+        registry: false,
+        transfers: true,
     },
     Scenario {
         name: "cluster-leader-and-coordinator",
@@ -169,6 +203,7 @@ const SCENARIOS: &[Scenario] = &[
         ],
         postgres: false,
         registry: false,
+        transfers: false,
     },
 ];
 
@@ -314,6 +349,7 @@ impl Run<'_> {
             Fault::PostgresStopStart => self.stop_and_start_postgres().await,
             Fault::RegistryStopStart => self.stop_and_start_registry().await,
             Fault::RebuildUnderLoad => self.rebuild_under_load().await,
+            Fault::SecondInstance => self.add_second_instance().await,
         }
     }
 
@@ -328,6 +364,16 @@ impl Run<'_> {
         new.wait_ready(&self.http, None, READY_TIMEOUT).await?;
         self.commands.insert(0, new);
         self.wait_progress(20, "a command-service SIGKILL").await;
+        Ok(())
+    }
+
+    /// Starts another command-service instance beside the first; the group shares the
+    /// partitions between them.
+    async fn add_second_instance(&mut self) -> Result<()> {
+        let (second, ready) = self.new_instance(None).await?;
+        ready?;
+        self.commands.push(second);
+        self.wait_progress(20, "a second instance joined").await;
         Ok(())
     }
 
@@ -400,7 +446,12 @@ impl Run<'_> {
         // transaction for the transaction time-out (10 s); then another takes over.
         let stopped = self.commands[0].pid()?;
         signal(stopped, "STOP").await?;
-        let (other, taken) = self.new_instance(Some(PARTITIONS as usize)).await?;
+        // Alone, the new instance takes every partition; beside another running instance, at
+        // least one (the stopped one's are shared out between the two).
+        let alone = self.commands.len() == 1;
+        let (other, taken) = self
+            .new_instance(Some(if alone { PARTITIONS as usize } else { 1 }))
+            .await?;
         // Resume the stopped one whatever happened (it must not stay frozen). It lost its
         // partitions and its transaction: it may rejoin, or stop as fenced.
         signal(stopped, "CONT").await?;
@@ -768,10 +819,38 @@ async fn run_scenario(
         registry.map(|r| r.helper),
     )
     .await?;
+    let transfers = if scenario.transfers {
+        let book = transfers::open_accounts(&run.driver, &prefix)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let book = Arc::new(book);
+        let tasks: Vec<_> = (0..6)
+            .map(|task| {
+                tokio::spawn(transfers::transfer_task(
+                    run.driver.clone(),
+                    book.clone(),
+                    task,
+                    seed ^ (task as u64 + 1).wrapping_mul(0x2545_f491),
+                ))
+            })
+            .collect();
+        Some((book, tasks))
+    } else {
+        None
+    };
     let tasks = run.start_load(&LoadProfile::new(args.quick), seed);
     run.wait_progress(40, "the start").await;
     let failure = run.inject_all(scenario.faults).await;
     let finals = run.wind_down(tasks).await?;
+    let transfers = match transfers {
+        Some((book, tasks)) => {
+            for task in tasks {
+                task.await?;
+            }
+            Some(book)
+        }
+        None => None,
+    };
     let mut tally = check::check_run(
         &run.driver,
         &run.kafka,
@@ -782,6 +861,9 @@ async fn run_scenario(
     )
     .await?;
     run.check_poison_events_dead_lettered(&mut tally).await?;
+    if let Some(book) = &transfers {
+        transfers::check(book, &run.projection.base_url, &run.http, &mut tally).await;
+    }
     run.supervise()?;
     tally.add(&run.tally);
     if let Some(failure) = failure {
@@ -1049,7 +1131,7 @@ fn summary(runs: usize, faults: usize, t: &Tally) -> String {
     format!(
         "{runs} runs, {faults} faults, {} commands: lost {}, duplicated {}, version gaps {}, \
          missing results {}, read model {} replay; wrong answers {}, poison not dead-lettered {}, \
-         crashed services {}, stalls {}, fenced twins still running {}",
+         crashed services {}, stalls {}, fenced twins still running {}, transfers wrong {}",
         t.commands,
         t.lost,
         t.duplicated,
@@ -1060,7 +1142,8 @@ fn summary(runs: usize, faults: usize, t: &Tally) -> String {
         t.poison_unhandled,
         t.crashes,
         t.stalls,
-        t.twins_running
+        t.twins_running,
+        t.transfers_wrong
     )
 }
 
