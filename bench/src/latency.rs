@@ -43,7 +43,8 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut ms: Vec<f64>) -> Self {
+    /// The percentiles of a sample of milliseconds.
+    pub fn of(mut ms: Vec<f64>) -> Self {
         ms.sort_by(f64::total_cmp);
         let at = |q: f64| {
             ms.get(((ms.len() as f64 - 1.0) * q).round() as usize)

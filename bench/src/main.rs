@@ -14,6 +14,9 @@
 //!    SQLite and (when `BENCH_POSTGRES_URL` is set) on PostgreSQL.
 //! 6. Latency, open loop at half the measured pipeline rate: produce → result, and produce →
 //!    visible on the projection at the command's version.
+//! 7. Transfers: transfers per second from start to ended on the projection (beside the
+//!    single commands per second of (2)), and the latency from start to `completed` on the
+//!    projection at 200 transfers/s (about 1000 commands/s of steps, beside (6) at 1000/s).
 //!
 //! Peers (see [`baselines`]): Kafka's `ProducerPerformance` with transactions as long as the
 //! commit interval, `ConsumerPerformance` read_committed, a bare upsert loop into the read
@@ -24,6 +27,7 @@
 
 mod baselines;
 mod latency;
+mod transfers;
 
 use std::path::PathBuf;
 use std::process::{Child, Command as Process, Stdio};
@@ -146,6 +150,9 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     bench
         .latencies(&mut report, pipeline.commands_per_s)
+        .await?;
+    bench
+        .transfers(&mut report, pipeline.commands_per_s)
         .await?;
     bench.peer(&mut report, pipeline.commands_per_s);
     bench.write(report)
@@ -446,7 +453,95 @@ impl Bench {
         Ok(())
     }
 
-    /// Step 7: The peer, if scripts/bench-peer ran (its figures beside ours).
+    /// Step 7: Transfers through both services: throughput (closed loop, to ended on the
+    /// projection) against `commands_per_s`, and latency to `completed` on the projection at
+    /// 200 transfers/s against the single commands' p99 to the projection at 1000/s.
+    async fn transfers(&self, report: &mut Report, commands_per_s: f64) -> anyhow::Result<()> {
+        let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let vars = service_vars(&self.bootstrap, &prefix, &self.args);
+        let settings = Settings::from_vars(&vars)?;
+        let command = Service::start(
+            &self.args.bin_dir,
+            "command-service",
+            &vars,
+            &[("INSTANCE_ID", "bench-transfers")],
+        )?;
+        command.wait_ready(Duration::from_secs(120)).await?;
+        let sqlite = format!(
+            "sqlite://{}",
+            self.dir.join(format!("transfers-{prefix}.db")).display()
+        );
+        let projection = Service::start(
+            &self.args.bin_dir,
+            "projection-service",
+            &vars,
+            &[("PROJECTION_DATABASE_URL", sqlite.as_str())],
+        )?;
+        projection.wait_ready(Duration::from_secs(120)).await?;
+        let client = CommandClient::connect(&settings).await?;
+        let accounts = 1000;
+        client
+            .submit_all(
+                &transfers::accounts(accounts),
+                Duration::from_secs(60),
+                |_| {},
+            )
+            .await?;
+        let n = if self.args.quick { 5_000 } else { 20_000 };
+        let batch = transfers::workload(accounts, n, 1);
+        let started = Instant::now();
+        client
+            .submit_all(&batch, Duration::from_secs(60), |_| {})
+            .await?;
+        transfers::wait_ended(&sqlite, n, Duration::from_secs(600)).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let per_s = n as f64 / seconds.max(1e-9);
+        let ratio = per_s / commands_per_s.max(1e-9);
+        report.figure("transfers_per_s", per_s);
+        report.figure("ratio_transfers_to_commands", ratio);
+        report.rows.push(Row {
+            what: "transfers, closed loop: start → ended on the projection (SQLite)".into(),
+            count: n,
+            seconds,
+            note: format!("among {accounts} accounts; five steps each on two partitions"),
+            ratio: Some(format!("{ratio:.2} × single commands/s (aim ≥ 0.33)")),
+        });
+        let rate = 200.0;
+        let open = transfers::workload(
+            accounts,
+            (rate as usize) * self.args.latency_seconds as usize,
+            2,
+        );
+        let l = transfers::open_loop(&settings, &open, rate, &projection.url, 10).await?;
+        report.figure("transfer_to_completed_p50_ms_at_200_per_s", l.p50);
+        report.figure("transfer_to_completed_p99_ms_at_200_per_s", l.p99);
+        let single_p99 = report
+            .json
+            .get("e2e_command_to_projection_p99_ms_at_1000_per_s")
+            .and_then(serde_json::Value::as_f64);
+        let ratio_p99 = single_p99.map(|s| l.p99 / s.max(1e-9));
+        if let Some(r) = ratio_p99 {
+            report.figure("ratio_transfer_p99_to_command_p99", r);
+        }
+        report.rows.push(Row {
+            what: "transfer latency, open loop at 200 transfers/s: start → completed on the projection".into(),
+            count: l.n,
+            seconds: open.len() as f64 / rate,
+            note: format!(
+                "{} sampled: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                l.n, l.p50, l.p99, l.max
+            ),
+            ratio: Some(match (ratio_p99, single_p99) {
+                (Some(r), Some(s)) => format!("p99 {r:.1} × a single command's to the projection ({s:.1} ms at 1000/s; aim ≤ 4)"),
+                _ => "no single-command p99 to compare".into(),
+            }),
+        });
+        command.stop();
+        projection.stop();
+        Ok(())
+    }
+
+    /// Step 8: The peer, if scripts/bench-peer ran (its figures beside ours).
     fn peer(&self, report: &mut Report, commands_per_s: f64) {
         let peer_file = self
             .args

@@ -1,0 +1,176 @@
+//! Transfers: their throughput from start to ended at the projection (closed loop: all sent,
+//! then the time until the projection shows every one ended), and their latency from start to
+//! `completed` on the projection (open loop, a sample of transfers polled on
+//! `GET /transfers/{id}`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use shared::bank::BankCommand;
+use shared::kafka::{Topics, canonical_partition};
+use shared::transfer::{Start, TransferCommand};
+use shared::{Command, CommandMessage, Settings};
+
+use crate::latency::Percentiles;
+
+/// The accounts transfers move money among: opened with enough that none runs dry.
+pub fn accounts(n: usize) -> Vec<CommandMessage<BankCommand>> {
+    (0..n)
+        .map(|i| {
+            CommandMessage::new(
+                format!("tacc-{i}"),
+                BankCommand::Account(Command::OpenAccount {
+                    owner: format!("Owner {i}"),
+                    currency: "EUR".into(),
+                    initial_balance_minor: 1_000_000_000,
+                }),
+            )
+        })
+        .collect()
+}
+
+/// `n` transfers between random pairs of `accounts` accounts (never an account to itself).
+pub fn workload(accounts: usize, n: usize, seed: u64) -> Vec<CommandMessage<BankCommand>> {
+    let mut x = seed;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    (0..n)
+        .map(|i| {
+            let from = next() as usize % accounts;
+            let to = (from + 1 + next() as usize % (accounts - 1)) % accounts;
+            CommandMessage::new(
+                format!("tr-{seed}-{i}"),
+                BankCommand::Transfer(TransferCommand::TransferMoney(Start {
+                    from: format!("tacc-{from}"),
+                    to: format!("tacc-{to}"),
+                    amount_minor: 1 + (next() % 1000) as i64,
+                    currency: Some("EUR".into()),
+                })),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the read model at `sqlite_url` shows `n` transfers ended (read-only, beside the
+/// projection), polling; `limit` bounds the wait.
+pub async fn wait_ended(sqlite_url: &str, n: usize, limit: Duration) -> anyhow::Result<()> {
+    use sqlx::sqlite::SqliteConnectOptions;
+    let options: SqliteConnectOptions = sqlite_url.parse()?;
+    let pool = sqlx::SqlitePool::connect_with(options.read_only(true)).await?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let ended: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM transfers WHERE status <> 'pending'")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0);
+        if ended as usize >= n {
+            pool.close().await;
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {ended} of {n} transfers ended within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `GET /transfers/{id}` until it shows the transfer ended; the milliseconds since
+/// `sent`, or `None` if it did not end `completed` within 30 s.
+async fn time_to_completed(http: reqwest::Client, url: String, sent: Instant) -> Option<f64> {
+    let deadline = sent + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(&url).send().await
+            && r.status() == 200
+            && let Ok(body) = r.json::<serde_json::Value>().await
+        {
+            match body["status"].as_str() {
+                Some("completed") => return Some(sent.elapsed().as_secs_f64() * 1000.0),
+                Some("failed") => return None,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+/// Sends `transfers` at `rate` per second (whatever the answers); every `sample_every`-th after
+/// the first second's warm-up is timed from its produce to `completed` on the projection.
+pub async fn open_loop(
+    settings: &Settings,
+    transfers: &[CommandMessage<BankCommand>],
+    rate: f64,
+    projection_url: &str,
+    sample_every: usize,
+) -> anyhow::Result<Percentiles> {
+    let producer: FutureProducer = settings
+        .kafka
+        .producer_config()
+        .set("linger.ms", "0")
+        .create()?;
+    let topic = Topics::new(&settings.topic_prefix).commands();
+    let http = reqwest::Client::new();
+    let warm_up = (rate as usize).min(transfers.len() / 10);
+    let started = Instant::now();
+    let mut sends = futures::stream::FuturesUnordered::new();
+    let mut polls = Vec::new();
+    for (i, transfer) in transfers.iter().enumerate() {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        while Instant::now() < due {
+            let wait = tokio::time::sleep_until(due.into());
+            tokio::select! {
+                _ = wait => break,
+                Some(r) = sends.next(), if !sends.is_empty() => { r?; }
+            }
+        }
+        let partition = canonical_partition(transfer.aggregate_id.as_bytes(), settings.partitions);
+        let payload = transfer.to_bytes();
+        let sent = Instant::now();
+        if i >= warm_up && (i - warm_up) % sample_every == 0 {
+            let url = format!("{projection_url}/transfers/{}", transfer.aggregate_id);
+            polls.push(tokio::spawn(time_to_completed(http.clone(), url, sent)));
+        }
+        let (producer, topic, key) = (
+            producer.clone(),
+            topic.clone(),
+            transfer.aggregate_id.clone(),
+        );
+        sends.push(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&key)
+                        .payload(&payload)
+                        .partition(partition),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::Error::from(e))
+        });
+    }
+    while let Some(r) = sends.next().await {
+        r?;
+    }
+    let mut ms = Vec::with_capacity(polls.len());
+    let sampled = polls.len();
+    for poll in polls {
+        if let Some(t) = poll.await.context("poller")? {
+            ms.push(t);
+        }
+    }
+    if ms.len() < sampled {
+        bail!(
+            "{} of {sampled} sampled transfers did not complete within 30 s",
+            sampled - ms.len()
+        );
+    }
+    Ok(Percentiles::of(ms))
+}
