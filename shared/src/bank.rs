@@ -18,7 +18,7 @@ use crate::bank_account::{
 use crate::transfer::{TRANSFER_TYPE, Transfer, TransferCommand, TransferEvent, TransferStatus};
 
 /// What an id of the bank holds: an account (also a free id) or a transfer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Bank {
     /// A transfer (`{"transfer": {...}}` in a snapshot).
@@ -28,6 +28,43 @@ pub enum Bank {
     },
     /// An account, or an id nothing was appended to yet.
     Account(BankAccount),
+}
+
+/// A snapshot's state as read: an account's fields, or `transfer` (a plain struct, so that a
+/// restore reading millions of snapshots does not buffer each one as an untagged enum would).
+#[derive(Deserialize)]
+struct BankRepr {
+    transfer: Option<Transfer>,
+    version: Option<u64>,
+    status: Option<AccountStatus>,
+    owner: Option<compact_str::CompactString>,
+    currency: Option<compact_str::CompactString>,
+    balance_minor: Option<i64>,
+    transaction_count: Option<u64>,
+    #[serde(default)]
+    transfers_out: std::collections::BTreeMap<String, i64>,
+}
+
+impl<'de> Deserialize<'de> for Bank {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let repr = BankRepr::deserialize(deserializer)?;
+        if let Some(transfer) = repr.transfer {
+            return Ok(Bank::Transfer { transfer });
+        }
+        let missing = |field: &'static str| D::Error::missing_field(field);
+        Ok(Bank::Account(BankAccount {
+            version: repr.version.ok_or_else(|| missing("version"))?,
+            status: repr.status.ok_or_else(|| missing("status"))?,
+            owner: repr.owner.ok_or_else(|| missing("owner"))?,
+            currency: repr.currency.ok_or_else(|| missing("currency"))?,
+            balance_minor: repr.balance_minor.ok_or_else(|| missing("balance_minor"))?,
+            transaction_count: repr
+                .transaction_count
+                .ok_or_else(|| missing("transaction_count"))?,
+            transfers_out: repr.transfers_out,
+        }))
+    }
 }
 
 impl Default for Bank {
