@@ -57,6 +57,54 @@ pub fn workload(accounts: usize, n: usize, seed: u64) -> Vec<CommandMessage<Bank
         .collect()
 }
 
+/// Counts the transfers that end in the log (`TransferCompleted` or `TransferFailed` events,
+/// read_committed, from the events topic's current end) until `n` did; resolves to the instant
+/// the last one was read. Positioned before it returns, so nothing sent after is missed.
+pub fn ended_in_log(
+    settings: &Settings,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Instant>>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let topic = Topics::new(&settings.topic_prefix).events();
+    let consumer: StreamConsumer = settings
+        .kafka
+        .client_config()
+        .set("group.id", format!("{}.transfers", settings.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..settings.partitions {
+        let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(&topic, p, Offset::Offset(high))?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(tokio::spawn(async move {
+        let deadline = Instant::now() + limit;
+        let mut ended = 0;
+        while ended < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, consumer.recv())
+                .await
+                .map_err(|_| anyhow::anyhow!("only {ended} of {n} transfers ended within {limit:?}"))??;
+            let ends = msg.headers().is_some_and(|h| {
+                h.iter().any(|h| {
+                    h.key == "event_type"
+                        && matches!(h.value, Some(b"TransferCompleted") | Some(b"TransferFailed"))
+                })
+            });
+            if ends {
+                ended += 1;
+            }
+        }
+        Ok(Instant::now())
+    }))
+}
+
 /// Waits until the read model at `sqlite_url` shows `n` transfers ended (read-only, beside the
 /// projection), polling; `limit` bounds the wait.
 pub async fn wait_ended(sqlite_url: &str, n: usize, limit: Duration) -> anyhow::Result<()> {

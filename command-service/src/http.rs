@@ -163,7 +163,7 @@ pub fn router(state: AppState) -> Router {
 #[openapi(
     info(
         title = "bank-es command-service",
-        description = "Validates commands against each account's state and appends events to Kafka, exactly once."
+        description = "Validates commands against each account's state and appends events to Kafka, exactly once; starts transfers between accounts."
     ),
     paths(post_command, health, ready, metrics, openapi_json),
     components(schemas(
@@ -174,6 +174,7 @@ pub fn router(state: AppState) -> Router {
         schema::CommandPayload,
         schema::OpenAccountPayload,
         schema::AmountPayload,
+        schema::TransferPayload,
         schema::CommandResultJson,
         schema::EventRefJson,
         HealthJson,
@@ -232,7 +233,9 @@ pub mod schema {
         #[serde(rename = "type")]
         pub command_type: CommandType,
         /// `OpenAccount`: `{owner, currency, initial_balance_minor}`; `Deposit`, `Withdraw`:
-        /// `{amount_minor, currency?}`; `CloseAccount`: none. Amounts are integer minor units.
+        /// `{amount_minor, currency?}`; `CloseAccount`: none; `TransferMoney` (the
+        /// `aggregate_id` is the transfer's id): `{from, to, amount_minor, currency?}`. Amounts
+        /// are integer minor units.
         pub payload: Option<CommandPayload>,
         /// Optimistic concurrency: the version the sender believes the account has.
         #[schema(minimum = 0)]
@@ -248,8 +251,29 @@ pub mod schema {
     pub enum CommandPayload {
         /// `OpenAccount`.
         OpenAccount(OpenAccountPayload),
+        /// `TransferMoney`.
+        Transfer(TransferPayload),
         /// `Deposit` or `Withdraw`.
         Amount(AmountPayload),
+    }
+
+    /// The payload of `TransferMoney`: answered once the transfer is started (version 1); its
+    /// end is `GET /transfers/{id}` on the projection.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    pub struct TransferPayload {
+        /// The source account.
+        #[schema(min_length = 1, max_length = 200)]
+        pub from: String,
+        /// The target account (not the source).
+        #[schema(min_length = 1, max_length = 200)]
+        pub to: String,
+        /// Minor units of the source's currency, more than zero.
+        #[schema(minimum = 1)]
+        pub amount_minor: i64,
+        /// The currency the amount is meant in: the source refuses the debit
+        /// (`CurrencyMismatch`) unless it is its own.
+        #[schema(pattern = "^[A-Z]{3}$")]
+        pub currency: Option<String>,
     }
 
     /// The payload of `OpenAccount`.
@@ -287,8 +311,10 @@ pub mod schema {
         Deposit,
         /// Take money out, never beyond the balance.
         Withdraw,
-        /// Close an account whose balance is zero.
+        /// Close an account whose balance is zero and no transfer out of it is in flight.
         CloseAccount,
+        /// Move money from one account to another (the `aggregate_id` is the transfer's id).
+        TransferMoney,
     }
 
     /// The answer to a command (`shared::CommandResult`).
@@ -310,7 +336,7 @@ pub mod schema {
         pub events: Option<Vec<EventRefJson>>,
         /// Why not (rejected only): a rejection code (`AccountExists`, `AccountNotFound`,
         /// `AccountClosed`, `InvalidAmount`, `InsufficientFunds`, `CurrencyMismatch`,
-        /// `NonZeroBalance`,
+        /// `NonZeroBalance`, `TransfersPending`, `SameAccount`, `TransferExists`,
         /// `VersionConflict`, `Malformed`) and a message.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub error: Option<ErrorDetail>,

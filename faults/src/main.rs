@@ -824,7 +824,9 @@ async fn run_scenario(
             .await
             .map_err(anyhow::Error::msg)?;
         let book = Arc::new(book);
-        let tasks: Vec<_> = (0..6)
+        // Concurrent senders: many transfers in flight among the four hot accounts at once.
+        let senders = if args.quick { 8 } else { 24 };
+        let tasks: Vec<_> = (0..senders)
             .map(|task| {
                 tokio::spawn(transfers::transfer_task(
                     run.driver.clone(),

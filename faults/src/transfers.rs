@@ -2,6 +2,7 @@
 //! among them at once (opposite directions included), some to a closed, an unknown and an
 //! other-currency account, some re-sent with the same command id; and the check at the end:
 //! every transfer ends within a bounded time, each one as it must, and the books balance.
+//! Eight senders in the quick profile, 24 in the long one.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
