@@ -502,9 +502,13 @@ impl Bench {
         let ratio = per_s / commands_per_s.max(1e-9);
         report.figure("transfers_per_s", per_s);
         report.figure("ratio_transfers_to_commands", ratio);
-        report.figure("transfers_per_s_to_projection", n as f64 / seconds.max(1e-9));
+        report.figure(
+            "transfers_per_s_to_projection",
+            n as f64 / seconds.max(1e-9),
+        );
         report.rows.push(Row {
-            what: "transfers, closed loop: start → ended in the log (TransferCompleted/Failed)".into(),
+            what: "transfers, closed loop: start → ended in the log (TransferCompleted/Failed)"
+                .into(),
             count: n,
             seconds: logged,
             note: format!(

@@ -90,11 +90,16 @@ pub fn ended_in_log(
             let left = deadline.saturating_duration_since(Instant::now());
             let msg = tokio::time::timeout(left, consumer.recv())
                 .await
-                .map_err(|_| anyhow::anyhow!("only {ended} of {n} transfers ended within {limit:?}"))??;
+                .map_err(|_| {
+                    anyhow::anyhow!("only {ended} of {n} transfers ended within {limit:?}")
+                })??;
             let ends = msg.headers().is_some_and(|h| {
                 h.iter().any(|h| {
                     h.key == "event_type"
-                        && matches!(h.value, Some(b"TransferCompleted") | Some(b"TransferFailed"))
+                        && matches!(
+                            h.value,
+                            Some(b"TransferCompleted") | Some(b"TransferFailed")
+                        )
                 })
             });
             if ends {

@@ -58,6 +58,11 @@
   let keyDeclined = false; // asked once and cancelled: the 401s are shown, not asked again
 
   async function api(path, signal, asked) {
+    return (await request(path, signal, asked)).body;
+  }
+
+  /** GET a JSON route: its body and headers (for the pages' `next-after-version`). */
+  async function request(path, signal, asked) {
     let response;
     const headers = { accept: "application/json" };
     const key = sessionStorage.getItem(KEY_ITEM);
@@ -74,7 +79,7 @@
         : "This key lacks the scope this page needs; another key:");
       if (entered && entered.trim()) {
         sessionStorage.setItem(KEY_ITEM, entered.trim());
-        return api(path, signal, true);
+        return request(path, signal, true);
       }
       keyDeclined = true;
     }
@@ -89,7 +94,24 @@
       throw new ApiError(response.status, err ? err.code : "HTTP" + response.status,
         err ? err.message : "The service answered " + response.status + " " + response.statusText + ".");
     }
-    return body;
+    return { body, headers: response.headers };
+  }
+
+  /** The history page size the explorer asks for (the service's cap). */
+  const HISTORY_PAGE = 1000;
+
+  /** An account's events after `after` (a version), page by page, oldest first. */
+  async function eventsAfter(id, after, schema, signal) {
+    let all = [];
+    let cursor = after;
+    for (;;) {
+      const page = await request("/accounts/" + encodeURIComponent(id) + "/events?after_version=" + cursor +
+        "&limit=" + HISTORY_PAGE + (schema === 1 ? "&schema_version=1" : ""), signal);
+      all = all.concat(page.body);
+      const next = page.headers.get("next-after-version");
+      if (!next || next === String(cursor)) return all;
+      cursor = Number(next);
+    }
   }
 
   const pad = (n, w = 2) => String(n).padStart(w, "0");
@@ -578,8 +600,16 @@
       choose(pick);
     }
 
+    /** The events in the chosen schema: v2 is `events`; v1 is fetched once, then only what is new. */
+    let storedV1 = [];
     async function loadStored() {
-      stored = schema === 2 ? events : await api("/accounts/" + encodeURIComponent(id) + "/events?schema_version=1", controller.signal);
+      if (schema === 2) {
+        stored = events;
+        return;
+      }
+      const last = storedV1.length ? storedV1[storedV1.length - 1].version : 0;
+      storedV1 = storedV1.concat(await eventsAfter(id, last, 1, controller.signal));
+      stored = storedV1;
     }
 
     function renderTimeline() {
@@ -610,13 +640,15 @@
         })));
     }
 
+    // The history is read in pages once; afterwards only the events after the last one shown.
     async function loadAll() {
-      const [a, evs] = await Promise.all([
+      const last = events.length ? events[events.length - 1].version : 0;
+      const [a, newer] = await Promise.all([
         api("/accounts/" + encodeURIComponent(id), controller.signal),
-        api("/accounts/" + encodeURIComponent(id) + "/events", controller.signal),
+        eventsAfter(id, last, 2, controller.signal),
       ]);
       account = a;
-      events = evs;
+      events = events.concat(newer);
       digits = digitsOf(a);
       rows = timelineRows(events, digits);
       await loadStored();

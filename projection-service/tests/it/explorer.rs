@@ -698,6 +698,40 @@ async fn a_transfer_in_a_browser() {
         .expect("follow the target link");
     let credit = page.wait("tr[data-type=\"TransferCredited\"]").await;
     assert_eq!(cell(&credit, "amount").await, "+25.50");
+
+    // A history longer than one page (1000 events) is read in pages, and a new event is
+    // fetched alone and appended live.
+    let long = format!("{p}-long");
+    let mut history = vec![opened("Lee", "EUR", 0)];
+    history.extend((0..1204).map(|_| Event::MoneyDeposited { amount_minor: 1 }));
+    let mut messages = Vec::new();
+    for (i, event) in history.into_iter().enumerate() {
+        let envelope = env(
+            &long,
+            i as u64 + 1,
+            event,
+            base() + chrono::Duration::seconds(i as i64),
+        );
+        messages.push((
+            long.clone(),
+            codec.encode(&writer.topic, &envelope).await.unwrap(),
+        ));
+    }
+    writer.many(&messages).await;
+    app.wait_version(&long, 1205).await;
+    page.goto(&format!("/#/account/{long}")).await;
+    page.wait("#timeline tr[data-version=\"1205\"]").await;
+    assert_eq!(page.all("#timeline tbody tr").await.len(), 1205);
+    let next = env(
+        &long,
+        1206,
+        Event::MoneyDeposited { amount_minor: 7 },
+        base() + chrono::Duration::seconds(2000),
+    );
+    writer.envelope(&codec, &next).await;
+    let appended = page.wait("#timeline tr[data-version=\"1206\"]").await;
+    assert_eq!(cell(&appended, "balance").await, "12.11");
+    assert_eq!(page.all("#timeline tbody tr").await.len(), 1206);
     web.stop().await;
     app.stop().await.expect("clean stop");
 }
