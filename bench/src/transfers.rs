@@ -186,7 +186,7 @@ pub async fn open_loop(
         let partition = canonical_partition(transfer.aggregate_id.as_bytes(), settings.partitions);
         let payload = transfer.to_bytes();
         let sent = Instant::now();
-        if i >= warm_up && (i - warm_up) % sample_every == 0 {
+        if i >= warm_up && (i - warm_up).is_multiple_of(sample_every) {
             let url = format!("{projection_url}/transfers/{}", transfer.aggregate_id);
             polls.push(tokio::spawn(time_to_completed(http.clone(), url, sent)));
         }
