@@ -224,6 +224,10 @@ pub struct HttpSettings {
     /// `HTTP_RATE_LIMIT`: requests per second each key may make (bursts up to as many); 0 in
     /// `Default`, which the settings never give (their default is 1000).
     pub rate_limit: u32,
+    /// `HTTP_MAX_IN_FLIGHT`: requests served at once (beyond: 503 `Overloaded` at once, never
+    /// queued); 0 in `Default` means no bound, which the settings never give (their default is
+    /// 1024).
+    pub max_in_flight: usize,
 }
 
 /// Why a service will not serve its listener.
@@ -264,6 +268,8 @@ pub enum Denied {
     ForeignHost(String),
     /// The key made more requests than `HTTP_RATE_LIMIT` allows: try again after this long.
     TooManyRequests(std::time::Duration),
+    /// `HTTP_MAX_IN_FLIGHT` requests are being served already.
+    Overloaded,
 }
 
 impl Denied {
@@ -274,6 +280,7 @@ impl Denied {
             Denied::Forbidden(_) => StatusCode::FORBIDDEN,
             Denied::ForeignHost(_) => StatusCode::MISDIRECTED_REQUEST,
             Denied::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Denied::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -284,6 +291,7 @@ impl Denied {
             Denied::Forbidden(_) => "Forbidden",
             Denied::ForeignHost(_) => "ForeignHost",
             Denied::TooManyRequests(_) => "TooManyRequests",
+            Denied::Overloaded => "Overloaded",
         }
     }
 
@@ -300,6 +308,9 @@ impl Denied {
                  {} ms",
                 wait.as_millis()
             ),
+            Denied::Overloaded => "this service is serving as many requests as \
+                 HTTP_MAX_IN_FLIGHT allows; retry in a moment"
+                .to_owned(),
         }
     }
 }
@@ -320,6 +331,11 @@ impl IntoResponse for Denied {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             }
+            Denied::Overloaded => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
             _ => {}
         }
         response
@@ -336,6 +352,8 @@ pub struct HttpAccess {
     keys: Option<Arc<ApiKeys>>,
     limiter: Option<Arc<KeyLimiter>>,
     hosts: Arc<Vec<String>>,
+    /// One permit per request in flight (`HTTP_MAX_IN_FLIGHT`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for HttpAccess {
@@ -394,10 +412,15 @@ impl HttpAccess {
         let limiter = std::num::NonZeroU32::new(settings.rate_limit)
             .filter(|_| keys.is_some())
             .map(|n| Arc::new(KeyLimiter::keyed(governor::Quota::per_second(n))));
+        let permits = match settings.max_in_flight {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
+        };
         Ok(HttpAccess {
             keys,
             limiter,
             hosts: Arc::new(hosts),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(permits)),
         })
     }
 
@@ -463,17 +486,28 @@ impl HttpAccess {
     }
 }
 
+/// Routes outside the `HTTP_MAX_IN_FLIGHT` bound: an orchestrator's probes still answer while
+/// the service sheds load.
+const PROBES: [&str; 2] = ["/health", "/ready"];
+
 /// Middleware for a whole router (`axum::middleware::from_fn_with_state(access, host_check)`):
-/// the `Host` check on every request.
+/// the `Host` check on every request, then the bound on requests in flight (beyond it 503
+/// `Overloaded` at once, the probes excepted).
 pub async fn host_check(
     State(access): State<HttpAccess>,
     request: Request,
     next: Next,
 ) -> Response {
-    match access.check_host(&request) {
-        Ok(()) => next.run(request).await,
-        Err(denied) => denied.into_response(),
+    if let Err(denied) = access.check_host(&request) {
+        return denied.into_response();
     }
+    if PROBES.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = Arc::clone(&access.in_flight).try_acquire_owned() else {
+        return Denied::Overloaded.into_response();
+    };
+    next.run(request).await
 }
 
 /// Route middleware requiring a scope (`from_fn_with_state((access, scope), scope_check)`); the
@@ -510,6 +544,11 @@ pub fn document_access(openapi: &mut utoipa::openapi::OpenApi, secured: &[(&str,
         .get_or_insert_with(Default::default)
         .add_security_scheme("bearer", SecurityScheme::Http(scheme));
     for (path, item) in openapi.paths.paths.iter_mut() {
+        if !PROBES.contains(&path.as_str()) {
+            for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+                document_overload(operation);
+            }
+        }
         let Some((_, scope)) = secured.iter().find(|(p, _)| p == path) else {
             continue;
         };
@@ -534,6 +573,29 @@ pub fn document_access(openapi: &mut utoipa::openapi::OpenApi, secured: &[(&str,
                     RefOr::T(ResponseBuilder::new().description(description).build()),
                 );
             }
+        }
+    }
+}
+
+/// Adds the `HTTP_MAX_IN_FLIGHT` answer (503 `Overloaded`) to an operation's 503, or as its 503.
+#[cfg(feature = "openapi")]
+fn document_overload(operation: &mut utoipa::openapi::path::Operation) {
+    use utoipa::openapi::{RefOr, ResponseBuilder};
+    const OVERLOADED: &str =
+        "as many requests in flight as HTTP_MAX_IN_FLIGHT allows (`Overloaded`, `Retry-After: 1`)";
+    let responses = &mut operation.responses.responses;
+    match responses.get_mut("503") {
+        Some(RefOr::T(existing)) => {
+            existing.description = format!("{}; or {OVERLOADED}", existing.description);
+        }
+        Some(RefOr::Ref(_)) => {}
+        None => {
+            let mut first = OVERLOADED.to_owned();
+            first[..1].make_ascii_uppercase();
+            responses.insert(
+                "503".into(),
+                RefOr::T(ResponseBuilder::new().description(first).build()),
+            );
         }
     }
 }
@@ -647,6 +709,54 @@ mod tests {
                 .check_host(&request("127.0.0.1.evil.example"))
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_in_flight_bound_are_shed_at_once_and_probes_still_answer() {
+        let settings = HttpSettings {
+            max_in_flight: 1,
+            ..HttpSettings::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let access = HttpAccess::for_listener(&settings, addr, "t").unwrap();
+        let (entered, release) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let slow = {
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            move || async move {
+                entered.notify_one();
+                release.notified().await;
+                "done"
+            }
+        };
+        let app = axum::Router::new()
+            .route("/slow", axum::routing::get(slow))
+            .route("/fast", axum::routing::get(|| async { "fast" }))
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(access, host_check));
+        tokio::spawn(crate::serve::serve(
+            listener,
+            app,
+            None,
+            std::future::pending(),
+        ));
+        let http = reqwest::Client::new();
+        let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
+        let first = tokio::spawn(get("/slow"));
+        entered.notified().await;
+        let shed = get("/fast").await.unwrap();
+        assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(shed.headers()[header::RETRY_AFTER], "1");
+        let body: serde_json::Value = shed.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "Overloaded", "{body}");
+        assert_eq!(get("/health").await.unwrap().status(), StatusCode::OK);
+        release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        // The permit came back with the answer.
+        assert_eq!(get("/fast").await.unwrap().status(), StatusCode::OK);
     }
 
     #[test]

@@ -274,9 +274,12 @@ impl Vars<'_> {
         };
         let rate_limit =
             u32::try_from(self.positive("HTTP_RATE_LIMIT", "1000")?).unwrap_or(u32::MAX);
+        let max_in_flight =
+            usize::try_from(self.positive("HTTP_MAX_IN_FLIGHT", "1024")?).unwrap_or(usize::MAX);
         Ok(crate::auth::HttpSettings {
             tls,
             rate_limit,
+            max_in_flight,
             api_keys_file: self.get("HTTP_API_KEYS_FILE").map(Into::into),
             auth_none,
             allowed_hosts: self
