@@ -63,6 +63,13 @@ pub struct Global {
     /// Print the raw JSON of the command result or projection answer instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// A file holding the API key's secret for the projection (`HTTP_API_KEYS_FILE` on its
+    /// side); else `BANK_API_KEY`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// A PEM CA certificate to trust for an HTTPS projection (a private CA).
+    #[arg(long, global = true, env = "BANK_CA_FILE", value_name = "PEM")]
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 /// The subcommands.

@@ -15,7 +15,7 @@ use crate::amount::{Sign, check_currency, check_number, parse_amount};
 use crate::args::{Action, Expect, Global, MoneyArgs};
 use crate::error::CliError;
 use crate::output;
-use crate::projection::{AccountQuery, ListQuery, Projection};
+use crate::projection::{AccountQuery, ClientAccess, ListQuery, Projection};
 
 /// How long deposit and withdraw wait for the projection to tell an account's currency (it
 /// waits up to 5 s itself for an account opened a moment ago to be projected).
@@ -48,7 +48,17 @@ pub async fn execute(global: &Global, action: Action) -> Result<(), CliError> {
     let settings = settings(global)?;
     let timeout = Duration::from_secs(global.timeout_secs.max(1));
     // HTTP requests may include a server-side wait (`min_version`, up to 5 s by default).
-    let projection = || Projection::new(&settings.projection_url, timeout + Duration::from_secs(5));
+    let access = ClientAccess {
+        api_key_file: global.api_key_file.clone(),
+        ca_file: global.cacert.clone(),
+    };
+    let projection = || {
+        Projection::new(
+            &settings.projection_url,
+            timeout + Duration::from_secs(5),
+            &access,
+        )
+    };
     match action {
         Action::Open {
             id,

@@ -41,6 +41,37 @@ pub struct ListQuery {
     pub after: Option<String>,
 }
 
+/// How the CLI proves itself to the projection: an API key (`--api-key-file`, else
+/// `BANK_API_KEY`) and a CA to trust (`--cacert`, else `BANK_CA_FILE`).
+#[derive(Debug, Clone, Default)]
+pub struct ClientAccess {
+    /// `--api-key-file`: the secret is the file's first line.
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// `--cacert` / `BANK_CA_FILE`.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl ClientAccess {
+    /// The key's secret and where it came from, if one was given.
+    fn api_key(&self) -> Result<Option<(String, String)>, CliError> {
+        if let Some(path) = &self.api_key_file {
+            let from = format!("--api-key-file {}", path.display());
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("{from}: {e}")))?;
+            let key = text.lines().next().unwrap_or_default().trim().to_owned();
+            if key.is_empty() {
+                return Err(CliError::Usage(format!("{from} is empty")));
+            }
+            return Ok(Some((key, from)));
+        }
+        Ok(std::env::var("BANK_API_KEY")
+            .ok()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .map(|k| (k, "BANK_API_KEY".to_owned())))
+    }
+}
+
 /// A client of one projection-service.
 #[derive(Debug, Clone)]
 pub struct Projection {
@@ -49,8 +80,13 @@ pub struct Projection {
 }
 
 impl Projection {
-    /// A client of the projection at `base_url`, giving up on a request after `timeout`.
-    pub fn new(base_url: &str, timeout: Duration) -> Result<Projection, CliError> {
+    /// A client of the projection at `base_url`, giving up on a request after `timeout`, with
+    /// the key and CA of `access`.
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        access: &ClientAccess,
+    ) -> Result<Projection, CliError> {
         let base = Url::parse(base_url)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
@@ -60,28 +96,29 @@ impl Projection {
                 ))
             })?;
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(key) = std::env::var("BANK_API_KEY")
-            .ok()
-            .filter(|k| !k.trim().is_empty())
-        {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim())).map_err(
-                    |_| CliError::Usage("BANK_API_KEY holds characters no header may".into()),
-                )?;
+        if let Some((key, from)) = access.api_key()? {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| CliError::Usage(format!("{from} holds characters no header may")))?;
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let mut builder = reqwest::Client::builder();
-        if let Some(path) = std::env::var("BANK_CA_FILE")
-            .ok()
-            .filter(|p| !p.trim().is_empty())
-        {
-            let pem = std::fs::read(path.trim())
-                .map_err(|e| CliError::Usage(format!("BANK_CA_FILE {path}: {e}")))?;
-            let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                CliError::Usage(format!("BANK_CA_FILE {path} is no PEM certificate: {e}"))
-            })?;
-            builder = builder.add_root_certificate(ca);
+        if let Some(path) = &access.ca_file {
+            let shown = path.display();
+            let pem = std::fs::read(path)
+                .map_err(|e| CliError::Usage(format!("--cacert / BANK_CA_FILE {shown}: {e}")))?;
+            // A file with no certificate in it is refused, not taken as "trust nothing more".
+            let cas = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|cas| !cas.is_empty())
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "--cacert / BANK_CA_FILE {shown} holds no PEM certificate"
+                    ))
+                })?;
+            for ca in cas {
+                builder = builder.add_root_certificate(ca);
+            }
         }
         let http = builder
             .connect_timeout(CONNECT_TIMEOUT.min(timeout))
@@ -308,6 +345,37 @@ fn askable(id: &str) -> Result<(), CliError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_api_key_file_gives_its_first_line_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "  s3cret \nignored\n").unwrap();
+        let access = ClientAccess {
+            api_key_file: Some(file.clone()),
+            ca_file: None,
+        };
+        let (key, from) = access.api_key().unwrap().unwrap();
+        assert_eq!(key, "s3cret");
+        assert!(from.contains("--api-key-file"), "{from}");
+        std::fs::write(&file, "\n").unwrap();
+        let empty = access.api_key().unwrap_err();
+        assert!(matches!(empty, CliError::Usage(_)), "{empty}");
+        let missing = ClientAccess {
+            api_key_file: Some(dir.path().join("none")),
+            ca_file: None,
+        };
+        assert!(matches!(missing.api_key(), Err(CliError::Usage(_))));
+        let bad_ca = ClientAccess {
+            api_key_file: None,
+            ca_file: Some(file),
+        };
+        let refused = Projection::new("http://127.0.0.1:1", Duration::from_secs(1), &bad_ca);
+        assert!(
+            matches!(&refused, Err(CliError::Usage(m)) if m.contains("--cacert")),
+            "{refused:?}"
+        );
+    }
     use super::*;
 
     #[tokio::test]
@@ -332,7 +400,7 @@ mod tests {
     }
 
     fn projection(base: &str) -> Projection {
-        Projection::new(base, Duration::from_secs(1)).unwrap()
+        Projection::new(base, Duration::from_secs(1), &ClientAccess::default()).unwrap()
     }
 
     #[test]
@@ -357,7 +425,7 @@ mod tests {
     fn bad_urls_are_usage_errors() {
         for bad in ["127.0.0.1:8090", "ftp://x", "nonsense"] {
             assert_eq!(
-                Projection::new(bad, Duration::from_secs(1))
+                Projection::new(bad, Duration::from_secs(1), &ClientAccess::default())
                     .unwrap_err()
                     .exit_code(),
                 2,
