@@ -139,3 +139,86 @@ async fn with_a_certificate_the_api_speaks_https_only() {
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
 }
+
+/// No secret reaches the log, even with `RUST_LOG=debug` for every crate: not an API key's
+/// secret (a right one and a wrong one sent), not a SASL password read from a file (the
+/// plaintext broker never asks for it, but it is read and handed to librdkafka all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_debug_level_log() {
+    let settings = shared::testing::test_settings(1);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys_file_per_scope(dir.path());
+    let sasl_password = "sasl-sentinel-5f2a9c";
+    let sasl_file = dir.path().join("sasl-password");
+    std::fs::write(&sasl_file, sasl_password).unwrap();
+    let wrong_secret = "wrong-sentinel-77e1d0";
+    let log_path = dir.path().join("service.log");
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_command-service"))
+        .env("KAFKA_BOOTSTRAP_SERVERS", &settings.kafka.bootstrap_servers)
+        .env("TOPIC_PREFIX", &settings.topic_prefix)
+        .env("PARTITIONS", "1")
+        .env("INSTANCE_ID", "log-check")
+        .env("COMMAND_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("HTTP_API_KEYS_FILE", &keys)
+        .env("KAFKA_SASL_USERNAME", "bank")
+        .env("KAFKA_SASL_PASSWORD_FILE", &sasl_file)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !http
+        .get(format!("{url}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(std::time::Instant::now() < deadline, "not ready");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let post = |secret: &str| {
+        http.post(format!("{url}/commands"))
+            .bearer_auth(secret)
+            .header("content-type", "application/json")
+            .body(open("acc-log", "Ann", 10).to_json().to_string())
+            .send()
+    };
+    assert_eq!(
+        post(&secret_of(Scope::CommandsWrite))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(post(wrong_secret).await.unwrap().status(), 401);
+    let metrics = http
+        .get(format!("{url}/metrics"))
+        .bearer_auth(secret_of(Scope::MetricsRead))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("command-service listening") && log.contains("DEBUG"),
+        "the debug log was written:\n{log}"
+    );
+    for secret in [
+        secret_of(Scope::CommandsWrite),
+        secret_of(Scope::MetricsRead),
+        wrong_secret.to_owned(),
+        sasl_password.to_owned(),
+    ] {
+        let line = log.lines().find(|l| l.contains(&secret));
+        assert!(line.is_none(), "{secret} is in the log: {line:?}");
+    }
+}
