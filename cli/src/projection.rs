@@ -286,12 +286,17 @@ pub fn classify(base: &str, status: StatusCode, body: &[u8]) -> Result<Value, Cl
         .and_then(Value::as_str)
         .map(str::to_owned);
     match (status, code) {
-        (StatusCode::NOT_FOUND, Some("AccountNotFound")) => Err(CliError::NotFound(
-            message.unwrap_or_else(|| "no such account".into()),
-        )),
+        (StatusCode::NOT_FOUND, Some(code @ ("AccountNotFound" | "TransferNotFound"))) => {
+            Err(CliError::NotFound(message.unwrap_or_else(|| {
+                format!(
+                    "no such {}",
+                    code.trim_end_matches("NotFound").to_lowercase()
+                )
+            })))
+        }
         (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => Err(CliError::Usage(format!(
-            "the projection at {base} refused the key: {} (set BANK_API_KEY to a key with the \
-             scope this needs; see README, Security)",
+            "the projection at {base} refused the key: {} (give a key with the scope this needs in \
+             --api-key-file or BANK_API_KEY; see README, Security)",
             message.unwrap_or_else(|| status.to_string())
         ))),
         (StatusCode::BAD_REQUEST, _) => Err(CliError::Usage(format!(
@@ -345,6 +350,19 @@ fn askable(id: &str) -> Result<(), CliError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_unknown_transfer_is_not_found_like_an_unknown_account() {
+        // Regression: `bank transfer` waits for the transfer to be projected and took the
+        // projection's 404 for a transfer not projected yet as "unreachable" (exit 3).
+        let body =
+            br#"{"error": {"code": "TransferNotFound", "message": "transfer t does not exist"}}"#;
+        let answer = classify("http://p", StatusCode::NOT_FOUND, body);
+        assert!(
+            matches!(&answer, Err(CliError::NotFound(m)) if m.contains("transfer t")),
+            "{answer:?}"
+        );
+    }
 
     #[test]
     fn an_api_key_file_gives_its_first_line_and_an_empty_one_is_refused() {
