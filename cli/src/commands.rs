@@ -321,9 +321,11 @@ async fn transfer(
         id.clone(),
         BankCommand::Transfer(TransferCommand::TransferMoney(start.clone())),
     );
-    // The transfer id is the idempotency key: the same id again is the same command, answered
-    // with its original result within the dedupe window (TransferExists after it).
-    message.command_id = shared::aggregate::step_id(&id, "TransferMoney");
+    // The transfer id is the idempotency key: the same transfer again is the same command,
+    // answered with its original result within the dedupe window (TransferExists after it);
+    // another transfer under the same id is another command, refused TransferExists.
+    let order_text = message.command.payload().to_string();
+    message.command_id = shared::aggregate::step_id(&id, &format!("TransferMoney {order_text}"));
     let result = submit(settings, global, &message).await?;
     if !wait {
         if global.json {
@@ -336,14 +338,18 @@ async fn transfer(
     let timeout = Duration::from_secs(global.timeout_secs.max(1));
     let deadline = tokio::time::Instant::now() + timeout;
     let ended = loop {
+        // A projection that is busy, catching up or briefly away is asked again until the
+        // deadline; the last such answer is the error if the deadline passes.
         match projection.transfer(&id).await {
             Ok(t) if t["status"] != "pending" => break t,
             Ok(_) | Err(CliError::NotFound(_)) => {}
+            Err(CliError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {}
             Err(e) => return Err(e),
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(CliError::Unavailable(format!(
-                "transfer {id} was started but the projection does not show its end after {} s;                  it ends on its own: bank transfers {} shows it",
+                "transfer {id} was started but the projection does not show its end after {} s; \
+                 it ends on its own: bank transfers {} shows it",
                 timeout.as_secs(),
                 message.command.payload()["from"]
                     .as_str()

@@ -33,6 +33,8 @@ struct Started {
     amount_minor: i64,
     /// The reason it must fail with; `None`: completed, or failed `InsufficientFunds`.
     must_fail: Option<&'static str>,
+    /// Its start was answered; one that was not may have started all the same.
+    answered: bool,
 }
 
 /// The accounts of the transfer load and the transfers started among them.
@@ -113,12 +115,13 @@ pub(crate) async fn transfer_task(driver: Arc<Driver>, book: Arc<Book>, task: us
                 (others[rng.gen_range(0..others.len())].clone(), None)
             }
         };
-        let started = Started {
+        let mut started = Started {
             id: format!("{from}-t{task}-{n}"),
             from,
             to,
             amount_minor: rng.gen_range(1..5_000),
             must_fail,
+            answered: false,
         };
         n += 1;
         let command = CommandMessage::new(
@@ -143,9 +146,8 @@ pub(crate) async fn transfer_task(driver: Arc<Driver>, book: Arc<Book>, task: us
                 started.id
             ));
         }
-        if answer.is_some() {
-            book.started.lock().unwrap().push(started);
-        }
+        started.answered = answer.is_some();
+        book.started.lock().unwrap().push(started);
         tokio::time::sleep(Duration::from_millis(rng.gen_range(5..30))).await;
     }
 }
@@ -175,8 +177,18 @@ pub(crate) async fn check(
     let deadline = Instant::now() + END_LIMIT;
     let mut balances = book.opening.clone();
     let (mut completed, mut failed) = (0, 0);
-    for t in &started {
+    // The answered ones first: by the time the unanswered ones are asked for, the projection
+    // has caught up, and one it does not know never started.
+    let (answered, unanswered): (Vec<&Started>, Vec<&Started>) =
+        started.iter().partition(|t| t.answered);
+    for t in answered.iter().chain(unanswered.iter()) {
         let url = format!("{projection_url}/transfers/{}", t.id);
+        if !t.answered {
+            match http.get(&url).send().await {
+                Ok(r) if r.status() == 404 => continue,
+                _ => {}
+            }
+        }
         let ended = loop {
             match get(http, &url).await {
                 Some(v) if v["status"] != "pending" => break Some(v),

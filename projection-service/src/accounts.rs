@@ -115,6 +115,24 @@ impl ReadModel for Accounts {
         for (field, value) in ids {
             check_text(field, value)?;
         }
+        let currency = match event {
+            BankEvent::Transfer(
+                TransferEvent::TransferCompleted(end) | TransferEvent::TransferFailed(end),
+            ) => end.currency.as_deref(),
+            BankEvent::Transfer(TransferEvent::TransferStarted(start)) => start.currency.as_deref(),
+            BankEvent::Account(
+                Event::TransferDebited(leg)
+                | Event::TransferCredited(leg)
+                | Event::TransferSettled(leg)
+                | Event::TransferRefunded(leg),
+            ) => leg.currency.as_deref(),
+            _ => None,
+        };
+        if let Some(currency) = currency
+            && !shared::bank_account::is_currency_code(currency)
+        {
+            return Err(format!("currency {currency:?} is not an ISO 4217 code"));
+        }
         if let BankEvent::Account(Event::AccountOpened {
             owner, currency, ..
         }) = event

@@ -170,7 +170,8 @@ pub struct TransferJson {
     /// Decimal string with the currency's minor digits, once the currency is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount: Option<String>,
-    /// The source's currency; `null` while pending or when the source was not found.
+    /// The currency the client named, else the source's once debited; `null` before that and
+    /// when the source was not found.
     pub currency: Option<String>,
     /// `pending`, `completed` or `failed`.
     pub status: String,

@@ -238,6 +238,14 @@ impl Transfer {
                         return reject("Malformed", reason);
                     }
                 }
+                if let Some(currency) = &start.currency
+                    && !crate::bank_account::is_currency_code(currency)
+                {
+                    return reject(
+                        "Malformed",
+                        format!("currency `{currency}` is not an ISO 4217 code like EUR"),
+                    );
+                }
                 if start.amount_minor <= 0 {
                     return Err(Rejection::new(
                         RejectionCode::InvalidAmount,

@@ -141,9 +141,6 @@ impl<A: Aggregate> Engine<A> {
         command: &CommandMessage<A::Command>,
     ) -> Result<Decision, TxnError> {
         let (id, aggregate_id) = (command.command_id, command.aggregate_id.as_str());
-        if let Some(rejection) = self.unavailable(partition, aggregate_id) {
-            return Ok(Decision::rejected(id, aggregate_id, rejection));
-        }
         let Held {
             version: before,
             state,
@@ -155,6 +152,13 @@ impl<A: Aggregate> Engine<A> {
             now: at,
             metadata: &command.metadata,
         };
+        if let Some(rejection) = self.unavailable(partition, aggregate_id) {
+            // A workflow's step refused here is compensated like any refusal (a transfer's
+            // credit refunds its source): nothing sends a step again.
+            let steps = state.react(&command.command, Err(&rejection), &ctx);
+            self.send_steps(&steps, &command.metadata)?;
+            return Ok(Decision::rejected(id, aggregate_id, rejection));
+        }
         let (events, state) =
             match aggregate::execute(state, command.expected_version, &command.command, &ctx) {
                 Ok(decided) => decided,

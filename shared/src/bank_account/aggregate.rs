@@ -94,7 +94,7 @@ impl BankAccount {
                 if let Err(reason) = super::check_text("owner", owner) {
                     return reject(Malformed, reason);
                 }
-                if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                if !is_currency_code(currency) {
                     return reject(
                         Malformed,
                         format!("currency `{currency}` is not an ISO 4217 code like USD"),
@@ -121,7 +121,7 @@ impl BankAccount {
             ) => {
                 self.same_currency(currency.as_deref())?;
                 positive(*amount_minor)?;
-                if self.balance_minor.checked_add(*amount_minor).is_none() {
+                if self.headroom() < *amount_minor {
                     return reject(InvalidAmount, "deposit would overflow the balance");
                 }
                 Ok(vec![Event::MoneyDeposited {
@@ -190,7 +190,7 @@ impl BankAccount {
             (AccountStatus::Active, Command::CreditForTransfer(leg)) => {
                 self.same_currency(leg.currency.as_deref())?;
                 positive(leg.amount_minor)?;
-                if self.balance_minor.checked_add(leg.amount_minor).is_none() {
+                if self.headroom() < leg.amount_minor {
                     return reject(InvalidAmount, "the credit would overflow the balance");
                 }
                 Ok(vec![Event::TransferCredited(leg.clone())])
@@ -204,6 +204,18 @@ impl BankAccount {
                 Ok(vec![Event::TransferRefunded(leg.clone())])
             }
         }
+    }
+
+    /// How much more the balance may take: what an `i64` holds beyond the balance and the
+    /// amounts in flight out of the account (each may come back as a refund).
+    fn headroom(&self) -> i64 {
+        let in_flight = self
+            .transfers_out
+            .values()
+            .fold(0i64, |sum, a| sum.saturating_add(*a));
+        i64::MAX
+            .saturating_sub(self.balance_minor)
+            .saturating_sub(in_flight)
     }
 
     /// A settle or refund must be for a transfer debited from this account and in flight.
@@ -499,6 +511,11 @@ impl DomainEvent for Event {
     fn from_parts(event_type: &str, data: &Value) -> Result<Self, super::EventDataError> {
         Event::from_parts(event_type, data)
     }
+}
+
+/// Whether `code` looks like an ISO 4217 code: three upper-case ASCII letters.
+pub fn is_currency_code(code: &str) -> bool {
+    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
 }
 
 fn positive(amount_minor: i64) -> Result<(), Rejection> {

@@ -9,7 +9,7 @@ mod events;
 mod wire;
 
 pub use crate::aggregate::EventDataError;
-pub use aggregate::{AccountStatus, BankAccount};
+pub use aggregate::{AccountStatus, BankAccount, is_currency_code};
 pub use commands::{Command, Rejection, RejectionCode};
 pub use events::{Event, TransferLeg};
 pub use wire::{current_schemas, json_schema, prepare, schema_name, subject};

@@ -289,6 +289,52 @@ fn refused_at_once_and_the_id_is_never_reused() {
 }
 
 #[test]
+fn a_named_currency_must_be_a_code_and_no_refund_can_overflow() {
+    let mut ledger = Ledger::default();
+    open(&mut ledger, "a", "EUR", 10);
+    open(&mut ledger, "b", "EUR", 10);
+    // Regression (review): a client's currency reached the read model unchecked (a NUL stops a
+    // PostgreSQL projection).
+    for currency in ["\u{0}", "eur", "EURO"] {
+        ledger.send(
+            "t",
+            Uuid::new_v4(),
+            BankCommand::Transfer(TransferCommand::TransferMoney(Start {
+                from: "a".into(),
+                to: "b".into(),
+                amount_minor: 1,
+                currency: Some(currency.into()),
+            })),
+        );
+        ledger.step("t", false);
+        assert_eq!(
+            ledger.rejections.last().map(String::as_str),
+            Some("Malformed")
+        );
+    }
+    // A deposit that would leave no room for the amount in flight to come back is refused:
+    // the refund could not be booked in full.
+    transfer(&mut ledger, "u", "a", "ghost", 10);
+    ledger.step("u", false);
+    ledger.step("a", false); // debited: 10 in flight, balance 0
+    ledger.send(
+        "a",
+        Uuid::new_v4(),
+        BankCommand::Account(Command::Deposit {
+            amount_minor: i64::MAX - 5,
+            currency: None,
+        }),
+    );
+    ledger.step("a", false);
+    assert_eq!(
+        ledger.rejections.last().map(String::as_str),
+        Some("InvalidAmount")
+    );
+    drain(&mut ledger, &[(0, false)]);
+    assert_eq!(ledger.balance("a"), 10, "refunded in full");
+}
+
+#[test]
 fn step_commands_are_internal_and_their_ids_derived() {
     for internal in BankCommand::INTERNAL {
         assert!(BankCommand::TYPES.contains(internal));
