@@ -117,15 +117,30 @@ fn commands_round_trip_and_malformed_ones_keep_their_id() {
 
 #[test]
 fn schemas_exist_for_every_current_event_type() {
+    // The bank's: eight account event types, three transfer event types.
     let schemas = shared::bank_account::current_schemas();
-    assert_eq!(schemas.len(), 4);
-    for (name, schema) in schemas {
+    assert_eq!(schemas.len(), 11);
+    for (name, schema) in &schemas {
+        let aggregate_type = if name.starts_with("Transfer.Transfer") {
+            "Transfer"
+        } else {
+            "BankAccount"
+        };
         assert!(
-            name.starts_with("BankAccount.") && name.ends_with(".v2"),
+            name.starts_with(&format!("{aggregate_type}.")) && name.ends_with(".v2"),
             "{name}"
         );
         assert_eq!(schema["properties"]["schema_version"]["const"], 2);
+        assert_eq!(
+            schema["properties"]["aggregate_type"]["const"], aggregate_type,
+            "{name}"
+        );
     }
+    let transfers = schemas
+        .iter()
+        .filter(|(n, _)| n.starts_with("Transfer."))
+        .count();
+    assert_eq!(transfers, 3);
 }
 
 // Regression (issue 9, defect 5): these v1 amounts aborted the process (a trillion-zero string)

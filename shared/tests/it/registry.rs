@@ -30,7 +30,11 @@ async fn the_registry_refuses_incompatible_event_schemas() {
 
     // Every current schema, registered once with its rule; preparing again changes nothing.
     let first = prepare(&url, &topic).await.unwrap();
-    assert_eq!(first.len(), 4);
+    assert_eq!(
+        first.len(),
+        11,
+        "the bank's account and transfer event types"
+    );
     assert_eq!(prepare(&url, &topic).await.unwrap(), first);
     let opened_v2 = subject(&topic, "AccountOpened", 2);
     assert!(first.iter().any(|(s, _)| *s == opened_v2), "{first:?}");
