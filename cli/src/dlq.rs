@@ -24,8 +24,12 @@ use shared::{DecodeError, EventCodec};
 use crate::error::CliError;
 use crate::output;
 
-/// Client group id of the reader (assigned partitions only; nothing is committed).
-const GROUP_ID: &str = "bank-cli.dlq";
+/// Client group id of the reader, under `<prefix>.client.` like every group the CLI uses
+/// (assigned partitions only; nothing is committed).
+fn group_id(settings: &Settings) -> String {
+    format!("{}.client.dlq", settings.topic_prefix)
+}
+
 /// How long a replayed message may take to be acknowledged.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -352,7 +356,7 @@ async fn read_all(settings: &Settings) -> Result<Vec<StoredDeadLetter>, CliError
         settings.kafka.clone(),
         Topics::new(&settings.topic_prefix).events_dlq(),
     )
-    .with_group_id(GROUP_ID);
+    .with_group_id(group_id(settings));
     tokio::task::spawn_blocking(move || reader.all())
         .await
         .map_err(|e| CliError::Unavailable(format!("reading the dead letters failed: {e}")))?

@@ -16,8 +16,11 @@ use shared::{EventCodec, EventEnvelope, Settings};
 use crate::dlq::unavailable;
 use crate::error::CliError;
 
-/// Client group id of the watcher (assigned partitions only; nothing is committed).
-const GROUP_ID: &str = "bank-cli.watch";
+/// Client group id of the watcher, under `<prefix>.client.` like every group the CLI uses, so
+/// that one grant covers them (assigned partitions only; nothing is committed).
+fn group_id(settings: &Settings) -> String {
+    format!("{}.client.watch", settings.topic_prefix)
+}
 
 /// Watches until Ctrl-C, or until `max_events` events were printed.
 pub async fn run(
@@ -68,7 +71,7 @@ fn consumer_at_the_end(
     let consumer: StreamConsumer = settings
         .kafka
         .client_config()
-        .set("group.id", GROUP_ID)
+        .set("group.id", group_id(settings))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")

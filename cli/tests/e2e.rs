@@ -98,6 +98,8 @@ struct Services {
     children: Vec<(&'static str, Child, PathBuf)>,
     bootstrap: String,
     prefix: String,
+    /// Extra environment of every `bank` run (a secured Kafka's settings).
+    cli_env: Vec<(&'static str, String)>,
     projection_url: String,
     _dir: tempfile::TempDir,
 }
@@ -108,13 +110,22 @@ impl Services {
     }
 
     /// [`Services::start`] with extra environment variables for both services.
-    fn start_with(env: &[(&str, String)]) -> Services {
-        let bootstrap = kafka_bootstrap();
+    fn start_with(env: &[(&'static str, String)]) -> Services {
+        Services::start_on(&kafka_bootstrap(), &unique_name("e2e"), |_| env.to_vec())
+    }
+
+    /// Both services on the brokers at `bootstrap`, on the topics of `prefix`, each with the
+    /// extra environment `env_of(its name)`.
+    fn start_on(
+        bootstrap: &str,
+        prefix: &str,
+        env_of: impl Fn(&str) -> Vec<(&'static str, String)>,
+    ) -> Services {
+        let (bootstrap, prefix) = (bootstrap.to_owned(), prefix.to_owned());
         let build = Instant::now();
         build_services();
         eprintln!("service binaries built in {:?}", build.elapsed());
         let dir = tempfile::tempdir().expect("temp dir");
-        let prefix = unique_name("e2e");
         let command_addr = format!("127.0.0.1:{}", free_port());
         let projection_addr = format!("127.0.0.1:{}", free_port());
         let database = format!("sqlite://{}", dir.path().join("projection.db").display());
@@ -123,6 +134,7 @@ impl Services {
             bootstrap: bootstrap.clone(),
             prefix: prefix.clone(),
             projection_url: format!("http://{projection_addr}"),
+            cli_env: Vec::new(),
             _dir: dir,
         };
         for name in ["command-service", "projection-service"] {
@@ -140,7 +152,7 @@ impl Services {
                 .env("INSTANCE_ID", unique_name("e2e-command-service"))
                 .env("RUST_LOG", "info,rdkafka=warn")
                 .env("NO_COLOR", "1")
-                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .envs(env_of(name))
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err)
@@ -183,6 +195,7 @@ impl Services {
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
             .env("TOPIC_PREFIX", &self.prefix)
             .env("PROJECTION_URL", &self.projection_url)
+            .envs(self.cli_env.iter().cloned())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
         command
@@ -1127,4 +1140,197 @@ fn spans_are_exported_over_otlp_in_the_commands_trace() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The settings of SCRAM user `user` of the test broker's secured listener, its password read
+/// from the file `scripts/kafka` wrote (never from the environment).
+fn scram_env(bootstrap: &str, secrets: &Path, user: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.to_owned()),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT".to_owned()),
+        ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512".to_owned()),
+        ("KAFKA_SASL_USERNAME", user.to_owned()),
+        (
+            "KAFKA_SASL_PASSWORD_FILE",
+            secrets
+                .join(format!("{user}.password"))
+                .display()
+                .to_string(),
+        ),
+    ]
+}
+
+/// The SCRAM user each service runs as (scripts/kafka creates them).
+fn scram_user_of(service: &str) -> &'static str {
+    match service {
+        "command-service" => "bank-command",
+        _ => "bank-projection",
+    }
+}
+
+/// Grants the ACLs of prefix `prefix` with `scripts/kafka acls`: exactly what README's Security
+/// section lists, so this tests the documented least privilege.
+fn grant_acls(prefix: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka");
+    let output = Command::new(&script)
+        .args(["acls", prefix])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/kafka acls");
+    assert!(
+        output.status.success(),
+        "scripts/kafka acls {prefix} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A producer of `user` on the secured listener, acknowledging every write.
+fn scram_producer(
+    bootstrap: &str,
+    secrets: &Path,
+    user: &str,
+) -> rdkafka::producer::FutureProducer {
+    let password =
+        std::fs::read_to_string(secrets.join(format!("{user}.password"))).expect("password file");
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("security.protocol", "SASL_PLAINTEXT")
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", user)
+        .set("sasl.password", password.trim_end())
+        .set("message.timeout.ms", "10000")
+        .create()
+        .expect("producer")
+}
+
+/// Sends one record to `topic` as `producer`; Kafka's error code if it is refused.
+fn try_append(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+) -> Result<(), rdkafka::types::RDKafkaErrorCode> {
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .key("intruder")
+        .payload("{}");
+    let sent = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(producer.send(record, Duration::from_secs(10)));
+    match sent {
+        Ok(_) => Ok(()),
+        Err((e, _)) => Err(e.rdkafka_error_code().expect("a broker error code")),
+    }
+}
+
+#[test]
+fn a_secured_kafka_serves_least_privilege_principals_with_passwords_from_files() {
+    let Some((bootstrap, secrets)) = shared::testing::sasl_kafka() else {
+        return;
+    };
+    let prefix = unique_name("e2e-sasl");
+    grant_acls(&prefix);
+    let mut system = Services::start_on(&bootstrap, &prefix, |service| {
+        scram_env(&bootstrap, &secrets, scram_user_of(service))
+    });
+    system.cli_env = scram_env(&bootstrap, &secrets, "bank-cli");
+
+    // The README tour's money path, each program as its own principal.
+    system
+        .bank(&["open", "sasl-a", "--owner", "Ann", "--currency", "EUR"])
+        .expect(0);
+    system
+        .bank(&["open", "sasl-b", "--owner", "Bob", "--currency", "EUR"])
+        .expect(0);
+    system
+        .bank(&["deposit", "sasl-a", "10.00", "--currency", "EUR"])
+        .expect(0);
+    let transfer = system.bank(&["transfer", "sasl-a", "sasl-b", "4.00", "--currency", "EUR"]);
+    assert_eq!(transfer.code, 0, "{transfer}");
+    let b = system.wait_for_version("sasl-b", 2);
+    assert_eq!(b["balance_minor"], 400, "{b}");
+    assert_eq!(system.wait_for_version("sasl-a", 3)["balance_minor"], 600);
+
+    // Least privilege: the projection's principal may write its dead-letter topic but not
+    // append to the event store, and the CLI's may not either.
+    let topics = shared::kafka::Topics::new(&prefix);
+    let projection = scram_producer(&bootstrap, &secrets, "bank-projection");
+    assert_eq!(try_append(&projection, &topics.events_dlq()), Ok(()));
+    assert_eq!(
+        try_append(&projection, &topics.events()),
+        Err(rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+    let cli = scram_producer(&bootstrap, &secrets, "bank-cli");
+    assert_eq!(
+        try_append(&cli, &topics.events()),
+        Err(rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+}
+
+#[test]
+fn a_wrong_password_stops_a_service_with_an_authentication_error() {
+    let Some((bootstrap, secrets)) = shared::testing::sasl_kafka() else {
+        return;
+    };
+    build_services();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sentinel = format!("wrong-{}", uuid::Uuid::new_v4().simple());
+    let wrong = dir.path().join("wrong.password");
+    std::fs::write(&wrong, format!("{sentinel}\n")).expect("password file");
+    for service in ["command-service", "projection-service"] {
+        let mut env = scram_env(&bootstrap, &secrets, scram_user_of(service));
+        env.retain(|(k, _)| *k != "KAFKA_SASL_PASSWORD_FILE");
+        let started = Instant::now();
+        let mut child = Command::new(target_dir().join(service))
+            .envs(env)
+            .env("KAFKA_SASL_PASSWORD_FILE", &wrong)
+            .env("TOPIC_PREFIX", unique_name("e2e-wrong"))
+            .env("COMMAND_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("PROJECTION_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env(
+                "PROJECTION_DATABASE_URL",
+                format!(
+                    "sqlite://{}",
+                    dir.path().join(format!("{service}.db")).display()
+                ),
+            )
+            .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the service");
+        let readers = [
+            read_to_end(child.stdout.take().expect("stdout")),
+            read_to_end(child.stderr.take().expect("stderr")),
+        ];
+        // It must stop by itself within a minute.
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("{service} still runs after a minute with a wrong password");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text: String = readers.map(|r| r.join().expect("pipe reader")).concat();
+        assert!(!status.success(), "{service} exited {status}:\n{text}");
+        assert!(
+            text.contains("refused the credentials") && text.contains("KAFKA_SASL_PASSWORD_FILE"),
+            "{service} did not say why it stopped:\n{text}"
+        );
+        assert!(
+            !text.contains(&sentinel),
+            "{service} logged the password at RUST_LOG=debug:\n{text}"
+        );
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn read_to_end(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
 }

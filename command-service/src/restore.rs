@@ -431,18 +431,20 @@ impl<'a> Reader<'a> {
         stop: &'a AtomicBool,
         now_ms: i64,
     ) -> Result<Self, RestoreError> {
-        let watch =
-            TransactionWatch::new(&settings.kafka).map_err(|source| RestoreError::Kafka {
+        let group = format!("{}.command-service.restore", settings.topic_prefix);
+        let watch = TransactionWatch::new(&settings.kafka, &format!("{group}.watch")).map_err(
+            |source| RestoreError::Kafka {
                 topic: "(transaction watch)".into(),
                 source,
-            })?;
+            },
+        )?;
         Ok(Reader {
             settings,
             watch,
             partitions,
             stop,
             topics: Topics::new(&settings.topic_prefix),
-            group: format!("{}.command-service.restore", settings.topic_prefix),
+            group,
             now_ms,
             since_ms: now_ms.saturating_sub(
                 i64::try_from(settings.dedupe_window.as_millis()).unwrap_or(i64::MAX),

@@ -195,7 +195,9 @@ pub async fn run_model<M: ReadModel>(
         codec,
         metrics: metrics_handle.clone(),
         topic: topic.clone(),
-        dead_letters: dlq::DeadLetterReader::new(settings.kafka.clone(), topics.events_dlq()),
+        // Under the projection's group, which its principal is granted (README, Security).
+        dead_letters: dlq::DeadLetterReader::new(settings.kafka.clone(), topics.events_dlq())
+            .with_group_id(format!("{group}.dead-letters")),
         stall_after: settings.projection_stall_after,
     });
     let addr = listener.local_addr()?;

@@ -127,6 +127,26 @@ pub enum TopicError {
     /// A topic did not show up in the metadata in time.
     #[error("topic {0} did not become available in time")]
     NotAvailable(String),
+    /// The brokers refused this client's credentials (SASL): nothing will work until they change.
+    #[error(
+        "Kafka at {bootstrap} refused the credentials: {reason} (check KAFKA_SASL_USERNAME, \
+         KAFKA_SASL_MECHANISM and the password in KAFKA_SASL_PASSWORD_FILE)"
+    )]
+    Authentication {
+        /// Where we tried.
+        bootstrap: String,
+        /// What librdkafka said.
+        reason: String,
+    },
+    /// This principal may neither create a topic it needs nor see it: an ACL is missing.
+    #[error(
+        "topic {topic}: this principal is not authorized to create it and cannot see it (it \
+         may not exist): create it, or grant the ACLs README's Security section lists"
+    )]
+    NotAuthorized {
+        /// The topic.
+        topic: String,
+    },
     /// Topics that must have the same partition count do not.
     #[error(
         "topics are not co-partitioned: {0}. Commands, events and snapshots must have the same \
@@ -172,13 +192,87 @@ fn misconfigured_message(bootstrap: &str, mismatches: &[TopicMismatch]) -> Strin
     )
 }
 
+/// A client context that logs librdkafka's errors and remembers an authentication failure, so
+/// that a wrong password stops a start at once with that reason instead of a time-out.
+#[derive(Clone, Default)]
+pub struct AuthWatch {
+    refused: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl AuthWatch {
+    /// librdkafka's reason, once the brokers refused the credentials.
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+impl ClientContext for AuthWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(error = %error, reason, "librdkafka error");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication)
+            && let Ok(mut refused) = self.refused.lock()
+        {
+            *refused = Some(reason.to_owned());
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for AuthWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Asks the brokers for their metadata until they answer, within `timeout`: refused credentials
+/// (SASL) end the wait at once with [`TopicError::Authentication`]; an unreachable cluster ends
+/// it with [`TopicError::Kafka`] once `timeout` has passed.
+pub fn check_credentials(settings: &KafkaSettings, timeout: Duration) -> Result<(), TopicError> {
+    let kafka_err = |source| TopicError::Kafka {
+        bootstrap: settings.bootstrap_servers.clone(),
+        source,
+    };
+    let watch = AuthWatch::default();
+    // A producer's poll serves the main queue, where librdkafka reports authentication errors.
+    let probe: rdkafka::producer::BaseProducer<AuthWatch> = settings
+        .client_config()
+        .create_with_context(watch.clone())
+        .map_err(kafka_err)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = rdkafka::producer::Producer::client(&probe)
+            .fetch_metadata(None, Duration::from_secs(1));
+        probe.poll(Duration::ZERO);
+        if let Some(reason) = watch.refused() {
+            return Err(TopicError::Authentication {
+                bootstrap: settings.bootstrap_servers.clone(),
+                reason,
+            });
+        }
+        match answer {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(kafka_err(e)),
+            Err(_) => {}
+        }
+    }
+}
+
 /// Creates the missing topics (existing ones are left alone) and waits until all of them are
-/// visible with their leaders. Returns each topic's actual partition count.
+/// visible with their leaders. Returns each topic's actual partition count. Refused credentials
+/// stop it at once ([`check_credentials`]). A topic this principal may not create is fine if it
+/// exists and can be described: a least-privilege principal reads topics another service owns.
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     specs: &[TopicSpec],
     timeout: Duration,
 ) -> Result<Vec<(String, i32)>, TopicError> {
+    {
+        let probe = settings.clone();
+        tokio::task::spawn_blocking(move || check_credentials(&probe, timeout))
+            .await
+            .map_err(|_| TopicError::Kafka {
+                bootstrap: settings.bootstrap_servers.clone(),
+                source: KafkaError::Canceled,
+            })??;
+    }
     let kafka_err = |source| TopicError::Kafka {
         bootstrap: settings.bootstrap_servers.clone(),
         source,
@@ -204,7 +298,9 @@ pub async fn ensure_topics(
         .map_err(kafka_err)?
     {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_)
+            | Err((_, RDKafkaErrorCode::TopicAlreadyExists))
+            | Err((_, RDKafkaErrorCode::TopicAuthorizationFailed)) => {}
             Err((topic, code)) => return Err(TopicError::Create { topic, code }),
         }
     }
@@ -216,6 +312,14 @@ pub async fn ensure_topics(
                 Ok(Some(n)) => {
                     counts.push((spec.name.clone(), n));
                     break;
+                }
+                Err(e)
+                    if e.rdkafka_error_code()
+                        == Some(RDKafkaErrorCode::TopicAuthorizationFailed) =>
+                {
+                    return Err(TopicError::NotAuthorized {
+                        topic: spec.name.clone(),
+                    });
                 }
                 Ok(None) | Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -229,24 +333,27 @@ pub async fn ensure_topics(
 }
 
 /// The partition count of `topic` once every partition has a leader; `None` while it is not
-/// (yet) there.
-fn partition_count_of(
-    admin: &AdminClient<DefaultClientContext>,
+/// (yet) there; an error when this principal may not see it.
+fn partition_count_of<C: ClientContext>(
+    admin: &AdminClient<C>,
     topic: &str,
 ) -> Result<Option<i32>, KafkaError> {
     let metadata = admin
         .inner()
         .fetch_metadata(Some(topic), Duration::from_secs(5))?;
-    Ok(metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .and_then(|t| {
-            let ready = t.error().is_none()
-                && !t.partitions().is_empty()
-                && t.partitions().iter().all(|p| p.leader() >= 0);
-            ready.then(|| t.partitions().len() as i32)
-        }))
+    let found = metadata.topics().iter().find(|t| t.name() == topic);
+    if let Some(error) = found.and_then(|t| t.error()) {
+        let code = RDKafkaErrorCode::from(error);
+        if code == RDKafkaErrorCode::TopicAuthorizationFailed {
+            return Err(KafkaError::MetadataFetch(code));
+        }
+    }
+    Ok(found.and_then(|t| {
+        let ready = t.error().is_none()
+            && !t.partitions().is_empty()
+            && t.partitions().iter().all(|p| p.leader() >= 0);
+        ready.then(|| t.partitions().len() as i32)
+    }))
 }
 
 /// Checks that the named topics all have the same partition count.
@@ -527,12 +634,14 @@ pub enum SettleError {
 }
 
 impl TransactionWatch {
-    /// Two clients, one per isolation level.
-    pub fn new(settings: &KafkaSettings) -> KafkaResult<TransactionWatch> {
+    /// Two clients, one per isolation level, under client group id `group_id` (nothing is
+    /// committed under it, but librdkafka looks its coordinator up, so on a secured cluster the
+    /// principal needs to be allowed the group: the caller names one under its own prefix).
+    pub fn new(settings: &KafkaSettings, group_id: &str) -> KafkaResult<TransactionWatch> {
         let client = |isolation: &str| {
             settings
                 .client_config()
-                .set("group.id", "transaction-watch")
+                .set("group.id", group_id)
                 .set("isolation.level", isolation)
                 .create_with_context(QuietEof)
         };

@@ -176,6 +176,29 @@ pub fn schema_registry_url() -> Option<String> {
         .filter(|v| !v.trim().is_empty())
 }
 
+/// The SCRAM listener of the test broker (`scripts/kafka` with `KAFKA_SASL_PORT`), from
+/// `TEST_KAFKA_SASL_BOOTSTRAP`, and the directory of its users' password files
+/// (`TEST_KAFKA_SASL_SECRETS`, one `<user>.password` each). `None` (after a loud skip, or a
+/// failure under CI) when the suite was started without it.
+#[track_caller]
+pub fn sasl_kafka() -> Option<(String, std::path::PathBuf)> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    match (
+        var("TEST_KAFKA_SASL_BOOTSTRAP"),
+        var("TEST_KAFKA_SASL_SECRETS"),
+    ) {
+        (Some(bootstrap), Some(secrets)) => Some((bootstrap, secrets.into())),
+        _ => {
+            skip_without(
+                "a SCRAM listener",
+                "TEST_KAFKA_SASL_BOOTSTRAP and TEST_KAFKA_SASL_SECRETS are unset; scripts/test \
+                 starts the broker with one",
+            );
+            None
+        }
+    }
+}
+
 /// A name no other test run uses (`<prefix>-<uuid>`), for topics, groups and transactional ids.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())

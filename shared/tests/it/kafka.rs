@@ -136,7 +136,7 @@ async fn a_transaction_left_open_is_reported_as_hanging_after_the_bound() {
     )
     .await
     .expect("topic created");
-    let watch = TransactionWatch::new(&settings.kafka).unwrap();
+    let watch = TransactionWatch::new(&settings.kafka, &unique_name("watch")).unwrap();
     let stop = AtomicBool::new(false);
     let bound = Duration::from_secs(3);
     assert!(
