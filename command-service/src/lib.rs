@@ -113,11 +113,16 @@ const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// stops the service here, with the registry's reason. A registry that cannot be reached is
 /// retried for a while; any other refusal is tried again twice (instances starting together make
 /// the registry write the same schemas concurrently) before it stops the service.
-async fn prepare_registry<A: Aggregate>(url: &str, topic: &str) -> anyhow::Result<()> {
+async fn prepare_registry<A: Aggregate>(
+    url: &str,
+    access: &shared::config::RegistryAccess,
+    topic: &str,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + REGISTRY_START_TIMEOUT;
     let mut refusals = 0;
+    let registry = shared::registry::SchemaRegistry::with_access(url, access)?;
     loop {
-        match shared::registry::prepare_for::<A>(url, topic).await {
+        match shared::registry::prepare_for::<A>(&registry, topic).await {
             Ok(subjects) => {
                 for (subject, id) in &subjects {
                     tracing::info!(%subject, id, compatibility = shared::registry::COMPATIBILITY, "event schema registered");
@@ -215,7 +220,8 @@ pub async fn run_aggregate<A: Aggregate>(
     }
     let codec = Arc::new(EventCodec::for_settings(&settings)?.serving::<A>());
     if let Some(url) = &settings.schema_registry_url {
-        prepare_registry::<A>(url, &Topics::new(&settings.topic_prefix).events()).await?;
+        let topic = Topics::new(&settings.topic_prefix).events();
+        prepare_registry::<A>(url, &settings.schema_registry_access, &topic).await?;
     }
     let metrics = metrics::handle();
     let status = Arc::new(engine::Status::default());

@@ -182,13 +182,29 @@ impl EventCodec {
     }
 
     /// A codec that writes the Confluent wire format through the registry at `url` (a
-    /// Confluent-compatible base URL such as `http://127.0.0.1:8081/apis/ccompat/v7`), serving
-    /// no aggregate type yet.
-    pub fn registry_backed(default_currency: &str, url: &str) -> Result<Self, EncodeError> {
-        let settings = SrSettings::new_builder(url.trim_end_matches('/').to_owned())
-            .set_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(registry_encode_error)?;
+    /// Confluent-compatible base URL such as `http://127.0.0.1:8081/apis/ccompat/v7`), reached
+    /// with `access` (credentials, a private CA), serving no aggregate type yet.
+    pub fn registry_backed(
+        default_currency: &str,
+        url: &str,
+        access: &crate::config::RegistryAccess,
+    ) -> Result<Self, EncodeError> {
+        let mut builder = SrSettings::new_builder(url.trim_end_matches('/').to_owned());
+        builder.set_timeout(Duration::from_secs(5));
+        if let Some((user, password)) = &access.basic_auth {
+            builder.set_basic_authorization(user, Some(password));
+        }
+        let mut client = reqwest_sr::Client::builder();
+        if let Some(pem) = &access.ca_pem {
+            let certs = reqwest_sr::Certificate::from_pem_bundle(pem).map_err(|e| {
+                EncodeError::Registry {
+                    message: format!("SCHEMA_REGISTRY_CA_FILE cannot be used: {e}"),
+                    retriable: false,
+                }
+            })?;
+            client = client.tls_certs_merge(certs);
+        }
+        let settings = builder.build_with(client).map_err(registry_encode_error)?;
         Ok(EventCodec {
             registry: Some(Registry {
                 encoder: JsonEncoder::new(settings.clone()),
@@ -202,7 +218,11 @@ impl EventCodec {
     /// aggregate type yet.
     pub fn for_settings(settings: &crate::config::Settings) -> Result<Self, EncodeError> {
         match &settings.schema_registry_url {
-            Some(url) => Self::registry_backed(&settings.default_currency, url),
+            Some(url) => Self::registry_backed(
+                &settings.default_currency,
+                url,
+                &settings.schema_registry_access,
+            ),
             None => Ok(Self::plain(&settings.default_currency)),
         }
     }

@@ -86,6 +86,9 @@ pub struct Settings {
     pub partitions: i32,
     /// `SCHEMA_REGISTRY_URL`: unset means plain JSON events.
     pub schema_registry_url: Option<String>,
+    /// `SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO[_FILE]` and `SCHEMA_REGISTRY_CA_FILE`: how to
+    /// reach a registry that asks for credentials or has a private CA.
+    pub schema_registry_access: RegistryAccess,
     /// `PROJECTION_DATABASE_URL`: `sqlite://…` or `postgres://…`.
     pub projection_database_url: String,
     /// `COMMAND_HTTP_ADDR`.
@@ -141,6 +144,7 @@ impl std::fmt::Debug for Settings {
                 "schema_registry_url",
                 &self.schema_registry_url.as_deref().map(redact_url),
             )
+            .field("schema_registry_access", &self.schema_registry_access)
             .field(
                 "projection_database_url",
                 &redact_url(&self.projection_database_url),
@@ -185,6 +189,7 @@ impl Settings {
         let topic_prefix = v.topic_prefix()?;
         let partitions = v.partitions()?;
         let schema_registry_url = v.schema_registry_url()?;
+        let schema_registry_access = v.registry_access()?;
         let projection_database_url = v.database_url()?;
         let default_currency = v.currency("DEFAULT_CURRENCY", "USD")?;
         let instance_id = v.get("INSTANCE_ID").unwrap_or_else(default_instance_id);
@@ -194,6 +199,7 @@ impl Settings {
             topic_prefix,
             partitions,
             schema_registry_url,
+            schema_registry_access,
             projection_database_url,
             command_http_addr: v.addr("COMMAND_HTTP_ADDR", "127.0.0.1:8080")?,
             projection_http_addr: v.addr("PROJECTION_HTTP_ADDR", "127.0.0.1:8090")?,
@@ -413,6 +419,47 @@ impl Vars<'_> {
         Ok(url)
     }
 
+    /// `SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO` (`USER:PASSWORD`, Confluent's
+    /// `basic.auth.user.info`) or the same from the file `..._FILE` names, and the PEM
+    /// certificates of `SCHEMA_REGISTRY_CA_FILE`. Errors never show the credentials.
+    fn registry_access(&self) -> Result<RegistryAccess, ConfigError> {
+        const INFO: &str = "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO";
+        const INFO_FILE: &str = "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE";
+        const CA: &str = "SCHEMA_REGISTRY_CA_FILE";
+        let info = match (self.get(INFO), self.get(INFO_FILE)) {
+            (Some(_), Some(file)) => {
+                return Err(invalid(
+                    INFO_FILE,
+                    &file,
+                    &format!("set it or {INFO}, not both"),
+                ));
+            }
+            (Some(info), None) => Some((INFO, info)),
+            (None, Some(file)) => Some((INFO_FILE, secret_file(INFO_FILE, &file)?)),
+            (None, None) => None,
+        };
+        let basic_auth = info
+            .map(|(var, info)| match info.split_once(':') {
+                Some((user, password)) if !user.is_empty() => {
+                    Ok((user.to_owned(), password.to_owned()))
+                }
+                _ => Err(invalid(var, "***", "expected USER:PASSWORD")),
+            })
+            .transpose()?;
+        let ca_pem = self
+            .get(CA)
+            .map(|file| {
+                let pem = std::fs::read(file.trim())
+                    .map_err(|e| invalid(CA, &file, &format!("cannot read it: {e}")))?;
+                match reqwest::Certificate::from_pem_bundle(&pem) {
+                    Ok(certs) if !certs.is_empty() => Ok(pem),
+                    _ => Err(invalid(CA, &file, "it holds no PEM certificate")),
+                }
+            })
+            .transpose()?;
+        Ok(RegistryAccess { basic_auth, ca_pem })
+    }
+
     /// `PROJECTION_DATABASE_URL`, with the password from `PROJECTION_DATABASE_PASSWORD_FILE`
     /// when that is set (PostgreSQL).
     fn database_url(&self) -> Result<String, ConfigError> {
@@ -497,6 +544,28 @@ fn invalid(
         var: var.into(),
         value: value.to_owned(),
         reason: reason.to_owned(),
+    }
+}
+
+/// How to reach the schema registry beyond its URL: basic credentials and a private CA. Its
+/// `Debug` shows neither the password nor the certificates.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RegistryAccess {
+    /// User and password for HTTP basic authentication.
+    pub basic_auth: Option<(String, String)>,
+    /// PEM certificates trusted besides the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RegistryAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAccess")
+            .field(
+                "basic_auth",
+                &self.basic_auth.as_ref().map(|(user, _)| (user, "***")),
+            )
+            .field("ca_pem", &self.ca_pem.as_ref().map(|pem| pem.len()))
+            .finish()
     }
 }
 
@@ -632,6 +701,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(missing.contains("KAFKA_SASL_PASSWORD_FILE"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn registry_credentials_come_from_a_file_and_are_checked_without_showing_them() {
+        let dir = std::env::temp_dir().join(format!("registry-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let info = dir.join("info");
+        std::fs::write(&info, "bank:reg-sentinel:with-colon\n").unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "no certificate here").unwrap();
+        let info_path = info.to_str().unwrap();
+        let s = Settings::from_vars(&vars(&[(
+            "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE",
+            info_path,
+        )]))
+        .unwrap();
+        assert_eq!(
+            s.schema_registry_access.basic_auth,
+            Some(("bank".into(), "reg-sentinel:with-colon".into()))
+        );
+        assert!(!format!("{s:?}").contains("reg-sentinel"));
+        let error = |pairs: &[(&str, &str)]| Settings::from_vars(&vars(pairs)).unwrap_err();
+        let both = error(&[
+            ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "bank:x"),
+            ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE", info_path),
+        ]);
+        assert!(both.to_string().contains("not both"), "{both}");
+        let no_colon = error(&[("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "reg-sentinel")]);
+        assert!(no_colon.to_string().contains("USER:PASSWORD"), "{no_colon}");
+        assert!(!no_colon.to_string().contains("reg-sentinel"), "{no_colon}");
+        let ca = error(&[("SCHEMA_REGISTRY_CA_FILE", not_pem.to_str().unwrap())]);
+        assert!(ca.to_string().contains("no PEM certificate"), "{ca}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

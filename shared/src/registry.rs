@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::config::RegistryAccess;
+
 /// The compatibility level set on every event subject: a new schema must read what the previous
 /// one wrote.
 pub const COMPATIBILITY: &str = "BACKWARD";
@@ -75,20 +77,36 @@ pub fn record_subject(topic: &str, record: &str) -> String {
 pub struct SchemaRegistry {
     http: reqwest::Client,
     url: String,
+    access: RegistryAccess,
 }
 
 impl SchemaRegistry {
     /// A client with a 10 s timeout per request.
     pub fn new(url: &str) -> Result<Self, RegistryError> {
+        Self::with_access(url, &RegistryAccess::default())
+    }
+
+    /// [`SchemaRegistry::new`] reaching the registry with `access` (credentials, a private CA).
+    pub fn with_access(url: &str, access: &RegistryAccess) -> Result<Self, RegistryError> {
         let url = url.trim_end_matches('/').to_owned();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| RegistryError::Unreachable {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(SchemaRegistry { http, url })
+        let unreachable = |message: String| RegistryError::Unreachable {
+            url: url.clone(),
+            message,
+        };
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(pem) = &access.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| unreachable(format!("SCHEMA_REGISTRY_CA_FILE cannot be used: {e}")))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| unreachable(e.to_string()))?;
+        Ok(SchemaRegistry {
+            http,
+            url,
+            access: access.clone(),
+        })
     }
 
     /// Sets the compatibility level of `subject`. Two instances starting together may race to
@@ -166,6 +184,9 @@ impl SchemaRegistry {
             .http
             .request(method.clone(), format!("{}/{path}", self.url))
             .header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        if let Some((user, password)) = &self.access.basic_auth {
+            request = request.basic_auth(user, Some(password));
+        }
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
@@ -208,10 +229,9 @@ impl SchemaRegistry {
 /// Returns each subject with its schema id. A schema changed incompatibly since it was first
 /// registered is refused here, before any event is written with it.
 pub async fn prepare_for<A: crate::aggregate::Aggregate>(
-    url: &str,
+    registry: &SchemaRegistry,
     topic: &str,
 ) -> Result<Vec<(String, u32)>, RegistryError> {
-    let registry = SchemaRegistry::new(url)?;
     let mut registered = Vec::new();
     for (record, schema) in crate::codec::schemas_of::<A>() {
         let subject = record_subject(topic, &record);

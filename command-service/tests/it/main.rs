@@ -10,6 +10,7 @@ mod crash;
 mod faults;
 mod interop;
 mod proxy;
+mod registry_access;
 mod restore;
 mod stock;
 mod stock_item;

@@ -8,7 +8,7 @@ use serde_json::{Map, Number, Value, json};
 use super::{AGGREGATE_TYPE, BankAccount};
 use crate::codec::{EncodeError, EventCodec, aggregate_schema, record_name, schemas_of};
 use crate::money::{format_minor, minor_digits, parse_minor};
-use crate::registry::{RegistryError, prepare_for, record_subject};
+use crate::registry::{RegistryError, SchemaRegistry, prepare_for, record_subject};
 use crate::upcast::{UpcastContext, UpcastError, Upcasters};
 
 /// The bank account's steps (its [`crate::aggregate::Aggregate::register_upcasters`]).
@@ -50,7 +50,8 @@ impl EventCodec {
     /// A codec of bank-account events writing the Confluent wire format through the registry
     /// at `url` (see [`EventCodec::registry_backed`]).
     pub fn with_registry(default_currency: &str, url: &str) -> Result<Self, EncodeError> {
-        Ok(Self::registry_backed(default_currency, url)?.serving::<crate::bank::Bank>())
+        let access = crate::config::RegistryAccess::default();
+        Ok(Self::registry_backed(default_currency, url, &access)?.serving::<crate::bank::Bank>())
     }
 
     /// The bank-account codec the settings ask for (see [`EventCodec::for_settings`]).
@@ -86,7 +87,7 @@ pub fn subject(topic: &str, event_type: &str, schema_version: u32) -> String {
 /// Registers every current event schema of the bank (accounts and transfers) for `topic`
 /// ([`prepare_for`]).
 pub async fn prepare(url: &str, topic: &str) -> Result<Vec<(String, u32)>, RegistryError> {
-    prepare_for::<crate::bank::Bank>(url, topic).await
+    prepare_for::<crate::bank::Bank>(&SchemaRegistry::new(url)?, topic).await
 }
 
 /// Reads a decimal amount in major units from a JSON number (or numeric string), exactly. It
