@@ -27,6 +27,7 @@ mod access;
 mod api;
 mod contract;
 mod crash;
+mod database_tls;
 mod delivery;
 mod explorer;
 mod hardening;
