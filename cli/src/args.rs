@@ -64,8 +64,9 @@ pub struct Global {
     #[arg(long, global = true)]
     pub json: bool,
     /// A file holding the API key's secret for the projection (`HTTP_API_KEYS_FILE` on its
-    /// side); else `BANK_API_KEY`.
-    #[arg(long, global = true, value_name = "FILE")]
+    /// side); else `BANK_API_KEY`; else the local key `scripts/run` made
+    /// (`~/.local/state/bank-es/api-key`, under `BANK_STATE_DIR` when set), if there is one.
+    #[arg(long, global = true, env = "BANK_API_KEY_FILE", value_name = "FILE")]
     pub api_key_file: Option<std::path::PathBuf>,
     /// A PEM CA certificate to trust for an HTTPS projection (a private CA).
     #[arg(long, global = true, env = "BANK_CA_FILE", value_name = "PEM")]

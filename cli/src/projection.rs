@@ -42,7 +42,8 @@ pub struct ListQuery {
 }
 
 /// How the CLI proves itself to the projection: an API key (`--api-key-file`, else
-/// `BANK_API_KEY`) and a CA to trust (`--cacert`, else `BANK_CA_FILE`).
+/// `BANK_API_KEY`, else [`local_key_file`] if it exists) and a CA to trust (`--cacert`, else
+/// `BANK_CA_FILE`).
 #[derive(Debug, Clone, Default)]
 pub struct ClientAccess {
     /// `--api-key-file`: the secret is the file's first line.
@@ -64,12 +65,36 @@ impl ClientAccess {
             }
             return Ok(Some((key, from)));
         }
-        Ok(std::env::var("BANK_API_KEY")
+        let from_env = std::env::var("BANK_API_KEY")
             .ok()
             .map(|k| k.trim().to_owned())
             .filter(|k| !k.is_empty())
-            .map(|k| (k, "BANK_API_KEY".to_owned())))
+            .map(|k| (k, "BANK_API_KEY".to_owned()));
+        if from_env.is_some() {
+            return Ok(from_env);
+        }
+        match local_key_file().filter(|path| path.is_file()) {
+            Some(path) => ClientAccess {
+                api_key_file: Some(path),
+                ca_file: None,
+            }
+            .api_key(),
+            None => Ok(None),
+        }
     }
+}
+
+/// Where `scripts/run` keeps the secret of the local key it makes:
+/// `$BANK_STATE_DIR/api-key`, by default `~/.local/state/bank-es/api-key`.
+pub fn local_key_file() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("BANK_STATE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| std::path::PathBuf::from(home).join(".local/state/bank-es"))
+        })?;
+    Some(dir.join("api-key"))
 }
 
 /// A client of one projection-service.
