@@ -284,14 +284,14 @@ pub async fn promtool_check_metrics(exposition: &str) -> ExternalCheck {
 pub const API_CHECK_UNAVAILABLE: i32 = 3;
 
 /// Runs `scripts/api-check URL` (schemathesis against `URL/openapi.json`), its output passed
-/// through to the test's.
-pub async fn api_check(base_url: &str) -> ExternalCheck {
+/// through to the test's; every request carries `Authorization: Bearer <bearer>` when given.
+pub async fn api_check(base_url: &str, bearer: Option<&str>) -> ExternalCheck {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/api-check");
-    let status = tokio::process::Command::new(script)
-        .arg(base_url)
-        .kill_on_drop(true)
-        .status()
-        .await;
+    let mut command = tokio::process::Command::new(script);
+    if let Some(secret) = bearer {
+        command.env("API_CHECK_BEARER", secret);
+    }
+    let status = command.arg(base_url).kill_on_drop(true).status().await;
     match status {
         Err(e) => ExternalCheck::Unavailable(format!("cannot run {script}: {e}")),
         Ok(s) if s.code() == Some(API_CHECK_UNAVAILABLE) => ExternalCheck::Unavailable(
@@ -310,8 +310,24 @@ pub fn secret_of(scope: crate::auth::Scope) -> String {
     format!("secret-{}", scope.as_str().replace(':', "-"))
 }
 
+/// The secret of the key with every scope that [`keys_file_per_scope`] writes too (id
+/// `all-key`).
+pub const ALL_SCOPES_SECRET: &str = "secret-all-scopes";
+
+/// An HTTP client that sends `Authorization: Bearer <secret>` with every request.
+pub fn keyed_client(secret: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}"))
+        .expect("a secret fit for a header");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
 /// Writes `HTTP_API_KEYS_FILE` into `dir` with one key per scope (id `<scope>-key`, secret
-/// [`secret_of`]) and returns its path.
+/// [`secret_of`]) and one with every scope ([`ALL_SCOPES_SECRET`]), and returns its path.
 pub fn keys_file_per_scope(dir: &std::path::Path) -> std::path::PathBuf {
     use crate::auth::{Scope, hash_secret};
     let path = dir.join("api-keys");
@@ -323,6 +339,12 @@ pub fn keys_file_per_scope(dir: &std::path::Path) -> std::path::PathBuf {
             hash_secret(&secret_of(scope))
         ));
     }
+    let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+    text.push_str(&format!(
+        "all-key {} {}\n",
+        hash_secret(ALL_SCOPES_SECRET),
+        all.join(",")
+    ));
     std::fs::write(&path, text).expect("write the keys file");
     path
 }

@@ -225,12 +225,19 @@ async fn metrics_pass_promtool() {
     app.stop().await;
 }
 
+/// With keys on, as a deployment runs: schemathesis sends a key with every scope.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_contract_violation() {
-    let app = TestApp::spawn(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = shared::testing::test_settings(1);
+    settings.commit_interval = std::time::Duration::from_millis(20);
+    settings.http.api_keys_file = Some(shared::testing::keys_file_per_scope(dir.path()));
+    let mut app = TestApp::start_with(settings).await;
+    app.http = shared::testing::keyed_client(shared::testing::ALL_SCOPES_SECRET);
+    app.wait_ready().await;
     // Something to find: an account the generated requests may meet.
     assert_eq!(app.send(&open("acc-1", "Ida", 100)).await.0, 200);
-    match api_check(&app.url).await {
+    match api_check(&app.url, Some(shared::testing::ALL_SCOPES_SECRET)).await {
         ExternalCheck::Unavailable(why) => skip_without("schemathesis", &why),
         ExternalCheck::Ran { passed, output } => assert!(passed, "{output}"),
     }

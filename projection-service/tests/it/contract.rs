@@ -5,6 +5,7 @@
 
 use chrono::Utc;
 use serde_json::Value;
+use shared::config::Settings;
 use shared::envelope::Metadata;
 use shared::testing::{ExternalCheck, api_check, promtool_check_metrics, skip_without};
 use shared::{Event, EventCodec, EventEnvelope};
@@ -33,9 +34,19 @@ const ROUTES: [&str; 14] = [
 
 /// An app on SQLite with one account (`id`, two events), ready.
 async fn app_with_an_account() -> (TestApp, TestDb, String) {
+    app_with_an_account_and(|_| {}).await
+}
+
+/// [`app_with_an_account`] with settings changed by `change`; with API keys on, the test's
+/// client sends the key with every scope.
+async fn app_with_an_account_and(change: impl FnOnce(&mut Settings)) -> (TestApp, TestDb, String) {
     let db = TestDb::new(Backend::Sqlite).await;
-    let settings = settings_for(&db);
-    let app = spawn_app(settings.clone()).await;
+    let mut settings = settings_for(&db);
+    change(&mut settings);
+    let mut app = spawn_app(settings.clone()).await;
+    if settings.http.api_keys_file.is_some() {
+        app.client = shared::testing::keyed_client(shared::testing::ALL_SCOPES_SECRET);
+    }
     let writer = EventWriter::new(&settings).await;
     let codec = EventCodec::json("USD");
     let id = ids("contract");
@@ -203,10 +214,14 @@ async fn metrics_pass_promtool() {
     app.stop().await.expect("clean stop");
 }
 
+/// With keys on, as a deployment runs: schemathesis sends a key with every scope.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_contract_violation() {
-    let (app, _db, _id) = app_with_an_account().await;
-    match api_check(&format!("http://{}", app.addr)).await {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = shared::testing::keys_file_per_scope(dir.path());
+    let (app, _db, _id) = app_with_an_account_and(|s| s.http.api_keys_file = Some(keys)).await;
+    let secret = Some(shared::testing::ALL_SCOPES_SECRET);
+    match api_check(&format!("http://{}", app.addr), secret).await {
         ExternalCheck::Unavailable(why) => skip_without("schemathesis", &why),
         ExternalCheck::Ran { passed, output } => assert!(passed, "{output}"),
     }
