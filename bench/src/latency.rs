@@ -237,6 +237,14 @@ impl Listener {
             return;
         };
         let total = received.duration_since(started).as_secs_f64() * 1e3;
+        // BENCH_TRACE_SLOW=1: when each slow command was sent, to line up with the logs.
+        if total > 150.0 && std::env::var_os("BENCH_TRACE_SLOW").is_some() {
+            let sent = chrono::Utc::now() - chrono::Duration::milliseconds(total as i64);
+            eprintln!(
+                "slow: sent {} took {total:.0} ms",
+                sent.format("%H:%M:%S%.3f")
+            );
+        }
         self.to_result.push(total);
         if let Some(produced_ms) = msg.timestamp().to_millis() {
             let now_ms = chrono::Utc::now().timestamp_millis();

@@ -14,6 +14,7 @@
 //!    SQLite and (when `BENCH_POSTGRES_URL` is set) on PostgreSQL.
 //! 6. Latency, open loop at half the measured pipeline rate: produce → result, and produce →
 //!    visible on the projection at the command's version.
+//!    Beside it the floor ([`floor`]): a bare transactional copy loop at 1000 records/s.
 //! 7. Transfers: transfers per second from start to ended on the projection (beside the
 //!    single commands per second of (2)), and the latency from start to `completed` on the
 //!    projection at 200 transfers/s (about 1000 commands/s of steps, beside (6) at 1000/s).
@@ -23,9 +24,12 @@
 //! model's tables, and (from `scripts/bench-peer`, if it ran) cqrs-es + postgres-es.
 //!
 //! Writes the Markdown table and `target/bench/results.json`. Needs `KAFKA_BOOTSTRAP_SERVERS`
-//! and the release binaries (`scripts/bench` does both).
+//! and the release binaries (`scripts/bench` does both). For a diagnosis: `BENCH_SERVICE_LOG`
+//! is the services' `RUST_LOG` (default `warn`), `BENCH_TRACE_SLOW=1` prints when each command
+//! slower than 150 ms was sent, and `--latency-at RATE` measures only the latency and the floor.
 
 mod baselines;
+mod floor;
 mod latency;
 mod transfers;
 
@@ -182,7 +186,7 @@ impl Bench {
         })
     }
 
-    /// `--latency-at RATE`: only the latency measurement, printed.
+    /// `--latency-at RATE`: only the latency measurement and the floor's, printed.
     async fn latency_only(&self, rate: f64) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let l = latency_run(&self.args, &self.bootstrap, rate, &self.dir).await?;
@@ -190,7 +194,24 @@ impl Bench {
             "sent at {:.0}/s: to result p50 {:.1} ms p99 {:.1} ms; to projection p50 {:.1} ms p99 {:.1} ms",
             l.rate, l.to_result.p50, l.to_result.p99, l.to_projection.p50, l.to_projection.p99
         );
+        let floor = self
+            .floor()
+            .measure(rate, self.args.latency_seconds)
+            .await?;
+        println!(
+            "floor at {rate:.0}/s: p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+            floor.p50, floor.p99, floor.max
+        );
         Ok(())
+    }
+
+    /// The bare transactional copy loop with the engine's settings, on this broker.
+    fn floor(&self) -> floor::Floor {
+        floor::Floor {
+            kafka: self.settings.kafka.clone(),
+            partitions: self.args.partitions,
+            commit_interval: Duration::from_millis(self.args.commit_interval_ms),
+        }
     }
 
     /// Step 1: Raw producers: rdkafka idempotent, and Kafka's own with transactions. Returns the
@@ -450,6 +471,32 @@ impl Bench {
         record_latency(report, "", "at half the pipeline rate", &half);
         let low = latency_run(args, bootstrap, 1000.0, &self.dir).await?;
         record_latency(report, "_at_1000_per_s", "at 1000 commands/s", &low);
+        // The floor: a bare transactional copy loop at the same rate on the same broker.
+        let floor = self.floor().measure(1000.0, args.latency_seconds).await?;
+        report.figure("floor_p50_ms_at_1000_per_s", floor.p50);
+        report.figure("floor_p99_ms_at_1000_per_s", floor.p99);
+        let ratio = |x: f64| x / floor.p99.max(1e-9);
+        report.figure("ratio_result_p99_to_floor_p99", ratio(low.to_result.p99));
+        report.figure(
+            "ratio_projection_p99_to_floor_p99",
+            ratio(low.to_projection.p99),
+        );
+        report.rows.push(Row {
+            what: "floor: bare transactional copy loop at 1000 records/s, produce → copy readable"
+                .into(),
+            count: floor.n,
+            seconds: args.latency_seconds as f64,
+            note: format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the service's p99 to the result is \
+                 {:.2}× it (aim ≤ 2), to the projection {:.2}× (aim ≤ 3)",
+                floor.p50,
+                floor.p99,
+                floor.max,
+                ratio(low.to_result.p99),
+                ratio(low.to_projection.p99)
+            ),
+            ratio: Some(format!("{:.2}× floor p99", ratio(low.to_result.p99))),
+        });
         Ok(())
     }
 
@@ -1010,7 +1057,10 @@ impl Service {
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra.iter().copied())
             .env(addr_var, format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
