@@ -16,7 +16,7 @@ use sqlx::{Any, Row, Transaction};
 
 use crate::db::{
     Database, ROWS_PER_INSERT, RowCounts, StoreError, StoreResult, Tables, contains_pattern,
-    fetch_by_ids, format_ts, get_u64, placeholders, to_i64, ts_nanos,
+    fetch_by_ids, fold_case, format_ts, get_u64, placeholders, to_i64, ts_nanos,
 };
 use crate::model::{Applied, ReadModel, Stored};
 
@@ -53,7 +53,8 @@ impl ReadModel for Accounts {
                     transaction_count BIGINT NOT NULL,
                     opened_at TEXT NOT NULL,
                     updated_at TEXT NOT NULL,
-                    transfers_out TEXT NOT NULL DEFAULT ''
+                    transfers_out TEXT NOT NULL DEFAULT '',
+                    search TEXT
                 )"
             ),
             format!("CREATE INDEX ix_accounts_owner_{tag} ON {accounts} (owner, id)"),
@@ -89,7 +90,10 @@ impl ReadModel for Accounts {
             "ALTER TABLE {accounts} ADD COLUMN transfers_out TEXT NOT NULL DEFAULT ''"
         )];
         transfers.extend(transfer_ddl(tables, "v3"));
-        vec![(3, transfers)]
+        // The search text, folded in Rust so that both databases match the same letters (an
+        // account written before keeps the old matching until it changes or is rebuilt).
+        let search = vec![format!("ALTER TABLE {accounts} ADD COLUMN search TEXT")];
+        vec![(3, transfers), (4, search)]
     }
 
     /// The owner follows the command rules ([`check_text`]); the currency may not hold a
@@ -247,15 +251,15 @@ async fn upsert_accounts(
 ) -> StoreResult<()> {
     for chunk in accounts.chunks(ROWS_PER_INSERT) {
         let sql = format!(
-            "INSERT INTO {} ({ACCOUNT_COLUMNS}) VALUES {}
-             ON CONFLICT (id) DO UPDATE SET owner = excluded.owner,
+            "INSERT INTO {} ({ACCOUNT_COLUMNS}, search) VALUES {}
+             ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, search = excluded.search,
                 currency = excluded.currency, balance_minor = excluded.balance_minor,
                 status = excluded.status, version = excluded.version,
                 transaction_count = excluded.transaction_count,
                 opened_at = excluded.opened_at, updated_at = excluded.updated_at,
                 transfers_out = excluded.transfers_out",
             tables.model(ACCOUNTS),
-            placeholders(chunk.len(), ACCOUNT_COLUMN_COUNT)
+            placeholders(chunk.len(), ACCOUNT_COLUMN_COUNT + 1)
         );
         let mut query = sqlx::query(&sql);
         for (a, state) in chunk {
@@ -274,7 +278,8 @@ async fn upsert_accounts(
                 .bind(to_i64(state.transaction_count))
                 .bind(a.first_at.as_str())
                 .bind(a.updated_at.as_str())
-                .bind(transfers_out);
+                .bind(transfers_out)
+                .bind(search_text(&a.id, &state.owner));
         }
         query.execute(&mut **tx).await?;
     }
@@ -352,7 +357,7 @@ pub(crate) struct AccountFilter {
     pub owner: Option<String>,
     /// Only ids greater than this (the previous page's `next`).
     pub after: Option<String>,
-    /// Search: only accounts whose id or owner contains this text, ignoring ASCII case.
+    /// Search: only accounts whose id or owner contains this text, ignoring case (Unicode, the same on SQLite and PostgreSQL).
     pub q: Option<String>,
     /// Page size.
     pub limit: u32,
@@ -364,6 +369,12 @@ const ACCOUNT_COLUMNS: &str = "id, owner, currency, balance_minor, status, versi
 
 /// How many [`ACCOUNT_COLUMNS`] there are.
 const ACCOUNT_COLUMN_COUNT: usize = 10;
+
+/// What `?q=` searches: the id and the owner, case-folded by [`fold_case`] the way the query
+/// text is, one per line (neither may hold a line break).
+fn search_text(id: &str, owner: &str) -> String {
+    format!("{}\n{}", fold_case(id), fold_case(owner))
+}
 
 /// A stored status text as the domain's status; an unknown text is an error.
 fn status_from(text: &str) -> StoreResult<AccountStatus> {
@@ -522,12 +533,15 @@ impl Database {
         if filter.after.is_some() {
             conditions.push(format!("id > {}", next()));
         }
-        // Case-insensitive on PostgreSQL; on SQLite for ASCII letters (its LOWER is ASCII-only).
+        // Unicode case-insensitive on both databases: the text is folded here and the column
+        // when written ([`search_text`]); rows written before upgrade 4 have none and are
+        // matched by the database's LOWER as before (ASCII-only on SQLite).
         let pattern = filter.q.as_deref().map(contains_pattern);
         if pattern.is_some() {
             let p = next();
             conditions.push(format!(
-                "(LOWER(id) LIKE {p} ESCAPE '\\' OR LOWER(owner) LIKE {p} ESCAPE '\\')"
+                "(search LIKE {p} ESCAPE '\\' OR (search IS NULL AND \
+                 (LOWER(id) LIKE {p} ESCAPE '\\' OR LOWER(owner) LIKE {p} ESCAPE '\\')))"
             ));
         }
         let limit = next();

@@ -317,8 +317,8 @@ pub struct RowCounts {
     pub parked: i64,
 }
 
-/// `%text%` for `LOWER(column) LIKE … ESCAPE '\'`, lower-cased, with `%`, `_` and `\` taken
-/// literally.
+/// `%text%` for `column LIKE … ESCAPE '\'` over text folded by [`fold_case`], folded the same
+/// way, with `%`, `_` and `\` taken literally.
 pub fn contains_pattern(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('%');
@@ -330,6 +330,12 @@ pub fn contains_pattern(text: &str) -> String {
     }
     out.push('%');
     out
+}
+
+/// Unicode lower case, letter by letter: what search compares (`É` and `é` alike), the same
+/// on every database because it is done here, not by the database's `LOWER`.
+pub fn fold_case(text: &str) -> String {
+    text.chars().flat_map(char::to_lowercase).collect()
 }
 
 /// A timestamp as RFC 3339 text (UTC, `Z`, as many fraction digits as needed).

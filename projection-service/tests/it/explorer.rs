@@ -82,6 +82,7 @@ async fn explorer_api(backend: Backend) {
     let a = format!("{p}-a1");
     let b = format!("{p}-b2");
     let pct = format!("{p}-50%off");
+    let e = format!("{p}-É3");
     write_account(
         &writer,
         &codec,
@@ -92,8 +93,16 @@ async fn explorer_api(backend: Backend) {
     .await;
     write_account(&writer, &codec, &b, 0, vec![opened("Bo", "USD", 5)]).await;
     write_account(&writer, &codec, &pct, 0, vec![opened("Al", "USD", 0)]).await;
+    write_account(
+        &writer,
+        &codec,
+        &e,
+        0,
+        vec![opened("Élise Ørsted", "EUR", 0)],
+    )
+    .await;
     writer.raw(&format!("{p}-poison"), b"{not json", None).await;
-    for id in [&a, &b, &pct] {
+    for id in [&a, &b, &pct, &e] {
         app.wait_version(id, 1).await;
     }
     app.wait_ready().await;
@@ -109,9 +118,14 @@ async fn explorer_api(backend: Backend) {
             .unwrap_or_default()
     };
     for (q, want) in [
-        (p.clone(), vec![&a, &pct, &b]),
+        (p.clone(), vec![&a, &pct, &b, &e]),
         ("QUINN".to_owned(), vec![&a]),
         ("zoë".to_owned(), vec![&a]),
+        // Letters beyond ASCII fold on both databases (SQLite's LOWER would miss these).
+        ("ZOË".to_owned(), vec![&a]),
+        ("élise".to_owned(), vec![&e]),
+        ("ØRSTED".to_owned(), vec![&e]),
+        (format!("{p}-é3"), vec![&e]),
         ("%".to_owned(), vec![&pct]),
         ("_".to_owned(), vec![]),
         ("  BO ".to_owned(), vec![&b]),
@@ -141,7 +155,7 @@ async fn explorer_api(backend: Backend) {
             urlencode(&a)
         ))
         .await;
-    assert_eq!(ids_of(&body), vec![b.clone()], "{body}");
+    assert_eq!(ids_of(&body), vec![b.clone(), e.clone()], "{body}");
 
     // Status: lag per partition, counts and the dead-letter count (counted every 2 s).
     let status = wait_for(
@@ -155,8 +169,8 @@ async fn explorer_api(backend: Backend) {
     .await;
     assert_eq!(status["ready"], true, "{status}");
     assert_eq!(status["topic"], app.topic.as_str(), "{status}");
-    assert_eq!(status["accounts"], 3, "{status}");
-    assert_eq!(status["events"], 3, "{status}");
+    assert_eq!(status["accounts"], 4, "{status}");
+    assert_eq!(status["events"], 4, "{status}");
     assert_eq!(status["lag"], 0, "{status}");
     assert_eq!(
         status["dead_letter_topic"],
