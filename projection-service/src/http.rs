@@ -845,6 +845,14 @@ pub struct StatusJson {
     pub partitions: Vec<PartitionLag>,
     /// Sum of the partitions' lags.
     pub lag: i64,
+    /// How old the lag figures are, in milliseconds (a monitor round measures them every
+    /// second or so): large while Kafka cannot be reached, although `ready` stays true until
+    /// `PROJECTION_STALL_AFTER`.
+    pub lag_age_ms: u64,
+    /// Why the last monitor round could not measure the lag (the partitions' ends unreadable,
+    /// no partition assigned); absent when it could.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_problem: Option<String>,
     /// Batches committed since start: changes whenever the read model changes.
     pub commits: u64,
     /// Rows in the read model's state table (`accounts`: one per aggregate).
@@ -873,11 +881,14 @@ async fn status(State(state): State<AppState>) -> Result<Json<StatusJson>, ApiEr
     } = state.db.counts_of(&state.tables).await?;
     let partitions = state.status.lags();
     let stalled = state.status.stalled(state.stall_after);
+    let (lag_age, lag_problem) = state.status.lag_freshness();
     Ok(Json(StatusJson {
         ready: state.status.ready.load(Ordering::SeqCst) && stalled.is_none(),
         stalled,
         topic: state.topic.clone(),
         lag: partitions.iter().map(|p| p.lag).sum(),
+        lag_age_ms: u64::try_from(lag_age.as_millis()).unwrap_or(u64::MAX),
+        lag_problem,
         partitions,
         commits: *state.status.commits.borrow(),
         accounts,

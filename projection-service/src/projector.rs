@@ -241,6 +241,13 @@ impl Status {
             .elapsed()
     }
 
+    /// How old the lag figures are, and why the last monitor round could not measure them
+    /// (`None` when it could): what `/status` shows at once, long before a stall.
+    pub(crate) fn lag_freshness(&self) -> (Duration, Option<String>) {
+        let measured = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
+        (measured.at.elapsed(), measured.problem.clone())
+    }
+
     /// A monitor round could not measure the lag: why.
     fn not_measured(&self, problem: String) {
         self.measured

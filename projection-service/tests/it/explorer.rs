@@ -172,6 +172,8 @@ async fn explorer_api(backend: Backend) {
     assert_eq!(status["accounts"], 4, "{status}");
     assert_eq!(status["events"], 4, "{status}");
     assert_eq!(status["lag"], 0, "{status}");
+    assert!(status.get("lag_problem").is_none(), "{status}");
+    assert!(status["lag_age_ms"].as_u64() < Some(10_000), "{status}");
     assert_eq!(
         status["dead_letter_topic"],
         format!("{}.dlq", app.topic),

@@ -156,6 +156,10 @@ async fn a_projection_left_without_partitions_reports_itself_stalled() {
     assert!(reason.contains("no partition"), "{reason}");
     let (_, body) = app.get("/status").await;
     assert_eq!(body["ready"], false, "{body}");
+    // /status says why at once, and how old its lag figures are.
+    let problem = body["lag_problem"].as_str().unwrap_or_default();
+    assert!(problem.contains("no partition"), "{body}");
+    assert!(body["lag_age_ms"].as_u64() >= Some(2000), "{body}");
     let (_, metrics) = app.get_text("/metrics").await;
     assert!(
         crate::helpers::metric_value(&metrics, "projection_lag_age_seconds", &app.topic) >= 1.0,
