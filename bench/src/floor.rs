@@ -15,13 +15,13 @@ use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use shared::config::KafkaSettings;
 use shared::kafka::{TopicSpec, ensure_topics};
 
-use crate::latency::Percentiles;
+use crate::latency::{Percentiles, Scheduled};
 
 /// How the floor loop runs: the engine's transaction settings.
 pub struct Floor {
@@ -97,35 +97,16 @@ impl Floor {
             .producer_config()
             .set("linger.ms", "0")
             .create()?;
-        let started = Instant::now();
-        let mut sends = futures::stream::FuturesUnordered::new();
-        for i in 0..total {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            while Instant::now() < due {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(due.into()) => break,
-                    Some(r) = sends.next(), if !sends.is_empty() => { r?; }
-                }
-            }
-            let payload = now_micros().to_be_bytes();
-            let partition = (i % self.partitions.max(1) as usize) as i32;
-            let producer = producer.clone();
-            sends.push(async move {
-                producer
-                    .send(
-                        FutureRecord::<(), _>::to(input)
-                            .payload(&payload[..])
-                            .partition(partition),
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| anyhow::Error::from(e))
-            });
-        }
-        while let Some(r) = sends.next().await {
-            r?;
-        }
+        let partitions = self.partitions.max(1) as usize;
+        crate::latency::produce_on_schedule(&producer, rate, total, |i| {
+            Ok(Scheduled {
+                topic: input.to_owned(),
+                key: None,
+                payload: now_micros().to_be_bytes().to_vec(),
+                partition: (i % partitions) as i32,
+            })
+        })
+        .await?;
         Ok(())
     }
 }

@@ -133,12 +133,49 @@ async fn send_on_schedule(
         .producer_config()
         .set("linger.ms", "0")
         .create()?;
-    let commands_topic = Topics::new(&settings.topic_prefix).commands();
+    let topic = Topics::new(&settings.topic_prefix).commands();
+    produce_on_schedule(&producer, rate, commands.len(), |i| {
+        let command = &commands[i];
+        sent_at
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .insert(command.command_id, Instant::now());
+        Ok(Scheduled {
+            topic: topic.clone(),
+            key: Some(command.aggregate_id.clone()),
+            payload: command.to_bytes(),
+            partition: canonical_partition(command.aggregate_id.as_bytes(), settings.partitions),
+        })
+    })
+    .await
+}
+
+/// One record of [`produce_on_schedule`].
+pub struct Scheduled {
+    /// Where it goes.
+    pub topic: String,
+    /// Its key, if any.
+    pub key: Option<String>,
+    /// Its value.
+    pub payload: Vec<u8>,
+    /// Its partition.
+    pub partition: i32,
+}
+
+/// Produces `total` records on a fixed schedule, `rate` a second whatever the answers:
+/// `record(i)` makes the i-th one just before it is sent (so that it can note the send time).
+/// Keeps the deliveries moving while waiting for the next slot; the first failed delivery ends
+/// it. Returns the seconds the sending took.
+pub async fn produce_on_schedule(
+    producer: &FutureProducer,
+    rate: f64,
+    total: usize,
+    mut record: impl FnMut(usize) -> anyhow::Result<Scheduled>,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut sends = futures::stream::FuturesUnordered::new();
-    for (i, command) in commands.iter().enumerate() {
+    for i in 0..total {
         let due = started + Duration::from_secs_f64(i as f64 / rate);
-        // Keep the deliveries moving while waiting for the next slot.
         while Instant::now() < due {
             let wait = tokio::time::sleep_until(due.into());
             tokio::select! {
@@ -146,23 +183,17 @@ async fn send_on_schedule(
                 Some(r) = sends.next(), if !sends.is_empty() => { r?; }
             }
         }
-        let partition = canonical_partition(command.aggregate_id.as_bytes(), settings.partitions);
-        let payload = command.to_bytes();
-        sent_at
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?
-            .insert(command.command_id, Instant::now());
+        let next = record(i)?;
         let producer = producer.clone();
-        let (topic, key) = (commands_topic.clone(), command.aggregate_id.clone());
         sends.push(async move {
+            let mut sent = FutureRecord::<str, [u8]>::to(&next.topic)
+                .payload(&next.payload)
+                .partition(next.partition);
+            if let Some(key) = &next.key {
+                sent = sent.key(key.as_str());
+            }
             producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key(&key)
-                        .payload(&payload)
-                        .partition(partition),
-                    Duration::from_secs(10),
-                )
+                .send(sent, Duration::from_secs(10))
                 .await
                 .map(|_| ())
                 .map_err(|(e, _)| anyhow::Error::from(e))

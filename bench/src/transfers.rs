@@ -6,8 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use shared::bank::BankCommand;
 use shared::kafka::{Topics, canonical_partition};
 use shared::transfer::{Start, TransferCommand};
@@ -171,47 +170,25 @@ pub async fn open_loop(
     let topic = Topics::new(&settings.topic_prefix).commands();
     let http = reqwest::Client::new();
     let warm_up = (rate as usize).min(transfers.len() / 10);
-    let started = Instant::now();
-    let mut sends = futures::stream::FuturesUnordered::new();
     let mut polls = Vec::new();
-    for (i, transfer) in transfers.iter().enumerate() {
-        let due = started + Duration::from_secs_f64(i as f64 / rate);
-        while Instant::now() < due {
-            let wait = tokio::time::sleep_until(due.into());
-            tokio::select! {
-                _ = wait => break,
-                Some(r) = sends.next(), if !sends.is_empty() => { r?; }
-            }
-        }
-        let partition = canonical_partition(transfer.aggregate_id.as_bytes(), settings.partitions);
-        let payload = transfer.to_bytes();
-        let sent = Instant::now();
+    crate::latency::produce_on_schedule(&producer, rate, transfers.len(), |i| {
+        let transfer = &transfers[i];
         if i >= warm_up && (i - warm_up).is_multiple_of(sample_every) {
             let url = format!("{projection_url}/transfers/{}", transfer.aggregate_id);
-            polls.push(tokio::spawn(time_to_completed(http.clone(), url, sent)));
+            polls.push(tokio::spawn(time_to_completed(
+                http.clone(),
+                url,
+                Instant::now(),
+            )));
         }
-        let (producer, topic, key) = (
-            producer.clone(),
-            topic.clone(),
-            transfer.aggregate_id.clone(),
-        );
-        sends.push(async move {
-            producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key(&key)
-                        .payload(&payload)
-                        .partition(partition),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| anyhow::Error::from(e))
-        });
-    }
-    while let Some(r) = sends.next().await {
-        r?;
-    }
+        Ok(crate::latency::Scheduled {
+            topic: topic.clone(),
+            key: Some(transfer.aggregate_id.clone()),
+            payload: transfer.to_bytes(),
+            partition: canonical_partition(transfer.aggregate_id.as_bytes(), settings.partitions),
+        })
+    })
+    .await?;
     let mut ms = Vec::with_capacity(polls.len());
     let sampled = polls.len();
     for poll in polls {

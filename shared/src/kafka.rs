@@ -195,13 +195,13 @@ fn misconfigured_message(bootstrap: &str, mismatches: &[TopicMismatch]) -> Strin
 /// A client context that logs librdkafka's errors and remembers an authentication failure, so
 /// that a wrong password stops a start at once with that reason instead of a time-out.
 #[derive(Clone, Default)]
-pub struct AuthWatch {
+struct AuthWatch {
     refused: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl AuthWatch {
     /// librdkafka's reason, once the brokers refused the credentials.
-    pub fn refused(&self) -> Option<String> {
+    fn refused(&self) -> Option<String> {
         self.refused.lock().ok().and_then(|r| r.clone())
     }
 }
